@@ -1,0 +1,1 @@
+"""One sub-package per op: reference, Triton or native kernels, launcher, autograd op, public call."""
