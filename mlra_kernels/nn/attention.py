@@ -1,0 +1,502 @@
+"""``MLRAttention``: Multi-head Low-Rank Attention as a drop-in for ``nn.MultiheadAttention``."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
+
+from mlra_kernels.ops.mlra import mlra_attention
+from mlra_kernels.ops.mlra.reference import attention_reference, mlra_qkv_reference
+
+logger = logging.getLogger(__name__)
+
+_PROJ_NAMES = ("q", "k", "v")
+_need_weights_warned = False
+
+
+def default_rank(embed_dim: int) -> int:
+    """The default rank per latent group: ``max(1, embed_dim // 4)``.
+
+    At ``g = 1`` this halves the parameters of the Q/K/V projections (``1.5·d²`` against ``3·d²``) and
+    shrinks the per-token KV cache from ``2·d`` to ``d/2`` numbers, while keeping enough rank for the
+    head dimension of common configurations (``d_h = 64`` with ``H >= 4``).
+    """
+    return max(1, embed_dim // 4)
+
+
+def _warn_need_weights_once() -> None:
+    global _need_weights_warned
+    if not _need_weights_warned:
+        _need_weights_warned = True
+        warnings.warn(
+            "MLRAttention was called with need_weights=True (nn.MultiheadAttention's default): the "
+            "attention weights exist only on the unfused reference path, which is slower and keeps a "
+            "[B, H, T, S] matrix. Pass need_weights=False to use the fused MLRA op.",
+            stacklevel=5,
+        )
+
+
+def _is_causal_mask(mask: Tensor, size: int) -> bool:
+    """True when ``mask`` is exactly the square causal mask of ``size`` (bool or additive float)."""
+    if mask.dim() != 2 or mask.shape != (size, size):
+        return False
+    upper = torch.ones(size, size, dtype=torch.bool, device=mask.device).triu_(1)
+    if mask.dtype == torch.bool:
+        return bool(torch.equal(mask, upper))
+    expected = torch.zeros(size, size, dtype=mask.dtype, device=mask.device).masked_fill_(upper, float("-inf"))
+    return bool(torch.equal(mask, expected))
+
+
+def _check_mask_dtype(mask: Optional[Tensor], name: str) -> None:
+    if mask is not None and mask.dtype != torch.bool and not torch.is_floating_point(mask):
+        raise AssertionError(f"only bool and floating types of {name} are supported")
+
+
+def _as_additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
+    return mask
+
+
+class MLRAttention(nn.Module):
+    r"""Multi-head Low-Rank Attention, a drop-in replacement for :class:`torch.nn.MultiheadAttention`.
+
+    Each of the Q, K and V projections is factorised into a down-projection ``A_P`` (``[g·r, d]``)
+    and a per-head up-projection ``B_{P,h}`` (``[d_h, r]``), see DESIGN.md. The output projection
+    ``out_proj`` stays a full-rank linear layer, as in ``nn.MultiheadAttention``.
+
+    Args:
+        embed_dim: model width ``d``.
+        num_heads: number of heads ``H``; must divide ``embed_dim``.
+        rank: rank ``r`` of each latent group, ``1 <= rank <= embed_dim``. Default
+            :func:`default_rank`: ``embed_dim // 4``.
+        latent_groups: number of latent groups ``g``; must divide ``num_heads``. ``g = 1`` is the
+            paper's form (``W_P = B_P·A_P``), ``g = H`` gives every head its own factors.
+        dropout: dropout on the attention probabilities (training only).
+        bias: add the Q/K/V bias ``in_proj_bias`` (``[3·d]``) and the ``out_proj`` bias.
+        batch_first: inputs and outputs are ``[B, T, d]`` instead of ``[T, B, d]``.
+
+    Parameters:
+        down_proj_weight: ``[3·g·r, d]``, ``A_Q; A_K; A_V`` in ``nn.Linear`` layout.
+        up_proj_weight: ``[3, d, r]``, ``up[p, h·d_h:(h+1)·d_h]`` is ``B_{P,h}``.
+        in_proj_bias: ``[3·d]`` or ``None``, ordered q, k, v like ``nn.MultiheadAttention``.
+        out_proj: ``nn.Linear(d, d)``.
+
+    ``forward`` takes and returns exactly what ``nn.MultiheadAttention.forward`` does. Self-attention
+    (``query is key is value``) with ``need_weights=False`` and no mask, a causal mask (given as
+    ``is_causal=True`` or detected) or a key padding mask runs the fused ``mlra_attention`` op.
+    Cross-attention, other attention masks and ``need_weights=True`` run the unfused reference.
+    One difference: a query whose keys are all masked outputs zeros, where
+    ``nn.MultiheadAttention`` outputs NaN.
+
+    Example::
+
+        >>> attn = MLRAttention(64, 4, rank=16, batch_first=True)
+        >>> x = torch.randn(2, 10, 64)
+        >>> mask = nn.Transformer.generate_square_subsequent_mask(10)
+        >>> y, _ = attn(x, x, x, attn_mask=mask, is_causal=True, need_weights=False)
+        >>> y.shape
+        torch.Size([2, 10, 64])
+    """
+
+    __constants__ = ["batch_first"]
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        rank: Optional[int] = None,
+        latent_groups: int = 1,
+        dropout: float = 0.0,
+        bias: bool = True,
+        batch_first: bool = False,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(embed_dim, int) or embed_dim <= 0:
+            raise ValueError(f"embed_dim must be a positive int, got {embed_dim!r}")
+        if not isinstance(num_heads, int) or num_heads <= 0:
+            raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+        if embed_dim % num_heads != 0:
+            raise ValueError(
+                f"num_heads must divide embed_dim, got embed_dim={embed_dim} and num_heads={num_heads}"
+            )
+        if rank is None:
+            rank = default_rank(embed_dim)
+        if not isinstance(rank, int) or not 1 <= rank <= embed_dim:
+            raise ValueError(f"rank must be an int in [1, embed_dim={embed_dim}], got {rank!r}")
+        if not isinstance(latent_groups, int) or latent_groups <= 0 or num_heads % latent_groups != 0:
+            raise ValueError(
+                f"latent_groups must be a positive int dividing num_heads={num_heads}, got {latent_groups!r}"
+            )
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.embed_dim = embed_dim
+        self.kdim = embed_dim
+        self.vdim = embed_dim
+        self.num_heads = num_heads
+        self.head_dim = embed_dim // num_heads
+        self.rank = rank
+        self.latent_groups = latent_groups
+        self.dropout = dropout
+        self.batch_first = batch_first
+        # No dense in_proj_weight exists; False keeps nn.TransformerEncoder(Layer) off its fused fast
+        # path, which would read in_proj_weight directly instead of calling this module.
+        self._qkv_same_embed_dim = False
+        self.register_parameter("in_proj_weight", None)
+        self.register_parameter("q_proj_weight", None)
+        self.register_parameter("k_proj_weight", None)
+        self.register_parameter("v_proj_weight", None)
+        self.bias_k = self.bias_v = None
+        self.add_zero_attn = False
+
+        self.down_proj_weight = nn.Parameter(torch.empty(3 * latent_groups * rank, embed_dim, **factory))
+        self.up_proj_weight = nn.Parameter(torch.empty(3, embed_dim, rank, **factory))
+        if bias:
+            self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim, **factory))
+        else:
+            self.register_parameter("in_proj_bias", None)
+        self.out_proj = NonDynamicallyQuantizableLinear(embed_dim, embed_dim, bias=bias, **factory)
+        #: Relative Frobenius error of each projection after :meth:`from_mha` (``{"q", "k", "v"}``).
+        self.svd_error: Optional[dict[str, float]] = None
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        # GPT-2's N(0, 0.02) for every factor (DESIGN.md: the variance argument relies on it).
+        nn.init.normal_(self.down_proj_weight, std=0.02)
+        nn.init.normal_(self.up_proj_weight, std=0.02)
+        nn.init.normal_(self.out_proj.weight, std=0.02)
+        if self.in_proj_bias is not None:
+            nn.init.zeros_(self.in_proj_bias)
+        if self.out_proj.bias is not None:
+            nn.init.zeros_(self.out_proj.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, rank={self.rank}, "
+            f"latent_groups={self.latent_groups}, dropout={self.dropout}, batch_first={self.batch_first}"
+        )
+
+    # ------------------------------------------------------------------ conversion
+
+    @classmethod
+    def from_mha(
+        cls, mha: nn.MultiheadAttention, rank: Optional[int] = None, latent_groups: int = 1
+    ) -> "MLRAttention":
+        """Convert a (trained) ``nn.MultiheadAttention`` by truncated SVD of each projection.
+
+        Each projection ``W_P`` (``[d, d]``), or with ``g`` latent groups each block of ``d/g`` rows
+        (the heads of one group), is factorised as ``U Σ Vᵀ`` and truncated to ``rank``:
+        ``B = U√Σ``, ``A = √ΣVᵀ``. This is the best rank-``r`` approximation in Frobenius norm, and it
+        is exact when ``rank = embed_dim``. Biases and ``out_proj`` are copied. The relative error
+        ``‖W_P − B·A‖_F / ‖W_P‖_F`` of each projection is stored in ``svd_error`` and logged.
+
+        Args:
+            mha: the module to convert. ``kdim``/``vdim`` different from ``embed_dim``,
+                ``add_bias_kv`` and ``add_zero_attn`` are not supported.
+            rank: rank per latent group; default :func:`default_rank`.
+            latent_groups: number of latent groups ``g``.
+
+        Example::
+
+            >>> mha = nn.MultiheadAttention(32, 4)
+            >>> mlra = MLRAttention.from_mha(mha, rank=32)
+            >>> max(mlra.svd_error.values()) < 1e-5
+            True
+        """
+        if not isinstance(mha, nn.MultiheadAttention):
+            raise TypeError(f"mha must be an nn.MultiheadAttention, got {type(mha).__name__}")
+        if not mha._qkv_same_embed_dim:
+            raise ValueError(
+                "from_mha needs kdim == vdim == embed_dim (a packed in_proj_weight); got "
+                f"embed_dim={mha.embed_dim}, kdim={mha.kdim}, vdim={mha.vdim}"
+            )
+        if mha.bias_k is not None or mha.add_zero_attn:
+            raise ValueError("from_mha does not support add_bias_kv=True or add_zero_attn=True")
+        weight = mha.in_proj_weight
+        out = cls(
+            mha.embed_dim,
+            mha.num_heads,
+            rank=rank,
+            latent_groups=latent_groups,
+            dropout=mha.dropout,
+            bias=mha.in_proj_bias is not None,
+            batch_first=mha.batch_first,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+        out.load_dense_(weight, mha.in_proj_bias, mha.out_proj.weight, mha.out_proj.bias)
+        out.train(mha.training)
+        return out
+
+    @torch.no_grad()
+    def load_dense_(
+        self,
+        in_proj_weight: Tensor,
+        in_proj_bias: Optional[Tensor] = None,
+        out_proj_weight: Optional[Tensor] = None,
+        out_proj_bias: Optional[Tensor] = None,
+    ) -> dict[str, float]:
+        """Set the factors from dense ``[3·d, d]`` Q/K/V weights by truncated SVD; returns ``svd_error``."""
+        d = self.embed_dim
+        if tuple(in_proj_weight.shape) != (3 * d, d):
+            raise ValueError(f"in_proj_weight must be [3·d, d] = [{3 * d}, {d}], got {list(in_proj_weight.shape)}")
+        down, up, errors = factorize_in_proj(in_proj_weight, self.rank, self.latent_groups)
+        self.down_proj_weight.copy_(down)
+        self.up_proj_weight.copy_(up)
+        if self.in_proj_bias is not None:
+            if in_proj_bias is None:
+                self.in_proj_bias.zero_()
+            else:
+                self.in_proj_bias.copy_(in_proj_bias)
+        if out_proj_weight is not None:
+            self.out_proj.weight.copy_(out_proj_weight)
+        if self.out_proj.bias is not None:
+            if out_proj_bias is None:
+                self.out_proj.bias.zero_()
+            else:
+                self.out_proj.bias.copy_(out_proj_bias)
+        self.svd_error = errors
+        logger.info(
+            "MLRA conversion (d=%d, rank=%d, groups=%d): relative error q=%.3g k=%.3g v=%.3g",
+            d, self.rank, self.latent_groups, errors["q"], errors["k"], errors["v"],
+        )
+        return errors
+
+    def dense_in_proj_weight(self) -> Tensor:
+        """The dense ``[3·d, d]`` Q/K/V weight that the factors represent (``B_P·A_P`` per head)."""
+        d, H, g, r, dh = self.embed_dim, self.num_heads, self.latent_groups, self.rank, self.head_dim
+        down = self.down_proj_weight.view(3, g, r, d)
+        up = self.up_proj_weight.view(3, g, H // g * dh, r)
+        return torch.einsum("pgor,pgri->pgoi", up, down).reshape(3 * d, d)
+
+    # ------------------------------------------------------------------ forward
+
+    def _project(self, x: Tensor, p: int) -> Tensor:
+        """One projection (0 = q, 1 = k, 2 = v) of ``x`` ``[B, T, d]`` to heads ``[B, H, T, d_h]``."""
+        B, T, _ = x.shape
+        H, g, r, dh = self.num_heads, self.latent_groups, self.rank, self.head_dim
+        c = (x @ self.down_proj_weight[p * g * r:(p + 1) * g * r].t()).view(B, T, g, r)
+        up = self.up_proj_weight[p].view(g, H // g, dh, r)
+        out = torch.einsum("btgr,ghdr->bghtd", c, up).reshape(B, H, T, dh)
+        if self.in_proj_bias is not None:
+            out = out + self.in_proj_bias[p * self.embed_dim:(p + 1) * self.embed_dim].view(1, H, 1, dh)
+        return out
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Optional[Tensor] = None,
+        need_weights: bool = True,
+        attn_mask: Optional[Tensor] = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[Tensor, Optional[Tensor]]:
+        """Same arguments, shapes and return value as :meth:`torch.nn.MultiheadAttention.forward`.
+
+        Args:
+            query: ``[L, E]`` unbatched, ``[L, N, E]`` or, with ``batch_first``, ``[N, L, E]``.
+            key, value: ``[S, E]``, ``[S, N, E]`` or ``[N, S, E]``.
+            key_padding_mask: ``[N, S]`` (``[S]`` unbatched), bool (``True`` = ignore) or float (added).
+            need_weights: also return the attention weights (reference path; see the class doc).
+            attn_mask: ``[L, S]`` or ``[N·H, L, S]``, bool (``True`` = not allowed) or float (added).
+            average_attn_weights: average the returned weights over heads.
+            is_causal: hint that ``attn_mask`` is the causal mask; ``attn_mask`` is then required.
+
+        Returns:
+            ``(attn_output, attn_weights)``: output shaped like ``query``; weights ``[N, L, S]``
+            (averaged) or ``[N, H, L, S]``, without ``N`` when unbatched, or ``None``.
+        """
+        is_self = query is key and key is value
+        is_batched = self._shape_check(query, key, value, key_padding_mask, attn_mask)
+        _check_mask_dtype(key_padding_mask, "key_padding_mask")
+        _check_mask_dtype(attn_mask, "attn_mask")
+        if key_padding_mask is not None and attn_mask is not None and key_padding_mask.dtype != attn_mask.dtype:
+            warnings.warn(
+                "Support for mismatched key_padding_mask and attn_mask is deprecated. Use same type for both instead.",
+                stacklevel=4,
+            )
+            key_padding_mask = _as_additive(key_padding_mask, query.dtype)
+            attn_mask = _as_additive(attn_mask, query.dtype)
+        if is_causal and attn_mask is None:
+            raise RuntimeError(
+                "Need attn_mask if specifying the is_causal hint. You may use the Transformer module "
+                "method `generate_square_subsequent_mask` to create this mask."
+            )
+
+        # To [B, T, E].
+        if not is_batched:
+            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif not self.batch_first:
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        B, T, E = query.shape
+        S = key.shape[1]
+        if E != self.embed_dim:
+            raise AssertionError(f"was expecting embedding dimension of {self.embed_dim}, but got {E}")
+        if key.shape != value.shape:
+            raise AssertionError(f"key shape {key.shape} does not match value shape {value.shape}")
+        if key.shape[0] != B or key.shape[2] != self.embed_dim:
+            raise AssertionError(
+                f"key must be [batch={B}, S, embed_dim={self.embed_dim}] in [B, S, E] order, got {list(key.shape)}"
+            )
+        self._mask_shape_check(B, T, S, key_padding_mask, attn_mask)
+
+        causal = False
+        if is_self and attn_mask is not None and (is_causal or _is_causal_mask(attn_mask, T)):
+            causal, attn_mask = True, None
+        dropout_p = self.dropout if self.training else 0.0
+
+        if is_self and not need_weights and attn_mask is None:
+            out = mlra_attention(
+                query, self.down_proj_weight, self.up_proj_weight, self.in_proj_bias,
+                num_heads=self.num_heads, latent_groups=self.latent_groups, causal=causal,
+                key_padding_mask=key_padding_mask, dropout_p=dropout_p,
+            )
+            weights = None
+        else:
+            if need_weights:
+                _warn_need_weights_once()
+            out, weights = self._reference_attention(
+                query, key, value, is_self, causal, key_padding_mask, attn_mask, dropout_p, need_weights
+            )
+        out = self.out_proj(out)
+
+        if weights is not None and average_attn_weights:
+            weights = weights.mean(dim=1)
+        if not is_batched:
+            out = out.squeeze(0)
+            if weights is not None:
+                weights = weights.squeeze(0)
+        elif not self.batch_first:
+            out = out.transpose(0, 1)
+        return out, weights
+
+    def _reference_attention(
+        self, query, key, value, is_self, causal, key_padding_mask, attn_mask, dropout_p, need_weights
+    ) -> tuple[Tensor, Optional[Tensor]]:
+        B, T, d = query.shape
+        S = key.shape[1]
+        H = self.num_heads
+        if is_self:
+            q, k, v = mlra_qkv_reference(
+                query, self.down_proj_weight, self.up_proj_weight, self.in_proj_bias,
+                num_heads=H, latent_groups=self.latent_groups,
+            )
+        else:
+            q, k, v = self._project(query, 0), self._project(key, 1), self._project(value, 2)
+        dropout_mask = None
+        if dropout_p > 0.0:
+            dropout_mask = torch.rand(B, H, T, S, device=q.device) >= dropout_p
+        o, weights = attention_reference(
+            q, k, v, causal=causal, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
+            dropout_p=dropout_p, dropout_mask=dropout_mask, need_weights=need_weights,
+        )
+        if weights is not None and dropout_mask is not None:
+            # nn.MultiheadAttention returns the weights after dropout.
+            weights = weights * dropout_mask / (1.0 - dropout_p)
+        return o.transpose(1, 2).reshape(B, T, d), weights
+
+    def _shape_check(self, query, key, value, key_padding_mask, attn_mask) -> bool:
+        if query.dim() == 3:
+            if key.dim() != 3 or value.dim() != 3:
+                raise AssertionError(
+                    "For batched (3-D) `query`, expected `key` and `value` to be 3-D"
+                    f" but found {key.dim()}-D and {value.dim()}-D tensors respectively"
+                )
+            if key_padding_mask is not None and key_padding_mask.dim() != 2:
+                raise AssertionError(
+                    "For batched (3-D) `query`, expected `key_padding_mask` to be `None` or 2-D"
+                    f" but found {key_padding_mask.dim()}-D tensor instead"
+                )
+            if attn_mask is not None and attn_mask.dim() not in (2, 3):
+                raise AssertionError(
+                    "For batched (3-D) `query`, expected `attn_mask` to be `None`, 2-D or 3-D"
+                    f" but found {attn_mask.dim()}-D tensor instead"
+                )
+            return True
+        if query.dim() == 2:
+            if key.dim() != 2 or value.dim() != 2:
+                raise AssertionError(
+                    "For unbatched (2-D) `query`, expected `key` and `value` to be 2-D"
+                    f" but found {key.dim()}-D and {value.dim()}-D tensors respectively"
+                )
+            if key_padding_mask is not None and key_padding_mask.dim() != 1:
+                raise AssertionError(
+                    "For unbatched (2-D) `query`, expected `key_padding_mask` to be `None` or 1-D"
+                    f" but found {key_padding_mask.dim()}-D tensor instead"
+                )
+            if attn_mask is not None:
+                if attn_mask.dim() not in (2, 3):
+                    raise AssertionError(
+                        "For unbatched (2-D) `query`, expected `attn_mask` to be `None`, 2-D or 3-D"
+                        f" but found {attn_mask.dim()}-D tensor instead"
+                    )
+                if attn_mask.dim() == 3:
+                    expected = (self.num_heads, query.shape[0], key.shape[0])
+                    if attn_mask.shape != expected:
+                        raise AssertionError(f"Expected `attn_mask` shape to be {expected} but got {attn_mask.shape}")
+            return False
+        raise AssertionError(
+            f"query should be unbatched 2D or batched 3D tensor but received {query.dim()}-D query tensor"
+        )
+
+    def _mask_shape_check(self, B, T, S, key_padding_mask, attn_mask) -> None:
+        if key_padding_mask is not None and tuple(key_padding_mask.shape) != (B, S):
+            raise AssertionError(
+                f"Expected key_padding_mask of shape [batch, source length] = [{B}, {S}], "
+                f"but got {list(key_padding_mask.shape)}"
+            )
+        if attn_mask is not None:
+            if attn_mask.dim() == 2 and attn_mask.shape != (T, S):
+                raise RuntimeError(f"The shape of the 2D attn_mask is {attn_mask.shape}, but should be {(T, S)}.")
+            if attn_mask.dim() == 3 and attn_mask.shape != (B * self.num_heads, T, S):
+                raise RuntimeError(
+                    f"The shape of the 3D attn_mask is {attn_mask.shape}, but should be "
+                    f"{(B * self.num_heads, T, S)}."
+                )
+
+
+@torch.no_grad()
+def factorize_in_proj(
+    in_proj_weight: Tensor, rank: int, latent_groups: int = 1
+) -> tuple[Tensor, Tensor, dict[str, float]]:
+    """Truncated SVD of dense ``[3·d, d]`` Q/K/V weights into MLRA factors.
+
+    Returns ``(down [3·g·r, d], up [3, d, r], errors)`` in the layouts of
+    ``mlra_kernels/ops/mlra/reference.py``; ``errors`` maps ``q``/``k``/``v`` to the relative
+    Frobenius error of the rank-``r`` approximation. The SVD runs in float64 (float32 would limit
+    the full-rank reconstruction to about 1e-6) and the factors are cast back to the input dtype.
+    """
+    three_d, d = in_proj_weight.shape
+    g, r = latent_groups, rank
+    rows = d // g
+    w = in_proj_weight.detach().to(torch.float64).view(3, g, rows, d)
+    down = torch.zeros(3, g, r, d, dtype=torch.float64, device=w.device)
+    up = torch.zeros(3, g, rows, r, dtype=torch.float64, device=w.device)
+    k = min(r, rows)
+    for p in range(3):
+        for j in range(g):
+            U, sig, Vh = torch.linalg.svd(w[p, j], full_matrices=False)
+            root = sig[:k].sqrt()
+            up[p, j, :, :k] = U[:, :k] * root
+            down[p, j, :k] = root[:, None] * Vh[:k]
+    approx = torch.einsum("pgor,pgri->pgoi", up, down)
+    errors = {}
+    for p, name in enumerate(_PROJ_NAMES):
+        norm = w[p].norm()
+        err = (w[p] - approx[p]).norm()
+        errors[name] = float(err / norm) if norm > 0 else float(err)
+    dtype = in_proj_weight.dtype
+    return down.reshape(3 * g * r, d).to(dtype), up.reshape(3, d, r).to(dtype), errors
+

@@ -1,0 +1,276 @@
+"""MLRAttention against nn.MultiheadAttention: shapes, masks, is_causal rules, conversion by SVD."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import mlra_kernels.nn.attention as attention_mod
+from mlra_kernels.nn import MLRAttention, default_rank
+
+D, H = 32, 4
+DT = torch.float64
+
+
+def _mha(batch_first, seed=0, bias=True, dropout=0.0):
+    torch.manual_seed(seed)
+    mha = nn.MultiheadAttention(D, H, batch_first=batch_first, bias=bias, dropout=dropout, dtype=DT)
+    with torch.no_grad():  # non-zero biases so that every bias path is exercised
+        for p in mha.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return mha
+
+
+def _inputs(batch_first, batched, T, S, cross, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    B = 3
+    shape_q = (B, T, D) if batch_first else (T, B, D)
+    shape_k = (B, S, D) if batch_first else (S, B, D)
+    if not batched:
+        shape_q, shape_k = (T, D), (S, D)
+    q = torch.randn(shape_q, generator=g, dtype=DT)
+    if not cross:
+        return q, q, q
+    k = torch.randn(shape_k, generator=g, dtype=DT)
+    v = torch.randn(shape_k, generator=g, dtype=DT)
+    return q, k, v
+
+
+def _masks(kind, B, T, S, batched, seed=2):
+    """Masks that never mask a whole query row (nn.MultiheadAttention gives NaN there, MLRA zeros)."""
+    g = torch.Generator().manual_seed(seed)
+    kpm = attn = None
+    is_causal = False
+    if kind in ("causal_bool", "causal_float", "causal_hint", "causal_kpm"):
+        attn = torch.ones(T, S, dtype=torch.bool).triu(1)
+        if kind != "causal_bool":
+            attn = torch.zeros(T, S, dtype=DT).masked_fill(attn, float("-inf"))
+        is_causal = kind in ("causal_hint", "causal_kpm")
+    if kind in ("kpm_bool", "kpm_float", "causal_kpm"):
+        kpm = torch.rand(B, S, generator=g) < 0.3
+        kpm[:, 0] = False
+        if kind != "kpm_bool":
+            kpm = torch.zeros(B, S, dtype=DT).masked_fill(kpm, float("-inf"))
+    if kind == "attn_bool_2d":
+        attn = torch.rand(T, S, generator=g) < 0.4
+        attn[:, 0] = False
+    if kind == "attn_float_3d":
+        n = B * H if batched else H
+        attn = torch.randn(n, T, S, generator=g, dtype=DT)
+    if kind == "both_bool":
+        attn = torch.rand(T, S, generator=g) < 0.3
+        kpm = torch.rand(B, S, generator=g) < 0.3
+        attn[:, 0] = False
+        kpm[:, 0] = False
+    if not batched and kpm is not None:
+        kpm = kpm[0]
+    return kpm, attn, is_causal
+
+
+MASKS = ["none", "causal_bool", "causal_float", "causal_hint", "causal_kpm", "kpm_bool", "kpm_float",
+         "attn_bool_2d", "attn_float_3d", "both_bool"]
+
+
+@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize(
+    "batch_first,batched,cross,groups",
+    [(True, True, False, 1), (False, True, False, 2), (True, False, False, 1), (False, True, True, 1),
+     (True, True, True, 4)],
+    ids=["bf-self", "seqfirst-self-g2", "unbatched-self", "seqfirst-cross", "bf-cross-g4"],
+)
+def test_full_rank_matches_mha(mask, batch_first, batched, cross, groups):
+    T = 6
+    S = 9 if cross else T
+    if cross and mask.startswith("causal"):
+        S = T  # a causal mask is square
+    mha = _mha(batch_first).eval()
+    mlra = MLRAttention.from_mha(mha, rank=D, latent_groups=groups).eval()
+    q, k, v = _inputs(batch_first, batched, T, S, cross)
+    kpm, attn, is_causal = _masks(mask, 3, T, S, batched)
+    for need_weights in (True, False):
+        for average in (True, False):
+            kw = dict(key_padding_mask=kpm, attn_mask=attn, is_causal=is_causal,
+                      need_weights=need_weights, average_attn_weights=average)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ref_out, ref_w = mha(q, k, v, **kw)
+                out, w = mlra(q, k, v, **kw)
+            assert out.shape == ref_out.shape
+            torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
+            if need_weights:
+                assert w.shape == ref_w.shape
+                torch.testing.assert_close(w, ref_w, rtol=1e-10, atol=1e-10)
+            else:
+                assert w is None and ref_w is None
+
+
+def test_training_mode_and_gradients_match_mha():
+    mha = _mha(batch_first=True).train()
+    mlra = MLRAttention.from_mha(mha, rank=D).train()
+    x = torch.randn(2, 5, D, dtype=DT, requires_grad=True)
+    mask = nn.Transformer.generate_square_subsequent_mask(5, dtype=DT)
+    ref, _ = mha(x, x, x, attn_mask=mask, is_causal=True, need_weights=False)
+    (gx_ref,) = torch.autograd.grad(ref.square().sum(), x)
+    out, _ = mlra(x, x, x, attn_mask=mask, is_causal=True, need_weights=False)
+    (gx,) = torch.autograd.grad(out.square().sum(), x)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-10, atol=1e-10)
+    mlra(x, x, x, need_weights=False)[0].sum().backward()
+    for name, p in mlra.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+def test_bias_false_matches_mha():
+    mha = _mha(batch_first=True, bias=False).eval()
+    mlra = MLRAttention.from_mha(mha, rank=D)
+    assert mlra.in_proj_bias is None and mlra.out_proj.bias is None
+    x = torch.randn(2, 5, D, dtype=DT)
+    torch.testing.assert_close(mlra(x, x, x, need_weights=False)[0], mha(x, x, x, need_weights=False)[0])
+
+
+@pytest.fixture
+def op_spy(monkeypatch):
+    calls = []
+    real = attention_mod.mlra_attention
+
+    def spy(x, down, up, bias=None, **kw):
+        calls.append(kw)
+        return real(x, down, up, bias, **kw)
+
+    monkeypatch.setattr(attention_mod, "mlra_attention", spy)
+    return calls
+
+
+def test_self_attention_takes_the_fused_op(op_spy):
+    mlra = MLRAttention(D, H, rank=8, batch_first=True, dtype=DT).eval()
+    x = torch.randn(2, 5, D, dtype=DT)
+    y = torch.randn(2, 7, D, dtype=DT)
+    causal_bool = torch.ones(5, 5, dtype=torch.bool).triu(1)
+    kpm = torch.tensor([[False] * 5, [False, False, False, True, True]])
+    mlra(x, x, x, need_weights=False)
+    mlra(x, x, x, attn_mask=causal_bool, need_weights=False)  # detected causal
+    mlra(x, x, x, attn_mask=causal_bool, is_causal=True, key_padding_mask=kpm, need_weights=False)
+    assert [c["causal"] for c in op_spy] == [False, True, True]
+    assert op_spy[2]["key_padding_mask"] is not None
+    n = len(op_spy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mlra(x, x, x)  # need_weights=True
+        mlra(x, y, y, need_weights=False)  # cross-attention
+        mlra(x, x, x, attn_mask=torch.rand(5, 5) < 0.2, need_weights=False)  # general mask
+    assert len(op_spy) == n
+
+
+def test_need_weights_warns_once(monkeypatch):
+    monkeypatch.setattr(attention_mod, "_need_weights_warned", False)
+    mlra = MLRAttention(D, H, dtype=DT)
+    x = torch.randn(4, 2, D, dtype=DT)
+    with pytest.warns(UserWarning, match="need_weights=False"):
+        mlra(x, x, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mlra(x, x, x)
+
+
+def test_is_causal_hint_rules_match_mha():
+    mha = _mha(batch_first=False)
+    mlra = MLRAttention.from_mha(mha, rank=D)
+    x = torch.randn(4, 2, D, dtype=DT)
+    with pytest.raises(RuntimeError, match="Need attn_mask if specifying the is_causal hint") as ref:
+        mha(x, x, x, is_causal=True)
+    with pytest.raises(RuntimeError, match="Need attn_mask if specifying the is_causal hint") as err:
+        mlra(x, x, x, is_causal=True)
+    assert str(err.value) == str(ref.value)
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda m, x: m(x, x[0], x), "expected `key` and `value` to be 3-D"),
+        (lambda m, x: m(x, x, x, attn_mask=torch.zeros(3, 3)), "shape of the 2D attn_mask"),
+        (lambda m, x: m(x, x, x, attn_mask=torch.zeros(5, 4, 4)), "shape of the 3D attn_mask"),
+        (lambda m, x: m(x, x, x, key_padding_mask=torch.zeros(2, 3, dtype=torch.bool)), "key_padding_mask"),
+        (lambda m, x: m(x, x, x, attn_mask=torch.zeros(4, 4, dtype=torch.int64)), "only bool and floating"),
+        (lambda m, x: m(x[..., :8], x[..., :8], x[..., :8]), "embedding dimension of 32"),
+    ],
+    ids=["key-dim", "attn2d-shape", "attn3d-shape", "kpm-shape", "int-mask", "embed-dim"],
+)
+def test_bad_inputs_raise_clear_errors(call, match):
+    mlra = MLRAttention(D, H)
+    x = torch.randn(4, 2, D)
+    with pytest.raises((AssertionError, RuntimeError), match=match):
+        call(mlra, x)
+
+
+def test_constructor_validation_and_default_rank():
+    with pytest.raises(ValueError, match="rank must be an int in \\[1, embed_dim=32\\]"):
+        MLRAttention(32, 4, rank=33)
+    with pytest.raises(ValueError, match="num_heads must divide embed_dim"):
+        MLRAttention(30, 4)
+    with pytest.raises(ValueError, match="latent_groups"):
+        MLRAttention(32, 4, latent_groups=3)
+    m = MLRAttention(64, 4)
+    assert m.rank == default_rank(64) == 16
+    assert m.down_proj_weight.shape == (3 * 16, 64) and m.up_proj_weight.shape == (3, 64, 16)
+    m = MLRAttention(64, 4, rank=8, latent_groups=2)
+    assert m.down_proj_weight.shape == (3 * 2 * 8, 64)
+
+
+def test_default_init_is_gpt2_normal():
+    torch.manual_seed(0)
+    m = MLRAttention(256, 8, rank=64)
+    for p in (m.down_proj_weight, m.up_proj_weight, m.out_proj.weight):
+        assert abs(p.std().item() - 0.02) < 0.002 and abs(p.mean().item()) < 0.002
+    assert torch.count_nonzero(m.in_proj_bias) == 0
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_low_rank_conversion_is_the_best_approximation(groups):
+    mha = _mha(batch_first=True)
+    r = 5
+    mlra = MLRAttention.from_mha(mha, rank=r, latent_groups=groups)
+    W = mha.in_proj_weight.detach()
+    dense = mlra.dense_in_proj_weight().detach()
+    rows = D // groups
+    for p, name in enumerate("qkv"):
+        Wp, approx = W[p * D:(p + 1) * D], torch.zeros(D, D, dtype=DT)
+        best_sq = 0.0
+        for j in range(groups):
+            block = Wp[j * rows:(j + 1) * rows]
+            U, s, Vh = torch.linalg.svd(block, full_matrices=False)
+            approx[j * rows:(j + 1) * rows] = (U[:, :r] * s[:r]) @ Vh[:r]
+            best_sq += s[r:].square().sum().item()
+        torch.testing.assert_close(dense[p * D:(p + 1) * D], approx, rtol=1e-9, atol=1e-12)
+        expected = (best_sq / Wp.square().sum().item()) ** 0.5
+        assert mlra.svd_error[name] == pytest.approx(expected, rel=1e-9)
+        assert 0.05 < mlra.svd_error[name] < 1.0
+    full = MLRAttention.from_mha(mha, rank=D, latent_groups=groups)
+    assert max(full.svd_error.values()) < 1e-12
+
+
+def test_from_mha_rejects_unsupported_modules():
+    with pytest.raises(ValueError, match="kdim == vdim == embed_dim"):
+        MLRAttention.from_mha(nn.MultiheadAttention(D, H, kdim=16, vdim=16), rank=8)
+    with pytest.raises(ValueError, match="add_bias_kv"):
+        MLRAttention.from_mha(nn.MultiheadAttention(D, H, add_bias_kv=True), rank=8)
+    with pytest.raises(TypeError, match="nn.MultiheadAttention"):
+        MLRAttention.from_mha(nn.Linear(D, D), rank=8)
+
+
+def test_dropout_is_active_in_training_only():
+    mlra = MLRAttention(D, H, rank=8, dropout=0.5, batch_first=True, dtype=DT)
+    x = torch.randn(2, 6, D, dtype=DT)
+    mlra.eval()
+    a = mlra(x, x, x, need_weights=False)[0]
+    assert torch.equal(a, mlra(x, x, x, need_weights=False)[0])
+    mlra.train()
+    torch.manual_seed(0)
+    b = mlra(x, x, x, need_weights=False)[0]
+    assert not torch.allclose(a, b)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        _, w = mlra(x, x, x, average_attn_weights=False)
+    # Returned weights are post-dropout like nn.MultiheadAttention's: entries are 0 or 2·p.
+    assert (w == 0).any() and torch.isfinite(w).all()
