@@ -1,0 +1,310 @@
+"""A small, clean pre-LN GPT-2 whose attention is either standard multi-head attention or MLRA."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mlra_kernels.ops.mlra import mlra_attention
+
+# One entry per layer: (k, v) [B, H, S, d_h] for "mha", the latents (c_K, c_V) [B, S, g·r] for "mlra".
+KVCache = list[tuple[Tensor, Tensor]]
+
+
+@dataclass
+class GPT2Config:
+    """Configuration of :class:`GPT2`. The defaults are GPT-2 small (124M with ``attention="mha"``).
+
+    Args:
+        vocab_size: number of tokens (256 for byte-level text).
+        block_size: context length ``T``.
+        n_layer: depth.
+        n_head: heads per layer.
+        n_embd: width ``d``.
+        dropout: dropout on embeddings, attention probabilities and residual branches.
+        bias: biases in the linear layers and LayerNorms.
+        attention: ``"mha"`` (dense Q/K/V) or ``"mlra"`` (Multi-head Low-Rank Attention).
+        rank: MLRA rank per latent group; default ``n_embd // 4``.
+        latent_groups: MLRA latent groups ``g`` (must divide ``n_head``).
+    """
+
+    vocab_size: int = 50257
+    block_size: int = 1024
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True
+    attention: str = "mha"
+    rank: Optional[int] = None
+    latent_groups: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "latent_groups"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"GPT2Config.{name} must be a positive int, got {value!r}")
+        if self.attention not in ("mha", "mlra"):
+            raise ValueError(f"GPT2Config.attention must be 'mha' or 'mlra', got {self.attention!r}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"GPT2Config.n_head={self.n_head} must divide n_embd={self.n_embd}")
+        if self.n_head % self.latent_groups != 0:
+            raise ValueError(
+                f"GPT2Config.latent_groups={self.latent_groups} must divide n_head={self.n_head}"
+            )
+        if self.rank is None:
+            self.rank = max(1, self.n_embd // 4)
+        if not isinstance(self.rank, int) or not 1 <= self.rank <= self.n_embd:
+            raise ValueError(f"GPT2Config.rank must be an int in [1, n_embd={self.n_embd}], got {self.rank!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPT2Config.dropout must be in [0, 1), got {self.dropout!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _cached_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> Tensor:
+    """Causal attention of ``t`` new queries against ``S >= t`` keys, the queries being the last ``t``."""
+    t, S = q.shape[2], k.shape[2]
+    if t == S:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+    if t == 1:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+    allowed = torch.ones(t, S, dtype=torch.bool, device=q.device).tril(S - t)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)
+
+
+class MHASelfAttention(nn.Module):
+    """Causal self-attention with a dense ``c_attn`` (``[3·d, d]``, q/k/v stacked like GPT-2)."""
+
+    def __init__(self, cfg: GPT2Config) -> None:
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.n_embd = cfg.n_embd
+        self.dropout = cfg.dropout
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, cache: Optional[tuple[Tensor, Tensor]] = None, use_cache: bool = False):
+        B, T, d = x.shape
+        H = self.n_head
+        q, k, v = self.c_attn(x).view(B, T, 3, H, d // H).permute(2, 0, 3, 1, 4)  # 3 × [B, H, T, d_h]
+        if cache is not None:
+            k = torch.cat([cache[0], k], dim=2)
+            v = torch.cat([cache[1], v], dim=2)
+        p = self.dropout if self.training else 0.0
+        y = _cached_attention(q, k, v, p)
+        y = self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, d)))
+        return y, ((k, v) if use_cache else None)
+
+
+class MLRASelfAttention(nn.Module):
+    """Causal Multi-head Low-Rank self-attention.
+
+    Training and plain inference call the fused ``mlra_kernels.mlra_attention``. With a KV cache the
+    cache holds the latents ``c_K, c_V`` (``g·r`` numbers each per token) and K/V are rebuilt from
+    them with the up-projections.
+    """
+
+    def __init__(self, cfg: GPT2Config) -> None:
+        super().__init__()
+        d, g, r = cfg.n_embd, cfg.latent_groups, cfg.rank
+        self.n_head, self.n_embd, self.latent_groups, self.rank = cfg.n_head, d, g, r
+        self.dropout = cfg.dropout
+        self.down = nn.Parameter(torch.empty(3 * g * r, d))  # [3·g·r, d], c = x @ down.T
+        self.up = nn.Parameter(torch.empty(3, d, r))  # [3, d, r]
+        self.qkv_bias = nn.Parameter(torch.zeros(3 * d)) if cfg.bias else None  # [3·d]
+        self.c_proj = nn.Linear(d, d, bias=cfg.bias)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def _expand(self, c: Tensor, p: int) -> Tensor:
+        """Latent ``c`` ``[B, S, g·r]`` of projection ``p`` to heads ``[B, H, S, d_h]``."""
+        B, S, _ = c.shape
+        H, g, r = self.n_head, self.latent_groups, self.rank
+        dh = self.n_embd // H
+        up = self.up[p].view(g, H // g, dh, r)
+        out = torch.einsum("bsgr,ghdr->bghsd", c.view(B, S, g, r), up).reshape(B, H, S, dh)
+        if self.qkv_bias is not None:
+            out = out + self.qkv_bias[p * self.n_embd:(p + 1) * self.n_embd].view(1, H, 1, dh)
+        return out
+
+    def forward(self, x: Tensor, cache: Optional[tuple[Tensor, Tensor]] = None, use_cache: bool = False):
+        B, T, d = x.shape
+        p = self.dropout if self.training else 0.0
+        if cache is None and not use_cache:
+            y = mlra_attention(
+                x, self.down, self.up, self.qkv_bias, num_heads=self.n_head,
+                latent_groups=self.latent_groups, causal=True, dropout_p=p,
+            )
+            return self.resid_dropout(self.c_proj(y)), None
+        c_q, c_k, c_v = (x @ self.down.t()).chunk(3, dim=-1)  # 3 × [B, T, g·r]
+        if cache is not None:
+            c_k = torch.cat([cache[0], c_k], dim=1)
+            c_v = torch.cat([cache[1], c_v], dim=1)
+        y = _cached_attention(self._expand(c_q, 0), self._expand(c_k, 1), self._expand(c_v, 2), p)
+        y = self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, d)))
+        return y, (c_k, c_v)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPT2Config) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: ``x + attn(ln_1(x))``, then ``x + mlp(ln_2(x))``."""
+
+    def __init__(self, cfg: GPT2Config) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.attn = MHASelfAttention(cfg) if cfg.attention == "mha" else MLRASelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: Tensor, cache=None, use_cache: bool = False):
+        a, new_cache = self.attn(self.ln_1(x), cache, use_cache)
+        x = x + a
+        return x + self.mlp(self.ln_2(x)), new_cache
+
+
+class GPT2(nn.Module):
+    """Pre-LN GPT-2 with tied token embeddings and GPT-2 init, with MHA or MLRA attention.
+
+    Init: every weight N(0, 0.02) (the MLRA factors included), biases zero, and the residual
+    projections (``attn.c_proj``, ``mlp.c_proj``) N(0, 0.02/sqrt(2·n_layer)).
+
+    Args:
+        config: a :class:`GPT2Config`.
+
+    Example::
+
+        >>> cfg = GPT2Config(vocab_size=256, block_size=32, n_layer=2, n_head=2, n_embd=32, attention="mlra")
+        >>> model = GPT2(cfg)
+        >>> idx = torch.randint(0, 256, (2, 16))
+        >>> logits, loss = model(idx, targets=idx)
+        >>> logits.shape
+        torch.Size([2, 16, 256])
+        >>> model.generate(idx[:, :4], max_new_tokens=5).shape
+        torch.Size([2, 9])
+    """
+
+    def __init__(self, config: GPT2Config) -> None:
+        super().__init__()
+        if not isinstance(config, GPT2Config):
+            raise TypeError(f"config must be a GPT2Config, got {type(config).__name__}")
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        resid_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                if "ln_" in name and name.endswith("weight"):
+                    p.fill_(1.0)
+                else:
+                    p.zero_()
+            elif name.endswith("c_proj.weight"):
+                nn.init.normal_(p, std=resid_std)
+            else:
+                nn.init.normal_(p, std=0.02)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.wte
+
+    def num_parameters(self) -> int:
+        """Number of distinct parameters (the tied embedding counted once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx: Tensor, targets: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
+        """Logits ``[B, T, V]`` for tokens ``idx`` ``[B, T]``, and the mean cross-entropy against
+        ``targets`` ``[B, T]`` (``-1`` = ignored) when given."""
+        logits, _ = self.forward_cached(idx)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def forward_cached(
+        self, idx: Tensor, cache: Optional[KVCache] = None, use_cache: bool = False
+    ) -> tuple[Tensor, Optional[KVCache]]:
+        """Run ``idx`` ``[B, t]`` after the ``S`` tokens held in ``cache``; returns logits and the new cache."""
+        if idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"idx must be integer tokens [B, T], got {idx.dtype} {list(idx.shape)}")
+        B, t = idx.shape
+        past = 0 if cache is None else cache[0][1].shape[-2]  # [B, H, S, d_h] or [B, S, g·r]
+        if past + t > self.config.block_size:
+            raise ValueError(
+                f"sequence length {past + t} exceeds the context length block_size={self.config.block_size}"
+            )
+        use_cache = use_cache or cache is not None
+        pos = torch.arange(past, past + t, device=idx.device)
+        x = self.drop(self.wte(idx) + self.wpe(pos))
+        new_cache: KVCache = []
+        for i, block in enumerate(self.h):
+            x, c = block(x, None if cache is None else cache[i], use_cache)
+            new_cache.append(c)
+        logits = self.lm_head(self.ln_f(x))
+        return logits, (new_cache if use_cache else None)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: Optional[int] = None,
+        use_cache: bool = True,
+    ) -> Tensor:
+        """Sample ``max_new_tokens`` tokens after ``idx`` ``[B, T]``; returns ``[B, T + max_new_tokens]``.
+
+        ``temperature=0`` picks the most likely token. With ``use_cache`` the keys and values (for
+        MLRA: the latents) of past tokens are kept; once the context is full the window slides and
+        the cache is rebuilt from the last ``block_size`` tokens.
+        """
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+        block = self.config.block_size
+        cache, cached = None, 0
+        for _ in range(max_new_tokens):
+            if cache is not None:
+                logits, cache = self.forward_cached(idx[:, -1:], cache)
+                cached += 1
+            else:
+                context = idx[:, -block:]
+                logits, cache = self.forward_cached(context, use_cache=use_cache)
+                cached = context.shape[1]
+            if cached >= block:
+                cache = None  # the next token would not fit: rebuild from a slid window
+            logits = logits[:, -1, :]
+            if temperature == 0:
+                nxt = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            idx = torch.cat([idx, nxt], dim=1)
+        return idx

@@ -1,0 +1,133 @@
+"""GPT-2 with MHA or MLRA: init, weight tying, training step, KV cache (latents for MLRA)."""
+
+import math
+
+import pytest
+import torch
+
+from mlra_kernels.models import GPT2, GPT2Config
+from mlra_kernels.ops.mlra.reference import mlra_attention_reference
+
+
+def _cfg(attention, **kw):
+    base = dict(vocab_size=61, block_size=16, n_layer=2, n_head=4, n_embd=32, attention=attention, rank=8)
+    base.update(kw)
+    return GPT2Config(**base)
+
+
+def test_config_validation_and_default_rank():
+    assert GPT2Config(n_embd=64, n_head=4, attention="mlra").rank == 16
+    with pytest.raises(ValueError, match="attention must be 'mha' or 'mlra'"):
+        GPT2Config(attention="mqa")
+    with pytest.raises(ValueError, match="rank must be an int in \\[1, n_embd=32\\]"):
+        _cfg("mlra", rank=33)
+    with pytest.raises(ValueError, match="n_head=5 must divide n_embd=32"):
+        _cfg("mha", n_head=5)
+    with pytest.raises(ValueError, match="latent_groups=3 must divide n_head=4"):
+        _cfg("mlra", latent_groups=3)
+
+
+@pytest.mark.parametrize("attention", ["mha", "mlra"])
+def test_init_and_tied_embeddings(attention):
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=512, block_size=64, n_layer=8, n_head=4, n_embd=128, attention=attention)
+    m = GPT2(cfg)
+    assert m.lm_head.weight is m.wte.weight
+    resid = 0.02 / math.sqrt(2 * cfg.n_layer)
+    params = dict(m.named_parameters())
+    assert "lm_head.weight" not in params
+    for name, p in params.items():
+        if p.dim() == 1:
+            if "ln_" in name and name.endswith("weight"):
+                assert torch.all(p == 1.0), name
+            else:
+                assert torch.all(p == 0.0), name
+            continue
+        std = resid if name.endswith("c_proj.weight") else 0.02
+        assert abs(p.std().item() - std) < 0.12 * std, (name, p.std().item(), std)
+    if attention == "mlra":
+        assert params["h.0.attn.down"].shape == (3 * 32, 128) and params["h.0.attn.up"].shape == (3, 128, 32)
+    assert m.num_parameters() == sum(p.numel() for p in params.values())
+
+
+@pytest.mark.parametrize("attention", ["mha", "mlra"])
+def test_loss_at_init_is_near_uniform_and_one_step_lowers_it(attention):
+    torch.manual_seed(0)
+    m = GPT2(_cfg(attention))
+    idx = torch.randint(0, 61, (4, 16))
+    x, y = idx[:, :-1], idx[:, 1:]
+    logits, loss = m(x, y)
+    assert logits.shape == (4, 15, 61)
+    assert abs(loss.item() - math.log(61)) < 0.1
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    for _ in range(5):
+        opt.zero_grad()
+        m(x, y)[1].backward()
+        opt.step()
+    assert m(x, y)[1].item() < loss.item() - 0.2
+
+
+def test_mlra_block_attention_is_the_reference_op():
+    torch.manual_seed(0)
+    m = GPT2(_cfg("mlra", latent_groups=2)).double()
+    attn = m.h[0].attn
+    with torch.no_grad():
+        attn.qkv_bias.normal_()
+    x = torch.randn(2, 9, 32, dtype=torch.float64)
+    y, _ = attn(x)
+    ref = attn.c_proj(
+        mlra_attention_reference(x, attn.down, attn.up, attn.qkv_bias, num_heads=4, latent_groups=2, causal=True)
+    )
+    torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
+    y_cached, cache = attn(x, use_cache=True)
+    torch.testing.assert_close(y_cached, ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("attention,groups", [("mha", 1), ("mlra", 1), ("mlra", 2)])
+def test_incremental_decoding_matches_full_forward(attention, groups):
+    torch.manual_seed(0)
+    m = GPT2(_cfg(attention, latent_groups=groups)).double().eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if p.dim() == 1:
+                p.normal_(std=0.1)
+    idx = torch.randint(0, 61, (2, 12))
+    full, _ = m(idx)
+    logits, cache = m.forward_cached(idx[:, :5], use_cache=True)
+    steps = [logits]
+    for t in range(5, 12, 3):  # chunks of 3, then 1
+        logits, cache = m.forward_cached(idx[:, t:t + 3], cache)
+        steps.append(logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-9, atol=1e-9)
+    per_token = cache[0][0].shape
+    if attention == "mlra":
+        assert per_token == (2, 12, groups * 8)  # the latent c_K: g·r numbers per token, not d
+    else:
+        assert per_token == (2, 4, 12, 8)
+
+
+@pytest.mark.parametrize("attention", ["mha", "mlra"])
+def test_generate_with_cache_matches_without(attention):
+    torch.manual_seed(0)
+    m = GPT2(_cfg(attention)).eval()
+    prompt = torch.randint(0, 61, (3, 5))
+    # 20 new tokens overflow block_size=16, exercising the sliding window.
+    a = m.generate(prompt, 20, temperature=0)
+    b = m.generate(prompt, 20, temperature=0, use_cache=False)
+    assert a.shape == (3, 25) and torch.equal(a[:, :5], prompt)
+    assert torch.equal(a, b)
+    torch.manual_seed(1)
+    s1 = m.generate(prompt, 6, temperature=0.8, top_k=5)
+    torch.manual_seed(1)
+    s2 = m.generate(prompt, 6, temperature=0.8, top_k=5, use_cache=False)
+    assert torch.equal(s1, s2)
+
+
+def test_bad_inputs():
+    m = GPT2(_cfg("mlra"))
+    with pytest.raises(ValueError, match="exceeds the context length block_size=16"):
+        m(torch.zeros(1, 17, dtype=torch.long))
+    with pytest.raises(ValueError, match="idx must be integer tokens"):
+        m(torch.randn(1, 4))
+    with pytest.raises(TypeError, match="GPT2Config"):
+        GPT2({"n_layer": 2})
