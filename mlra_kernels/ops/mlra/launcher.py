@@ -1,0 +1,123 @@
+"""Launchers for the MLRA Triton kernels: shapes, strides and grids, no math.
+
+Triton reads ``TRITON_INTERPRET`` once, when ``triton`` is first imported: its own library functions
+(``tl.max``, ``tl.rand`` ...) are then decorated either for the GPU or for the interpreter, and the two
+kinds cannot be mixed in one process. The kernels here are therefore decorated in whichever mode
+``triton`` itself was imported in, and ``triton_mode_interpreted()`` tells the caller which it is.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+
+def interpret_requested() -> bool:
+    """True when ``TRITON_INTERPRET`` asks for the Triton interpreter (read at call time)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_mode_interpreted() -> bool:
+    """True when ``triton`` was imported under ``TRITON_INTERPRET=1`` (its kernels then run on CPU)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(tl.zeros, InterpretedFunction)
+
+
+def kernels():
+    """The kernel module, decorated in the same mode as Triton's own library."""
+    interpreted = triton_mode_interpreted()
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1" if interpreted else "0"
+    try:
+        return importlib.import_module("mlra_kernels.ops.mlra.kernels")
+    finally:
+        if saved is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+
+
+def _pow2(n: int, lo: int = 16) -> int:
+    return max(lo, 1 << (int(n) - 1).bit_length())
+
+
+def _meta(c: Tensor, r: int, dh: int, causal: bool, has_bias: bool, has_kpm: bool, dropout_p: float) -> dict:
+    return dict(
+        CAUSAL=causal,
+        HAS_BIAS=has_bias,
+        HAS_KPM=has_kpm,
+        DROPOUT=dropout_p > 0.0,
+        PREC="ieee" if c.dtype == torch.float32 else "tf32",
+        UPCAST=c.dtype == torch.bfloat16 and triton_mode_interpreted(),
+        BLOCK_D=_pow2(dh),
+        BLOCK_R=min(64, _pow2(r)),
+    )
+
+
+def _dims(x_shape, num_heads: int, latent_groups: int, r: int):
+    B, T, d = x_shape
+    return B, T, d, num_heads, num_heads // latent_groups, r, d // num_heads
+
+
+def mlra_fwd(
+    c: Tensor, up: Tensor, bias: Optional[Tensor], kpm: Optional[Tensor], *,
+    num_heads: int, latent_groups: int, causal: bool, scale: float, dropout_p: float, seed: int,
+) -> tuple[Tensor, Tensor]:
+    """Attention output ``o [B, T, d]`` and ``lse [B, H, T]`` (fp32) from latents ``c [B, T, 3·g·r]``."""
+    B, T, _ = c.shape
+    d, r = up.shape[1], up.shape[2]
+    _, _, _, H, hpg, _, dh = _dims((B, T, d), num_heads, latent_groups, r)
+    o = torch.full((B, T, d), float("nan"), dtype=c.dtype, device=c.device)
+    lse = torch.full((B, H, T), float("nan"), dtype=torch.float32, device=c.device)
+    dummy = c  # never read when the matching flag is off
+    grid = lambda meta: (triton_cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
+    kernels()._mlra_fwd_kernel[grid](
+        c, up, bias if bias is not None else dummy, kpm if kpm is not None else dummy, o, lse,
+        c.stride(0), c.stride(1), o.stride(0), o.stride(1),
+        T, H, hpg, r, dh, d, latent_groups * r,
+        scale, seed, dropout_p,
+        **_meta(c, r, dh, causal, bias is not None, kpm is not None, dropout_p),
+    )
+    return o, lse
+
+
+def mlra_bwd_qkv(
+    c: Tensor, up: Tensor, bias: Optional[Tensor], kpm: Optional[Tensor], o: Tensor, lse: Tensor, do: Tensor, *,
+    num_heads: int, latent_groups: int, causal: bool, scale: float, dropout_p: float, seed: int,
+) -> Tensor:
+    """Per-head gradients of q, k and v, ``[B, T, 3, d]`` in the input dtype."""
+    B, T, _ = c.shape
+    d, r = up.shape[1], up.shape[2]
+    _, _, _, H, hpg, _, dh = _dims((B, T, d), num_heads, latent_groups, r)
+    # delta_i = Σ_j P_ij dP_ij = rowsum(dO ∘ O), per head.
+    delta = (do.float() * o.float()).view(B, T, H, dh).sum(-1).transpose(1, 2).contiguous()  # [B, H, T]
+    dqkv = torch.full((B, T, 3, d), float("nan"), dtype=c.dtype, device=c.device)
+    dummy = c
+    args = (
+        c, up, bias if bias is not None else dummy, kpm if kpm is not None else dummy, do, lse, delta, dqkv,
+        c.stride(0), c.stride(1), do.stride(0), do.stride(1), dqkv.stride(0), dqkv.stride(1),
+        T, H, hpg, r, dh, d, latent_groups * r,
+        scale, seed, dropout_p,
+    )
+    meta = _meta(c, r, dh, causal, bias is not None, kpm is not None, dropout_p)
+    mod = kernels()
+    mod._mlra_bwd_dkdv_kernel[lambda m: (triton_cdiv(T, m["BLOCK_N"]), B * H)](*args, **meta)
+    mod._mlra_bwd_dq_kernel[lambda m: (triton_cdiv(T, m["BLOCK_M"]), B * H)](*args, **meta)
+    return dqkv
+
+
+def dropout_keep_mask(B: int, H: int, T: int, dropout_p: float, seed: int, device) -> Tensor:
+    """The boolean keep mask ``[B, H, T, T]`` the kernels draw for ``(dropout_p, seed)`` (for tests)."""
+    keep = torch.empty((B * H, T, T), dtype=torch.int8, device=device)
+    kernels()._mlra_dropout_mask_kernel[(T, B * H)](keep, T, H, seed, dropout_p, BLOCK=32)
+    return keep.view(B, H, T, T).bool()
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b

@@ -1,0 +1,157 @@
+"""The MLRA attention op: ``torch.library`` custom ops with autograd, and the device dispatch.
+
+Two ops, ``mlra::mlra_attention_fwd`` and ``mlra::mlra_attention_bwd``, each with a fake (meta)
+implementation, so that ``torch.compile(fullgraph=True)`` traces through without a graph break.
+
+Paths, chosen inside the ops:
+
+- CUDA tensors: the Triton kernels.
+- CPU tensors with ``TRITON_INTERPRET=1``: the same Triton kernels under the Triton interpreter.
+- CPU tensors otherwise (and float64 anywhere): the pure-torch reference.
+
+What the forward saves for the backward: ``x``, the weights, ``O`` and the log-sum-exp. The latents
+are recomputed with one GEMM; no ``T×T`` matrix and no per-head q/k/v are kept.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from mlra_kernels.ops.mlra import reference as ref
+
+_WARNED: set[str] = set()
+
+
+def warn_once(key: str, message: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, stacklevel=3)
+
+
+def _use_triton(x: Tensor) -> bool:
+    """True when this call should run the Triton kernels (compiled or interpreted)."""
+    if x.dtype == torch.float64:
+        return False
+    if importlib.util.find_spec("triton") is None:
+        if x.is_cuda:
+            raise RuntimeError("mlra_attention on CUDA tensors needs Triton: pip install triton")
+        return False
+    from mlra_kernels.ops.mlra import launcher
+
+    if launcher.interpret_requested():
+        if launcher.triton_mode_interpreted():
+            return True
+        warn_once(
+            "interpret-late",
+            "TRITON_INTERPRET=1 was set after `triton` was imported; Triton reads it only at import, so "
+            "mlra_attention keeps the normal path (reference on CPU). Set it before importing triton.",
+        )
+    return x.is_cuda
+
+
+def _dropout_mask_cpu(B: int, H: int, T: int, dropout_p: float, seed: int) -> Tensor:
+    """The reference path's keep mask: a CPU generator seeded with the op's seed."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand((B, H, T, T), generator=gen) >= dropout_p
+
+
+def _latents(x: Tensor, down: Tensor) -> Tensor:
+    B, T, d = x.shape
+    return (x.reshape(B * T, d) @ down.t()).view(B, T, down.shape[0])  # [B, T, 3·g·r]
+
+
+@torch.library.custom_op("mlra::mlra_attention_fwd", mutates_args=())
+def mlra_attention_fwd(
+    x: Tensor, down: Tensor, up: Tensor, bias: Optional[Tensor], kpm: Optional[Tensor], seed: Optional[Tensor],
+    num_heads: int, latent_groups: int, causal: bool, dropout_p: float, scale: float,
+) -> tuple[Tensor, Tensor]:
+    """``(o [B, T, d], lse [B, H, T] fp32)``. ``kpm`` is an additive fp32 ``[B, T]`` key mask."""
+    B, T, _ = x.shape
+    seed_i = int(seed.item()) if seed is not None else 0
+    if _use_triton(x):
+        from mlra_kernels.ops.mlra import launcher
+
+        up = up.contiguous()
+        bias = bias.contiguous() if bias is not None else None
+        return launcher.mlra_fwd(
+            _latents(x, down), up, bias, kpm, num_heads=num_heads, latent_groups=latent_groups, causal=causal,
+            scale=scale, dropout_p=dropout_p, seed=seed_i,
+        )
+    keep = _dropout_mask_cpu(B, num_heads, T, dropout_p, seed_i).to(x.device) if dropout_p > 0.0 else None
+    o, lse = ref.mlra_attention_lse_reference(
+        x, down, up, bias, num_heads=num_heads, latent_groups=latent_groups, causal=causal,
+        key_padding_mask=kpm, dropout_p=dropout_p, scale=scale, dropout_mask=keep,
+    )
+    return o.contiguous(), lse.contiguous()
+
+
+@mlra_attention_fwd.register_fake
+def _(x, down, up, bias, kpm, seed, num_heads, latent_groups, causal, dropout_p, scale):
+    B, T, d = x.shape
+    return x.new_empty((B, T, d)), x.new_empty((B, num_heads, T), dtype=torch.float32)
+
+
+@torch.library.custom_op("mlra::mlra_attention_bwd", mutates_args=())
+def mlra_attention_bwd(
+    grad_o: Tensor, x: Tensor, down: Tensor, up: Tensor, bias: Optional[Tensor], kpm: Optional[Tensor],
+    seed: Optional[Tensor], o: Tensor, lse: Tensor,
+    num_heads: int, latent_groups: int, causal: bool, dropout_p: float, scale: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(dx, ddown, dup, dbias)``; ``dbias`` is ``[3·d]`` even when there is no bias."""
+    B, T, d = x.shape
+    g, r = latent_groups, up.shape[-1]
+    seed_i = int(seed.item()) if seed is not None else 0
+    grad_o = grad_o.contiguous()
+    c = _latents(x, down)
+    if _use_triton(x):
+        from mlra_kernels.ops.mlra import launcher
+
+        up = up.contiguous()
+        bias = bias.contiguous() if bias is not None else None
+        dqkv = launcher.mlra_bwd_qkv(
+            c, up, bias, kpm, o, lse, grad_o, num_heads=num_heads, latent_groups=g, causal=causal,
+            scale=scale, dropout_p=dropout_p, seed=seed_i,
+        )
+    else:
+        keep = _dropout_mask_cpu(B, num_heads, T, dropout_p, seed_i).to(x.device) if dropout_p > 0.0 else None
+        dqkv = ref.mlra_qkv_grad_reference(
+            grad_o, x, down, up, bias, num_heads=num_heads, latent_groups=g, causal=causal,
+            key_padding_mask=kpm, dropout_p=dropout_p, scale=scale, dropout_mask=keep,
+        )
+    # From per-head q/k/v gradients back to the factors: a few GEMMs.
+    N = B * T
+    dqkv4 = dqkv.reshape(N, 3, g, d // g)  # [N, 3, g, d/g]
+    c4 = c.view(N, 3, g, r)  # [N, 3, g, r]
+    dc = torch.einsum("npgk,pgkr->npgr", dqkv4, up.reshape(3, g, d // g, r)).reshape(N, 3 * g * r)
+    dup = torch.einsum("npgk,npgr->pgkr", dqkv4, c4).reshape(3, d, r)
+    dbias = dqkv.reshape(N, 3 * d).sum(0)
+    dx = (dc @ down).view(B, T, d)
+    ddown = dc.t() @ x.reshape(N, d)
+    return dx, ddown, dup, dbias
+
+
+@mlra_attention_bwd.register_fake
+def _(grad_o, x, down, up, bias, kpm, seed, o, lse, num_heads, latent_groups, causal, dropout_p, scale):
+    return torch.empty_like(x), torch.empty_like(down), torch.empty_like(up), x.new_empty((3 * x.shape[-1],))
+
+
+def _setup_context(ctx, inputs, output):
+    x, down, up, bias, kpm, seed, num_heads, latent_groups, causal, dropout_p, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(x, down, up, bias, kpm, seed, o, lse)
+    ctx.args = (num_heads, latent_groups, causal, dropout_p, scale)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad_o, grad_lse):
+    x, down, up, bias, kpm, seed, o, lse = ctx.saved_tensors
+    dx, ddown, dup, dbias = mlra_attention_bwd(grad_o, x, down, up, bias, kpm, seed, o, lse, *ctx.args)
+    return dx, ddown, dup, (dbias if ctx.has_bias else None), None, None, None, None, None, None, None
+
+
+mlra_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
