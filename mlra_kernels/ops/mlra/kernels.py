@@ -322,12 +322,13 @@ def _mlra_bwd_dq_kernel(
 
 
 @triton.jit
-def _mlra_dropout_mask_kernel(KEEP, T, H, seed, dropout_p, BLOCK: tl.constexpr):
+def _mlra_dropout_mask_kernel(KEEP, T, seed, dropout_p, BLOCK: tl.constexpr):
     """Materialise the keep mask ``[B·H, T, T]`` that the attention kernels draw (for tests)."""
     i_m = tl.program_id(0).to(tl.int64)
     i_bh = tl.program_id(1).to(tl.int64)
-    o_m = i_m + tl.full([1], 0, dtype=tl.int64)
-    o_n = tl.arange(0, BLOCK)
+    o_m = i_m * BLOCK + tl.arange(0, BLOCK)
     for n0 in range(0, T, BLOCK):
-        b_keep = _dropout_keep(seed, i_bh, o_m, n0 + o_n, T, dropout_p)  # [1, BLOCK]
-        tl.store(KEEP + (i_bh * T + i_m) * T + n0 + o_n[None, :], b_keep.to(tl.int8), mask=(n0 + o_n[None, :]) < T)
+        o_n = n0 + tl.arange(0, BLOCK)
+        b_keep = _dropout_keep(seed, i_bh, o_m, o_n, T, dropout_p)  # [BLOCK, BLOCK]
+        m_s = (o_m[:, None] < T) & (o_n[None, :] < T)
+        tl.store(KEEP + (i_bh * T + o_m[:, None]) * T + o_n[None, :], b_keep.to(tl.int8), mask=m_s)

@@ -54,6 +54,15 @@ def _use_triton(x: Tensor) -> bool:
     return x.is_cuda
 
 
+def kernel_path(x: Tensor) -> str:
+    """Which path a call on ``x`` takes: ``"triton"``, ``"triton-interpreter"`` or ``"reference"``."""
+    if not _use_triton(x):
+        return "reference"
+    from mlra_kernels.ops.mlra import launcher
+
+    return "triton-interpreter" if launcher.triton_mode_interpreted() else "triton"
+
+
 def _dropout_mask_cpu(B: int, H: int, T: int, dropout_p: float, seed: int) -> Tensor:
     """The reference path's keep mask: a CPU generator seeded with the op's seed."""
     gen = torch.Generator().manual_seed(seed)

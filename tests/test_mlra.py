@@ -1,0 +1,356 @@
+"""MLRA attention: the Triton kernels through the public call, against the float64 reference.
+
+Without a GPU the kernels run under the Triton interpreter. Triton reads ``TRITON_INTERPRET`` when it
+is first imported, so it is set here before anything imports triton (a conftest may set it earlier).
+
+Tolerance: for the output and every gradient, the kernel's error against float64 must stay within
+3x the error of the same reference computed by torch in the kernel's dtype, plus one ulp of the
+largest value (so that float32 cases, where torch is nearly exact, still have a finite bar).
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import math  # noqa: E402
+import warnings  # noqa: E402
+
+import pytest  # noqa: E402
+
+import mlra_kernels  # noqa: E402
+from mlra_kernels.ops.mlra import launcher  # noqa: E402
+from mlra_kernels.ops.mlra import op as mlra_op  # noqa: E402
+from mlra_kernels.ops.mlra.reference import mlra_attention_reference  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@pytest.fixture(autouse=True)
+def _poison():
+    launcher.POISON = True
+    yield
+    launcher.POISON = False
+
+
+def _require_kernels(x):
+    path = mlra_op.kernel_path(x)
+    assert path != "reference", (
+        "the Triton kernels are not active: on a CPU machine set TRITON_INTERPRET=1 before triton is imported"
+    )
+
+
+def make_inputs(B, T, H, g, r, dh, *, bias=True, seed=0, device=DEVICE):
+    gen = torch.Generator().manual_seed(seed)
+    d = H * dh
+    x = torch.randn(B, T, d, generator=gen, dtype=torch.float64)
+    down = torch.randn(3 * g * r, d, generator=gen, dtype=torch.float64) / math.sqrt(d)
+    up = torch.randn(3, d, r, generator=gen, dtype=torch.float64) / math.sqrt(r)
+    b = torch.randn(3 * d, generator=gen, dtype=torch.float64) * 0.2 if bias else None
+    go = torch.randn(B, T, d, generator=gen, dtype=torch.float64)
+    return [t.to(device) if t is not None else None for t in (x, down, up, b, go)]
+
+
+def key_padding(kind, B, T, device=DEVICE, seed=1):
+    if kind is None:
+        return None
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "random":
+        return (torch.rand(B, T, generator=gen) < 0.3).to(device)
+    if kind == "left":  # left padding: under causal masking the first rows see no key at all
+        lens = torch.randint(1, T + 1, (B,), generator=gen)
+        return (torch.arange(T)[None, :] < (T - lens)[:, None]).to(device)
+    if kind == "float":
+        m = torch.randn(B, T, generator=gen, dtype=torch.float64)
+        return m.masked_fill(torch.rand(B, T, generator=gen) < 0.2, float("-inf")).to(device)
+    raise ValueError(kind)
+
+
+def run_case(fn, inputs, dtype, go, kpm, **kw):
+    leaves = [t.detach().to(dtype).requires_grad_() if t is not None else None for t in inputs]
+    if kpm is not None and kpm.dtype != torch.bool:
+        kpm = kpm.to(dtype)
+    x = leaves[0]
+    if kw.pop("noncontiguous", False):
+        x = x.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+        leaves[0] = x
+        assert not x.is_contiguous()
+    out = fn(x, leaves[1], leaves[2], leaves[3], key_padding_mask=kpm, **kw)
+    live = [t for t in leaves if t is not None]
+    grads = torch.autograd.grad(out, live, go.to(dtype))
+    return [out] + list(grads)
+
+
+def assert_close_rel(name, got, low, exact):
+    ulp = torch.finfo(low.dtype).eps
+    got, low, exact = got.double(), low.double(), exact.double()
+    assert torch.isfinite(got).all(), f"{name}: non-finite values (an element never written?)"
+    err = (got - exact).abs().max().item()
+    torch_err = (low - exact).abs().max().item()
+    bound = 3.0 * torch_err + ulp * exact.abs().max().item()
+    assert err <= bound, f"{name}: kernel error {err:.3e} > bound {bound:.3e} (torch's own error {torch_err:.3e})"
+
+
+# (id, B, T, H, g, r, d_h, dtype, causal, bias, key padding, extra kwargs)
+CPU_CASES = [
+    ("T1-fp32", 2, 1, 2, 1, 8, 32, "fp32", True, True, None, {}),
+    ("T17-kpm-fp32", 1, 17, 2, 1, 8, 32, "fp32", True, True, "random", {}),
+    ("T63-g2-r40-dh48-noncausal", 1, 63, 2, 2, 40, 48, "fp32", False, True, "random", {}),
+    ("T100-g2-dh64-fp16-left", 1, 100, 2, 2, 24, 64, "fp16", True, True, "left", {}),
+    ("T40-gH-dh80-bf16", 1, 40, 3, 3, 16, 80, "bf16", True, True, None, {}),
+    ("T33-dh128-fp16-nobias", 1, 33, 2, 1, 16, 128, "fp16", True, False, None, {}),
+    ("T65-r256-fp32", 2, 65, 4, 1, 256, 64, "fp32", True, True, None, {}),
+    ("T31-gH-r8-dh48-fp16", 1, 31, 4, 4, 8, 48, "fp16", True, True, "random", {}),
+    ("T50-dh96-floatkpm-fp32", 1, 50, 2, 1, 40, 96, "fp32", True, True, "float", {}),
+    ("T37-r33-dh80-fp16-noncausal", 1, 37, 2, 1, 33, 80, "fp16", False, True, "random", {}),
+    ("T29-dh128-bf16-noncausal", 1, 29, 2, 2, 64, 128, "bf16", False, True, "random", {}),
+    ("T45-dh96-bf16-scale", 2, 45, 2, 1, 24, 96, "bf16", True, True, None, {"scale": 0.3}),
+    ("T70-g2-fp16-noncontig", 1, 70, 4, 2, 16, 32, "fp16", True, True, None, {"noncontiguous": True}),
+]
+
+GPU_CASES = [
+    ("gpu-T1000-dh64-bf16", 2, 1000, 12, 1, 96, 64, "bf16", True, True, "random", {}),
+    ("gpu-T1023-dh48-fp16-gH", 2, 1023, 8, 8, 32, 48, "fp16", True, True, None, {}),
+    ("gpu-T777-dh80-fp16-g2", 1, 777, 4, 2, 160, 80, "fp16", False, True, "left", {}),
+    ("gpu-T513-dh96-bf16", 2, 513, 4, 1, 256, 96, "bf16", True, False, "float", {}),
+    ("gpu-T2048-dh128-bf16", 1, 2048, 8, 1, 128, 128, "bf16", True, True, None, {}),
+    ("gpu-T300-dh32-fp32", 2, 300, 6, 3, 8, 32, "fp32", True, True, "random", {}),
+    ("gpu-T4096-dh64-fp16", 1, 4096, 12, 12, 64, 64, "fp16", True, True, None, {}),
+]
+
+
+def _params(cases, gpu):
+    marks = [pytest.mark.skipif(not torch.cuda.is_available(), reason="large shapes need a CUDA GPU")] if gpu else []
+    return [pytest.param(*c[1:], id=c[0], marks=marks) for c in cases]
+
+
+@pytest.mark.parametrize(
+    "B,T,H,g,r,dh,dtype,causal,bias,kpm,extra", _params(CPU_CASES, False) + _params(GPU_CASES, True)
+)
+def test_forward_backward_vs_float64(B, T, H, g, r, dh, dtype, causal, bias, kpm, extra):
+    x, down, up, b, go = make_inputs(B, T, H, g, r, dh, bias=bias)
+    mask = key_padding(kpm, B, T)
+    dt = DTYPES[dtype]
+    _require_kernels(x.to(dt))
+    kw = dict(num_heads=H, latent_groups=g, causal=causal, **extra)
+    ins = [x, down, up, b]
+    exact = run_case(mlra_attention_reference, ins, torch.float64, go, mask, **kw)
+    low = run_case(mlra_attention_reference, ins, dt, go, mask, **kw)
+    got = run_case(mlra_kernels.mlra_attention, ins, dt, go, mask, **kw)
+    names = ["out", "dx", "ddown", "dup", "dbias"]
+    for name, a, lo, ex in zip(names, got, low, exact):
+        assert a.dtype == dt and a.shape == ex.shape, name
+        assert_close_rel(name, a, lo, ex)
+
+
+def test_fully_masked_rows_are_zero_with_zero_grad():
+    B, T, H, g, r, dh = 2, 20, 2, 1, 8, 32
+    x, down, up, b, go = make_inputs(B, T, H, g, r, dh)
+    mask = torch.zeros(B, T, dtype=torch.bool, device=DEVICE)
+    mask[0] = True  # every key of batch 0 is padding
+    mask[1, :5] = True  # causal rows 0..4 of batch 1 see nothing
+    xs = x.float().requires_grad_()
+    out = mlra_kernels.mlra_attention(xs, down.float(), up.float(), b.float(), num_heads=H, key_padding_mask=mask)
+    assert torch.isfinite(out).all()
+    assert (out[0] == 0).all() and (out[1, :5] == 0).all() and (out[1, 5:] != 0).any()
+    out.backward(go.float())
+    assert torch.isfinite(xs.grad).all()
+    assert (xs.grad[0] == 0).all(), "nothing depends on a batch whose keys are all masked"
+
+
+def test_float64_uses_reference_path_and_handwritten_backward():
+    """float64 runs the reference inside the op: its hand-written backward must match autograd."""
+    B, T, H, g, r, dh = 2, 11, 2, 2, 8, 16
+    x, down, up, b, go = make_inputs(B, T, H, g, r, dh)
+    mask = key_padding("random", B, T)
+    assert mlra_op.kernel_path(x) == "reference"
+    a = run_case(mlra_kernels.mlra_attention, [x, down, up, b], torch.float64, go, mask, num_heads=H, latent_groups=g)
+    e = run_case(mlra_attention_reference, [x, down, up, b], torch.float64, go, mask, num_heads=H, latent_groups=g)
+    for u, v in zip(a, e):
+        torch.testing.assert_close(u, v, rtol=1e-10, atol=1e-10)
+
+
+# ---- dropout -----------------------------------------------------------------------------------
+
+
+def _seed_after(manual_seed):
+    """The seed the public call draws right after ``torch.manual_seed(manual_seed)``."""
+    torch.manual_seed(manual_seed)
+    return int(torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64).item())
+
+
+def test_dropout_matches_reference_with_kernel_mask():
+    B, T, H, g, r, dh, p = 2, 37, 2, 1, 16, 32, 0.3
+    x, down, up, b, go = make_inputs(B, T, H, g, r, dh)
+    mask = key_padding("random", B, T)
+    _require_kernels(x.float())
+    keep = launcher.dropout_keep_mask(B, H, T, p, _seed_after(123), x.device)
+    torch.manual_seed(123)
+    got = run_case(mlra_kernels.mlra_attention, [x, down, up, b], torch.float32, go, mask,
+                   num_heads=H, latent_groups=g, dropout_p=p)
+    exact = run_case(mlra_attention_reference, [x, down, up, b], torch.float64, go, mask,
+                     num_heads=H, latent_groups=g, dropout_p=p, dropout_mask=keep)
+    low = run_case(mlra_attention_reference, [x, down, up, b], torch.float32, go, mask,
+                   num_heads=H, latent_groups=g, dropout_p=p, dropout_mask=keep)
+    for name, a, lo, ex in zip(["out", "dx", "ddown", "dup", "dbias"], got, low, exact):
+        assert_close_rel(name, a, lo, ex)
+
+
+def test_dropout_keep_statistics():
+    B, H, T, p = 2, 3, 96, 0.25
+    _require_kernels(torch.empty(1, device=DEVICE))
+    keep = launcher.dropout_keep_mask(B, H, T, p, 987654, DEVICE).float()
+    n = keep.numel()
+    rate = keep.mean().item()
+    sigma = math.sqrt(p * (1 - p) / n)
+    assert abs(rate - (1 - p)) < 5 * sigma, f"keep rate {rate:.4f}, expected {1 - p} ± {5 * sigma:.4f}"
+    # Different heads, rows and seeds draw different masks.
+    assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0, 0, 0], keep[0, 0, 1])
+    other = launcher.dropout_keep_mask(B, H, T, p, 987655, DEVICE).float()
+    assert (keep != other).float().mean().item() > 0.2
+    # Neighbouring entries are uncorrelated.
+    a, c = keep[..., :-1].flatten() - (1 - p), keep[..., 1:].flatten() - (1 - p)
+    corr = (a * c).mean().item() / (p * (1 - p))
+    assert abs(corr) < 5 / math.sqrt(n)
+
+
+def test_dropout_same_seed_same_result():
+    B, T, H, g, r, dh = 1, 29, 2, 2, 8, 48
+    x, down, up, b, go = make_inputs(B, T, H, g, r, dh)
+    _require_kernels(x.half())
+    kw = dict(num_heads=H, latent_groups=g, dropout_p=0.2)
+    torch.manual_seed(7)
+    a = run_case(mlra_kernels.mlra_attention, [x, down, up, b], torch.float16, go, None, **kw)
+    torch.manual_seed(7)
+    c = run_case(mlra_kernels.mlra_attention, [x, down, up, b], torch.float16, go, None, **kw)
+    torch.manual_seed(8)
+    e = run_case(mlra_kernels.mlra_attention, [x, down, up, b], torch.float16, go, None, **kw)
+    for u, v in zip(a, c):
+        assert torch.equal(u, v)
+    assert not torch.equal(a[0], e[0])
+    # Dropout is unbiased: on average over seeds the output approaches the output without dropout.
+    plain = run_case(mlra_kernels.mlra_attention, [x, down, up, b], torch.float32, go, None,
+                     num_heads=H, latent_groups=g)[0]
+    mean = torch.zeros_like(plain)
+    for s in range(24):
+        torch.manual_seed(100 + s)
+        mean += mlra_kernels.mlra_attention(x.float(), down.float(), up.float(), b.float(), **kw).detach() / 24
+    spread = (mean - plain).abs().mean() / plain.abs().mean()
+    assert spread < 0.15, f"mean of dropout outputs is off by {spread:.3f} relative"
+
+
+# ---- op registration, compile, autocast, errors --------------------------------------------------
+
+
+def _op_args(dtype=torch.float32, dropout=0.0):
+    B, T, H, g, r, dh = 1, 19, 2, 1, 8, 32
+    x, down, up, b, _ = make_inputs(B, T, H, g, r, dh)
+    kpm = torch.zeros(B, T, device=DEVICE).masked_fill(key_padding("random", B, T), float("-inf"))
+    seed = torch.tensor([1234]) if dropout > 0 else None
+    leaves = [t.to(dtype).requires_grad_() for t in (x, down, up, b)]
+    return (*leaves, kpm, seed, H, g, True, dropout, 1.0 / math.sqrt(dh))
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["plain", "dropout"])
+def test_opcheck(dropout):
+    _require_kernels(torch.empty(1, device=DEVICE))
+    torch.library.opcheck(torch.ops.mlra.mlra_attention_fwd.default, _op_args(dropout=dropout))
+
+
+def test_torch_compile_fullgraph_no_graph_break():
+    B, T, H, g, r, dh = 2, 24, 2, 2, 8, 32
+    x, down, up, b, go = make_inputs(B, T, H, g, r, dh)
+    mask = key_padding("random", B, T)
+    _require_kernels(x.float())
+    w_o = torch.randn(H * dh, H * dh, dtype=torch.float64, device=DEVICE) * 0.1
+
+    def layer(x, down, up, b):
+        y = mlra_kernels.mlra_attention(x, down, up, b, num_heads=H, latent_groups=g, key_padding_mask=mask)
+        return torch.nn.functional.linear(y, w_o.to(y.dtype)) + x
+
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    ins = [t.float() for t in (x, down, up, b)]
+    a = run_case(lambda *t, key_padding_mask=None: compiled(*t), ins, torch.float32, go, None)
+    e = run_case(lambda *t, key_padding_mask=None: layer(*t), ins, torch.float32, go, None)
+    for u, v in zip(a, e):
+        torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-5)
+
+
+def test_autocast_bf16():
+    B, T, H, g, r, dh = 1, 21, 2, 1, 16, 32
+    x, down, up, b, go = make_inputs(B, T, H, g, r, dh)
+    _require_kernels(x.bfloat16())
+    leaves = [t.float().requires_grad_() for t in (x, down, up, b)]
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        out = mlra_kernels.mlra_attention(*leaves, num_heads=H)
+    assert out.dtype == torch.bfloat16
+    out.float().backward(go.float())
+    ref = mlra_attention_reference(*[t.double() for t in leaves], num_heads=H)
+    assert (out.double() - ref).abs().max() < 0.05 * ref.abs().max()
+    for t in leaves:
+        assert t.grad is not None and t.grad.dtype == torch.float32 and torch.isfinite(t.grad).all()
+
+
+def test_general_attn_mask_warns_and_runs_reference():
+    B, T, H, g, r, dh = 2, 9, 2, 1, 8, 16
+    x, down, up, b, go = make_inputs(B, T, H, g, r, dh)
+    am = torch.randn(T, T, dtype=torch.float64, device=DEVICE)
+    mlra_op._WARNED.discard("attn_mask")
+    with pytest.warns(UserWarning, match="reference"):
+        out = mlra_kernels.mlra_attention(x.float(), down.float(), up.float(), b.float(), num_heads=H, attn_mask=am.float())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mlra_kernels.mlra_attention(x.float(), down.float(), up.float(), b.float(), num_heads=H, attn_mask=am.float())
+    ref = mlra_attention_reference(x, down, up, b, num_heads=H, attn_mask=am)
+    assert (out.double() - ref).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(num_heads=3), "num_heads"),
+        (dict(latent_groups=3), "latent_groups"),
+        (dict(down="bad_shape"), "down must be"),
+        (dict(up="bad_dtype"), "dtype"),
+        (dict(bias="bad_shape"), "bias must be"),
+        (dict(key_padding_mask="bad_shape"), "key_padding_mask"),
+        (dict(attn_mask="bad_shape"), "attn_mask"),
+        (dict(dropout_p=1.0), "dropout_p"),
+    ],
+    ids=["heads", "groups", "down", "dtype", "bias", "kpm", "attn_mask", "dropout"],
+)
+def test_argument_errors(change, match):
+    x, down, up, b, _ = make_inputs(1, 5, 2, 2, 4, 8, device="cpu")
+    kw = dict(num_heads=2, latent_groups=2)
+    args = dict(x=x, down=down, up=up, bias=b)
+    for k, v in change.items():
+        if v == "bad_shape":
+            args[k] = torch.zeros(3, 3, dtype=torch.float64) if k in ("down", "bias") else torch.zeros(2, 2, dtype=torch.bool)
+        elif v == "bad_dtype":
+            args[k] = args[k].float()
+        elif k in args:
+            args[k] = v
+        else:
+            kw[k] = v
+    key_args = {k: args.pop(k) for k in ("key_padding_mask", "attn_mask") if k in args}
+    with pytest.raises((ValueError, TypeError), match=match):
+        mlra_kernels.mlra_attention(args["x"], args["down"], args["up"], args["bias"], **kw, **key_args)
+
+
+def test_factors_from_dense_exact_at_full_rank():
+    d, H = 32, 4
+    gen = torch.Generator().manual_seed(3)
+    mha = torch.nn.MultiheadAttention(d, H, batch_first=True, dtype=torch.float64)
+    with torch.no_grad():
+        mha.in_proj_weight.copy_(torch.randn(3 * d, d, generator=gen, dtype=torch.float64) / math.sqrt(d))
+        mha.in_proj_bias.copy_(torch.randn(3 * d, generator=gen, dtype=torch.float64) * 0.1)
+    down, up, bias = mlra_kernels.ops.mlra.factors_from_dense(mha.in_proj_weight, mha.in_proj_bias, num_heads=H, rank=d)
+    x = torch.randn(2, 7, d, generator=gen, dtype=torch.float64)
+    causal = torch.triu(torch.ones(7, 7, dtype=torch.bool), 1)
+    want, _ = mha(x, x, x, attn_mask=causal, need_weights=False)
+    got = mlra_kernels.mlra_attention(x, down, up, bias, num_heads=H)
+    got = torch.nn.functional.linear(got, mha.out_proj.weight, mha.out_proj.bias)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
