@@ -1,0 +1,138 @@
+"""The `mlra` command: tev on every checkpoint format, plot, bench, info, and a subprocess run."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mlra_kernels import cli
+from mlra_kernels.cli import main
+from mlra_kernels.models import GPT2, GPT2Config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _expected(E):
+    E = E.to(torch.float64)
+    per_row = E.std(dim=1, unbiased=False)
+    return per_row.mean().item(), per_row.std(unbiased=False).item()
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = GPT2(GPT2Config(vocab_size=101, block_size=8, n_layer=1, n_head=2, n_embd=24))
+    with torch.no_grad():
+        m.wte.weight.mul_(torch.rand(101, 1) * 3)
+    return m
+
+
+def _tev_json(capsys, *argv):
+    assert main(["tev", *argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_tev_state_dict_and_wrapped_checkpoint(tmp_path, capsys, model):
+    mean, std = _expected(model.wte.weight.detach())
+    torch.save(model.state_dict(), tmp_path / "sd.pt")
+    torch.save({"model": model.state_dict(), "step": 3}, tmp_path / "ckpt.pt")
+    for name in ("sd.pt", "ckpt.pt"):
+        out = _tev_json(capsys, str(tmp_path / name))
+        assert out["key"] == "wte.weight" and out["shape"] == [101, 24]
+        assert out["tev_mean"] == pytest.approx(mean, rel=1e-5) and out["tev_std"] == pytest.approx(std, rel=1e-4)
+    assert main(["tev", str(tmp_path / "sd.pt")]) == 0
+    text = capsys.readouterr().out
+    assert "µ_TEV" in text and f"{mean:.6f}" in text
+
+
+def test_tev_safetensors_and_key_errors(tmp_path, capsys, model):
+    safetensors = pytest.importorskip("safetensors.torch", reason="safetensors is an optional dependency")
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    state["transformer.wpe.weight"] = state.pop("wpe.weight")
+    safetensors.save_file(state, str(tmp_path / "m.safetensors"))
+    out = _tev_json(capsys, str(tmp_path / "m.safetensors"))
+    assert out["key"] == "wte.weight"
+    out = _tev_json(capsys, str(tmp_path / "m.safetensors"), "--key", "transformer.wpe.weight")
+    assert out["shape"] == [8, 24]
+    assert main(["tev", str(tmp_path / "m.safetensors"), "--key", "nope"]) == 1
+    assert "--key 'nope' is not in" in capsys.readouterr().err
+    safetensors.save_file({"a.weight": torch.randn(4, 4)}, str(tmp_path / "other.safetensors"))
+    assert main(["tev", str(tmp_path / "other.safetensors")]) == 1
+    err = capsys.readouterr().err
+    assert "no token-embedding key found" in err and "a.weight" in err and "--key" in err
+    assert main(["tev", str(tmp_path / "missing.pt")]) == 1
+    assert "no such file or folder" in capsys.readouterr().err
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    assert main(["tev", str(tmp_path / "junk.pt")]) == 1
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_tev_transformers_folder(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers", reason="transformers is an optional dependency")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=97, n_positions=16, n_embd=32, n_layer=1, n_head=2)
+    hf = transformers.GPT2LMHeadModel(cfg)
+    hf.save_pretrained(tmp_path / "hf")
+    mean, std = _expected(hf.transformer.wte.weight.detach())
+    out = _tev_json(capsys, str(tmp_path / "hf"))
+    assert out["key"].endswith("wte.weight") and out["shape"] == [97, 32]
+    assert out["tev_mean"] == pytest.approx(mean, rel=1e-5) and out["tev_std"] == pytest.approx(std, rel=1e-4)
+    assert main(["tev", str(tmp_path)]) == 1
+    assert "folder without" in capsys.readouterr().err
+
+
+def test_plot_command(tmp_path, capsys):
+    from mlra_kernels import TEVMonitor
+
+    emb = torch.nn.Embedding(50, 8)
+    mon = TEVMonitor(emb, every=1, path=tmp_path / "a.jsonl")
+    for step in range(4):
+        mon.step(step, loss=1.0 / (step + 1))
+    mon.close()
+    assert main(["plot", str(tmp_path / "a.jsonl"), str(tmp_path / "a.jsonl"), "-o", str(tmp_path / "p.png")]) == 0
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["plot", str(tmp_path / "a.jsonl")]) == 0
+    assert (tmp_path / "a.png").exists()
+    assert main(["plot", str(tmp_path / "none.jsonl")]) == 1
+    assert "no such log" in capsys.readouterr().err
+
+
+def test_bench_runs_the_scripts_or_explains(tmp_path, capsys, monkeypatch):
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    for name in ("tev", "mlra"):
+        (bench / f"bench_{name}.py").write_text(f"import sys; print('ran {name}', sys.argv[1:])\n")
+    monkeypatch.setattr(cli, "bench_dir", lambda: str(bench))
+    # The scripts run in a child process; capture its output through a pipe.
+    monkeypatch.setattr(cli.subprocess, "call",
+                        lambda cmd, cwd: print(subprocess.run(cmd, cwd=cwd, capture_output=True, text=True).stdout)
+                        or 0)
+    assert main(["bench", "mlra", "--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "ran mlra ['--quick']" in out and "ran tev" not in out
+    assert main(["bench"]) == 0
+    out = capsys.readouterr().out
+    assert "ran tev" in out and "ran mlra" in out
+    monkeypatch.setattr(cli, "bench_dir", lambda: None)
+    assert main(["bench"]) == 1
+    assert "source checkout" in capsys.readouterr().err
+
+
+def test_info_and_help(capsys):
+    assert main(["info"]) == 0
+    assert capsys.readouterr().out.strip()
+    assert main([]) == 2
+    assert "demo" in capsys.readouterr().out
+
+
+def test_console_entry_point_in_a_subprocess(tmp_path):
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    emb = torch.nn.Embedding(30, 6)
+    torch.save({"tok_embeddings.weight": emb.weight.detach()}, tmp_path / "e.pt")
+    res = subprocess.run([sys.executable, "-m", "mlra_kernels.cli", "tev", str(tmp_path / "e.pt"), "--json"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["key"] == "tok_embeddings.weight"

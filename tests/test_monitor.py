@@ -1,0 +1,153 @@
+"""TEVMonitor: the statistics follow DESIGN.md, the JSONL log, embedding lookup, cost, and plots."""
+
+import json
+import math
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from mlra_kernels import TEVMonitor
+from mlra_kernels.models import GPT2, GPT2Config
+from mlra_kernels.monitor import compute_tev, find_token_embedding, read_jsonl
+
+
+def _expected(E, rows=None, unbiased=False):
+    """DESIGN.md in float64: population std per row, then mean and std across rows."""
+    E = E.detach().to(torch.float64)
+    if rows is not None:
+        E = E[rows]
+    per_row = ((E - E.mean(dim=1, keepdim=True)) ** 2).mean(dim=1).sqrt()
+    return per_row.mean().item(), per_row.std(unbiased=unbiased).item()
+
+
+def _emb(V=300, d=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    E = torch.randn(V, d, generator=g) * torch.rand(V, 1, generator=g)  # rows with different spreads
+    return nn.Embedding.from_pretrained(E + 0.3, freeze=False)
+
+
+def test_records_follow_the_math_and_the_jsonl_format(tmp_path):
+    emb = _emb()
+    log = tmp_path / "sub" / "run.jsonl"
+    with TEVMonitor(emb, every=3, path=log, name="run-a") as mon:
+        for step in range(10):
+            with torch.no_grad():
+                emb.weight.mul_(1.1)  # the monitor must see the live parameter
+            rec = mon.step(step, loss=torch.tensor(2.0 - 0.1 * step), lr=1e-3)
+            if step % 3:
+                assert rec is None
+            else:
+                mean, std = _expected(emb.weight)
+                assert rec["tev_mean"] == pytest.approx(mean, rel=1e-5)
+                assert rec["tev_std"] == pytest.approx(std, rel=1e-4)
+    lines = log.read_text().splitlines()
+    assert json.loads(lines[0])["meta"] == {
+        "name": "run-a", "vocab_size": 300, "embed_dim": 48, "every": 3, "dtype": "float32", "device": "cpu"}
+    meta, records = read_jsonl(log)
+    assert [r["step"] for r in records] == [0, 3, 6, 9]
+    assert [r["loss"] for r in records] == pytest.approx([2.0, 1.7, 1.4, 1.1])
+    assert all(r["lr"] == 1e-3 and r["nonfinite_rows"] == 0 for r in records)
+    times = [r["time"] for r in records]
+    assert times == sorted(times) and all(r["monitor_ms"] > 0 for r in records)
+    assert records[-1]["tev_mean"] > records[0]["tev_mean"] * 1.1 ** 8
+    assert mon.cost_per_call_ms > 0
+
+
+def test_rows_unbiased_and_nonfinite_rows():
+    emb = _emb(V=64, d=32, seed=1)
+    rows = torch.tensor([1, 5, 6, 30, 63])
+    mean, std, bad, _ = compute_tev(emb.weight, rows=rows, unbiased=True)
+    exp_mean, exp_std = _expected(emb.weight, rows=rows, unbiased=True)
+    assert (mean, std, bad) == (pytest.approx(exp_mean, rel=1e-5), pytest.approx(exp_std, rel=1e-4), 0)
+    with torch.no_grad():
+        emb.weight[7, 3] = float("nan")
+        emb.weight[9, 0] = float("inf")
+    mean, std, bad, _ = compute_tev(emb.weight)
+    keep = torch.tensor([i for i in range(64) if i not in (7, 9)])
+    exp_mean, exp_std = _expected(emb.weight, rows=keep)
+    assert bad == 2 and math.isfinite(mean)
+    assert mean == pytest.approx(exp_mean, rel=1e-5) and std == pytest.approx(exp_std, rel=1e-4)
+
+
+def test_finds_the_token_embedding():
+    model = GPT2(GPT2Config(vocab_size=97, block_size=8, n_layer=1, n_head=2, n_embd=16))
+    assert find_token_embedding(model) is model.wte.weight
+
+    class Wrapper(nn.Module):  # what DistributedDataParallel looks like from outside
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    assert find_token_embedding(Wrapper(model)) is model.wte.weight
+
+    class Named(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos = nn.Embedding(8, 4)
+            self.tok_embeddings = nn.Embedding(50, 4)
+
+    assert find_token_embedding(Named()).shape == (50, 4)
+
+    class Ambiguous(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Embedding(8, 4), nn.Embedding(9, 4)
+
+    with pytest.raises(ValueError, match="cannot tell which nn.Embedding"):
+        find_token_embedding(Ambiguous())
+    with pytest.raises(ValueError, match="2-D"):
+        find_token_embedding(torch.randn(3, 4, 5))
+    with pytest.raises(ValueError, match="every must be a positive int"):
+        TEVMonitor(model, every=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the 1% budget is defined on the GPU")
+def test_gpu_cost_is_under_one_percent_of_a_gpt2_small_step():
+    torch.manual_seed(0)
+    model = GPT2(GPT2Config()).cuda()  # GPT-2 small, 124M
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    x = torch.randint(0, 50257, (8, 1024), device="cuda")
+
+    def train_step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(x, x)[1]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        train_step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(5):
+        train_step()
+    torch.cuda.synchronize()
+    step_ms = (time.perf_counter() - t0) / 5 * 1e3
+    mon = TEVMonitor(model, every=1)
+    for i in range(20):
+        mon.step(i)
+    cost = sorted(r["monitor_ms"] for r in mon.records[2:])[len(mon.records[2:]) // 2]
+    assert cost < 0.01 * step_ms, f"monitor {cost:.3f} ms against a {step_ms:.1f} ms step"
+
+
+def test_plot_draws_a_png(tmp_path):
+    from mlra_kernels.plot import plot_runs
+
+    logs = []
+    for name, scale in (("A", 1.0), ("B", 1.5)):
+        emb = _emb(seed=2)
+        mon = TEVMonitor(emb, every=1, path=tmp_path / f"{name}.jsonl", name=name)
+        for step in range(5):
+            with torch.no_grad():
+                emb.weight.mul_(scale)
+            mon.step(step, loss=3.0 / (step + 1))
+        mon.close()
+        logs.append(tmp_path / f"{name}.jsonl")
+    png = plot_runs(logs, tmp_path / "out" / "curves.png")
+    data = open(png, "rb").read()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    (tmp_path / "empty.jsonl").write_text('{"meta": {}}\n')
+    with pytest.raises(ValueError, match="holds no records"):
+        plot_runs([tmp_path / "empty.jsonl"], tmp_path / "x.png")
