@@ -1,0 +1,86 @@
+"""Loading of the compiled extension ``mlra_kernels._C``.
+
+Nothing here runs at ``import mlra_kernels``. The first call that needs a native op calls :func:`load`,
+which checks that ``_C`` was built against the installed torch before importing it, and turns every
+failure (missing, stale, or built for another torch) into one :class:`ExtensionNotAvailableError` that
+says how to rebuild.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from types import ModuleType
+from typing import Optional
+
+BUILD_COMMAND = "pip install --no-build-isolation -e ."
+BUILD_INFO_PATH = pathlib.Path(__file__).with_name("_build_info.json")
+
+_module: Optional[ModuleType] = None
+
+
+class ExtensionNotAvailableError(ImportError):
+    """``mlra_kernels._C`` is missing or does not match the installed torch."""
+
+
+def build_info_file() -> Optional[dict]:
+    """The build record written by setup.py (torch / Triton / CUDA versions, arch list), or None."""
+    try:
+        return json.loads(BUILD_INFO_PATH.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _rebuild_hint(torch_version: str) -> str:
+    return (
+        f"Rebuild it against the installed torch {torch_version}: run `{BUILD_COMMAND}` in the mlra-kernels "
+        "source checkout (or install a wheel built for this torch)."
+    )
+
+
+def load() -> ModuleType:
+    """Import ``mlra_kernels._C`` (registering the ``torch.ops.mlra`` ops) after checking it fits this torch."""
+    global _module
+    if _module is not None:
+        return _module
+    import torch  # libtorch must be loaded before _C
+
+    hint = _rebuild_hint(torch.__version__)
+    info = build_info_file()
+    if info is not None and info.get("torch") not in (None, torch.__version__):
+        raise ExtensionNotAvailableError(
+            f"mlra_kernels._C was built against torch {info['torch']} but torch {torch.__version__} is installed. "
+            + hint
+        )
+    try:
+        from mlra_kernels import _C
+    except ImportError as err:
+        text = str(err)
+        if "undefined symbol" in text or "version `" in text:
+            raise ExtensionNotAvailableError(
+                f"mlra_kernels._C does not match the installed torch {torch.__version__} ({text.splitlines()[0]}). "
+                + hint
+            ) from None
+        if isinstance(err, ModuleNotFoundError) and err.name == "mlra_kernels._C":
+            raise ExtensionNotAvailableError(
+                "the compiled extension mlra_kernels._C is not built, so the native ops (TEV) are unavailable. "
+                f"Build it: run `{BUILD_COMMAND}` in the mlra-kernels source checkout."
+            ) from None
+        raise ExtensionNotAvailableError(f"mlra_kernels._C could not be loaded ({text}). " + hint) from err
+    built = getattr(_C, "torch_version", None)
+    running = torch.__version__.split("+", 1)[0]
+    if built is not None and built != running:
+        raise ExtensionNotAvailableError(
+            f"mlra_kernels._C was built against torch {built} but torch {torch.__version__} is installed. " + hint
+        )
+    _module = _C
+    return _C
+
+
+def available() -> bool:
+    """Whether :func:`load` succeeds. Never raises."""
+    try:
+        load()
+    except ImportError:
+        return False
+    return True

@@ -1,0 +1,38 @@
+"""The torch.library op ``mlra::tev_partials`` (C++ CPU and CUDA kernels) and its fake implementation."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from mlra_kernels import _ext
+
+_fake_registered = False
+
+
+def _fake_tev_partials(weight: Tensor, rows: Optional[Tensor] = None, per_token: bool = False):
+    n = weight.shape[0] if rows is None else rows.shape[0]
+    stats = weight.new_empty((5,), dtype=torch.float64)
+    pt = weight.new_empty((n if per_token else 0,), dtype=torch.float32)
+    return stats, pt
+
+
+def ensure_loaded() -> None:
+    """Load ``_C`` (which registers the CPU / CUDA kernels) and register the fake kernel, once."""
+    global _fake_registered
+    if _fake_registered:
+        return
+    _ext.load()
+    torch.library.register_fake("mlra::tev_partials")(_fake_tev_partials)
+    _fake_registered = True
+
+
+def tev_partials(weight: Tensor, rows: Optional[Tensor] = None, per_token: bool = False) -> tuple[Tensor, Tensor]:
+    """One streaming pass over ``weight`` [V, d]: returns ([5] float64 partials, [R] or [0] float32 TEV_i).
+
+    The partials are (count, mean, M2, nonfinite, bad_index), see ``csrc/tev/tev.h``.
+    """
+    ensure_loaded()
+    return torch.ops.mlra.tev_partials(weight, rows, per_token)

@@ -1,0 +1,179 @@
+"""Build of mlra-kernels and its compiled extension mlra_kernels._C.
+
+The CPU part is always built. The CUDA part is built when the installed torch has CUDA (torch.version.cuda)
+and a CUDA toolkit with nvcc is found; no GPU is needed. Switches (environment variables):
+
+    MLRA_SKIP_CUDA_BUILD=1   build the CPU part only
+    TORCH_CUDA_ARCH_LIST     CUDA architectures (default "8.0;8.6;8.9;9.0+PTX")
+    MAX_JOBS                 parallel compile jobs (read by torch's ninja build)
+    DEBUG=1                  -O0 -g (and -G for device code) instead of -O3
+
+Development install:  pip install --no-build-isolation -e .
+Wheel:                pip wheel --no-build-isolation --no-deps -w dist .
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import pathlib
+import site
+import subprocess
+import sys
+import sysconfig
+
+from setuptools import find_packages, setup
+
+import torch
+from torch.utils import cpp_extension
+
+ROOT = pathlib.Path(__file__).resolve().parent
+CSRC = ROOT / "csrc"
+BUILD_INFO = ROOT / "mlra_kernels" / "_build_info.json"
+DEFAULT_ARCH_LIST = "8.0;8.6;8.9;9.0+PTX"
+
+
+def read_sources() -> dict[str, list[str]]:
+    """csrc/sources.txt: the one list of compiled sources, by section ([cpu], [cuda], [python])."""
+    sections: dict[str, list[str]] = {}
+    current = None
+    for raw in (CSRC / "sources.txt").read_text().splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            current = sections.setdefault(line[1:-1], [])
+        elif current is None:
+            raise RuntimeError(f"csrc/sources.txt: {line!r} is outside a [section]")
+        else:
+            current.append(str(CSRC / line))
+    return sections
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def find_nvcc() -> str | None:
+    home = cpp_extension.CUDA_HOME
+    if not home:
+        return None
+    nvcc = os.path.join(home, "bin", "nvcc")
+    return nvcc if os.path.exists(nvcc) else None
+
+
+def want_cuda() -> tuple[bool, str]:
+    if env_flag("MLRA_SKIP_CUDA_BUILD"):
+        return False, "MLRA_SKIP_CUDA_BUILD=1"
+    if torch.version.cuda is None:
+        return False, f"torch {torch.__version__} has no CUDA"
+    if find_nvcc() is None:
+        return False, "no nvcc found (set CUDA_HOME)"
+    return True, f"nvcc at {find_nvcc()}"
+
+
+def pip_cuda_include_dirs() -> list[str]:
+    """Headers of the pip CUDA wheels (nvidia/cu13/include, ...), which torch's CUDA headers may need
+    (cusparse.h, cublas_v2.h) when the system toolkit lacks them."""
+    roots = set(site.getsitepackages() + [site.getusersitepackages(), sysconfig.get_paths()["purelib"]])
+    found = []
+    for root in sorted(roots):
+        for inc in sorted(glob.glob(os.path.join(root, "nvidia", "*", "include"))):
+            if os.path.exists(os.path.join(inc, "cusparse.h")) and inc not in found:
+                found.append(inc)
+    return found
+
+
+def nvcc_version(nvcc: str) -> str | None:
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in out.splitlines():
+        if "release" in line:
+            return line.split("release", 1)[1].split(",", 1)[0].strip()
+    return None
+
+
+def triton_version() -> str | None:
+    try:
+        import triton
+    except Exception:
+        return None
+    return triton.__version__
+
+
+def write_build_info(with_cuda: bool, reason: str, arch_list: str | None, debug: bool) -> None:
+    nvcc = find_nvcc() if with_cuda else None
+    info = {
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": triton_version(),
+        "with_cuda": with_cuda,
+        "cuda_reason": reason,
+        "cuda_arch_list": arch_list,
+        "nvcc": nvcc_version(nvcc) if nvcc else None,
+        "debug": debug,
+        "python": sys.version.split()[0],
+    }
+    BUILD_INFO.write_text(json.dumps(info, indent=2) + "\n")
+
+
+def extensions():
+    sources = read_sources()
+    with_cuda, reason = want_cuda()
+    debug = env_flag("DEBUG")
+    arch_list = None
+    if with_cuda:
+        arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip() or DEFAULT_ARCH_LIST
+        os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
+    print(f"mlra-kernels: building _C with CUDA={with_cuda} ({reason}); arch list {arch_list}; DEBUG={debug}")
+    write_build_info(with_cuda, reason, arch_list, debug)
+
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    # No -std flag: torch picks the language standard its headers need (C++17 or C++20).
+    # -fopenmp: at::parallel_for is an OpenMP pragma in the ATen headers (AT_PARALLEL_OPENMP); without it
+    # the loop runs on one thread. The OpenMP runtime itself is the one torch has already loaded.
+    cxx = opt + ["-fopenmp"] + (["-DMLRA_DEBUG"] if debug else [])
+    nvcc = ["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"]
+    files = sources["cpu"] + sources["python"]
+    kwargs = dict(include_dirs=[str(CSRC)], extra_link_args=["-fopenmp"])
+    if with_cuda:
+        files += sources["cuda"]
+        cxx.append("-DMLRA_WITH_CUDA")
+        nvcc.append("-DMLRA_WITH_CUDA")
+        for inc in pip_cuda_include_dirs():
+            # After the toolkit's own headers, so the toolkit wins where both have a header.
+            # (tev_cuda.cu includes no torch headers, so nvcc does not need them.)
+            cxx += ["-idirafter", inc]
+        ext = cpp_extension.CUDAExtension("mlra_kernels._C", files, extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+                                          **kwargs)
+    else:
+        ext = cpp_extension.CppExtension("mlra_kernels._C", files, extra_compile_args={"cxx": cxx}, **kwargs)
+    return [ext]
+
+
+setup(
+    name="mlra-kernels",
+    version="0.1.0",
+    description="Fused kernels for Multi-head Low-Rank Attention (MLRA) and Token Embedding Variability (TEV)",
+    python_requires=">=3.9",
+    packages=find_packages(include=["mlra_kernels", "mlra_kernels.*"]),
+    package_data={"mlra_kernels": ["_build_info.json"]},
+    ext_modules=extensions(),
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    install_requires=[
+        "torch>=2.4",
+        "triton; platform_system == 'Linux'",
+        "numpy",
+        "tqdm",
+        "matplotlib",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "transformers", "safetensors"],
+        "hf": ["transformers", "safetensors"],
+    },
+    entry_points={"console_scripts": ["mlra = mlra_kernels.cli:main"]},
+    zip_safe=False,
+)
