@@ -1,0 +1,217 @@
+"""Hugging Face transformers: convert a GPT-2 to MLRA, and a TEV ``TrainerCallback``.
+
+Needs ``transformers`` 5.x (an optional extra: ``pip install mlra-kernels[transformers]``).
+
+What the converted attention supports:
+
+- the ``eager`` and ``sdpa`` attention implementations (the attention itself goes through the same
+  ``ALL_ATTENTION_FUNCTIONS`` interface as ``GPT2Attention``, so masks mean exactly what they mean
+  there); with no mask, no cache and no ``output_attentions`` it calls the fused ``mlra_attention``;
+- ``past_key_values`` as a ``DynamicCache`` (the default of ``generate()``): each layer stores the
+  latents ``c_K, c_V`` as ``[B, 1, S, g·r]`` in the cache's key/value slots, so the cache holds
+  ``2·g·r`` numbers per token and layer instead of ``2·d``; sequence length, cropping and beam
+  reordering work unchanged. A ``StaticCache`` preallocates ``[B, H, S, d_h]`` and is not supported;
+- self-attention only: the cross-attention of ``add_cross_attention`` models is left dense;
+- ``reorder_and_upcast_attn`` is ignored (the attention interface computes in the input dtype).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from mlra_kernels.nn.attention import default_rank, factorize_in_proj
+from mlra_kernels.ops.mlra import mlra_attention
+
+try:
+    import transformers
+    from transformers import TrainerCallback
+except ImportError as _err:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "mlra_kernels.integrations.transformers needs the transformers package: pip install transformers"
+    ) from _err
+
+from transformers.cache_utils import EncoderDecoderCache
+from transformers.models.gpt2 import modeling_gpt2
+
+
+class MLRAGPT2Attention(nn.Module):
+    """GPT-2 self-attention with MLRA Q/K/V projections; the output projection ``c_proj`` is kept.
+
+    Parameters: ``down`` ``[3·g·r, d]``, ``up`` ``[3, d, r]``, ``qkv_bias`` ``[3·d]`` (layouts of
+    ``mlra_kernels/ops/mlra/reference.py``), and the original ``c_proj`` (a ``Conv1D``).
+    """
+
+    def __init__(self, attn: nn.Module, rank: int, latent_groups: int = 1, init: str = "svd") -> None:
+        super().__init__()
+        if getattr(attn, "is_cross_attention", False):
+            raise ValueError("MLRAGPT2Attention replaces self-attention only")
+        d, H = attn.embed_dim, attn.num_heads
+        if not 1 <= rank <= d:
+            raise ValueError(f"rank must be in [1, embed_dim={d}], got {rank}")
+        if H % latent_groups != 0:
+            raise ValueError(f"latent_groups={latent_groups} must divide num_heads={H}")
+        self.config = attn.config
+        self.layer_idx = attn.layer_idx
+        self.embed_dim, self.num_heads, self.head_dim = d, H, d // H
+        self.rank, self.latent_groups = rank, latent_groups
+        self.scaling = attn.scaling
+        self.is_causal = True
+        self.is_cross_attention = False
+        self.attn_dropout = attn.attn_dropout
+        self.resid_dropout = attn.resid_dropout
+        self.c_proj = attn.c_proj
+        w = attn.c_attn.weight  # Conv1D: [d, 3·d], y = x @ w + b
+        self.down = nn.Parameter(torch.empty(3 * latent_groups * rank, d, device=w.device, dtype=w.dtype))
+        self.up = nn.Parameter(torch.empty(3, d, rank, device=w.device, dtype=w.dtype))
+        self.qkv_bias = nn.Parameter(attn.c_attn.bias.detach().clone())
+        self.svd_error: Optional[dict[str, float]] = None
+        with torch.no_grad():
+            if init == "svd":
+                down, up, self.svd_error = factorize_in_proj(w.detach().t(), rank, latent_groups)
+                self.down.copy_(down)
+                self.up.copy_(up)
+            elif init == "random":
+                nn.init.normal_(self.down, std=0.02)
+                nn.init.normal_(self.up, std=0.02)
+                self.qkv_bias.zero_()
+            else:
+                raise ValueError(f"init must be 'svd' or 'random', got {init!r}")
+
+    def _expand(self, c: Tensor, p: int) -> Tensor:
+        """Latent ``[B, S, g·r]`` of projection ``p`` to heads ``[B, H, S, d_h]``."""
+        B, S, _ = c.shape
+        H, g, r, dh = self.num_heads, self.latent_groups, self.rank, self.head_dim
+        out = torch.einsum("bsgr,ghdr->bghsd", c.view(B, S, g, r), self.up[p].view(g, H // g, dh, r))
+        out = out.reshape(B, H, S, dh)
+        return out + self.qkv_bias[p * self.embed_dim:(p + 1) * self.embed_dim].view(1, H, 1, dh)
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        past_key_values: Optional[Any] = None,
+        attention_mask: Optional[Tensor] = None,
+        encoder_hidden_states: Optional[Tensor] = None,
+        encoder_attention_mask: Optional[Tensor] = None,
+        output_attentions: Optional[bool] = False,
+        **kwargs: Any,
+    ) -> tuple[Tensor, Optional[Tensor]]:
+        if encoder_hidden_states is not None:
+            raise ValueError("MLRAGPT2Attention is self-attention; cross-attention stays a GPT2Attention")
+        B, T, d = hidden_states.shape
+        dropout = self.attn_dropout.p if self.training else 0.0
+        if past_key_values is None and attention_mask is None and not output_attentions:
+            out = mlra_attention(
+                hidden_states, self.down, self.up, self.qkv_bias, num_heads=self.num_heads,
+                latent_groups=self.latent_groups, causal=True, dropout_p=dropout, scale=self.scaling,
+            )
+            return self.resid_dropout(self.c_proj(out)), None
+
+        c_q, c_k, c_v = (hidden_states @ self.down.t()).chunk(3, dim=-1)  # 3 × [B, T, g·r]
+        if past_key_values is not None:
+            cache = past_key_values
+            if isinstance(cache, EncoderDecoderCache):
+                cache = cache.self_attention_cache
+            # The latents ride in the cache's key/value slots as [B, 1, S, g·r].
+            c_k, c_v = cache.update(c_k.unsqueeze(1), c_v.unsqueeze(1), self.layer_idx)
+            c_k, c_v = c_k.squeeze(1), c_v.squeeze(1)
+        q, k, v = self._expand(c_q, 0), self._expand(c_k, 1), self._expand(c_v, 2)
+        interface = modeling_gpt2.ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, modeling_gpt2.eager_attention_forward
+        )
+        out, weights = interface(self, q, k, v, attention_mask, dropout=dropout, scaling=self.scaling, **kwargs)
+        out = out.reshape(B, T, d).contiguous()
+        return self.resid_dropout(self.c_proj(out)), weights
+
+
+def _check_transformers_version() -> None:
+    params = inspect.signature(modeling_gpt2.GPT2Attention.forward).parameters
+    if "past_key_values" not in params:
+        raise ImportError(
+            f"convert_gpt2 needs transformers 5.x (GPT2Attention with a Cache API); found {transformers.__version__}"
+        )
+
+
+def convert_gpt2(model: nn.Module, rank: Optional[int] = None, latent_groups: int = 1, init: str = "svd") -> nn.Module:
+    """Replace the self-attention of a Hugging Face GPT-2 with MLRA, in place; returns ``model``.
+
+    Args:
+        model: a ``GPT2LMHeadModel``, ``GPT2Model`` or any model with a ``transformer.h`` /
+            ``h`` list of ``GPT2Block``.
+        rank: rank per latent group; default ``n_embd // 4``.
+        latent_groups: number of latent groups ``g``.
+        init: ``"svd"`` factorises the trained ``c_attn`` (a ``Conv1D``, ``[d, 3·d]``) by truncated SVD,
+            exact at ``rank = n_embd``; ``"random"`` draws the factors from N(0, 0.02) and zeroes the
+            Q/K/V bias. ``c_proj`` is kept in both cases.
+
+    The relative error of each projection is stored as ``block.attn.svd_error``. See the module
+    docstring for what the converted attention supports.
+
+    Example::
+
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=100))
+        >>> hf = convert_gpt2(hf, rank=64)
+        >>> out = hf.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False)
+    """
+    _check_transformers_version()
+    body = getattr(model, "transformer", model)
+    blocks = getattr(body, "h", None)
+    if blocks is None or not all(isinstance(b, modeling_gpt2.GPT2Block) for b in blocks):
+        raise TypeError(f"model must be a transformers GPT-2 (with GPT2Block layers), got {type(model).__name__}")
+    if rank is None:
+        rank = default_rank(body.config.n_embd)
+    for block in blocks:
+        if isinstance(block.attn, MLRAGPT2Attention):
+            raise ValueError("the model is already converted to MLRA")
+        block.attn = MLRAGPT2Attention(block.attn, rank, latent_groups, init)
+    cfg = model.config
+    cfg.mlra_rank, cfg.mlra_latent_groups = rank, latent_groups
+    return model
+
+
+class TEVTrainerCallback(TrainerCallback):
+    """A ``transformers.TrainerCallback`` that logs µ_TEV / σ_TEV with a :class:`TEVMonitor`.
+
+    Args:
+        path: JSONL file (written on the main process only).
+        every: record every ``every`` optimizer steps.
+        name: run name for the log header.
+
+    The latest training loss that the Trainer logged is attached to each record. µ_TEV and σ_TEV
+    are also added to the Trainer's own logs (``tev_mean``, ``tev_std``) at its logging steps.
+
+    Example::
+
+        >>> trainer = Trainer(model, args, train_dataset=ds, callbacks=[TEVTrainerCallback("runs/tev.jsonl")])
+    """
+
+    def __init__(self, path: Optional[str] = None, every: int = 10, name: Optional[str] = None) -> None:
+        self.path, self.every, self.name = path, every, name
+        self.monitor = None
+        self._loss: Optional[float] = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        from mlra_kernels.monitor import TEVMonitor
+
+        if model is not None and state.is_world_process_zero:
+            self.monitor = TEVMonitor(model, every=self.every, path=self.path, name=self.name)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self._loss = float(logs["loss"])
+        if self.monitor is not None and logs is not None and self.monitor.records:
+            last = self.monitor.records[-1]
+            logs.setdefault("tev_mean", last["tev_mean"])
+            logs.setdefault("tev_std", last["tev_std"])
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.monitor is not None:
+            self.monitor.step(state.global_step, loss=self._loss)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.monitor is not None:
+            self.monitor.close()

@@ -1,0 +1,145 @@
+"""transformers GPT-2 converted to MLRA: logits, generate(), the latent KV cache, training, callback."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="transformers is an optional dependency")
+
+from mlra_kernels.integrations.transformers import MLRAGPT2Attention, TEVTrainerCallback, convert_gpt2  # noqa: E402
+from mlra_kernels.monitor import read_jsonl  # noqa: E402
+
+D = 32
+
+
+def _model(attn_impl="eager", seed=0, dtype=torch.float64):
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(vocab_size=83, n_positions=32, n_embd=D, n_layer=2, n_head=4,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    cfg._attn_implementation = attn_impl
+    model = transformers.GPT2LMHeadModel(cfg).to(dtype).eval()
+    with torch.no_grad():  # trained-looking biases so that every bias path matters
+        for name, p in model.named_parameters():
+            if name.endswith("attn.bias"):
+                p.normal_(std=0.1)
+    return model
+
+
+def _copy(model):
+    import copy
+
+    return copy.deepcopy(model)
+
+
+@pytest.mark.parametrize("attn_impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_full_rank_svd_matches_logits(attn_impl, groups):
+    ref = _model(attn_impl)
+    mlra = convert_gpt2(_copy(ref), rank=D, latent_groups=groups)
+    assert all(isinstance(b.attn, MLRAGPT2Attention) for b in mlra.transformer.h)
+    assert max(mlra.transformer.h[0].attn.svd_error.values()) < 1e-12
+    ids = torch.randint(0, 83, (3, 11), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(mlra(ids).logits, ref(ids).logits, rtol=1e-9, atol=1e-9)
+    # Left padding through the attention mask: compare the real tokens.
+    mask = torch.ones(3, 11, dtype=torch.long)
+    mask[1, :4] = 0
+    a, b = mlra(ids, attention_mask=mask).logits, ref(ids, attention_mask=mask).logits
+    keep = mask.bool()
+    torch.testing.assert_close(a[keep], b[keep], rtol=1e-9, atol=1e-9)
+
+
+def test_low_rank_reports_error_and_differs():
+    ref = _model()
+    mlra = convert_gpt2(_copy(ref), rank=6)
+    err = mlra.transformer.h[0].attn.svd_error
+    assert set(err) == {"q", "k", "v"} and all(0.05 < e < 1 for e in err.values())
+    assert mlra.config.mlra_rank == 6
+    ids = torch.randint(0, 83, (2, 9))
+    assert not torch.allclose(mlra(ids).logits, ref(ids).logits, atol=1e-4)
+
+
+@pytest.mark.parametrize("attn_impl", ["eager", "sdpa"])
+def test_generate_gives_the_same_tokens_and_caches_latents(attn_impl):
+    ref = _model(attn_impl)
+    mlra = convert_gpt2(_copy(ref), rank=D, latent_groups=2)
+    prompt = torch.randint(0, 83, (2, 5), generator=torch.Generator().manual_seed(2))
+    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    torch.testing.assert_close(mlra.generate(prompt, **kw), ref.generate(prompt, **kw), rtol=0, atol=0)
+    out = mlra(prompt, use_cache=True)
+    cache = out.past_key_values
+    assert cache.get_seq_length() == 5
+    layer = cache.layers[0]
+    assert layer.keys.shape == (2, 1, 5, 2 * D)  # latents c_K: g·r numbers per token, not H·d_h
+    # Incremental decoding through the cache matches a full forward.
+    nxt = torch.randint(0, 83, (2, 3))
+    step = mlra(nxt, past_key_values=cache, use_cache=True).logits
+    full = ref(torch.cat([prompt, nxt], dim=1)).logits[:, 5:]
+    torch.testing.assert_close(step, full, rtol=1e-9, atol=1e-9)
+
+
+def test_converted_model_trains_one_step():
+    model = convert_gpt2(_model(dtype=torch.float32).train(), rank=8, init="random")
+    attn = model.transformer.h[0].attn
+    assert attn.svd_error is None and torch.count_nonzero(attn.qkv_bias) == 0
+    ids = torch.randint(0, 83, (4, 16), generator=torch.Generator().manual_seed(3))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    before = model(ids, labels=ids).loss
+    before.backward()
+    assert attn.down.grad.abs().sum() > 0 and attn.up.grad.abs().sum() > 0
+    down = attn.down.detach().clone()
+    opt.step()
+    opt.zero_grad()
+    assert not torch.equal(down, attn.down)
+    for _ in range(4):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert model(ids, labels=ids).loss.item() < before.item()
+
+
+def test_convert_errors():
+    with pytest.raises(TypeError, match="GPT2Block"):
+        convert_gpt2(torch.nn.Linear(3, 3), rank=2)
+    model = convert_gpt2(_model(), rank=4)
+    with pytest.raises(ValueError, match="already converted"):
+        convert_gpt2(model, rank=4)
+    with pytest.raises(ValueError, match="rank must be in"):
+        convert_gpt2(_model(), rank=D + 1)
+    with pytest.raises(ValueError, match="init must be"):
+        convert_gpt2(_model(), rank=4, init="zeros")
+
+
+def test_callback_hooks_record_tev_and_loss(tmp_path):
+    from transformers import TrainerControl, TrainerState
+
+    model = _model(dtype=torch.float32)
+    cb = TEVTrainerCallback(str(tmp_path / "tev.jsonl"), every=2)
+    state, control = TrainerState(), TrainerControl()
+    cb.on_train_begin(None, state, control, model=model)
+    for step in range(1, 6):
+        state.global_step = step
+        cb.on_step_end(None, state, control)
+        logs = {"loss": 4.0 - step}
+        cb.on_log(None, state, control, logs=logs)
+        if step >= 2:
+            assert logs["tev_mean"] > 0
+    cb.on_train_end(None, state, control)
+    _, records = read_jsonl(tmp_path / "tev.jsonl")
+    assert [r["step"] for r in records] == [2, 4] and [r["loss"] for r in records] == [3.0, 1.0]
+
+
+def test_trainer_callback_logs_tev(tmp_path):
+    pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
+    from transformers import Trainer, TrainingArguments
+
+    model = convert_gpt2(_model(dtype=torch.float32).train(), rank=8)
+    ids = torch.randint(0, 83, (8, 16), generator=torch.Generator().manual_seed(4))
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=4,
+                             logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
+                             disable_tqdm=True)
+    cb = TEVTrainerCallback(str(tmp_path / "tev.jsonl"), every=1, name="hf")
+    Trainer(model=model, args=args, train_dataset=data, callbacks=[cb]).train()
+    meta, records = read_jsonl(tmp_path / "tev.jsonl")
+    assert meta["name"] == "hf" and [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all(r["tev_mean"] > 0 for r in records) and records[-1]["loss"] > 0
