@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 import warnings
@@ -52,44 +51,30 @@ def find_token_embedding(model_or_embedding: Union[nn.Module, Tensor]) -> Tensor
     )
 
 
-def _tev_torch(weight: Tensor, rows: Optional[Tensor], unbiased: bool) -> tuple[float, float, int, int]:
-    """DESIGN.md's TEV in plain torch (float64), used only when the ``mlra_kernels.tev`` op is unavailable."""
-    e = weight.detach()
-    if rows is not None:
-        e = e[rows]
-    per_row = e.to(torch.float64).std(dim=1, unbiased=False)
-    finite = torch.isfinite(per_row)
-    good = per_row[finite]
-    n = good.numel()
-    if n == 0:
-        return math.nan, math.nan, 0, int(e.shape[0])
-    std = good.std(unbiased=unbiased) if n > 1 else good.new_zeros(())
-    return float(good.mean()), float(std), n, int(e.shape[0] - n)
-
-
 def compute_tev(
     weight: Tensor, rows: Optional[Tensor] = None, unbiased: bool = False, use_op: bool = True
 ) -> tuple[float, float, int, bool]:
     """``(µ_TEV, σ_TEV, nonfinite_rows, op_used)`` of ``weight`` through the ``mlra_kernels.tev`` op.
 
-    When the op cannot run (its compiled extension is missing) this warns once and computes the
-    same statistics in plain torch, so that a training run is never stopped by its monitor.
+    When the op cannot run (its compiled extension is missing) this warns and computes the same
+    statistics with the float64 reference, so that a training run is never stopped by its monitor;
+    ``op_used`` then comes back False and later calls skip the op. float64 weights, which the op
+    does not take, also go to the reference.
     """
-    w = weight.detach()
-    if use_op:
-        try:
-            from mlra_kernels.ops.tev import tev
+    from mlra_kernels.ops.tev import tev, tev_reference
 
+    w = weight.detach()
+    if use_op and w.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        try:
             stats = tev(w, rows=rows, unbiased=unbiased)
             return float(stats.mean), float(stats.std), int(stats.nonfinite_rows), True
-        except (ImportError, RuntimeError, OSError) as err:
+        except ImportError as err:  # the compiled extension is missing or stale
             warnings.warn(
-                f"mlra_kernels.tev is unavailable ({err}); computing TEV in plain torch, which is slower. "
-                "Rebuild the extension: pip install --no-build-isolation -e .",
-                stacklevel=3,
+                f"{err} TEV is computed in plain torch meanwhile, which is slower.", stacklevel=3
             )
-    mean, std, _, bad = _tev_torch(w, rows, unbiased)
-    return mean, std, bad, False
+            use_op = False
+    stats = tev_reference(w, rows=rows, unbiased=unbiased)
+    return float(stats.mean), float(stats.std), int(stats.nonfinite_rows), use_op
 
 
 class TEVMonitor:

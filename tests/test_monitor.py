@@ -151,3 +151,14 @@ def test_plot_draws_a_png(tmp_path):
     (tmp_path / "empty.jsonl").write_text('{"meta": {}}\n')
     with pytest.raises(ValueError, match="holds no records"):
         plot_runs([tmp_path / "empty.jsonl"], tmp_path / "x.png")
+
+
+def test_monitor_reads_through_the_tev_op_when_built():
+    from mlra_kernels import _ext, tev
+
+    if not _ext.available():
+        pytest.skip("the compiled extension is not built here; the monitor then uses the float64 reference")
+    emb = _emb(V=513, d=40, seed=5)
+    mean, std, bad, used = compute_tev(emb.weight)
+    stats = tev(emb.weight)
+    assert used and (mean, std, bad) == (stats.mean, stats.std, stats.nonfinite_rows)
