@@ -18,6 +18,7 @@ import glob
 import json
 import os
 import pathlib
+import shutil
 import site
 import subprocess
 import sys
@@ -25,10 +26,35 @@ import sysconfig
 
 from setuptools import find_packages, setup
 
-import torch
-from torch.utils import cpp_extension
-
 ROOT = pathlib.Path(__file__).resolve().parent
+
+
+def _locate_cuda_home() -> None:
+    """Point CUDA_HOME at a real toolkit before torch guesses it from `which nvcc`.
+
+    torch takes dirname(dirname(which nvcc)); a wrapper script such as /usr/local/bin/nvcc then yields
+    /usr/local, which has no CUDA headers. An explicit CUDA_HOME / CUDA_PATH is always respected.
+    """
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    candidates = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for home in candidates:
+        if os.path.exists(os.path.join(home, "bin", "nvcc")) and os.path.exists(
+            os.path.join(home, "include", "cuda_runtime_api.h")
+        ):
+            os.environ["CUDA_HOME"] = home
+            return
+
+
+_locate_cuda_home()
+
+import torch  # noqa: E402
+from torch.utils import cpp_extension  # noqa: E402
+
 CSRC = ROOT / "csrc"
 BUILD_INFO = ROOT / "mlra_kernels" / "_build_info.json"
 DEFAULT_ARCH_LIST = "8.0;8.6;8.9;9.0+PTX"

@@ -8,6 +8,7 @@ says how to rebuild.
 
 from __future__ import annotations
 
+import importlib
 import json
 import pathlib
 from types import ModuleType
@@ -53,7 +54,7 @@ def load() -> ModuleType:
             + hint
         )
     try:
-        from mlra_kernels import _C
+        _C = importlib.import_module("mlra_kernels._C")
     except ImportError as err:
         text = str(err)
         if "undefined symbol" in text or "version `" in text:

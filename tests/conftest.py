@@ -1,0 +1,27 @@
+"""Shared pytest setup: tests marked `gpu` skip with a reason when no CUDA GPU is visible."""
+
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    if any("gpu" in item.keywords for item in items) and not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU: torch.cuda.is_available() is False on this machine")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture
+def poison_empty():
+    """Make torch.empty (also inside C++ ops) fill float outputs with NaN, so unwritten elements show."""
+    import torch.utils.deterministic
+
+    old_det = torch.are_deterministic_algorithms_enabled()
+    old_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    old_fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.utils.deterministic.fill_uninitialized_memory = old_fill
+    torch.use_deterministic_algorithms(old_det, warn_only=old_warn)
