@@ -53,7 +53,7 @@ def test_ddp_gradients_match_single_process(tmp_path):
     torch.save({"x": x, "y": y}, tmp_path / "data.pt")
     (tmp_path / "worker.py").write_text(WORKER)
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2",
-               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1", TRITON_INTERPRET="0")
     procs = [subprocess.Popen([sys.executable, str(tmp_path / "worker.py"), str(tmp_path)],
                               env=dict(env, RANK=str(r)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for r in range(2)]

@@ -10,6 +10,13 @@ from mlra_kernels import demo
 from mlra_kernels.cli import main
 from mlra_kernels.monitor import read_jsonl
 
+@pytest.fixture
+def reference_path(monkeypatch):
+    """Run mlra_attention's pure-torch path on CPU: this test is about the demo, not the kernels, which
+    the Triton interpreter (TRITON_INTERPRET=1, set by the kernel tests) would make slow."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
 TINY = ["--steps", "6", "--layers", "1", "--width", "16", "--heads", "2", "--context", "16", "--batch", "2",
         "--log-every", "2", "--eval-batches", "2", "--max-bytes", "60000", "--no-progress", "--device", "cpu"]
 
@@ -23,6 +30,7 @@ def test_default_data_is_the_stdlib_in_a_fixed_order():
     assert "standard library" in source
 
 
+@pytest.mark.usefixtures("reference_path")
 def test_demo_tiny_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["demo", *TINY, "--out", str(out), "--seed", "3"]) == 0
@@ -43,6 +51,7 @@ def test_demo_tiny_end_to_end(tmp_path, capsys):
     assert (out / "demo.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.usefixtures("reference_path")
 def test_demo_same_seed_same_result_and_user_data(tmp_path, capsys):
     text = tmp_path / "corpus"
     text.mkdir()

@@ -1,12 +1,25 @@
 """GPT-2 with MHA or MLRA: init, weight tying, training step, KV cache (latents for MLRA)."""
 
 import math
+import os
 
-import pytest
 import torch
 
-from mlra_kernels.models import GPT2, GPT2Config
-from mlra_kernels.ops.mlra.reference import mlra_attention_reference
+if not torch.cuda.is_available():
+    # Triton reads this at import: the fused op then runs the Triton kernels under the interpreter.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from mlra_kernels.models import GPT2, GPT2Config  # noqa: E402
+from mlra_kernels.ops.mlra.reference import mlra_attention_reference  # noqa: E402
+
+
+@pytest.fixture
+def reference_path(monkeypatch):
+    """Run mlra_attention's pure-torch path on CPU: this test is about the model, not the kernels, which
+    the Triton interpreter (TRITON_INTERPRET=1, set by the kernel tests) would make slow."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
 
 
 def _cfg(attention, **kw):
@@ -50,6 +63,7 @@ def test_init_and_tied_embeddings(attention):
     assert m.num_parameters() == sum(p.numel() for p in params.values())
 
 
+@pytest.mark.usefixtures("reference_path")
 @pytest.mark.parametrize("attention", ["mha", "mlra"])
 def test_loss_at_init_is_near_uniform_and_one_step_lowers_it(attention):
     torch.manual_seed(0)
@@ -106,6 +120,7 @@ def test_incremental_decoding_matches_full_forward(attention, groups):
         assert per_token == (2, 4, 12, 8)
 
 
+@pytest.mark.usefixtures("reference_path")
 @pytest.mark.parametrize("attention", ["mha", "mlra"])
 def test_generate_with_cache_matches_without(attention):
     torch.manual_seed(0)
@@ -121,6 +136,27 @@ def test_generate_with_cache_matches_without(attention):
     torch.manual_seed(1)
     s2 = m.generate(prompt, 6, temperature=0.8, top_k=5, use_cache=False)
     assert torch.equal(s1, s2)
+
+
+def test_mlra_training_step_through_the_fused_op_matches_float64():
+    """float32 through mlra_attention's kernels (GPU, or the Triton interpreter) against float64."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    from mlra_kernels.ops.mlra.op import kernel_path
+
+    if kernel_path(torch.zeros(1, device=device)) == "reference":
+        pytest.skip("the Triton kernels are not active (no GPU, and TRITON_INTERPRET=1 was not set before import)")
+    torch.manual_seed(0)
+    m64 = GPT2(_cfg("mlra", latent_groups=2, n_layer=1, block_size=12)).double()
+    m32 = GPT2(_cfg("mlra", latent_groups=2, n_layer=1, block_size=12)).to(device)
+    m32.load_state_dict(m64.state_dict())
+    idx = torch.randint(0, 61, (2, 13))
+    loss64 = m64(idx[:, :-1], idx[:, 1:])[1]
+    loss64.backward()
+    loss32 = m32(idx[:, :-1].to(device), idx[:, 1:].to(device))[1]
+    loss32.backward()
+    assert abs(loss32.item() - loss64.item()) < 1e-5
+    for (name, p64), p32 in zip(m64.named_parameters(), m32.parameters()):
+        torch.testing.assert_close(p32.grad.double().cpu(), p64.grad, rtol=1e-3, atol=1e-6, msg=name)
 
 
 def test_bad_inputs():

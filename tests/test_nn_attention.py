@@ -1,13 +1,19 @@
 """MLRAttention against nn.MultiheadAttention: shapes, masks, is_causal rules, conversion by SVD."""
 
+import os
 import warnings
 
-import pytest
 import torch
-from torch import nn
 
-import mlra_kernels.nn.attention as attention_mod
-from mlra_kernels.nn import MLRAttention, default_rank
+if not torch.cuda.is_available():
+    # Triton reads this at import: the fused path then runs the Triton kernels under the interpreter.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from torch import nn  # noqa: E402
+
+import mlra_kernels.nn.attention as attention_mod  # noqa: E402
+from mlra_kernels.nn import MLRAttention, default_rank  # noqa: E402
 
 D, H = 32, 4
 DT = torch.float64
@@ -274,3 +280,34 @@ def test_dropout_is_active_in_training_only():
         _, w = mlra(x, x, x, average_attn_weights=False)
     # Returned weights are post-dropout like nn.MultiheadAttention's: entries are 0 or 2·p.
     assert (w == 0).any() and torch.isfinite(w).all()
+
+
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _kernels_active(x):
+    from mlra_kernels.ops.mlra.op import kernel_path
+
+    return kernel_path(x) != "reference"
+
+
+@pytest.mark.parametrize("mask", ["none", "causal_hint", "causal_kpm", "kpm_bool"])
+def test_fused_kernel_path_matches_mha(mask):
+    """float32 through the Triton kernels (GPU, or the interpreter with TRITON_INTERPRET=1 on CPU)."""
+    x = torch.randn(2, 12, D, device=KERNEL_DEVICE)
+    if not _kernels_active(x):
+        pytest.skip("the Triton kernels are not active (no GPU, and TRITON_INTERPRET=1 was not set before import)")
+    mha = _mha(batch_first=True).float().to(KERNEL_DEVICE).eval()
+    mlra = MLRAttention.from_mha(mha, rank=D).to(KERNEL_DEVICE).eval()
+    kpm, attn, is_causal = _masks(mask, 2, 12, 12, True)
+    kpm, attn = [None if m is None else (m if m.dtype == torch.bool else m.float()).to(KERNEL_DEVICE)
+                 for m in (kpm, attn)]
+    kw = dict(key_padding_mask=kpm, attn_mask=attn, is_causal=is_causal, need_weights=False)
+    xr = x.detach().requires_grad_()
+    ref = mha(xr, xr, xr, **kw)[0]
+    (g_ref,) = torch.autograd.grad(ref.square().sum(), xr)
+    xk = x.detach().requires_grad_()
+    out = mlra(xk, xk, xk, **kw)[0]
+    (g,) = torch.autograd.grad(out.square().sum(), xk)
+    torch.testing.assert_close(out, ref, rtol=2e-4, atol=2e-5)
+    torch.testing.assert_close(g, g_ref, rtol=2e-4, atol=2e-4)

@@ -11,6 +11,13 @@ from mlra_kernels.monitor import read_jsonl  # noqa: E402
 D = 32
 
 
+@pytest.fixture
+def reference_path(monkeypatch):
+    """Run mlra_attention's pure-torch path on CPU: this test is about the conversion, not the kernels, which
+    the Triton interpreter (TRITON_INTERPRET=1, set by the kernel tests) would make slow."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
 def _model(attn_impl="eager", seed=0, dtype=torch.float64):
     torch.manual_seed(seed)
     cfg = transformers.GPT2Config(vocab_size=83, n_positions=32, n_embd=D, n_layer=2, n_head=4,
@@ -76,6 +83,7 @@ def test_generate_gives_the_same_tokens_and_caches_latents(attn_impl):
     torch.testing.assert_close(step, full, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.usefixtures("reference_path")
 def test_converted_model_trains_one_step():
     model = convert_gpt2(_model(dtype=torch.float32).train(), rank=8, init="random")
     attn = model.transformer.h[0].attn
@@ -128,6 +136,7 @@ def test_callback_hooks_record_tev_and_loss(tmp_path):
     assert [r["step"] for r in records] == [2, 4] and [r["loss"] for r in records] == [3.0, 1.0]
 
 
+@pytest.mark.usefixtures("reference_path")
 def test_trainer_callback_logs_tev(tmp_path):
     pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
     from transformers import Trainer, TrainingArguments
