@@ -71,7 +71,7 @@ class MLRAGPT2Attention(nn.Module):
         self.svd_error: Optional[dict[str, float]] = None
         with torch.no_grad():
             if init == "svd":
-                down, up, self.svd_error = factorize_in_proj(w.detach().t(), rank, latent_groups)
+                down, up, self.svd_error = factorize_in_proj(w.detach().t(), rank, latent_groups, H)
                 self.down.copy_(down)
                 self.up.copy_(up)
             elif init == "random":

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
-from mlra_kernels.ops.mlra import mlra_attention
+from mlra_kernels.ops.mlra import factors_from_dense, mlra_attention
 from mlra_kernels.ops.mlra.reference import attention_reference, mlra_qkv_reference
 
 logger = logging.getLogger(__name__)
@@ -248,7 +248,7 @@ class MLRAttention(nn.Module):
         d = self.embed_dim
         if tuple(in_proj_weight.shape) != (3 * d, d):
             raise ValueError(f"in_proj_weight must be [3·d, d] = [{3 * d}, {d}], got {list(in_proj_weight.shape)}")
-        down, up, errors = factorize_in_proj(in_proj_weight, self.rank, self.latent_groups)
+        down, up, errors = factorize_in_proj(in_proj_weight, self.rank, self.latent_groups, self.num_heads)
         self.down_proj_weight.copy_(down)
         self.up_proj_weight.copy_(up)
         if self.in_proj_bias is not None:
@@ -469,34 +469,24 @@ class MLRAttention(nn.Module):
 
 @torch.no_grad()
 def factorize_in_proj(
-    in_proj_weight: Tensor, rank: int, latent_groups: int = 1
+    in_proj_weight: Tensor, rank: int, latent_groups: int = 1, num_heads: Optional[int] = None
 ) -> tuple[Tensor, Tensor, dict[str, float]]:
-    """Truncated SVD of dense ``[3·d, d]`` Q/K/V weights into MLRA factors.
+    """Truncated SVD of dense ``[3·d, d]`` Q/K/V weights into MLRA factors, with the error it makes.
 
-    Returns ``(down [3·g·r, d], up [3, d, r], errors)`` in the layouts of
-    ``mlra_kernels/ops/mlra/reference.py``; ``errors`` maps ``q``/``k``/``v`` to the relative
-    Frobenius error of the rank-``r`` approximation. The SVD runs in float64 (float32 would limit
-    the full-rank reconstruction to about 1e-6) and the factors are cast back to the input dtype.
+    Returns ``(down [3·g·r, d], up [3, d, r], errors)`` built by the op's ``factors_from_dense``
+    (SVD in float64 per group block, cast back to the input dtype); ``errors`` maps ``q``/``k``/``v``
+    to the relative Frobenius error ``‖W_P − B·A‖_F / ‖W_P‖_F`` of the rank-``r`` approximation.
+    ``num_heads`` (default ``latent_groups``) is only checked for divisibility.
     """
-    three_d, d = in_proj_weight.shape
-    g, r = latent_groups, rank
-    rows = d // g
-    w = in_proj_weight.detach().to(torch.float64).view(3, g, rows, d)
-    down = torch.zeros(3, g, r, d, dtype=torch.float64, device=w.device)
-    up = torch.zeros(3, g, rows, r, dtype=torch.float64, device=w.device)
-    k = min(r, rows)
-    for p in range(3):
-        for j in range(g):
-            U, sig, Vh = torch.linalg.svd(w[p, j], full_matrices=False)
-            root = sig[:k].sqrt()
-            up[p, j, :, :k] = U[:, :k] * root
-            down[p, j, :k] = root[:, None] * Vh[:k]
-    approx = torch.einsum("pgor,pgri->pgoi", up, down)
+    d = in_proj_weight.shape[1]
+    g = latent_groups
+    down, up, _ = factors_from_dense(in_proj_weight, num_heads=num_heads or g, rank=rank, latent_groups=g)
+    w = in_proj_weight.detach().to(torch.float64).view(3, d, d)
+    approx = torch.einsum(
+        "pgor,pgri->pgoi", up.to(torch.float64).view(3, g, d // g, rank), down.to(torch.float64).view(3, g, rank, d)
+    ).reshape(3, d, d)
     errors = {}
     for p, name in enumerate(_PROJ_NAMES):
-        norm = w[p].norm()
-        err = (w[p] - approx[p]).norm()
+        norm, err = w[p].norm(), (w[p] - approx[p]).norm()
         errors[name] = float(err / norm) if norm > 0 else float(err)
-    dtype = in_proj_weight.dtype
-    return down.reshape(3 * g * r, d).to(dtype), up.reshape(3, d, r).to(dtype), errors
-
+    return down, up, errors
