@@ -127,14 +127,22 @@ def _params(cases, gpu):
     return [pytest.param(*c[1:], id=c[0], marks=marks) for c in cases]
 
 
+@pytest.fixture(params=["rebuild", "absorbed"])
+def fwd_variant(request, monkeypatch):
+    """Both forward kernels: q/k/v rebuilt from latent tiles, and attention on the latent."""
+    monkeypatch.setenv("MLRA_FWD_VARIANT", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize(
     "B,T,H,g,r,dh,dtype,causal,bias,kpm,extra", _params(CPU_CASES, False) + _params(GPU_CASES, True)
 )
-def test_forward_backward_vs_float64(B, T, H, g, r, dh, dtype, causal, bias, kpm, extra):
+def test_forward_backward_vs_float64(B, T, H, g, r, dh, dtype, causal, bias, kpm, extra, fwd_variant):
     x, down, up, b, go = make_inputs(B, T, H, g, r, dh, bias=bias)
     mask = key_padding(kpm, B, T)
     dt = DTYPES[dtype]
     _require_kernels(x.to(dt))
+    assert launcher.fwd_variant(r, dh) == fwd_variant
     kw = dict(num_heads=H, latent_groups=g, causal=causal, **extra)
     ins = [x, down, up, b]
     exact = run_case(mlra_attention_reference, ins, torch.float64, go, mask, **kw)
@@ -182,11 +190,12 @@ def _seed_after(manual_seed):
     return int(torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64).item())
 
 
-def test_dropout_matches_reference_with_kernel_mask():
+def test_dropout_matches_reference_with_kernel_mask(fwd_variant):
     B, T, H, g, r, dh, p = 2, 37, 2, 1, 16, 32, 0.3
     x, down, up, b, go = make_inputs(B, T, H, g, r, dh)
     mask = key_padding("random", B, T)
     _require_kernels(x.float())
+    assert launcher.fwd_variant(r, dh) == fwd_variant
     keep = launcher.dropout_keep_mask(B, H, T, p, _seed_after(123), x.device)
     torch.manual_seed(123)
     got = run_case(mlra_kernels.mlra_attention, [x, down, up, b], torch.float32, go, mask,
@@ -338,6 +347,16 @@ def test_argument_errors(change, match):
     key_args = {k: args.pop(k) for k in ("key_padding_mask", "attn_mask") if k in args}
     with pytest.raises((ValueError, TypeError), match=match):
         mlra_kernels.mlra_attention(args["x"], args["down"], args["up"], args["bias"], **kw, **key_args)
+
+
+def test_fwd_variant_choice(monkeypatch):
+    monkeypatch.setenv("MLRA_FWD_VARIANT", "auto")
+    assert launcher.fwd_variant(8, 64) == "absorbed" and launcher.fwd_variant(192, 64) == "rebuild"
+    monkeypatch.setenv("MLRA_FWD_VARIANT", "absorbed")
+    assert launcher.fwd_variant(512, 64) == "rebuild", "the absorbed kernel holds at most r = 256"
+    monkeypatch.setenv("MLRA_FWD_VARIANT", "fastest")
+    with pytest.raises(ValueError, match="MLRA_FWD_VARIANT"):
+        launcher.fwd_variant(8, 64)
 
 
 def test_factors_from_dense_exact_at_full_rank():

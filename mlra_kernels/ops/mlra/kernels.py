@@ -176,6 +176,97 @@ def _mlra_fwd_kernel(
     tl.store(LSE + i_bh * T + o_m, b_lse, mask=m_m)
 
 
+def _prune_absorbed(configs, named_args, **kwargs):
+    # The [BM, r] accumulator and q·B_K tile live in registers: keep BM small when r is large.
+    block_rf = named_args["BLOCK_RF"]
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] * block_rf <= 64 * 256]
+    return kept or configs[:1]
+
+
+@triton.autotune(configs=_configs(), key=_KEY + ["BLOCK_RF"], prune_configs_by={"early_config_prune": _prune_absorbed})
+@triton.jit(do_not_specialize=["T", "seed"])
+def _mlra_fwd_absorbed_kernel(
+    C, UP, BIAS, KPM, O, LSE,
+    stride_cb, stride_ct, stride_ob, stride_ot,
+    T, H, HPG, R, DH, D, GR,
+    scale, seed, dropout_p,
+    CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_RF: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Attention on the latent: ``s = (q·B_K) c_Kᵀ`` and ``O = (P c_V)·B_Vᵀ + b_V``; same outputs as
+    ``_mlra_fwd_kernel``. Each key block costs ``4·BM·BN·r`` instead of ``4·BN·d_h·(BM + r)``."""
+    i_m = tl.program_id(0).to(tl.int64)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    i_g = i_h // HPG
+    dtype = O.dtype.element_ty
+    qk_scale = scale * 1.4426950408889634
+
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = o_m < T
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < DH
+    o_r = tl.arange(0, BLOCK_RF)
+    m_r = o_r < R
+
+    p_c = C + i_b * stride_cb + i_g * R
+    p_w = UP + i_h * DH * R
+    b_q = _rebuild_tile(p_c, stride_ct, p_w, o_m, m_m, o_d, m_d, R, BLOCK_M, BLOCK_D, BLOCK_R, PREC, UPCAST)
+    if HAS_BIAS:
+        b_q += tl.load(BIAS + i_h * DH + o_d, mask=m_d, other=0.0).to(tl.float32)[None, :]
+    b_wk = tl.load(p_w + D * R + o_d[:, None] * R + o_r[None, :], mask=m_d[:, None] & m_r[None, :], other=0.0)  # [BD, RF]
+    b_qk = _dot(b_q.to(dtype), b_wk, None, PREC, UPCAST).to(dtype)  # [BM, RF]
+
+    b_mi = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    b_li = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
+    b_ld = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
+    b_acc = tl.full([BLOCK_M, BLOCK_RF], 0.0, dtype=tl.float32)
+
+    if CAUSAL:
+        end_n = tl.minimum((i_m + 1) * BLOCK_M, T)
+    else:
+        end_n = T
+    for n0 in range(0, end_n, BLOCK_N):
+        o_n = n0 + tl.arange(0, BLOCK_N)
+        m_n = o_n < T
+        m_c = m_n[:, None] & m_r[None, :]
+        b_ck = tl.load(p_c + GR + o_n[:, None] * stride_ct + o_r[None, :], mask=m_c, other=0.0)  # [BN, RF]
+        b_cv = tl.load(p_c + 2 * GR + o_n[:, None] * stride_ct + o_r[None, :], mask=m_c, other=0.0)  # [BN, RF]
+
+        b_s = _dot(b_qk, tl.trans(b_ck), None, PREC, UPCAST) * qk_scale  # [BM, BN]
+        if HAS_KPM:
+            b_s += tl.load(KPM + i_b * T + o_n, mask=m_n, other=0.0)[None, :] * 1.4426950408889634
+        b_s = tl.where(_score_mask(o_m, o_n, T, CAUSAL), b_s, float("-inf"))
+
+        b_mnew = tl.maximum(b_mi, tl.max(b_s, 1))
+        b_mref = tl.where(b_mnew == float("-inf"), 0.0, b_mnew)
+        b_alpha = tl.exp2(b_mi - b_mref)
+        b_p = tl.exp2(b_s - b_mref[:, None])  # [BM, BN]
+        b_li = b_li * b_alpha + tl.sum(b_p, 1)
+        if DROPOUT:
+            b_keep = _dropout_keep(seed, i_bh, o_m, o_n, T, dropout_p)
+            b_p = tl.where(b_keep, b_p / (1.0 - dropout_p), 0.0)
+        b_ld = b_ld * b_alpha + tl.sum(b_p, 1)
+        b_acc = b_acc * b_alpha[:, None] + _dot(b_p.to(dtype), b_cv, None, PREC, UPCAST)
+        b_mi = b_mnew
+
+    m_live = b_li > 0.0
+    b_lsafe = tl.where(m_live, b_li, 1.0)
+    b_wv = tl.load(p_w + 2 * D * R + o_d[None, :] * R + o_r[:, None], mask=m_d[None, :] & m_r[:, None], other=0.0)  # [RF, BD]
+    b_o = _dot((b_acc / b_lsafe[:, None]).to(dtype), b_wv, None, PREC, UPCAST)  # [BM, BD]
+    if HAS_BIAS:
+        # Rows of P sum to 1 (0 for a fully masked row); with dropout, to the kept mass.
+        b_bv = tl.load(BIAS + 2 * D + i_h * DH + o_d, mask=m_d, other=0.0).to(tl.float32)
+        b_o += (b_ld / b_lsafe)[:, None] * b_bv[None, :]
+    b_lse = tl.where(m_live, (b_mi + tl.log2(b_lsafe)) * 0.6931471805599453, float("inf"))
+
+    p_o = O + i_b * stride_ob + o_m[:, None] * stride_ot + i_h * DH + o_d[None, :]
+    tl.store(p_o, b_o.to(dtype), mask=m_m[:, None] & m_d[None, :])
+    tl.store(LSE + i_bh * T + o_m, b_lse, mask=m_m)
+
+
 @triton.autotune(configs=_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune})
 @triton.jit(do_not_specialize=["T", "seed"])
 def _mlra_bwd_dkdv_kernel(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -75,6 +76,29 @@ def _dims(x_shape, num_heads: int, latent_groups: int, r: int):
     return B, T, d, num_heads, num_heads // latent_groups, r, d // num_heads
 
 
+FWD_VARIANTS = ("auto", "rebuild", "absorbed")
+
+
+def fwd_variant(r: int, dh: int) -> str:
+    """Forward kernel for rank ``r`` and head dim ``d_h``: ``"rebuild"`` or ``"absorbed"``.
+
+    ``MLRA_FWD_VARIANT`` (``auto``/``rebuild``/``absorbed``) overrides. ``auto`` is a FLOP model until
+    GPU measurements replace it: per (BM=128)×BN tile the rebuild form costs ``4·BN·d_h·(BM + r)`` and
+    the absorbed form ``4·BM·BN·r``; the absorbed form also needs its ``[BM, r]`` accumulator in
+    registers, so it is only taken for ``r ≤ 128``. The absorbed form never handles ``r > 256``.
+    """
+    requested = os.environ.get("MLRA_FWD_VARIANT", "auto").strip().lower() or "auto"
+    if requested not in FWD_VARIANTS:
+        raise ValueError(f"MLRA_FWD_VARIANT must be one of {FWD_VARIANTS}, got {requested!r}")
+    rf = _pow2(r)
+    if requested == "absorbed":
+        return "absorbed" if rf <= 256 else "rebuild"
+    if requested == "rebuild":
+        return "rebuild"
+    bm = 128
+    return "absorbed" if rf <= 128 and bm * r < dh * (bm + r) else "rebuild"
+
+
 def mlra_fwd(
     c: Tensor, up: Tensor, bias: Optional[Tensor], kpm: Optional[Tensor], *,
     num_heads: int, latent_groups: int, causal: bool, scale: float, dropout_p: float, seed: int,
@@ -87,12 +111,18 @@ def mlra_fwd(
     lse = _alloc((B, H, T), torch.float32, c.device)
     dummy = c  # never read when the matching flag is off
     grid = lambda meta: (triton_cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
-    kernels()._mlra_fwd_kernel[grid](
+    meta = _meta(c, r, dh, causal, bias is not None, kpm is not None, dropout_p)
+    if fwd_variant(r, dh) == "absorbed":
+        kernel = kernels()._mlra_fwd_absorbed_kernel
+        meta["BLOCK_RF"] = _pow2(r)
+    else:
+        kernel = kernels()._mlra_fwd_kernel
+    kernel[grid](
         c, up, bias if bias is not None else dummy, kpm if kpm is not None else dummy, o, lse,
         c.stride(0), c.stride(1), o.stride(0), o.stride(1),
         T, H, hpg, r, dh, d, latent_groups * r,
         scale, seed, dropout_p,
-        **_meta(c, r, dh, causal, bias is not None, kpm is not None, dropout_p),
+        **meta,
     )
     return o, lse
 
