@@ -42,8 +42,9 @@ def _worker(rank, world, init_file, out_dir, dtype):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world", [2, 3])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(
+    "world, dtype", [(2, torch.float32), (3, torch.bfloat16)], ids=["2ranks-fp32", "3ranks-bf16"]
+)
 def test_sharded_equals_whole(world, dtype, tmp_path):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     mp.spawn(_worker, args=(world, str(tmp_path / "pg_init"), str(tmp_path), dtype), nprocs=world, join=True)

@@ -98,8 +98,15 @@ void test_merge() {
     push(i < 317 ? a : b, xs[i]);
   }
   merge(a, b);
-  expect(a.count == whole.count && close(a.mean, whole.mean, 1e-15) && close(a.m2, whole.m2, 1e-9),
-         "Chan merge of two Welford states equals one pass");
+  // Two-pass float64 M2 as the reference for both.
+  double mean = 0, m2 = 0;
+  for (double x : xs) mean += x;
+  mean /= static_cast<double>(xs.size());
+  for (double x : xs) m2 += (x - mean) * (x - mean);
+  expect(whole.count == 1000 && close(whole.mean, mean, 1e-14) && close(whole.m2, m2, 1e-9),
+         "Welford over 1000 values offset by 1e6: m2 " + std::to_string(whole.m2) + " vs " + std::to_string(m2));
+  expect(a.count == 1000 && close(a.mean, mean, 1e-14) && close(a.m2, m2, 1e-9),
+         "Chan merge of two Welford states: m2 " + std::to_string(a.m2) + " vs " + std::to_string(m2));
   Partial e = empty_partial();
   merge(e, whole);
   expect(e.count == whole.count && e.mean == whole.mean && e.m2 == whole.m2, "merge into an empty state copies");
