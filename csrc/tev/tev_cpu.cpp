@@ -11,7 +11,8 @@
 namespace mlra::tev {
 namespace {
 
-constexpr int64_t kChunkElems = 1 << 16;  // elements per parallel work item
+constexpr int64_t kChunkElems = 1 << 16;  // elements per work item (fixed: the merge order depends on it)
+constexpr int64_t kMinThreadElems = 1 << 18;
 
 #if defined(MLRA_HAVE_AVX2_PATH)
 Partial reduce_rows_avx2(const Problem& pb, int64_t b, int64_t e) {
@@ -42,7 +43,9 @@ void tev_cpu(const Problem& problem, Partial* out) {
   const int64_t rows_per_chunk = std::max<int64_t>(1, kChunkElems / problem.dim);
   const int64_t n_chunks = (problem.n_rows + rows_per_chunk - 1) / rows_per_chunk;
   std::vector<Partial> partials(static_cast<size_t>(n_chunks), empty_partial());
-  at::parallel_for(0, n_chunks, 1, [&](int64_t c_begin, int64_t c_end) {
+  // At least kMinThreadElems elements per thread: below that, waking threads costs more than it saves.
+  const int64_t grain = std::max<int64_t>(1, kMinThreadElems / (rows_per_chunk * problem.dim));
+  at::parallel_for(0, n_chunks, grain, [&](int64_t c_begin, int64_t c_end) {
     for (int64_t c = c_begin; c < c_end; ++c) {
       const int64_t r_end = std::min(problem.n_rows, (c + 1) * rows_per_chunk);
       partials[static_cast<size_t>(c)] = reduce_rows(problem, c * rows_per_chunk, r_end);
