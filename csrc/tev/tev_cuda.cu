@@ -2,7 +2,7 @@
 //
 // One warp per row, grid-stride over rows. Rows are read with 16-byte loads (4 fp32 or 8 fp16/bf16 per
 // thread) when the row start and the row stride allow it, else with scalar strided loads. Each thread
-// sums shifted values y = x - K (K = first element of the row) in fp32 over at most 4 loads, then adds
+// sums shifted values y = x - K (K = mean of the row's first 32 elements) in fp32 over at most 4 loads, then adds
 // them into fp64; the warp reduces the fp64 sums with shuffles. Lane 0 keeps a Welford state of TEV_i.
 // Warps merge into a block partial (Chan); the last block to finish merges all block partials in a fixed
 // tree order and writes the 5 output doubles, so a single launch produces the final stats on the device.
@@ -40,6 +40,17 @@ __device__ __forceinline__ void acc16(const uint4& v, float k, float& a1, float&
   }
 }
 
+// Shift K for a row: the fp32 mean of its first min(d, 32) elements, the same value in every lane
+// (reduced with xor shuffles, then lane 0's sum broadcast, since xor sums may differ in the last bit).
+template <typename T>
+__device__ __forceinline__ float warp_pivot(const T* p, int64_t d, int64_t stride, int lane) {
+  const int n = d < kWarp ? static_cast<int>(d) : kWarp;
+  float x = lane < n ? to_f(p[lane * stride]) : 0.f;
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o /= 2) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return __shfl_sync(0xffffffffu, x, 0) / static_cast<float>(n);
+}
+
 __device__ __forceinline__ Partial load_cg(const Partial* p) {
   const double* d = reinterpret_cast<const double*>(p);
   return Partial{__ldcg(d), __ldcg(d + 1), __ldcg(d + 2), __ldcg(d + 3), __ldcg(d + 4)};
@@ -69,7 +80,7 @@ __global__ void __launch_bounds__(kBlock) tev_fwd_kernel(Problem pb, Partial* __
       continue;
     }
     const T* p = w + row * pb.stride_row;
-    const float k = to_f(p[0]);
+    const float k = warp_pivot(p, pb.dim, pb.stride_col, lane);
     double s1 = 0.0, s2 = 0.0;
     if constexpr (kVec) {
       const uint4* pv = reinterpret_cast<const uint4*>(p);
