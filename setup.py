@@ -130,9 +130,9 @@ def triton_version() -> str | None:
     return triton.__version__
 
 
-def write_build_info(with_cuda: bool, reason: str, arch_list: str | None, debug: bool) -> None:
+def build_info(with_cuda: bool, reason: str, arch_list: str | None, debug: bool) -> dict:
     nvcc = find_nvcc() if with_cuda else None
-    info = {
+    return {
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "triton": triton_version(),
@@ -143,7 +143,21 @@ def write_build_info(with_cuda: bool, reason: str, arch_list: str | None, debug:
         "debug": debug,
         "python": sys.version.split()[0],
     }
-    BUILD_INFO.write_text(json.dumps(info, indent=2) + "\n")
+
+
+BUILD_INFO_RECORD: dict = {}
+
+
+class BuildExt(cpp_extension.BuildExtension):
+    """torch's BuildExtension (ninja) that also writes _build_info.json next to the built _C, so an
+    in-place / editable build and a wheel each carry the record of exactly what was compiled."""
+
+    def run(self):
+        super().run()
+        for ext in self.extensions:
+            out_dir = pathlib.Path(self.get_ext_fullpath(ext.name)).parent
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / BUILD_INFO.name).write_text(json.dumps(BUILD_INFO_RECORD, indent=2) + "\n")
 
 
 def extensions():
@@ -155,7 +169,7 @@ def extensions():
         arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip() or DEFAULT_ARCH_LIST
         os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
     print(f"mlra-kernels: building _C with CUDA={with_cuda} ({reason}); arch list {arch_list}; DEBUG={debug}")
-    write_build_info(with_cuda, reason, arch_list, debug)
+    BUILD_INFO_RECORD.update(build_info(with_cuda, reason, arch_list, debug))
 
     opt = ["-O0", "-g"] if debug else ["-O3"]
     # No -std flag: torch picks the language standard its headers need (C++17 or C++20).
@@ -188,7 +202,7 @@ setup(
     packages=find_packages(include=["mlra_kernels", "mlra_kernels.*"]),
     package_data={"mlra_kernels": ["_build_info.json"]},
     ext_modules=extensions(),
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExt.with_options(use_ninja=True)},
     install_requires=[
         "torch>=2.4",
         "triton; platform_system == 'Linux'",
