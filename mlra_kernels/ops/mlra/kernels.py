@@ -270,6 +270,26 @@ def _mlra_fwd_absorbed_kernel(
     tl.store(LSE + i_bh * T + o_m, b_lse, mask=m_m)
 
 
+@triton.jit(do_not_specialize=["T"])
+def _mlra_bwd_preprocess_kernel(
+    O, DO, DELTA, stride_ob, stride_ot, T, H, DH,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """``delta[b, h, i] = Σ_d dO·O`` over one head (= Σ_j P_ij dP_ij), in fp32."""
+    i_m = tl.program_id(0).to(tl.int64)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_m = o_m < T
+    o_d = tl.arange(0, BLOCK_D)
+    m_md = m_m[:, None] & (o_d < DH)[None, :]
+    o_tile = i_b * stride_ob + o_m[:, None] * stride_ot + i_h * DH + o_d[None, :]
+    b_o = tl.load(O + o_tile, mask=m_md, other=0.0).to(tl.float32)  # [BM, BD]
+    b_do = tl.load(DO + o_tile, mask=m_md, other=0.0).to(tl.float32)  # [BM, BD]
+    tl.store(DELTA + i_bh * T + o_m, tl.sum(b_o * b_do, 1), mask=m_m)
+
+
 @triton.autotune(configs=_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune})
 @triton.jit(do_not_specialize=["T", "seed"])
 def _mlra_bwd_dkdv_kernel(

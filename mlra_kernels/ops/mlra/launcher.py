@@ -135,8 +135,11 @@ def mlra_bwd_qkv(
     B, T, _ = c.shape
     d, r = up.shape[1], up.shape[2]
     _, _, _, H, hpg, _, dh = _dims((B, T, d), num_heads, latent_groups, r)
-    # delta_i = Σ_j P_ij dP_ij = rowsum(dO ∘ O), per head.
-    delta = (do.float() * o.float()).view(B, T, H, dh).sum(-1).transpose(1, 2).contiguous()  # [B, H, T]
+    delta = _alloc((B, H, T), torch.float32, c.device)
+    mod = kernels()
+    mod._mlra_bwd_preprocess_kernel[(triton_cdiv(T, 64), B * H)](
+        o, do, delta, o.stride(0), o.stride(1), T, H, dh, BLOCK_M=64, BLOCK_D=_pow2(dh),
+    )
     dqkv = _alloc((B, T, 3, d), c.dtype, c.device)
     dummy = c
     args = (
@@ -146,7 +149,6 @@ def mlra_bwd_qkv(
         scale, seed, dropout_p,
     )
     meta = _meta(c, r, dh, causal, bias is not None, kpm is not None, dropout_p)
-    mod = kernels()
     mod._mlra_bwd_dkdv_kernel[lambda m: (triton_cdiv(T, m["BLOCK_N"]), B * H)](*args, **meta)
     mod._mlra_bwd_dq_kernel[lambda m: (triton_cdiv(T, m["BLOCK_M"]), B * H)](*args, **meta)
     return dqkv
