@@ -178,7 +178,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int, default=128, help="model width d (default 128)")
     p.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")
     p.add_argument("--context", type=int, default=128, help="context length T (default 128)")
-    p.add_argument("--batch", type=int, default=16, help="sequences per step (default 16)")
+    p.add_argument("--batch", type=int, default=8, help="sequences per step (default 8)")
     p.add_argument("--rank", type=int, default=None, help="MLRA rank per group (default width // 4)")
     p.add_argument("--groups", type=int, default=1, help="MLRA latent groups (default 1)")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
