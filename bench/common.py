@@ -26,6 +26,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import sys
 import pathlib
 import platform
 import statistics
@@ -98,6 +99,7 @@ def env_metadata(device: str | torch.device = "cpu") -> dict:
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "commit": _git_commit(),
+        "command": " ".join(["python", *sys.argv]),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "cpu_count": os.cpu_count(),
         "loadavg_1m": load,
