@@ -1,0 +1,98 @@
+"""Markdown tables from the committed benchmark results (bench/results/*.json).
+
+    python bench/report.py                    # print the tables
+    python bench/report.py --readme README.md # rewrite the block between the README's bench markers
+
+Every table is preceded by the line that produced it: command, device, versions, commit and date, all
+read from the result file's metadata. Nothing here measures anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import re
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+BEGIN, END = "<!-- bench-tables:begin -->", "<!-- bench-tables:end -->"
+
+
+def provenance(meta: dict, path: pathlib.Path) -> str:
+    versions = f"torch {meta['torch']}, Triton {meta.get('triton') or 'n/a'}, CUDA {meta.get('cuda') or 'n/a'}"
+    where = meta["device"] + (f" ({meta['threads']} threads)" if meta.get("threads") else "")
+    command = meta.get("command", "(command not recorded)")
+    return (
+        f"`{command}` on {where}; {versions}; commit `{meta['commit']}`, {meta['date']}. "
+        f"Source: `{path.relative_to(ROOT).as_posix()}`."
+    )
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def tev_table(data: dict) -> str:
+    header = ["V × d", "dtype", "tev GB/s", "one-liner GB/s", "speed-up", "E.sum() GB/s", "tev / sum"]
+    rows = []
+    for r in data["rows"]:
+        rows.append([
+            f"{r['shape'][0]:,} × {r['shape'][1]:,}", r["dtype"], f"{r['gbps']:.1f}", f"{r['one_liner_gbps']:.2f}",
+            f"{r['speedup_vs_one_liner']:.1f}×", f"{r['sum_gbps']:.1f}" if r.get("sum_gbps") else "–",
+            f"{100 * r['fraction_of_sum_read_rate']:.0f}%" if r.get("fraction_of_sum_read_rate") else "–",
+        ])
+    return table(header, rows)
+
+
+def mlra_table(data: dict) -> str:
+    header = ["model", "T", "g", "r", "dtype", "ours fwd+bwd ms", "unfused MLRA ms", "speed-up",
+              "fwd vs MHA", "saved for bwd vs unfused"]
+    rows = []
+    for r in data["rows"]:
+        rows.append([
+            r["model"], str(r["T"]), str(r["g"]), str(r["r"]), r["dtype"], f"{r['ours_fwdbwd_ms']:.3f}",
+            f"{r['unfused_fwdbwd_ms']:.3f}", f"{r['speedup_fwdbwd_vs_unfused']:.2f}×",
+            f"{r['speedup_fwd_vs_mha']:.2f}×", f"{r['saved_ratio_vs_unfused']:.2f}×",
+        ])
+    return table(header, rows)
+
+
+def render(results: pathlib.Path = RESULTS) -> str:
+    parts = []
+    for path in sorted(results.glob("*.json")):
+        data = json.loads(path.read_text())
+        if not data.get("rows"):
+            continue
+        if path.name.startswith("tev_"):
+            title, body = f"TEV reduction, {data['meta']['device_type'].upper()}", tev_table(data)
+        elif path.name.startswith("mlra_"):
+            title, body = "MLRA attention" + (" (smoke shapes, not a speed result)" if "smoke" in path.name else ""), mlra_table(data)
+        else:
+            continue
+        parts.append(f"**{title}.** {provenance(data['meta'], path)}\n\n{body}")
+    if not parts:
+        return "_No benchmark results are committed yet._"
+    return "\n\n".join(parts)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--readme", type=pathlib.Path, help="file whose bench block to rewrite in place")
+    args = p.parse_args(argv)
+    text = render()
+    if args.readme is None:
+        print(text)
+        return
+    doc = args.readme.read_text()
+    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.S)
+    if not pattern.search(doc):
+        raise SystemExit(f"{args.readme}: no '{BEGIN}' ... '{END}' block to rewrite")
+    args.readme.write_text(pattern.sub(lambda _: f"{BEGIN}\n{text}\n{END}", doc))
+    print(f"rewrote the benchmark block of {args.readme}")
+
+
+if __name__ == "__main__":
+    main()
