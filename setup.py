@@ -211,8 +211,10 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "transformers", "safetensors"],
-        "hf": ["transformers", "safetensors"],
+        # accelerate: transformers' Trainer needs it (tests/test_transformers.py::test_trainer_callback_logs_tev).
+        "test": ["pytest", "pytest-benchmark", "transformers", "safetensors", "accelerate"],
+        "transformers": ["transformers", "safetensors"],
+        "hf": ["transformers", "safetensors"],  # alias of "transformers"
     },
     entry_points={"console_scripts": ["mlra = mlra_kernels.cli:main"]},
     zip_safe=False,
