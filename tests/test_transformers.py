@@ -117,6 +117,41 @@ def test_convert_errors():
         convert_gpt2(_model(), rank=4, init="zeros")
 
 
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(rank=8.5), TypeError, r"rank must be a positive int, got 8\.5"),
+        (dict(rank="8"), TypeError, "rank must be a positive int"),
+        (dict(rank=True), TypeError, "rank must be a positive int"),
+        (dict(rank=0), ValueError, "rank must be a positive int, got 0"),
+        (dict(rank=-3), ValueError, "rank must be a positive int"),
+        (dict(rank=D + 1), ValueError, rf"rank must be in \[1, embed_dim={D}\], got {D + 1}"),
+        (dict(rank=4, latent_groups=0), ValueError, "latent_groups must be a positive int, got 0"),
+        (dict(rank=4, latent_groups=-2), ValueError, "latent_groups must be a positive int"),
+        (dict(rank=4, latent_groups=2.0), TypeError, "latent_groups must be a positive int"),
+        (dict(rank=4, latent_groups=3), ValueError, "latent_groups=3 must divide num_heads=4"),
+        (dict(rank=4, init="SVD"), ValueError, "init must be 'svd' or 'random', got 'SVD'"),
+        (dict(rank=4, init=None), ValueError, "init must be 'svd' or 'random', got None"),
+    ],
+)
+def test_convert_argument_errors_name_the_argument(kwargs, error, match):
+    model = _model()
+    with pytest.raises(error, match=match):
+        convert_gpt2(model, **kwargs)
+    # Nothing was replaced.
+    assert not any(isinstance(b.attn, MLRAGPT2Attention) for b in model.transformer.h)
+
+
+def test_convert_accepts_integral_arguments():
+    import numpy as np
+
+    model = convert_gpt2(_model(), rank=np.int64(4), latent_groups=np.int32(2))
+    attn = model.transformer.h[0].attn
+    assert (attn.rank, attn.latent_groups) == (4, 2) and type(attn.rank) is int
+    assert model.config.mlra_rank == 4 and type(model.config.mlra_rank) is int
+    assert convert_gpt2(_model(), rank=None).transformer.h[0].attn.rank == D // 4
+
+
 def test_callback_hooks_record_tev_and_loss(tmp_path):
     from transformers import TrainerControl, TrainerState
 

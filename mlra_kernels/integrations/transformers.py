@@ -18,6 +18,7 @@ What the converted attention supports:
 from __future__ import annotations
 
 import inspect
+import numbers
 from typing import Any, Optional
 
 import torch
@@ -38,6 +39,30 @@ from transformers.cache_utils import EncoderDecoderCache
 from transformers.models.gpt2 import modeling_gpt2
 
 
+_INITS = ("svd", "random")
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a positive int, got {value!r} ({type(value).__name__})")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value}")
+    return int(value)
+
+
+def _check_args(rank: Any, latent_groups: Any, init: Any, embed_dim: int, num_heads: int) -> tuple[int, int]:
+    """Validate the conversion arguments; returns ``(rank, latent_groups)`` as plain ints."""
+    rank = _positive_int("rank", rank)
+    if rank > embed_dim:
+        raise ValueError(f"rank must be in [1, embed_dim={embed_dim}], got {rank}")
+    latent_groups = _positive_int("latent_groups", latent_groups)
+    if num_heads % latent_groups != 0:
+        raise ValueError(f"latent_groups={latent_groups} must divide num_heads={num_heads}")
+    if not isinstance(init, str) or init not in _INITS:
+        raise ValueError(f"init must be 'svd' or 'random', got {init!r}")
+    return rank, latent_groups
+
+
 class MLRAGPT2Attention(nn.Module):
     """GPT-2 self-attention with MLRA Q/K/V projections; the output projection ``c_proj`` is kept.
 
@@ -50,10 +75,7 @@ class MLRAGPT2Attention(nn.Module):
         if getattr(attn, "is_cross_attention", False):
             raise ValueError("MLRAGPT2Attention replaces self-attention only")
         d, H = attn.embed_dim, attn.num_heads
-        if not 1 <= rank <= d:
-            raise ValueError(f"rank must be in [1, embed_dim={d}], got {rank}")
-        if H % latent_groups != 0:
-            raise ValueError(f"latent_groups={latent_groups} must divide num_heads={H}")
+        rank, latent_groups = _check_args(rank, latent_groups, init, d, H)
         self.config = attn.config
         self.layer_idx = attn.layer_idx
         self.embed_dim, self.num_heads, self.head_dim = d, H, d // H
@@ -74,12 +96,10 @@ class MLRAGPT2Attention(nn.Module):
                 down, up, self.svd_error = factorize_in_proj(w.detach().t(), rank, latent_groups, H)
                 self.down.copy_(down)
                 self.up.copy_(up)
-            elif init == "random":
+            else:  # "random" (checked above)
                 nn.init.normal_(self.down, std=0.02)
                 nn.init.normal_(self.up, std=0.02)
                 self.qkv_bias.zero_()
-            else:
-                raise ValueError(f"init must be 'svd' or 'random', got {init!r}")
 
     def _expand(self, c: Tensor, p: int) -> Tensor:
         """Latent ``[B, S, g·r]`` of projection ``p`` to heads ``[B, H, S, d_h]``."""
@@ -141,8 +161,8 @@ def convert_gpt2(model: nn.Module, rank: Optional[int] = None, latent_groups: in
     Args:
         model: a ``GPT2LMHeadModel``, ``GPT2Model`` or any model with a ``transformer.h`` /
             ``h`` list of ``GPT2Block``.
-        rank: rank per latent group; default ``n_embd // 4``.
-        latent_groups: number of latent groups ``g``.
+        rank: rank per latent group, an int in ``[1, n_embd]``; default ``max(1, n_embd // 4)``.
+        latent_groups: number of latent groups ``g``, a positive int that divides ``n_head``.
         init: ``"svd"`` factorises the trained ``c_attn`` (a ``Conv1D``, ``[d, 3·d]``) by truncated SVD,
             exact at ``rank = n_embd``; ``"random"`` draws the factors from N(0, 0.02) and zeroes the
             Q/K/V bias. ``c_proj`` is kept in both cases.
@@ -164,6 +184,8 @@ def convert_gpt2(model: nn.Module, rank: Optional[int] = None, latent_groups: in
         raise TypeError(f"model must be a transformers GPT-2 (with GPT2Block layers), got {type(model).__name__}")
     if rank is None:
         rank = default_rank(body.config.n_embd)
+    # Checked before any block is replaced, so a bad argument leaves the model untouched.
+    rank, latent_groups = _check_args(rank, latent_groups, init, body.config.n_embd, body.config.n_head)
     for block in blocks:
         if isinstance(block.attn, MLRAGPT2Attention):
             raise ValueError("the model is already converted to MLRA")
