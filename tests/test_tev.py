@@ -133,6 +133,27 @@ def test_nonfinite_rows_counted_and_left_out(dtype, poison_empty):
     assert torch.isnan(got.per_token[[3, 17, 250, 499]]).all()
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("view", ["contiguous", "strided"])
+def test_huge_finite_rows_are_counted_not_dropped(dtype, view, poison_empty):
+    # Squares of |x| ~ 1e19 .. 1e30 overflow fp32; such a row is finite and must be counted (TEV is
+    # there to flag a blow-up, not to hide it), while a NaN row is still left out.
+    w = make(300, 64, torch.float64, seed=21)
+    w[5] *= 1e19
+    w[77] = w[77] * 1e30 + 3e30
+    w[140, 7] = float("nan")
+    w = w.to(DTYPES[dtype])
+    if view == "strided":
+        w = w.t().contiguous().t()
+    got = tev(w, per_token=True)
+    ref = tev_reference(w)
+    assert got.nonfinite_rows == 1 and got.rows == 299
+    check(got, ref)
+    per_row = w.double().std(dim=1, unbiased=False)
+    assert rel(got.per_token[5].item(), per_row[5].item()) <= 1e-5
+    assert rel(got.per_token[77].item(), per_row[77].item()) <= 1e-5
+
+
 def test_all_rows_nonfinite_gives_nan_and_count():
     w = torch.full((4, 8), float("nan"))
     got = tev(w)
@@ -269,3 +290,21 @@ def test_torch_compile_fullgraph():
     a, b = compiled(w)
     ea, eb = f(w)
     assert torch.equal(a, ea) and torch.equal(b, eb)
+
+
+def test_cuda_weight_with_a_cpu_only_extension_says_how_to_rebuild(monkeypatch):
+    import types
+
+    from mlra_kernels import _ext
+    from mlra_kernels.ops.tev import op
+
+    class LooksCuda(torch.Tensor):  # what tev_partials sees of a CUDA tensor, without a GPU
+        @property
+        def is_cuda(self):
+            return True
+
+    ensure_loaded()
+    monkeypatch.setattr(_ext, "load", lambda: types.SimpleNamespace(with_cuda=False))
+    w = torch.Tensor._make_subclass(LooksCuda, torch.randn(4, 8))
+    with pytest.raises(_ext.ExtensionNotAvailableError, match="built without CUDA.*pip install --no-build-isolation"):
+        op.tev_partials(w)

@@ -92,6 +92,18 @@ def test_nonfinite_rows(dtype, poison_empty):
     check(got, ref)
 
 
+def test_huge_finite_rows_are_counted_not_dropped(poison_empty):
+    w = make(300, 64, torch.float32, seed=21).double()
+    w[5] *= 1e19
+    w[77] = w[77] * 1e30 + 3e30
+    w[140, 7] = float("nan")
+    for dtype in (torch.float32, torch.bfloat16):
+        wd = w.to(dtype)
+        got, ref = tev(wd.cuda()), tev_reference(wd)
+        assert got.nonfinite_rows == 1 and got.rows == 299
+        assert abs(got.mean - ref.mean) <= 1e-6 * ref.mean and abs(got.std - ref.std) <= 1e-6 * ref.std
+
+
 @pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
 def test_rows_subset_and_bad_index(index_dtype, poison_empty):
     w = make(2000, 128, torch.bfloat16, seed=13)

@@ -185,6 +185,21 @@ MLRA_TARGET_AVX2 __attribute__((noinline)) void row_sums_avx2(const typename L::
 }
 #endif
 
+// The same sums in fp64, for a row whose fp32 squares overflowed (|x - K| above ~1.8e19): finite values
+// of any supported dtype square without overflow in fp64, so only a row holding NaN or Inf stays non-finite.
+template <class L>
+inline void row_sums_fp64(const typename L::Raw* p, int64_t d, int64_t stride, double& s1, double& s2) {
+  const double k = static_cast<double>(L::f(p[0]));  // a sum of such values may overflow fp32; one cannot
+  double a1 = 0.0, a2 = 0.0;
+  for (int64_t j = 0; j < d; ++j) {
+    const double y = static_cast<double>(L::f(p[j * stride])) - k;
+    a1 += y;
+    a2 += y * y;
+  }
+  s1 = a1;
+  s2 = a2;
+}
+
 MLRA_ALWAYS_INLINE int64_t row_index(const Problem& pb, int64_t r) {
   if (pb.rows == nullptr) return r;
   return pb.rows_int64 ? static_cast<const int64_t*>(pb.rows)[r]
@@ -220,6 +235,7 @@ MLRA_ALWAYS_INLINE Partial reduce_rows(const Problem& pb, int64_t r_begin, int64
     } else {
       row_sums_strided<L>(p, pb.dim, pb.stride_col, s1, s2);
     }
+    if (!finite_sums(s1, s2)) row_sums_fp64<L>(p, pb.dim, pb.stride_col, s1, s2);
     if (!finite_sums(s1, s2)) {
       acc.nonfinite += 1.0;
       if (pb.per_token) pb.per_token[r] = nan;

@@ -126,6 +126,22 @@ __global__ void __launch_bounds__(kBlock) tev_fwd_kernel(Problem pb, Partial* __
       s1 += __shfl_xor_sync(0xffffffffu, s1, o);
       s2 += __shfl_xor_sync(0xffffffffu, s2, o);
     }
+    // fp32 squares overflow for |x - K| above ~1.8e19: redo such a row in fp64, so that only a row
+    // holding NaN or Inf counts as non-finite. Lane 0 decides for the whole warp.
+    if (__shfl_sync(0xffffffffu, static_cast<int>(!finite_sums(s1, s2)), 0)) {
+      const double kd = static_cast<double>(to_f(p[0]));  // k itself may have overflowed
+      s1 = s2 = 0.0;
+      for (int64_t j = lane; j < pb.dim; j += kWarp) {
+        const double y = static_cast<double>(to_f(p[j * pb.stride_col])) - kd;
+        s1 += y;
+        s2 += y * y;
+      }
+#pragma unroll
+      for (int o = kWarp / 2; o > 0; o /= 2) {
+        s1 += __shfl_xor_sync(0xffffffffu, s1, o);
+        s2 += __shfl_xor_sync(0xffffffffu, s2, o);
+      }
+    }
     if (lane == 0) {
       if (!finite_sums(s1, s2)) {
         acc.nonfinite += 1.0;

@@ -57,6 +57,7 @@ def tev(
     Returns:
         TEVStats(mean, std, per_token, rows, nonfinite_rows). Rows holding NaN or Inf are left out of
         mean and std and counted in ``nonfinite_rows``; if every row is left out, mean and std are NaN.
+        Rows of huge but finite values (whose squares overflow fp32) are counted: they are redone in fp64.
 
     Raises:
         ValueError: weight is not 2-D, or is empty. TypeError: unsupported dtype. IndexError: an entry of

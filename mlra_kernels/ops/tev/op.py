@@ -35,4 +35,10 @@ def tev_partials(weight: Tensor, rows: Optional[Tensor] = None, per_token: bool 
     The partials are (count, mean, M2, nonfinite, bad_index), see ``csrc/tev/tev.h``.
     """
     ensure_loaded()
+    if weight.is_cuda and not getattr(_ext.load(), "with_cuda", False):
+        raise _ext.ExtensionNotAvailableError(
+            "tev: weight is a CUDA tensor but mlra_kernels._C was built without CUDA (no nvcc was found, or "
+            "MLRA_SKIP_CUDA_BUILD=1 was set). Rebuild it on a host with the CUDA toolkit: run "
+            f"`{_ext.BUILD_COMMAND}` in the mlra-kernels source checkout, or pass weight.cpu()."
+        )
     return torch.ops.mlra.tev_partials(weight, rows, per_token)
