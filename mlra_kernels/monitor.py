@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import os
 import time
-import warnings
 from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor, nn
+
+from mlra_kernels._warnings import warn_once
 
 _EMBEDDING_NAMES = ("wte", "tok_embeddings", "embed_tokens", "word_embeddings", "token_embedding", "embed_in")
 
@@ -68,11 +69,20 @@ def compute_tev(
         try:
             stats = tev(w, rows=rows, unbiased=unbiased)
             return float(stats.mean), float(stats.std), int(stats.nonfinite_rows), True
-        except ImportError as err:  # the compiled extension is missing or stale
-            warnings.warn(
-                f"{err} TEV is computed in plain torch meanwhile, which is slower.", stacklevel=3
+        except ImportError as err:  # the compiled extension is missing, stale, or lacks CUDA
+            warn_once(
+                "tev-monitor-no-extension",
+                f"{err} TEVMonitor computes TEV with the float64 torch reference meanwhile, which is slower.",
+                stacklevel=4,
             )
             use_op = False
+    elif w.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        warn_once(
+            f"tev-monitor-dtype-{w.dtype}",
+            f"TEVMonitor: the embedding is {w.dtype}, which the streaming TEV op does not take (float32, "
+            "float16 or bfloat16); TEV is computed with the float64 torch reference, which is slower.",
+            stacklevel=4,
+        )
     stats = tev_reference(w, rows=rows, unbiased=unbiased)
     return float(stats.mean), float(stats.std), int(stats.nonfinite_rows), use_op
 

@@ -162,3 +162,36 @@ def test_monitor_reads_through_the_tev_op_when_built():
     mean, std, bad, used = compute_tev(emb.weight)
     stats = tev(emb.weight)
     assert used and (mean, std, bad) == (stats.mean, stats.std, stats.nonfinite_rows)
+
+
+def test_falls_back_to_the_reference_with_one_warning(monkeypatch):
+    from mlra_kernels import _ext, _warnings
+
+    def missing():
+        raise _ext.ExtensionNotAvailableError("the compiled extension mlra_kernels._C is not built.")
+
+    monkeypatch.setattr(_ext, "load", missing)
+    monkeypatch.setattr("mlra_kernels.ops.tev.op._fake_registered", False)
+    monkeypatch.setattr(_warnings, "_WARNED", set())
+    emb = _emb(V=200, d=32, seed=3)
+    with pytest.warns(UserWarning, match="float64 torch reference"):
+        first = TEVMonitor(emb, every=1).step(0)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second monitor in the same process does not warn again
+        second = TEVMonitor(emb, every=1).step(0)
+    mean, std = _expected(emb.weight)
+    for rec in (first, second):
+        assert rec["tev_mean"] == pytest.approx(mean, rel=1e-12) and rec["tev_std"] == pytest.approx(std, rel=1e-12)
+
+
+def test_float64_embedding_warns_once_and_is_exact(monkeypatch):
+    from mlra_kernels import _warnings
+
+    monkeypatch.setattr(_warnings, "_WARNED", set())
+    E = _emb(V=100, d=16, seed=4).weight.detach().double()
+    with pytest.warns(UserWarning, match="float64"):
+        rec = TEVMonitor(E, every=1).step(0)
+    mean, std = _expected(E)
+    assert rec["tev_mean"] == pytest.approx(mean, rel=1e-12) and rec["tev_std"] == pytest.approx(std, rel=1e-12)
