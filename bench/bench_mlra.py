@@ -68,7 +68,6 @@ def mha_flops(B, T, d, H, causal=True):
     return 2 * B * T * d * (3 * d) + 4 * B * H * pairs * (d // H)
 
 
-# ---- the three implementations --------------------------------------------------------------------
 
 
 def _sdpa_backends():
@@ -114,7 +113,6 @@ def mha(x, w, b, H, backend=None):
     return o.transpose(1, 2).reshape(B, T, d)
 
 
-# ---- measurement helpers --------------------------------------------------------------------------
 
 
 def saved_bytes(fn, inputs):
@@ -225,7 +223,6 @@ def correctness_gate(device, dtypes):
     print(f"correctness gate passed for {', '.join(str(d) for d in dtypes)}", flush=True)
 
 
-# ---- the grid ------------------------------------------------------------------------------------
 
 
 def bench_row(model, d, H, T, B, g, r, dtype_name, device):

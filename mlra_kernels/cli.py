@@ -23,7 +23,6 @@ class CLIError(Exception):
     """A user error: printed as one line, exit status 1."""
 
 
-# ----------------------------------------------------------------------------- mlra tev
 
 
 def _pick_key(keys: Sequence[str], shapes: dict, key: Optional[str], source: str) -> str:
@@ -108,6 +107,11 @@ def cmd_tev(args: argparse.Namespace) -> int:
     key, weight = load_embedding(args.model, args.key)
     if weight.dim() != 2:
         raise CLIError(f"{key} has shape {list(weight.shape)}; a token embedding is 2-D [V, d]")
+    if not weight.is_floating_point():
+        raise CLIError(
+            f"{key} has dtype {str(weight.dtype).replace('torch.', '')}; TEV is defined on a floating-point "
+            "embedding (dequantize the checkpoint first, or pick another tensor with --key)"
+        )
     mean, std, bad, _ = compute_tev(weight, unbiased=args.unbiased)
     if args.json:
         print(json.dumps({"model": args.model, "key": key, "shape": list(weight.shape),
@@ -123,7 +127,6 @@ def cmd_tev(args: argparse.Namespace) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------- mlra plot, bench, info
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
@@ -187,7 +190,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------- entry point
 
 
 def build_parser() -> argparse.ArgumentParser:

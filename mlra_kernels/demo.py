@@ -200,7 +200,10 @@ def run(args: argparse.Namespace) -> list[RunResult]:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
+        raise ValueError(
+            f"--device {args.device} was asked for, but torch sees no CUDA device "
+            f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); leave --device out to use the CPU"
+        )
     out = args.out or os.path.join("runs", time.strftime("demo-%Y%m%d-%H%M%S"))
     os.makedirs(out, exist_ok=True)
 

@@ -68,6 +68,16 @@ def test_tev_safetensors_and_key_errors(tmp_path, capsys, model):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     assert main(["tev", str(tmp_path / "junk.pt")]) == 1
     assert "cannot read" in capsys.readouterr().err
+    torch.save({"wte.weight": torch.randint(-128, 127, (16, 8), dtype=torch.int8)}, tmp_path / "int8.pt")
+    assert main(["tev", str(tmp_path / "int8.pt")]) == 1
+    assert "has dtype int8; TEV is defined on a floating-point embedding" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without a GPU")
+def test_demo_on_cuda_without_a_gpu_is_a_clear_error(capsys):
+    assert main(["demo", "--device", "cuda", "--steps", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "torch sees no CUDA device" in err and "leave --device out" in err and "Traceback" not in err
 
 
 def test_tev_transformers_folder(tmp_path, capsys):
