@@ -1,7 +1,7 @@
 """Markdown tables from the committed benchmark results (bench/results/*.json).
 
     python bench/report.py                    # print the tables
-    python bench/report.py --readme README.md # rewrite the block between the README's bench markers
+    python bench/report.py --readme README.md # rewrite the README's benchmark and experiment blocks
 
 Every table is preceded by the line that produced it: command, device, versions, commit and date, all
 read from the result file's metadata. Nothing here measures anything.
@@ -16,7 +16,9 @@ import re
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
+EXPERIMENT = ROOT / "experiments" / "results" / "cpu"
 BEGIN, END = "<!-- bench-tables:begin -->", "<!-- bench-tables:end -->"
+EXP_BEGIN, EXP_END = "<!-- experiment:begin -->", "<!-- experiment:end -->"
 
 
 def provenance(meta: dict, path: pathlib.Path) -> str:
@@ -78,6 +80,28 @@ def render(results: pathlib.Path = RESULTS) -> str:
     return "\n\n".join(parts)
 
 
+def render_experiment(folder: pathlib.Path = EXPERIMENT) -> str:
+    """The setup lines and the depth-sweep tables of an experiment's summary.md, and its depth plot."""
+    summary = folder / "summary.md"
+    if not summary.exists():
+        return "_No experiment results are committed yet._"
+    text = summary.read_text()
+    body = text.split("## Rank and latent-group sweep")[0].split("\n", 1)[1].strip()
+    body = re.sub(r"\n{3,}", "\n\n", body.replace("## Depth sweep (MHA against MLRA)", ""))
+    rel = folder.relative_to(ROOT).as_posix()
+    return (
+        f"From `{rel}/summary.md` (full tables, rank sweep and correlations there):\n\n{body}\n\n"
+        f"![validation perplexity and final µ_TEV against depth]({rel}/ppl_tev_vs_depth.png)"
+    )
+
+
+def _replace_block(doc: str, begin: str, end: str, text: str, name: str) -> str:
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
+    if not pattern.search(doc):
+        raise SystemExit(f"{name}: no '{begin}' ... '{end}' block to rewrite")
+    return pattern.sub(lambda _: f"{begin}\n{text}\n{end}", doc)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--readme", type=pathlib.Path, help="file whose bench block to rewrite in place")
@@ -86,12 +110,10 @@ def main(argv=None) -> None:
     if args.readme is None:
         print(text)
         return
-    doc = args.readme.read_text()
-    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.S)
-    if not pattern.search(doc):
-        raise SystemExit(f"{args.readme}: no '{BEGIN}' ... '{END}' block to rewrite")
-    args.readme.write_text(pattern.sub(lambda _: f"{BEGIN}\n{text}\n{END}", doc))
-    print(f"rewrote the benchmark block of {args.readme}")
+    doc = _replace_block(args.readme.read_text(), BEGIN, END, text, str(args.readme))
+    doc = _replace_block(doc, EXP_BEGIN, EXP_END, render_experiment(), str(args.readme))
+    args.readme.write_text(doc)
+    print(f"rewrote the benchmark and experiment blocks of {args.readme}")
 
 
 if __name__ == "__main__":
