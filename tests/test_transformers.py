@@ -1,5 +1,7 @@
 """transformers GPT-2 converted to MLRA: logits, generate(), the latent KV cache, training, callback."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -81,6 +83,128 @@ def test_generate_gives_the_same_tokens_and_caches_latents(attn_impl):
     step = mlra(nxt, past_key_values=cache, use_cache=True).logits
     full = ref(torch.cat([prompt, nxt], dim=1)).logits[:, 5:]
     torch.testing.assert_close(step, full, rtol=1e-9, atol=1e-9)
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Record every call of the fused op from the converted attention; start with no warning issued yet."""
+    import mlra_kernels.integrations.transformers as integration
+    import mlra_kernels.ops.mlra.op as op_module
+
+    calls = []
+    real = integration.mlra_attention
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(integration, "mlra_attention", spy)
+    monkeypatch.setattr(op_module, "_WARNED", set())
+    return calls
+
+
+def _mlra_warnings(record):
+    return [w for w in record if "MLRAGPT2Attention" in str(w.message)]
+
+
+@pytest.mark.parametrize("attn_impl", ["eager", "sdpa"])
+def test_default_training_forward_calls_the_fused_op(attn_impl, fused_calls):
+    # GPT2Model makes an empty DynamicCache by default (use_cache=True) and, with eager, a 4-D causal mask;
+    # neither may keep the fused op out.
+    ref = _model(attn_impl).train()
+    mlra = convert_gpt2(_copy(ref), rank=D, latent_groups=2).train()
+    ids = torch.randint(0, 83, (3, 11), generator=torch.Generator().manual_seed(5))
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        out = mlra(ids, labels=ids)
+    assert not _mlra_warnings(record)
+    assert len(fused_calls) == 2 and all(c["key_padding_mask"] is None for c in fused_calls)
+    expected = ref(ids, labels=ids)
+    torch.testing.assert_close(out.logits, expected.logits, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(out.loss, expected.loss, rtol=1e-9, atol=1e-9)
+    out.loss.backward()
+    assert mlra.transformer.h[0].attn.down.grad.abs().sum() > 0
+    # The latents were still written to the default cache.
+    assert out.past_key_values.get_seq_length() == 11
+    assert out.past_key_values.layers[1].keys.shape == (3, 1, 11, 2 * D)
+
+
+@pytest.mark.parametrize("attn_impl", ["eager", "sdpa"])
+def test_padding_mask_goes_to_the_fused_op_as_key_padding(attn_impl, fused_calls):
+    ref = _model(attn_impl)
+    mlra = convert_gpt2(_copy(ref), rank=D)
+    ids = torch.randint(0, 83, (3, 9), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[0, :3] = 0  # left padding
+    mask[2, 7:] = 0  # right padding
+    a, b = mlra(ids, attention_mask=mask).logits, ref(ids, attention_mask=mask).logits
+    assert len(fused_calls) == 2
+    torch.testing.assert_close(fused_calls[0]["key_padding_mask"], mask == 0, rtol=0, atol=0)
+    keep = mask.bool()
+    torch.testing.assert_close(a[keep], b[keep], rtol=1e-9, atol=1e-9)
+    # An all-ones mask is no padding at all.
+    fused_calls.clear()
+    mlra(ids, attention_mask=torch.ones_like(mask))
+    assert len(fused_calls) == 2 and fused_calls[0]["key_padding_mask"] is None
+
+
+@pytest.mark.parametrize("attn_impl", ["eager", "sdpa"])
+def test_decoding_with_a_cache_uses_the_dense_path_without_warning(attn_impl, fused_calls):
+    mlra = convert_gpt2(_model(attn_impl), rank=D)
+    prompt = torch.randint(0, 83, (2, 5), generator=torch.Generator().manual_seed(7))
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        mlra.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert len(fused_calls) == 2  # the prefill only, once per layer
+    assert not _mlra_warnings(record)
+
+
+def test_general_mask_warns_once_and_runs_the_dense_attention(fused_calls):
+    ref = _model("eager")
+    mlra = convert_gpt2(_copy(ref), rank=D)
+    x = torch.randn(2, 6, D, dtype=torch.float64)
+    bias = torch.randn(2, 1, 6, 6, dtype=torch.float64)  # an additive bias, not a causal/padding mask
+    with pytest.warns(UserWarning, match=r"MLRAGPT2Attention: the attention mask \(\(2, 1, 6, 6\)\) is not causal"):
+        out, _ = mlra.transformer.h[0].attn(x, attention_mask=bias)
+    expected, _ = ref.transformer.h[0].attn(x, attention_mask=bias)
+    torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9)
+    assert not fused_calls
+    with warnings.catch_warnings(record=True) as record:  # once only
+        warnings.simplefilter("always")
+        mlra.transformer.h[1].attn(x, attention_mask=bias)
+    assert not _mlra_warnings(record)
+
+
+def test_causal_padding_detection():
+    from mlra_kernels.integrations.transformers import _causal_padding
+
+    T = 5
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    keep = torch.tensor([[False, False, True, True, True], [True] * T])
+    padded = (causal & keep[:, None, :])[:, None]  # [2, 1, T, T], True = attend
+    assert _causal_padding(None, 2, T) == (True, None)
+    assert _causal_padding(causal.expand(2, 1, T, T), 2, T) == (True, None)
+    assert _causal_padding(causal[None, None], 2, T) == (True, None)  # broadcast over the batch
+    ok, kpm = _causal_padding(padded, 2, T)
+    assert ok and torch.equal(kpm, ~keep)
+    additive = torch.zeros(2, 1, T, T).masked_fill(~padded, torch.finfo(torch.float32).min)
+    ok, kpm = _causal_padding(additive, 2, T)
+    assert ok and torch.equal(kpm, ~keep)
+    ok, kpm = _causal_padding(torch.zeros(2, 1, T, T).masked_fill(~padded, float("-inf")), 2, T)
+    assert ok and torch.equal(kpm, ~keep)
+    general = [
+        torch.ones(2, 1, T, T, dtype=torch.bool),  # bidirectional
+        additive.masked_fill(padded, 0.5),  # a bias on the allowed scores
+        causal.expand(2, 4, T, T),  # per head
+        causal[None, None, :, :4],  # keys != queries
+        causal.long()[None, None],  # integer
+        causal[None],  # 3-D
+    ]
+    hidden_key = causal.clone()
+    hidden_key[3:, 2] = False  # key 2 hidden from later queries only: not padding
+    general.append(hidden_key[None, None])
+    for mask in general:
+        assert _causal_padding(mask, 2, T) == (False, None)
 
 
 @pytest.mark.usefixtures("reference_path")

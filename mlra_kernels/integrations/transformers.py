@@ -4,9 +4,16 @@ Needs ``transformers`` 5.x (an optional extra: ``pip install mlra-kernels[transf
 
 What the converted attention supports:
 
-- the ``eager`` and ``sdpa`` attention implementations (the attention itself goes through the same
+- the ``eager`` and ``sdpa`` attention implementations. A forward over a sequence with nothing cached
+  yet for the layer (training, evaluation, the prefill of ``generate()``; the empty ``DynamicCache``
+  that ``GPT2Model`` makes by default counts as nothing cached) calls the fused ``mlra_attention``
+  when the attention mask is None or exactly causal, optionally with key padding (the 4-D masks that
+  ``create_causal_mask`` builds from a 2-D ``attention_mask``, boolean or additive); padding goes in as
+  ``key_padding_mask``. The latents are still written to the cache. A padding query whose keys are
+  all padding then outputs zeros, where the dense path outputs an arbitrary average; real tokens are
+  unaffected. Decode steps (tokens already cached) and any other mask go through the same
   ``ALL_ATTENTION_FUNCTIONS`` interface as ``GPT2Attention``, so masks mean exactly what they mean
-  there); with no mask, no cache and no ``output_attentions`` it calls the fused ``mlra_attention``;
+  there; a general mask warns once that the fused op is not used;
 - ``past_key_values`` as a ``DynamicCache`` (the default of ``generate()``): each layer stores the
   latents ``c_K, c_V`` as ``[B, 1, S, g·r]`` in the cache's key/value slots, so the cache holds
   ``2·g·r`` numbers per token and layer instead of ``2·d``; sequence length, cropping and beam
@@ -26,6 +33,7 @@ from torch import Tensor, nn
 
 from mlra_kernels.nn.attention import default_rank, factorize_in_proj
 from mlra_kernels.ops.mlra import mlra_attention
+from mlra_kernels.ops.mlra.op import warn_once
 
 try:
     import transformers
@@ -40,6 +48,44 @@ from transformers.models.gpt2 import modeling_gpt2
 
 
 _INITS = ("svd", "random")
+
+
+def _causal_padding(mask: Any, batch: int, length: int) -> tuple[bool, Optional[Tensor]]:
+    """Whether ``mask`` is causal attention with (optional) key padding, and that padding.
+
+    ``mask`` is what ``GPT2Model`` hands its attention layers for a prefill: None, or a ``[B | 1, 1, T, T]``
+    mask, boolean (True = attend) or additive float (0 = attend, a large negative number or -inf =
+    masked). Returns ``(True, None)`` for None or a purely causal mask, ``(True, key_padding_mask)``
+    (``[B, T]`` bool, True = padding) when the mask is exactly ``causal & ~key_padding_mask``, and
+    ``(False, None)`` for anything else. The last query's row gives the padding, since under the causal
+    mask it sees every key; one comparison over the ``T × T`` mask checks the rest.
+    """
+    if mask is None:
+        return True, None
+    if (
+        not isinstance(mask, Tensor) or mask.dim() != 4 or mask.shape[1] != 1
+        or mask.shape[0] not in (1, batch) or tuple(mask.shape[2:]) != (length, length)
+    ):
+        return False, None
+    m = mask[:, 0]
+    if m.dtype == torch.bool:
+        allowed, odd = m, None
+    elif m.is_floating_point():
+        allowed = m == 0
+        odd = ~(allowed | (m <= torch.finfo(m.dtype).min / 2))  # a bias that is neither 0 nor "masked"
+    else:
+        return False, None
+    keep = allowed[:, -1, :]  # [B | 1, T]: True = a real (non-padding) key
+    causal = torch.ones(length, length, dtype=torch.bool, device=m.device).tril()
+    mismatch = allowed != (causal & keep[:, None, :])
+    if odd is not None:
+        mismatch = mismatch | odd
+    general, no_padding = torch.stack([mismatch.any(), keep.all()]).tolist()  # one host sync
+    if general:
+        return False, None
+    if no_padding:
+        return True, None
+    return True, (~keep).expand(batch, length).contiguous()
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -123,18 +169,35 @@ class MLRAGPT2Attention(nn.Module):
             raise ValueError("MLRAGPT2Attention is self-attention; cross-attention stays a GPT2Attention")
         B, T, d = hidden_states.shape
         dropout = self.attn_dropout.p if self.training else 0.0
-        if past_key_values is None and attention_mask is None and not output_attentions:
-            out = mlra_attention(
-                hidden_states, self.down, self.up, self.qkv_bias, num_heads=self.num_heads,
-                latent_groups=self.latent_groups, causal=True, dropout_p=dropout, scale=self.scaling,
+        cache = past_key_values
+        if isinstance(cache, EncoderDecoderCache):
+            cache = cache.self_attention_cache
+        cached = cache.get_seq_length(self.layer_idx) if cache is not None else 0
+        if cached == 0 and not output_attentions:
+            # Nothing cached for this layer: training, evaluation, or the prefill of generate().
+            fused, key_padding_mask = _causal_padding(attention_mask, B, T)
+            if fused:
+                out = mlra_attention(
+                    hidden_states, self.down, self.up, self.qkv_bias, num_heads=self.num_heads,
+                    latent_groups=self.latent_groups, causal=True, key_padding_mask=key_padding_mask,
+                    dropout_p=dropout, scale=self.scaling,
+                )
+                if cache is not None:
+                    # The op keeps its latents on chip; the cache gets c_K, c_V from one more GEMM.
+                    gr = self.latent_groups * self.rank
+                    c_k, c_v = (hidden_states @ self.down[gr:].t()).chunk(2, dim=-1)
+                    cache.update(c_k.unsqueeze(1), c_v.unsqueeze(1), self.layer_idx)
+                return self.resid_dropout(self.c_proj(out)), None
+            what = tuple(attention_mask.shape) if isinstance(attention_mask, Tensor) else type(attention_mask).__name__
+            warn_once(
+                "hf-general-mask",
+                f"MLRAGPT2Attention: the attention mask ({what}) is not causal attention with key padding, so "
+                "the fused mlra_attention is not used; this layer runs the dense attention (per-head q/k/v "
+                "and the T×S scores in memory).",
             )
-            return self.resid_dropout(self.c_proj(out)), None
 
         c_q, c_k, c_v = (hidden_states @ self.down.t()).chunk(3, dim=-1)  # 3 × [B, T, g·r]
-        if past_key_values is not None:
-            cache = past_key_values
-            if isinstance(cache, EncoderDecoderCache):
-                cache = cache.self_attention_cache
+        if cache is not None:
             # The latents ride in the cache's key/value slots as [B, 1, S, g·r].
             c_k, c_v = cache.update(c_k.unsqueeze(1), c_v.unsqueeze(1), self.layer_idx)
             c_k, c_v = c_k.squeeze(1), c_v.squeeze(1)
