@@ -7,8 +7,9 @@ Scores are kept in base-2 units (``s · log2(e)``) so that the softmax uses ``ex
 log-sum-exp is in natural-log units. A query row whose keys are all masked gets ``lse = +inf``,
 which makes its probabilities exactly zero in the backward.
 
-The module is loaded twice by the launcher, once with ``TRITON_INTERPRET`` unset and once with it
-set, so that the choice between compiled and interpreted kernels is made at call time.
+The launcher imports this module once, with ``TRITON_INTERPRET`` set to match the mode ``triton``
+itself was imported in (Triton reads the variable only at its own import, so one process runs either
+compiled or interpreted kernels); ``INTERPRET`` records that mode for the autotuning configs.
 """
 
 import os
