@@ -181,9 +181,6 @@ def test_float64_uses_reference_path_and_handwritten_backward():
         torch.testing.assert_close(u, v, rtol=1e-10, atol=1e-10)
 
 
-# ---- dropout -----------------------------------------------------------------------------------
-
-
 def _seed_after(manual_seed):
     """The seed the public call draws right after ``torch.manual_seed(manual_seed)``."""
     torch.manual_seed(manual_seed)
@@ -251,9 +248,6 @@ def test_dropout_same_seed_same_result():
     assert spread < 0.15, f"mean of dropout outputs is off by {spread:.3f} relative"
 
 
-# ---- op registration, compile, autocast, errors --------------------------------------------------
-
-
 def _op_args(dtype=torch.float32, dropout=0.0):
     B, T, H, g, r, dh = 1, 19, 2, 1, 8, 32
     x, down, up, b, _ = make_inputs(B, T, H, g, r, dh)
@@ -311,19 +305,29 @@ def test_torch_compile_autocast_dropout_same_seed():
     assert all(torch.isfinite(g_).all() and g_.abs().sum() > 0 for g_ in grads)
 
 
-def test_autocast_bf16():
+@pytest.mark.parametrize("path", ["kernels", "reference"])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=["x-fp32", "x-bf16"])
+def test_autocast_bf16(x_dtype, path, monkeypatch):
+    """Under autocast the fp32 weights (and x, whether fp32 or already bf16, as after an nn.Linear)
+    run in bf16; output and every gradient stay within the bound of torch's own bf16 error."""
     B, T, H, g, r, dh = 1, 21, 2, 1, 16, 32
     x, down, up, b, go = make_inputs(B, T, H, g, r, dh)
-    _require_kernels(x.bfloat16())
-    leaves = [t.float().requires_grad_() for t in (x, down, up, b)]
+    if path == "kernels":
+        _require_kernels(x.bfloat16())
+    else:
+        monkeypatch.setattr(mlra_op, "_use_triton", lambda t: False)
+        assert mlra_op.kernel_path(x.bfloat16()) == "reference"
+    ins = [x, down, up, b]
+    leaves = [x.to(x_dtype).requires_grad_()] + [t.float().requires_grad_() for t in ins[1:]]
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
         out = mlra_kernels.mlra_attention(*leaves, num_heads=H)
     assert out.dtype == torch.bfloat16
-    out.float().backward(go.float())
-    ref = mlra_attention_reference(*[t.double() for t in leaves], num_heads=H)
-    assert (out.double() - ref).abs().max() < 0.05 * ref.abs().max()
-    for t in leaves:
-        assert t.grad is not None and t.grad.dtype == torch.float32 and torch.isfinite(t.grad).all()
+    grads = torch.autograd.grad(out, leaves, go.bfloat16())
+    assert [t.dtype for t in grads] == [x_dtype] + [torch.float32] * 3
+    exact = run_case(mlra_attention_reference, ins, torch.float64, go, None, num_heads=H)
+    low = run_case(mlra_attention_reference, ins, torch.bfloat16, go, None, num_heads=H)
+    for name, a, lo, ex in zip(["out", "dx", "ddown", "dup", "dbias"], [out, *grads], low, exact):
+        assert_close_rel(name, a, lo, ex)
 
 
 def test_general_attn_mask_warns_and_runs_reference():
@@ -370,6 +374,39 @@ def test_argument_errors(change, match):
     key_args = {k: args.pop(k) for k in ("key_padding_mask", "attn_mask") if k in args}
     with pytest.raises((ValueError, TypeError), match=match):
         mlra_kernels.mlra_attention(args["x"], args["down"], args["up"], args["bias"], **kw, **key_args)
+
+
+@pytest.mark.parametrize(
+    "change,exc,match",
+    [
+        (dict(x=[[0.0]]), TypeError, "x must be a Tensor, got list"),
+        (dict(down=None), TypeError, "down must be a Tensor, got NoneType"),
+        (dict(up=1.0), TypeError, "up must be a Tensor, got float"),
+        (dict(bias="b"), TypeError, "bias must be a Tensor or None, got str"),
+        (dict(key_padding_mask=[[False] * 5]), TypeError, "key_padding_mask must be a Tensor or None"),
+        (dict(key_padding_mask=torch.zeros(1, 5, dtype=torch.int64)), TypeError,
+         "only bool and floating types of key_padding_mask are supported, got torch.int64"),
+        (dict(attn_mask=torch.zeros(5, 5, dtype=torch.uint8)), TypeError,
+         "only bool and floating types of attn_mask are supported, got torch.uint8"),
+        (dict(attn_mask=torch.zeros(5, 5, dtype=torch.bool, device="meta")), ValueError,
+         "attn_mask is on meta but x is on cpu"),
+        (dict(key_padding_mask=torch.zeros(1, 5, dtype=torch.bool, device="meta")), ValueError,
+         "key_padding_mask is on meta but x is on cpu"),
+    ],
+    ids=["x-list", "down-none", "up-float", "bias-str", "kpm-list", "kpm-int", "attn-uint8", "attn-device",
+         "kpm-device"],
+)
+def test_argument_type_and_device_errors(change, exc, match):
+    """Non-tensors are named, integer masks are refused (not added to the scores as 0/1), as in
+    nn.MultiheadAttention, and masks must be on x's device."""
+    x, down, up, b, _ = make_inputs(1, 5, 2, 2, 4, 8, device="cpu")
+    args = dict(x=x, down=down, up=up, bias=b, key_padding_mask=None, attn_mask=None)
+    args.update(change)
+    with pytest.raises(exc, match=match):
+        mlra_kernels.mlra_attention(
+            args["x"], args["down"], args["up"], args["bias"], num_heads=2, latent_groups=2,
+            key_padding_mask=args["key_padding_mask"], attn_mask=args["attn_mask"],
+        )
 
 
 def test_fwd_variant_choice(monkeypatch):

@@ -14,9 +14,37 @@ from mlra_kernels.ops.mlra.op import mlra_attention_fwd, warn_once
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def _check_types(x, down, up, bias, key_padding_mask, attn_mask) -> None:
+    for name, t in (("x", x), ("down", down), ("up", up)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+    for name, t in (("bias", bias), ("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
+        if t is not None and not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a Tensor or None, got {type(t).__name__}")
+    for name, m in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
+        if m is not None and m.dtype != torch.bool and not m.is_floating_point():
+            raise TypeError(f"only bool and floating types of {name} are supported, got {m.dtype}")
+
+
+def _autocast(x, down, up, bias):
+    """Cast the floating inputs (not float64, as autocast leaves it) to the autocast dtype when autocast
+    is enabled for ``x``'s device; the caller's fp32 leaves then get fp32 gradients through the cast."""
+    dev = x.device.type
+    if dev not in ("cuda", "cpu") or not torch.is_autocast_enabled(dev):
+        return x, down, up, bias
+    dt = torch.get_autocast_dtype(dev)
+
+    def cast(t):
+        if t is None or not t.is_floating_point() or t.dtype == torch.float64:
+            return t
+        return t.to(dt)
+
+    return cast(x), cast(down), cast(up), cast(bias)
+
+
 def _check(x, down, up, bias, num_heads, latent_groups, key_padding_mask, attn_mask, dropout_p) -> None:
-    if not isinstance(x, Tensor) or x.dim() != 3:
-        raise ValueError(f"x must be a [B, T, d] tensor, got shape {tuple(getattr(x, 'shape', ()))}")
+    if x.dim() != 3:
+        raise ValueError(f"x must be a [B, T, d] tensor, got shape {tuple(x.shape)}")
     B, T, d = x.shape
     if T < 1 or B < 1:
         raise ValueError(f"x must have B >= 1 and T >= 1, got shape {tuple(x.shape)}")
@@ -47,11 +75,14 @@ def _check(x, down, up, bias, num_heads, latent_groups, key_padding_mask, attn_m
             raise ValueError(f"key_padding_mask must be [B, T] = [{B}, {T}], got {tuple(key_padding_mask.shape)}")
         if key_padding_mask.device != x.device:
             raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but x is on {x.device}")
-    if attn_mask is not None and attn_mask.shape not in ((T, T), (B * num_heads, T, T)):
-        raise ValueError(
-            f"attn_mask must be [T, S] = [{T}, {T}] or [B·H, T, S] = [{B * num_heads}, {T}, {T}], "
-            f"got {tuple(attn_mask.shape)}"
-        )
+    if attn_mask is not None:
+        if attn_mask.shape not in ((T, T), (B * num_heads, T, T)):
+            raise ValueError(
+                f"attn_mask must be [T, S] = [{T}, {T}] or [B·H, T, S] = [{B * num_heads}, {T}, {T}], "
+                f"got {tuple(attn_mask.shape)}"
+            )
+        if attn_mask.device != x.device:
+            raise ValueError(f"attn_mask is on {attn_mask.device} but x is on {x.device}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
 
@@ -77,7 +108,9 @@ def mlra_attention(
     output projection ``W_O`` is not applied. On CUDA the per-head q, k, v never reach memory.
 
     Args:
-        x: ``[B, T, d]`` input (float32, float16 or bfloat16; float64 runs the reference).
+        x: ``[B, T, d]`` input (float32, float16 or bfloat16; float64 runs the reference). ``x``,
+            ``down``, ``up`` and ``bias`` must share one dtype, except under ``torch.autocast``, which
+            first casts them to its dtype (float64 excepted, as autocast does).
         down: ``[3·g·r, d]`` stacked down-projections ``A_Q; A_K; A_V`` in ``nn.Linear`` layout
             (``c = x @ down.T``); inside one projection the ``g`` groups are consecutive blocks of ``r`` rows.
         up: ``[3, d, r]``; ``up[p, h·d_h:(h+1)·d_h]`` is ``B_{P,h}`` (``[d_h, r]``). Head ``h`` reads latent
@@ -89,6 +122,7 @@ def mlra_attention(
         key_padding_mask: ``[B, T]``, bool (True = padding, not attended) or float (added to the scores).
         attn_mask: ``[T, T]`` or ``[B·H, T, T]``, bool (True = masked) or float additive, as in
             ``nn.MultiheadAttention``. A general mask runs the pure-torch reference (with a warning).
+            Masks of other dtypes (integer) raise ``TypeError``.
         dropout_p: dropout on the attention probabilities (default 0). The seed is drawn from torch's
             default CPU generator, so ``torch.manual_seed`` makes a call repeatable.
         scale: score scale, default ``1/sqrt(d_h)``.
@@ -115,12 +149,9 @@ def mlra_attention(
         >>> mlra_kernels.mlra_attention(x, down, up, num_heads=H).shape
         torch.Size([2, 16, 64])
     """
+    _check_types(x, down, up, bias, key_padding_mask, attn_mask)
+    x, down, up, bias = _autocast(x, down, up, bias)
     _check(x, down, up, bias, num_heads, latent_groups, key_padding_mask, attn_mask, dropout_p)
-    dev = x.device.type
-    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
-        dt = torch.get_autocast_dtype(dev)
-        x, down, up = x.to(dt), down.to(dt), up.to(dt)
-        bias = bias.to(dt) if bias is not None else None
     dh = x.shape[-1] // num_heads
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(dh)
 
