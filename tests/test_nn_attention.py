@@ -14,6 +14,7 @@ from torch import nn  # noqa: E402
 
 import mlra_kernels.nn.attention as attention_mod  # noqa: E402
 from mlra_kernels.nn import MLRAttention, default_rank  # noqa: E402
+from mlra_kernels.ops.mlra import op as mlra_op  # noqa: E402
 
 D, H = 32, 4
 DT = torch.float64
@@ -148,35 +149,109 @@ def op_spy(monkeypatch):
     return calls
 
 
-def test_self_attention_takes_the_fused_op(op_spy):
+@pytest.fixture
+def fresh_warnings():
+    """Forget which unfused-path warnings MLRAttention has given, so that each warns again once."""
+    keys = {k for k in mlra_op._WARNED if k.startswith("MLRAttention:")}
+    mlra_op._WARNED.difference_update(keys)
+    yield
+    mlra_op._WARNED.difference_update({k for k in mlra_op._WARNED if k.startswith("MLRAttention:")})
+    mlra_op._WARNED.update(keys)
+
+
+def test_self_attention_takes_the_fused_op(op_spy, fresh_warnings):
     mlra = MLRAttention(D, H, rank=8, batch_first=True, dtype=DT).eval()
     x = torch.randn(2, 5, D, dtype=DT)
     y = torch.randn(2, 7, D, dtype=DT)
     causal_bool = torch.ones(5, 5, dtype=torch.bool).triu(1)
     kpm = torch.tensor([[False] * 5, [False, False, False, True, True]])
-    mlra(x, x, x, need_weights=False)
-    mlra(x, x, x, attn_mask=causal_bool, need_weights=False)  # detected causal
-    mlra(x, x, x, attn_mask=causal_bool, is_causal=True, key_padding_mask=kpm, need_weights=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fused path does not warn
+        mlra(x, x, x, need_weights=False)
+        mlra(x, x, x, attn_mask=causal_bool, need_weights=False)  # detected causal
+        mlra(x, x, x, attn_mask=causal_bool, is_causal=True, key_padding_mask=kpm, need_weights=False)
     assert [c["causal"] for c in op_spy] == [False, True, True]
     assert op_spy[2]["key_padding_mask"] is not None
     n = len(op_spy)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        mlra(x, x, x)  # need_weights=True
-        mlra(x, y, y, need_weights=False)  # cross-attention
-        mlra(x, x, x, attn_mask=torch.rand(5, 5) < 0.2, need_weights=False)  # general mask
+    with pytest.warns(UserWarning, match="need_weights=True"):
+        mlra(x, x, x)
+    with pytest.warns(UserWarning, match="cross-attention"):
+        mlra(x, y, y, need_weights=False)
+    with pytest.warns(UserWarning, match="attn_mask that is not the causal mask"):
+        mlra(x, x, x, attn_mask=torch.rand(5, 5) < 0.2, need_weights=False)
     assert len(op_spy) == n
 
 
-def test_need_weights_warns_once(monkeypatch):
-    monkeypatch.setattr(attention_mod, "_need_weights_warned", False)
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda m, x, y: m(x, x, x), "need_weights=True"),
+        (lambda m, x, y: m(x, y, y, need_weights=False), "cross-attention"),
+        (lambda m, x, y: m(x, x, x, attn_mask=torch.rand(4, 4) < 0.2, need_weights=False), "not the causal mask"),
+    ],
+    ids=["need_weights", "cross", "attn_mask"],
+)
+def test_unfused_path_warns_once_per_reason(call, match, fresh_warnings):
     mlra = MLRAttention(D, H, dtype=DT)
     x = torch.randn(4, 2, D, dtype=DT)
-    with pytest.warns(UserWarning, match="need_weights=False"):
-        mlra(x, x, x)
+    y = torch.randn(6, 2, D, dtype=DT)
+    with pytest.warns(UserWarning, match=match) as record:
+        call(mlra, x, y)
+    assert len(record) == 1, [str(w.message) for w in record]
+    assert record[0].filename == __file__, "the warning points at the caller of the module"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        mlra(x, x, x)
+        call(mlra, x, y)
+
+
+def test_unfused_path_names_every_reason(fresh_warnings):
+    mlra = MLRAttention(D, H, dtype=DT)
+    x, y = torch.randn(4, 2, D, dtype=DT), torch.randn(6, 2, D, dtype=DT)
+    with pytest.warns(UserWarning) as record:
+        mlra(x, y, y)  # cross-attention with need_weights=True
+    messages = " | ".join(str(w.message) for w in record)
+    assert "need_weights=True" in messages and "cross-attention" in messages
+
+
+def test_causal_mask_check_is_cached_per_mask(op_spy, monkeypatch):
+    calls = []
+    real = attention_mod._compare_causal
+    monkeypatch.setattr(attention_mod, "_compare_causal", lambda m, n: calls.append(n) or real(m, n))
+    mlra = MLRAttention(D, H, rank=8, batch_first=True, dtype=DT).eval()
+    x = torch.randn(2, 5, D, dtype=DT)
+    mask = nn.Transformer.generate_square_subsequent_mask(5, dtype=DT)
+    for _ in range(3):
+        mlra(x, x, x, attn_mask=mask, need_weights=False)
+    assert len(calls) == 1 and [c["causal"] for c in op_spy] == [True] * 3
+    mask[0, 1] = 0.0  # in place: no longer causal, and the cached answer is dropped
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = mlra(x, x, x, attn_mask=mask, need_weights=False)[0]
+    assert len(calls) == 2 and len(op_spy) == 3
+    mha_like = mlra._reference_attention(x, x, x, True, False, None, mask, 0.0, False)[0]
+    torch.testing.assert_close(out, mlra.out_proj(mha_like))
+
+
+@pytest.mark.parametrize("hint", [True, False], ids=["is_causal", "no-hint"])
+def test_torch_compile_fullgraph_with_causal_mask(hint):
+    """No data-dependent look at the mask under torch.compile: with is_causal=True the fused op runs,
+    without the hint the mask is applied as given; both match eager."""
+    mlra = MLRAttention(D, H, rank=8, batch_first=True)
+    x = torch.randn(2, 6, D)
+    mask = nn.Transformer.generate_square_subsequent_mask(6)
+
+    def f(x):
+        return mlra(x, x, x, attn_mask=mask, is_causal=hint, need_weights=False)[0]
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    xc, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got, want = compiled(xc), f(xe)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    (gc,), (ge,) = torch.autograd.grad(got.square().sum(), xc), torch.autograd.grad(want.square().sum(), xe)
+    torch.testing.assert_close(gc, ge, rtol=1e-5, atol=1e-5)
 
 
 def test_is_causal_hint_rules_match_mha():
@@ -311,3 +386,29 @@ def test_fused_kernel_path_matches_mha(mask):
     (g,) = torch.autograd.grad(out.square().sum(), xk)
     torch.testing.assert_close(out, ref, rtol=2e-4, atol=2e-5)
     torch.testing.assert_close(g, g_ref, rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("need_weights", [False, True], ids=["fused", "need_weights"])
+def test_autocast_after_linear_matches_mha(need_weights):
+    """Under CPU autocast an nn.Linear hands MLRAttention a bf16 x while its weights stay fp32: the
+    output is bf16 like nn.MultiheadAttention's, and its error against float64 is of the same order."""
+    mha = _mha(batch_first=True).eval()
+    mlra = MLRAttention.from_mha(mha, rank=D).eval()
+    torch.manual_seed(3)
+    lin = nn.Linear(D, D, dtype=DT)
+    x = torch.randn(2, 12, D, dtype=DT)
+    mask = nn.Transformer.generate_square_subsequent_mask(12, dtype=DT)
+    kw = dict(need_weights=need_weights)
+    exact = mha(lin(x), lin(x), lin(x), attn_mask=mask, is_causal=True, **kw)[0]
+    mha.float(), mlra.float(), lin.float()
+    xf, maskf = x.float(), mask.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        h = lin(xf)
+        assert h.dtype == torch.bfloat16
+        ref = mha(h, h, h, attn_mask=maskf, is_causal=True, **kw)[0]
+        out = mlra(h, h, h, attn_mask=maskf, is_causal=True, **kw)[0]
+    assert out.dtype == ref.dtype == torch.bfloat16
+    err, torch_err = (out.double() - exact).abs().max().item(), (ref.double() - exact).abs().max().item()
+    bound = 3 * torch_err + torch.finfo(torch.bfloat16).eps * exact.abs().max().item()
+    assert err <= bound, f"error {err:.3e} > bound {bound:.3e} (nn.MultiheadAttention's own {torch_err:.3e})"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+import weakref
 from typing import Optional
 
 import torch
@@ -11,12 +12,41 @@ from torch import Tensor, nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from mlra_kernels.ops.mlra import factors_from_dense, mlra_attention
+from mlra_kernels.ops.mlra.op import warn_once
 from mlra_kernels.ops.mlra.reference import attention_reference, mlra_qkv_reference
 
 logger = logging.getLogger(__name__)
 
 _PROJ_NAMES = ("q", "k", "v")
-_need_weights_warned = False
+
+# Why a call left the fused op, and how to get it back: one warning per reason and process, through
+# the op's `warn_once` (its keys are in `mlra_kernels.ops.mlra.op._WARNED`).
+_UNFUSED_REASONS = {
+    "cross-attention": (
+        "MLRAttention: cross-attention (query, key and value are not one tensor) runs the unfused "
+        "reference path. The fused MLRA op covers self-attention: call it as attn(x, x, x, ...)."
+    ),
+    "need_weights": (
+        "MLRAttention was called with need_weights=True (nn.MultiheadAttention's default): the "
+        "attention weights exist only on the unfused reference path, which is slower and keeps a "
+        "[B, H, T, S] matrix. Pass need_weights=False to use the fused MLRA op."
+    ),
+    "attn_mask": (
+        "MLRAttention: an attn_mask that is not the causal mask runs the unfused reference path "
+        "([B, H, T, S] scores in memory). The fused MLRA op takes the causal mask (pass is_causal=True "
+        "with it) and key_padding_mask; express padding as key_padding_mask to use it."
+    ),
+}
+
+
+def _warn_unfused(reason: str) -> None:
+    # stacklevel 6: warn_once, this function, forward, Module._call_impl, Module._wrapped_call_impl, caller.
+    warn_once(f"MLRAttention:{reason}", _UNFUSED_REASONS[reason], stacklevel=6)
+
+
+def _is_compiling() -> bool:
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(is_compiling()) if is_compiling is not None else False
 
 
 def default_rank(embed_dim: int) -> int:
@@ -29,27 +59,39 @@ def default_rank(embed_dim: int) -> int:
     return max(1, embed_dim // 4)
 
 
-def _warn_need_weights_once() -> None:
-    global _need_weights_warned
-    if not _need_weights_warned:
-        _need_weights_warned = True
-        warnings.warn(
-            "MLRAttention was called with need_weights=True (nn.MultiheadAttention's default): the "
-            "attention weights exist only on the unfused reference path, which is slower and keeps a "
-            "[B, H, T, S] matrix. Pass need_weights=False to use the fused MLRA op.",
-            stacklevel=5,
-        )
-
-
-def _is_causal_mask(mask: Tensor, size: int) -> bool:
-    """True when ``mask`` is exactly the square causal mask of ``size`` (bool or additive float)."""
-    if mask.dim() != 2 or mask.shape != (size, size):
-        return False
+def _compare_causal(mask: Tensor, size: int) -> bool:
     upper = torch.ones(size, size, dtype=torch.bool, device=mask.device).triu_(1)
     if mask.dtype == torch.bool:
         return bool(torch.equal(mask, upper))
     expected = torch.zeros(size, size, dtype=mask.dtype, device=mask.device).masked_fill_(upper, float("-inf"))
     return bool(torch.equal(mask, expected))
+
+
+# id(mask) -> (weakref to mask, version counter, data_ptr, result). The same mask tensor is usually
+# passed to every layer of a stack, so it is compared (one host sync on CUDA) once, not per layer.
+_CAUSAL_CACHE: dict[int, tuple] = {}
+_CAUSAL_CACHE_SIZE = 16
+
+
+def _is_causal_mask(mask: Tensor, size: int) -> bool:
+    """True when ``mask`` is exactly the square causal mask of ``size`` (bool or additive float).
+
+    The answer is cached per mask tensor and invalidated by in-place changes (its version counter).
+    """
+    if mask.dim() != 2 or mask.shape != (size, size):
+        return False
+    if mask.is_inference():  # inference tensors have no version counter
+        return _compare_causal(mask, size)
+    key = id(mask)
+    hit = _CAUSAL_CACHE.get(key)
+    if hit is not None and hit[0]() is mask and hit[1] == mask._version and hit[2] == mask.data_ptr():
+        return hit[3]
+    result = _compare_causal(mask, size)
+    if len(_CAUSAL_CACHE) >= _CAUSAL_CACHE_SIZE:
+        _CAUSAL_CACHE.pop(next(iter(_CAUSAL_CACHE)))
+    ref = weakref.ref(mask, lambda _, k=key: _CAUSAL_CACHE.pop(k, None))
+    _CAUSAL_CACHE[key] = (ref, mask._version, mask.data_ptr(), result)
+    return result
 
 
 def _check_mask_dtype(mask: Optional[Tensor], name: str) -> None:
@@ -90,7 +132,9 @@ class MLRAttention(nn.Module):
     ``forward`` takes and returns exactly what ``nn.MultiheadAttention.forward`` does. Self-attention
     (``query is key is value``) with ``need_weights=False`` and no mask, a causal mask (given as
     ``is_causal=True`` or detected) or a key padding mask runs the fused ``mlra_attention`` op.
-    Cross-attention, other attention masks and ``need_weights=True`` run the unfused reference.
+    Cross-attention, other attention masks and ``need_weights=True`` run the unfused reference, with
+    one warning per reason and process. Under ``torch.compile`` a causal ``attn_mask`` is recognised
+    only through ``is_causal=True`` (comparing the mask's values would break the graph).
     One difference: a query whose keys are all masked outputs zeros, where
     ``nn.MultiheadAttention`` outputs NaN.
 
@@ -184,8 +228,6 @@ class MLRAttention(nn.Module):
             f"latent_groups={self.latent_groups}, dropout={self.dropout}, batch_first={self.batch_first}"
         )
 
-    # ------------------------------------------------------------------ conversion
-
     @classmethod
     def from_mha(
         cls, mha: nn.MultiheadAttention, rank: Optional[int] = None, latent_groups: int = 1
@@ -277,8 +319,6 @@ class MLRAttention(nn.Module):
         up = self.up_proj_weight.view(3, g, H // g * dh, r)
         return torch.einsum("pgor,pgri->pgoi", up, down).reshape(3 * d, d)
 
-    # ------------------------------------------------------------------ forward
-
     def _project(self, x: Tensor, p: int) -> Tensor:
         """One projection (0 = q, 1 = k, 2 = v) of ``x`` ``[B, T, d]`` to heads ``[B, H, T, d_h]``."""
         B, T, _ = x.shape
@@ -353,8 +393,10 @@ class MLRAttention(nn.Module):
         self._mask_shape_check(B, T, S, key_padding_mask, attn_mask)
 
         causal = False
-        if is_self and attn_mask is not None and (is_causal or _is_causal_mask(attn_mask, T)):
-            causal, attn_mask = True, None
+        if is_self and attn_mask is not None:
+            # Under torch.compile only the is_causal hint counts: comparing the mask is data-dependent.
+            if is_causal or (not _is_compiling() and _is_causal_mask(attn_mask, T)):
+                causal, attn_mask = True, None
         dropout_p = self.dropout if self.training else 0.0
 
         if is_self and not need_weights and attn_mask is None:
@@ -365,8 +407,13 @@ class MLRAttention(nn.Module):
             )
             weights = None
         else:
-            if need_weights:
-                _warn_need_weights_once()
+            if not _is_compiling():
+                if not is_self:
+                    _warn_unfused("cross-attention")
+                if need_weights:
+                    _warn_unfused("need_weights")
+                if is_self and attn_mask is not None:
+                    _warn_unfused("attn_mask")
             out, weights = self._reference_attention(
                 query, key, value, is_self, causal, key_padding_mask, attn_mask, dropout_p, need_weights
             )

@@ -27,10 +27,11 @@ from mlra_kernels.ops.mlra import reference as ref
 _WARNED: set[str] = set()
 
 
-def warn_once(key: str, message: str) -> None:
+def warn_once(key: str, message: str, stacklevel: int = 3) -> None:
+    """Warn with ``message`` the first time ``key`` is seen in this process (``_WARNED`` holds the keys)."""
     if key not in _WARNED:
         _WARNED.add(key)
-        warnings.warn(message, stacklevel=3)
+        warnings.warn(message, stacklevel=stacklevel)
 
 
 def _use_triton(x: Tensor) -> bool:
