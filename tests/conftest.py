@@ -1,7 +1,14 @@
-"""Shared pytest setup: tests marked `gpu` skip with a reason when no CUDA GPU is visible."""
+"""Shared pytest setup: the Triton interpreter on CPU machines, `gpu` tests skipped with a reason, NaN poison."""
+
+import os
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Set before any test module imports triton (which reads it then): without a GPU, the kernel tests
+    # run the Triton kernels under the interpreter, whatever order pytest imports the modules in.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -89,7 +89,7 @@ def test_generate_gives_the_same_tokens_and_caches_latents(attn_impl):
 def fused_calls(monkeypatch):
     """Record every call of the fused op from the converted attention; start with no warning issued yet."""
     import mlra_kernels.integrations.transformers as integration
-    import mlra_kernels.ops.mlra.op as op_module
+    import mlra_kernels._warnings as warnings_module
 
     calls = []
     real = integration.mlra_attention
@@ -99,7 +99,7 @@ def fused_calls(monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(integration, "mlra_attention", spy)
-    monkeypatch.setattr(op_module, "_WARNED", set())
+    monkeypatch.setattr(warnings_module, "_WARNED", set())
     return calls
 
 

@@ -16,22 +16,14 @@ are recomputed with one GEMM; no ``T×T`` matrix and no per-head q/k/v are kept.
 from __future__ import annotations
 
 import importlib.util
-import warnings
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from mlra_kernels._warnings import _WARNED, warn_once  # noqa: F401  (_WARNED: tests reset keys)
 from mlra_kernels.ops.mlra import reference as ref
 
-_WARNED: set[str] = set()
-
-
-def warn_once(key: str, message: str, stacklevel: int = 3) -> None:
-    """Warn with ``message`` the first time ``key`` is seen in this process (``_WARNED`` holds the keys)."""
-    if key not in _WARNED:
-        _WARNED.add(key)
-        warnings.warn(message, stacklevel=stacklevel)
 
 
 def _use_triton(x: Tensor) -> bool:
