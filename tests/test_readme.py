@@ -25,6 +25,7 @@ def test_readme_example_runs(code, tmp_path):
         pytest.skip("transformers is not installed (pip install '.[transformers]')")
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("TRITON_INTERPRET", None)  # as a user runs them (the kernel tests set it for themselves)
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, f"README example failed:\n{code}\n--- stderr ---\n{proc.stderr[-3000:]}"
