@@ -211,9 +211,11 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        # accelerate: transformers' Trainer needs it (tests/test_transformers.py::test_trainer_callback_logs_tev).
-        "test": ["pytest", "pytest-benchmark", "transformers", "safetensors", "accelerate"],
+        # accelerate: transformers' Trainer needs it (tests/test_transformers.py::test_trainer_callback_logs_tev);
+        # lightning: tests/test_monitor_lightning.py runs the Lightning callback in a real Trainer.
+        "test": ["pytest", "pytest-benchmark", "transformers", "safetensors", "accelerate", "lightning"],
         "transformers": ["transformers", "safetensors"],
+        "lightning": ["lightning"],
         "hf": ["transformers", "safetensors"],  # alias of "transformers"
     },
     entry_points={"console_scripts": ["mlra = mlra_kernels.cli:main"]},
