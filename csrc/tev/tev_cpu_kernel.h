@@ -142,39 +142,55 @@ MLRA_TARGET_AVX2 MLRA_ALWAYS_INLINE __m256 load8(LoadF16, const uint16_t* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
-MLRA_TARGET_AVX2 MLRA_ALWAYS_INLINE double sum8(__m256 v) {
-  alignas(32) float t[8];
-  _mm256_store_ps(t, v);
-  double s = 0.0;
-  for (int i = 0; i < 8; ++i) s += t[i];
-  return s;
+// fp32 lanes added into fp64 lanes (4 + 4), and the horizontal sum of 4 fp64 lanes.
+MLRA_TARGET_AVX2 MLRA_ALWAYS_INLINE __m256d widen_add(__m256d acc, __m256 v) {
+  acc = _mm256_add_pd(acc, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
+  return _mm256_add_pd(acc, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+}
+MLRA_TARGET_AVX2 MLRA_ALWAYS_INLINE double hsum4(__m256d v) {
+  const __m128d s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
+  return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
 }
 
-// row_sums_contiguous with AVX2 intrinsics: 16 elements per step in two 8-lane accumulators.
+// row_sums_contiguous with AVX2 intrinsics: 32 elements per step in four independent 8-lane fp32
+// accumulators per sum (four add chains hide the add / FMA latency), folded into fp64 vector lanes
+// every kFoldElems elements without leaving the registers.
 // Not inlined: a function compiled for AVX2 cannot be inlined into baseline code; one call per row.
 template <class L>
 MLRA_TARGET_AVX2 __attribute__((noinline)) void row_sums_avx2(const typename L::Raw* __restrict__ p, int64_t d,
                                                        double& s1, double& s2) {
   const float k = pivot<L>(p, d, 1);
   const __m256 kv = _mm256_set1_ps(k);
-  double a1 = 0.0, a2 = 0.0;
-  const int64_t d_vec = d - d % 16;
+  __m256d d1 = _mm256_setzero_pd(), d2 = _mm256_setzero_pd();
+  const int64_t d_vec = d - d % 32;
   int64_t j = 0;
   while (j < d_vec) {
     const int64_t stop = std::min(d_vec, j + kFoldElems);
-    __m256 u1 = _mm256_setzero_ps(), v1 = _mm256_setzero_ps();
-    __m256 u2 = _mm256_setzero_ps(), v2 = _mm256_setzero_ps();
-    for (; j < stop; j += 16) {
-      const __m256 ya = _mm256_sub_ps(load8(L{}, p + j), kv);
-      const __m256 yb = _mm256_sub_ps(load8(L{}, p + j + 8), kv);
-      u1 = _mm256_add_ps(u1, ya);
-      v1 = _mm256_add_ps(v1, yb);
-      u2 = _mm256_fmadd_ps(ya, ya, u2);
-      v2 = _mm256_fmadd_ps(yb, yb, v2);
+    __m256 u0 = _mm256_setzero_ps(), u1 = _mm256_setzero_ps(), u2 = _mm256_setzero_ps(), u3 = _mm256_setzero_ps();
+    __m256 v0 = _mm256_setzero_ps(), v1 = _mm256_setzero_ps(), v2 = _mm256_setzero_ps(), v3 = _mm256_setzero_ps();
+    for (; j < stop; j += 32) {
+      const __m256 y0 = _mm256_sub_ps(load8(L{}, p + j), kv);
+      const __m256 y1 = _mm256_sub_ps(load8(L{}, p + j + 8), kv);
+      const __m256 y2 = _mm256_sub_ps(load8(L{}, p + j + 16), kv);
+      const __m256 y3 = _mm256_sub_ps(load8(L{}, p + j + 24), kv);
+      u0 = _mm256_add_ps(u0, y0);
+      u1 = _mm256_add_ps(u1, y1);
+      u2 = _mm256_add_ps(u2, y2);
+      u3 = _mm256_add_ps(u3, y3);
+      v0 = _mm256_fmadd_ps(y0, y0, v0);
+      v1 = _mm256_fmadd_ps(y1, y1, v1);
+      v2 = _mm256_fmadd_ps(y2, y2, v2);
+      v3 = _mm256_fmadd_ps(y3, y3, v3);
     }
-    a1 += sum8(u1) + sum8(v1);
-    a2 += sum8(u2) + sum8(v2);
+    d1 = widen_add(d1, _mm256_add_ps(_mm256_add_ps(u0, u1), _mm256_add_ps(u2, u3)));
+    d2 = widen_add(d2, _mm256_add_ps(_mm256_add_ps(v0, v1), _mm256_add_ps(v2, v3)));
   }
+  for (; j + 8 <= d; j += 8) {
+    const __m256 y = _mm256_sub_ps(load8(L{}, p + j), kv);
+    d1 = widen_add(d1, y);
+    d2 = widen_add(d2, _mm256_mul_ps(y, y));
+  }
+  double a1 = hsum4(d1), a2 = hsum4(d2);
   for (; j < d; ++j) {
     const float y = L::f(p[j]) - k;
     a1 += y;
