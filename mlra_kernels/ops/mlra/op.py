@@ -62,6 +62,29 @@ def _dropout_mask_cpu(B: int, H: int, T: int, dropout_p: float, seed: int) -> Te
     return torch.rand((B, H, T, T), generator=gen) >= dropout_p
 
 
+def _cpu_flash_ok(x: Tensor, kpm: Optional[Tensor], dropout_p: float) -> bool:
+    """Whether the CPU path can use torch's fused CPU attention (same math; no T x T matrix).
+
+    Not with a key padding mask (a fully masked query must give zeros, not NaN), dropout (the
+    reference draws its own mask from the op's seed), or float64 (the saved log-sum-exp is fp32, which
+    would cost float64 its exactness in the backward). Nor below 16 tokens, where the reference costs
+    nothing and is the more exact (at T = 1 the fused backward leaves fp32 noise in dq and dk, whose exact
+    value is 0).
+    """
+    if x.device.type != "cpu" or x.dtype == torch.float64 or kpm is not None or dropout_p > 0.0:
+        return False
+    if x.shape[1] < 16:
+        return False
+    if not hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        warn_once(
+            "mlra-cpu-flash-missing",
+            f"torch {torch.__version__} has no fused CPU attention; mlra_attention on CPU tensors runs the "
+            "unfused reference, which materialises the T x T scores. Upgrade torch for the faster CPU path.",
+        )
+        return False
+    return True
+
+
 def _latents(x: Tensor, down: Tensor) -> Tensor:
     B, T, d = x.shape
     return (x.reshape(B * T, d) @ down.t()).view(B, T, down.shape[0])  # [B, T, 3·g·r]
@@ -84,6 +107,10 @@ def mlra_attention_fwd(
             _latents(x, down), up, bias, kpm, num_heads=num_heads, latent_groups=latent_groups, causal=causal,
             scale=scale, dropout_p=dropout_p, seed=seed_i,
         )
+    if _cpu_flash_ok(x, kpm, dropout_p):
+        q, k, v = ref.mlra_qkv_reference(x, down, up, bias, num_heads=num_heads, latent_groups=latent_groups)
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+        return o.transpose(1, 2).reshape(B, T, -1).contiguous(), lse.float().contiguous()
     keep = _dropout_mask_cpu(B, num_heads, T, dropout_p, seed_i).to(x.device) if dropout_p > 0.0 else None
     o, lse = ref.mlra_attention_lse_reference(
         x, down, up, bias, num_heads=num_heads, latent_groups=latent_groups, causal=causal,
@@ -119,6 +146,16 @@ def mlra_attention_bwd(
             c, up, bias, kpm, o, lse, grad_o, num_heads=num_heads, latent_groups=g, causal=causal,
             scale=scale, dropout_p=dropout_p, seed=seed_i,
         )
+    elif _cpu_flash_ok(x, kpm, dropout_p):
+        q, k, v = ref.mlra_qkv_reference(x, down, up, bias, num_heads=num_heads, latent_groups=g)
+
+        def heads(t: Tensor) -> Tensor:  # [B, T, d] -> [B, H, T, d_h]
+            return t.view(B, T, num_heads, d // num_heads).transpose(1, 2)
+
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            heads(grad_o), q, k, v, heads(o.contiguous()), lse, 0.0, causal, scale=scale,
+        )
+        dqkv = torch.stack([dq, dk, dv], dim=2).permute(0, 3, 2, 1, 4).reshape(B, T, 3, d)  # [B, T, 3, d]
     else:
         keep = _dropout_mask_cpu(B, num_heads, T, dropout_p, seed_i).to(x.device) if dropout_p > 0.0 else None
         dqkv = ref.mlra_qkv_grad_reference(

@@ -1,0 +1,56 @@
+"""The CPU path of mlra_attention (no Triton): torch's fused CPU attention where it applies, else the
+reference; forward and every gradient against float64, with the bound of tests/test_mlra.py."""
+
+import pytest
+import torch
+
+import mlra_kernels
+from mlra_kernels.ops.mlra import op
+from mlra_kernels.ops.mlra.reference import mlra_attention_reference
+from test_mlra import assert_close_rel, make_inputs
+
+DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@pytest.fixture(autouse=True)
+def cpu_path(monkeypatch):
+    monkeypatch.setattr(op, "_use_triton", lambda x: False)  # what a CPU call does without TRITON_INTERPRET
+
+
+def _run(fn, leaves, go):
+    y = fn(*leaves)
+    y.backward(go.to(y.dtype))
+    return [y.detach()] + [t.grad for t in leaves]
+
+
+# (id, B, T, H, g, r, d_h, dtype, causal, kwargs)
+CASES = [
+    ("T16-fp32", 2, 16, 2, 1, 8, 32, "fp32", True, {}),
+    ("T37-gH-bf16", 1, 37, 4, 4, 8, 48, "bf16", True, {}),
+    ("T64-g2-fp32-noncausal", 2, 64, 4, 2, 16, 32, "fp32", False, {}),
+    ("T45-fp16-scale", 1, 45, 2, 1, 24, 80, "fp16", True, {"scale": 0.3}),
+    ("T33-bf16-noncausal-r64", 1, 33, 2, 1, 64, 64, "bf16", False, {}),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_cpu_path_forward_backward_vs_float64(case):
+    _, B, T, H, g, r, dh, dt, causal, kw = case
+    x, down, up, b, go = make_inputs(B, T, H, g, r, dh, device="cpu")
+    assert op._cpu_flash_ok(x.to(DT[dt]), None, 0.0)
+    args = dict(num_heads=H, latent_groups=g, causal=causal, **kw)
+    got = _run(lambda *t: mlra_kernels.mlra_attention(*t, **args), [t.to(DT[dt]).requires_grad_() for t in (x, down, up, b)], go)
+    low = _run(lambda *t: mlra_attention_reference(*t, **args), [t.to(DT[dt]).requires_grad_() for t in (x, down, up, b)], go)
+    exact = _run(lambda *t: mlra_attention_reference(*t, **args), [t.clone().requires_grad_() for t in (x, down, up, b)], go)
+    for name, a, lo, ex in zip(("out", "dx", "ddown", "dup", "dbias"), got, low, exact):
+        assert a.dtype == DT[dt]
+        assert_close_rel(name, a, lo, ex)
+
+
+def test_cpu_path_skips_the_fused_attention_where_it_would_differ():
+    x = torch.randn(1, 16, 8)
+    assert op._cpu_flash_ok(x, None, 0.0)
+    assert not op._cpu_flash_ok(x, torch.zeros(1, 16), 0.0)  # key padding: fully masked rows give zeros
+    assert not op._cpu_flash_ok(x, None, 0.1)  # dropout: the reference draws the mask from the seed
+    assert not op._cpu_flash_ok(x.double(), None, 0.0)  # float64 stays exact
+    assert not op._cpu_flash_ok(x[:, :15], None, 0.0)  # 15 tokens: the reference is cheap and more exact
