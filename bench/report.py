@@ -62,10 +62,33 @@ def mlra_table(data: dict) -> str:
     return table(header, rows)
 
 
+def pytest_benchmark_table(data: dict, path: pathlib.Path) -> str:
+    """A pytest-benchmark JSON file: one table, rows grouped, each with its ratio to its group's fastest."""
+    m, c = data["machine_info"], data["commit_info"]
+    head = (
+        f"`{m.get('command', 'pytest bench/test_bench_cpu.py --benchmark-only')}` on {m.get('device', m.get('cpu', {}).get('brand_raw'))} "
+        f"({m.get('torch_threads')} threads); torch {m.get('torch')}, Triton {m.get('triton')}; "
+        f"commit `{c['id'][:12]}{'-dirty' if c.get('dirty') else ''}`, {data['datetime'][:19]}Z. "
+        f"Source: `{path.relative_to(ROOT).as_posix()}`."
+    )
+    rows, groups = [], {}
+    for b in data["benchmarks"]:
+        groups.setdefault(b["group"], []).append(b)
+    for group, items in groups.items():
+        best = min(b["stats"]["median"] for b in items)
+        for b in sorted(items, key=lambda b: b["stats"]["median"]):
+            impl = b["name"].split("[", 1)[1].rstrip("]") if "[" in b["name"] else b["name"]
+            rows.append([group, impl, f"{1e3 * b['stats']['median']:.2f}", f"{b['stats']['median'] / best:.2f}×"])
+    return head + "\n\n" + table(["case", "implementation", "median ms", "vs fastest"], rows)
+
+
 def render(results: pathlib.Path = RESULTS) -> str:
     parts = []
     for path in sorted(results.glob("*.json")):
         data = json.loads(path.read_text())
+        if "benchmarks" in data and "machine_info" in data:
+            parts.append(f"**CPU, pytest-benchmark.** {pytest_benchmark_table(data, path)}")
+            continue
         if not data.get("rows"):
             continue
         if path.name.startswith("tev_"):
