@@ -135,9 +135,10 @@ def mlra_attention(
     ``[d, 3·d]``); the bias is ``in_proj_bias`` or ``c_attn.bias`` unchanged. ``factors_from_dense``
     builds ``down`` and ``up`` from ``W`` by truncated SVD, exact when ``r = d``.
 
-    Paths and switches: CUDA tensors run the Triton kernels; CPU tensors run the pure-torch reference,
-    or the Triton kernels under the interpreter when ``TRITON_INTERPRET=1`` was set before ``triton``
-    was imported. ``MLRA_FWD_VARIANT=auto|rebuild|absorbed`` picks the forward kernel (q/k/v rebuilt
+    Paths and switches: CUDA tensors run the Triton kernels. CPU tensors run plain torch (the GEMMs,
+    then torch's fused CPU attention; the pure-torch reference with key padding, dropout, float64 or
+    T < 16), or the Triton kernels under the interpreter when ``TRITON_INTERPRET=1`` was set before
+    ``triton`` was imported. ``MLRA_FWD_VARIANT=auto|rebuild|absorbed`` picks the forward kernel (q/k/v rebuilt
     from latent tiles on chip, or attention on the latent); ``MLRA_AUTOTUNE=0`` skips autotuning.
 
     Example::
