@@ -1,6 +1,16 @@
-"""pytest-benchmark runs in bench/: record the torch / Triton / CUDA versions and the command with the results."""
+"""pytest-benchmark runs in bench/: record versions and the command with the results, never keep a JSON
+file from a run in which a case failed, and mark the commit dirty only for code changes."""
 
+import os
+import pathlib
+import shlex
 import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `from bench.common import ...` works however pytest is started
+    sys.path.insert(0, str(ROOT))
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
@@ -10,7 +20,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
 
     meta = env_metadata("cpu")
     machine_info.update({k: meta[k] for k in ("device", "torch", "triton", "cuda", "threads")})
-    machine_info["command"] = " ".join(["pytest", *sys.argv[1:]])
+    machine_info["command"] = shlex.join(["pytest", *sys.argv[1:]])
     machine_info["torch_threads"] = torch.get_num_threads()
 
 
@@ -19,3 +29,16 @@ def pytest_benchmark_update_commit_info(config, commit_info):
     from bench.common import _git_commit
 
     commit_info["dirty"] = _git_commit().endswith("-dirty")
+
+
+@pytest.hookimpl(hookwrapper=True, trylast=True)
+def pytest_sessionfinish(session, exitstatus):
+    yield  # pytest-benchmark writes its JSON here
+    path = session.config.getoption("benchmark_json", None)
+    if session.testsfailed and path is not None:
+        name = os.fspath(path)
+        try:
+            os.remove(name)
+        except OSError:
+            return
+        print(f"\nbench: {session.testsfailed} case(s) failed, so {name} was removed: no partial results")

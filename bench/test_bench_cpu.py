@@ -3,8 +3,8 @@
     pytest bench/test_bench_cpu.py --benchmark-only --benchmark-group-by=group
     pytest bench/test_bench_cpu.py --benchmark-only --benchmark-json=bench/results/pytest_cpu.json
 
-Not part of the test suite (tests/ is): timings are only meaningful on a quiet machine. Every case
-checks its result against the baseline before it is timed.
+Not part of the test suite (tests/ is): timings are only meaningful on a quiet machine. The package's
+ops are checked against a baseline before they are timed, and no JSON is written when a case fails.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def test_tev_gpt2_embedding(benchmark, gpt2_embedding, impl):
     name, w = gpt2_embedding
     benchmark.group = f"TEV 50257x768 {name}"
     benchmark.extra_info["bytes"] = w.numel() * w.element_size()
-    ref_mean, ref_std = (t.item() for t in tev_one_liner(w))  # its std is unbiased: within 1e-5 here
+    ref_mean, ref_std = (t.item() for t in tev_one_liner(w))  # its std is unbiased: 1e-5 off at V = 50257
     if impl == "tev":
         s = mlra_kernels.tev(w)
         assert math.isclose(s.mean, ref_mean, rel_tol=1e-5) and math.isclose(s.std, ref_std, rel_tol=1e-4)
@@ -90,7 +90,7 @@ def test_attention_cpu(benchmark, impl, backward):
     w = torch.randn(3 * x.shape[-1], x.shape[-1]) * 0.05
     leaves = [t.requires_grad_() for t in (x, down, up, bias, w)]
     if impl == "mlra_attention":
-        if kernel_path(x) != "reference":
+        if kernel_path(x) != "torch-cpu":
             pytest.skip("TRITON_INTERPRET=1 is set: this would time the interpreter, not the CPU path")
         torch.testing.assert_close(mlra_kernels.mlra_attention(x, down, up, bias, num_heads=H),
                                    _unfused(x, down, up, bias, H), rtol=1e-4, atol=1e-5)

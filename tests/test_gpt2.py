@@ -143,7 +143,7 @@ def test_mlra_training_step_through_the_fused_op_matches_float64():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     from mlra_kernels.ops.mlra.op import kernel_path
 
-    if kernel_path(torch.zeros(1, device=device)) == "reference":
+    if not kernel_path(torch.zeros(1, 1, 1, device=device)).startswith("triton"):
         pytest.skip("the Triton kernels are not active (no GPU, and TRITON_INTERPRET=1 was not set before import)")
     torch.manual_seed(0)
     m64 = GPT2(_cfg("mlra", latent_groups=2, n_layer=1, block_size=12)).double()

@@ -54,3 +54,25 @@ def test_cpu_path_skips_the_fused_attention_where_it_would_differ():
     assert not op._cpu_flash_ok(x, None, 0.1)  # dropout: the reference draws the mask from the seed
     assert not op._cpu_flash_ok(x.double(), None, 0.0)  # float64 stays exact
     assert not op._cpu_flash_ok(x[:, :15], None, 0.0)  # 15 tokens: the reference is cheap and more exact
+
+
+def test_cpu_path_opcheck_and_compile():
+    x, down, up, b, go = make_inputs(1, 20, 2, 1, 8, 16, device="cpu")
+    x, down, up, b = (t.float() for t in (x, down, up, b))
+    assert op.kernel_path(x) == "torch-cpu"
+    fwd_args = (x, down, up, b, None, None, 2, 1, True, 0.0, 0.25)
+    torch.library.opcheck(torch.ops.mlra.mlra_attention_fwd.default, fwd_args)
+    o, lse = torch.ops.mlra.mlra_attention_fwd(*fwd_args)
+    torch.library.opcheck(torch.ops.mlra.mlra_attention_bwd.default,
+                          (go.float(), x, down, up, b, None, None, o, lse, 2, 1, True, 0.0, 0.25))
+
+    def f(x, down, up, b):
+        return (mlra_kernels.mlra_attention(x, down, up, b, num_heads=2) * go.float()).sum()
+
+    leaves = [t.clone().requires_grad_() for t in (x, down, up, b)]
+    f(*leaves).backward()
+    eager = [t.grad for t in leaves]
+    leaves = [t.clone().requires_grad_() for t in (x, down, up, b)]
+    torch.compile(f, fullgraph=True, backend="aot_eager")(*leaves).backward()
+    for a, e in zip((t.grad for t in leaves), eager):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)

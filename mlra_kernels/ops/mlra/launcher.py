@@ -135,6 +135,7 @@ def mlra_bwd_qkv(
     B, T, _ = c.shape
     d, r = up.shape[1], up.shape[2]
     _, _, _, H, hpg, _, dh = _dims((B, T, d), num_heads, latent_groups, r)
+    o, do = o.contiguous(), do.contiguous()  # the preprocess kernel reads both with o's strides
     delta = _alloc((B, H, T), torch.float32, c.device)
     mod = kernels()
     mod._mlra_bwd_preprocess_kernel[(triton_cdiv(T, 64), B * H)](

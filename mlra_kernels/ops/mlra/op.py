@@ -7,7 +7,8 @@ Paths, chosen inside the ops:
 
 - CUDA tensors: the Triton kernels.
 - CPU tensors with ``TRITON_INTERPRET=1``: the same Triton kernels under the Triton interpreter.
-- CPU tensors otherwise (and float64 anywhere): the pure-torch reference.
+- CPU tensors otherwise: the latent GEMMs, then torch's fused CPU attention (``"torch-cpu"``); the
+  pure-torch reference with key padding, dropout, float64 or fewer than 16 tokens (``"reference"``).
 
 What the forward saves for the backward: ``x``, the weights, ``O`` and the log-sum-exp. The latents
 are recomputed with one GEMM; no ``T×T`` matrix and no per-head q/k/v are kept.
@@ -47,10 +48,11 @@ def _use_triton(x: Tensor) -> bool:
     return x.is_cuda
 
 
-def kernel_path(x: Tensor) -> str:
-    """Which path a call on ``x`` takes: ``"triton"``, ``"triton-interpreter"`` or ``"reference"``."""
+def kernel_path(x: Tensor, key_padding_mask: Optional[Tensor] = None, dropout_p: float = 0.0) -> str:
+    """Which path a call on ``x`` [B, T, d] takes: ``"triton"``, ``"triton-interpreter"``, ``"torch-cpu"``
+    (torch's fused CPU attention) or ``"reference"``."""
     if not _use_triton(x):
-        return "reference"
+        return "torch-cpu" if _cpu_flash_ok(x, key_padding_mask, dropout_p) else "reference"
     from mlra_kernels.ops.mlra import launcher
 
     return "triton-interpreter" if launcher.triton_mode_interpreted() else "triton"
@@ -73,16 +75,7 @@ def _cpu_flash_ok(x: Tensor, kpm: Optional[Tensor], dropout_p: float) -> bool:
     """
     if x.device.type != "cpu" or x.dtype == torch.float64 or kpm is not None or dropout_p > 0.0:
         return False
-    if x.shape[1] < 16:
-        return False
-    if not hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
-        warn_once(
-            "mlra-cpu-flash-missing",
-            f"torch {torch.__version__} has no fused CPU attention; mlra_attention on CPU tensors runs the "
-            "unfused reference, which materialises the T x T scores. Upgrade torch for the faster CPU path.",
-        )
-        return False
-    return True
+    return x.dim() == 3 and x.shape[1] >= 16
 
 
 def _latents(x: Tensor, down: Tensor) -> Tensor:
