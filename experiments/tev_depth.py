@@ -247,7 +247,7 @@ def summarize(out: str, runs: list[dict[str, Any]], meta: dict[str, Any]) -> str
     sweep = [r for r in runs if r["config"]["n_layer"] == meta["args"]["sweep_depth"]]
     sweep.sort(key=lambda r: (r["config"]["attention"], r["config"]["rank"] or 0, r["config"]["latent_groups"]))
 
-    lines = [f"# TEV depth sweep", "",
+    lines = ["# TEV depth sweep", "",
              f"- command: `{meta['env']['command']}`",
              f"- device: {meta['env']['device']}; torch {meta['env']['torch']}; commit {meta['env']['commit']}; {meta['env']['date']}",
              f"- data: {meta['data']}; {runs[0]['tokens']:,} tokens trained per run "

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from mlra_kernels.models import GPT2, GPT2Config
 from mlra_kernels.monitor import TEVMonitor

@@ -148,6 +148,39 @@ def test_padding_mask_goes_to_the_fused_op_as_key_padding(attn_impl, fused_calls
     assert len(fused_calls) == 2 and fused_calls[0]["key_padding_mask"] is None
 
 
+def test_mask_is_inspected_once_per_forward_not_per_layer(fused_calls, monkeypatch):
+    import mlra_kernels.integrations.transformers as integration
+
+    inspected = []
+    real = integration._inspect_mask
+    monkeypatch.setattr(integration, "_inspect_mask", lambda *a: inspected.append(a[1:]) or real(*a))
+    mlra = convert_gpt2(_model("eager"), rank=D)
+    ids = torch.randint(0, 83, (3, 9), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, :4] = 0
+    mlra(ids, attention_mask=mask)
+    assert len(fused_calls) == 2 and inspected == [(3, 9)]  # two layers, one look at the 4-D mask
+    mlra(ids, attention_mask=mask)  # a new forward builds a new 4-D mask: looked at again
+    assert len(fused_calls) == 4 and len(inspected) == 2
+    torch.testing.assert_close(fused_calls[3]["key_padding_mask"], mask == 0, rtol=0, atol=0)
+
+
+@pytest.mark.usefixtures("reference_path")
+@pytest.mark.parametrize("attn_impl", ["eager", "sdpa"])
+def test_torch_compile_matches_eager_with_padding(attn_impl):
+    """Under torch.compile a 4-D mask is not read on the host: those layers run the dense attention."""
+    mlra = convert_gpt2(_model(attn_impl, dtype=torch.float32), rank=D)
+    ids = torch.randint(0, 83, (3, 9), generator=torch.Generator().manual_seed(8))
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[0, :2] = 0
+    expected = mlra(ids, attention_mask=mask).logits
+    torch._dynamo.reset()
+    compiled = torch.compile(mlra, backend="eager")
+    got = compiled(ids, attention_mask=mask).logits
+    keep = mask.bool()
+    torch.testing.assert_close(got[keep], expected[keep], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("attn_impl", ["eager", "sdpa"])
 def test_decoding_with_a_cache_uses_the_dense_path_without_warning(attn_impl, fused_calls):
     mlra = convert_gpt2(_model(attn_impl), rank=D)

@@ -31,6 +31,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from mlra_kernels._mask_memo import is_compiling, memo_by_tensor
 from mlra_kernels.nn.attention import default_rank, factorize_in_proj
 from mlra_kernels.ops.mlra import mlra_attention
 from mlra_kernels.ops.mlra.op import warn_once
@@ -51,6 +52,20 @@ _INITS = ("svd", "random")
 
 
 def _causal_padding(mask: Any, batch: int, length: int) -> tuple[bool, Optional[Tensor]]:
+    """``_inspect_mask``, memoised per mask tensor: ``GPT2Model`` hands every layer the same mask, so it
+    is read on the host (one device sync) once per forward, not once per layer.
+
+    Under ``torch.compile`` a mask tensor is not read at all (that would break the graph): the layer
+    takes the dense attention, which applies the mask as given.
+    """
+    if not isinstance(mask, Tensor):
+        return _inspect_mask(mask, batch, length)
+    if is_compiling():
+        return False, None
+    return memo_by_tensor(("gpt2-causal-padding", batch, length), mask, lambda: _inspect_mask(mask, batch, length))
+
+
+def _inspect_mask(mask: Any, batch: int, length: int) -> tuple[bool, Optional[Tensor]]:
     """Whether ``mask`` is causal attention with (optional) key padding, and that padding.
 
     ``mask`` is what ``GPT2Model`` hands its attention layers for a prefill: None, or a ``[B | 1, 1, T, T]``
@@ -155,6 +170,16 @@ class MLRAGPT2Attention(nn.Module):
         out = out.reshape(B, H, S, dh)
         return out + self.qkv_bias[p * self.embed_dim:(p + 1) * self.embed_dim].view(1, H, 1, dh)
 
+    @staticmethod
+    def _warn_general_mask(mask: Any) -> None:
+        what = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+        warn_once(
+            "hf-general-mask",
+            f"MLRAGPT2Attention: the attention mask ({what}) is not causal attention with key padding, so "
+            "the fused mlra_attention is not used; this layer runs the dense attention (per-head q/k/v "
+            "and the T×S scores in memory).",
+        )
+
     def forward(
         self,
         hidden_states: Tensor,
@@ -188,13 +213,8 @@ class MLRAGPT2Attention(nn.Module):
                     c_k, c_v = (hidden_states @ self.down[gr:].t()).chunk(2, dim=-1)
                     cache.update(c_k.unsqueeze(1), c_v.unsqueeze(1), self.layer_idx)
                 return self.resid_dropout(self.c_proj(out)), None
-            what = tuple(attention_mask.shape) if isinstance(attention_mask, Tensor) else type(attention_mask).__name__
-            warn_once(
-                "hf-general-mask",
-                f"MLRAGPT2Attention: the attention mask ({what}) is not causal attention with key padding, so "
-                "the fused mlra_attention is not used; this layer runs the dense attention (per-head q/k/v "
-                "and the T×S scores in memory).",
-            )
+            if not is_compiling():
+                self._warn_general_mask(attention_mask)
 
         c_q, c_k, c_v = (hidden_states @ self.down.t()).chunk(3, dim=-1)  # 3 × [B, T, g·r]
         if cache is not None:

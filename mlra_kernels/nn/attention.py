@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 import warnings
-import weakref
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
+from mlra_kernels._mask_memo import is_compiling, memo_by_tensor
 from mlra_kernels.ops.mlra import factors_from_dense, mlra_attention
 from mlra_kernels.ops.mlra.op import warn_once
 from mlra_kernels.ops.mlra.reference import attention_reference, mlra_qkv_reference
@@ -44,11 +44,6 @@ def _warn_unfused(reason: str) -> None:
     warn_once(f"MLRAttention:{reason}", _UNFUSED_REASONS[reason], stacklevel=6)
 
 
-def _is_compiling() -> bool:
-    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    return bool(is_compiling()) if is_compiling is not None else False
-
-
 def default_rank(embed_dim: int) -> int:
     """The default rank per latent group: ``max(1, embed_dim // 4)``.
 
@@ -67,31 +62,15 @@ def _compare_causal(mask: Tensor, size: int) -> bool:
     return bool(torch.equal(mask, expected))
 
 
-# id(mask) -> (weakref to mask, version counter, data_ptr, result). The same mask tensor is usually
-# passed to every layer of a stack, so it is compared (one host sync on CUDA) once, not per layer.
-_CAUSAL_CACHE: dict[int, tuple] = {}
-_CAUSAL_CACHE_SIZE = 16
-
-
 def _is_causal_mask(mask: Tensor, size: int) -> bool:
     """True when ``mask`` is exactly the square causal mask of ``size`` (bool or additive float).
 
-    The answer is cached per mask tensor and invalidated by in-place changes (its version counter).
+    The answer is memoised per mask tensor (see ``mlra_kernels._mask_memo``): a stack of layers given
+    one mask compares it once, not once per layer.
     """
     if mask.dim() != 2 or mask.shape != (size, size):
         return False
-    if mask.is_inference():  # inference tensors have no version counter
-        return _compare_causal(mask, size)
-    key = id(mask)
-    hit = _CAUSAL_CACHE.get(key)
-    if hit is not None and hit[0]() is mask and hit[1] == mask._version and hit[2] == mask.data_ptr():
-        return hit[3]
-    result = _compare_causal(mask, size)
-    if len(_CAUSAL_CACHE) >= _CAUSAL_CACHE_SIZE:
-        _CAUSAL_CACHE.pop(next(iter(_CAUSAL_CACHE)))
-    ref = weakref.ref(mask, lambda _, k=key: _CAUSAL_CACHE.pop(k, None))
-    _CAUSAL_CACHE[key] = (ref, mask._version, mask.data_ptr(), result)
-    return result
+    return memo_by_tensor(("causal", size), mask, lambda: _compare_causal(mask, size))
 
 
 def _check_mask_dtype(mask: Optional[Tensor], name: str) -> None:
@@ -395,7 +374,7 @@ class MLRAttention(nn.Module):
         causal = False
         if is_self and attn_mask is not None:
             # Under torch.compile only the is_causal hint counts: comparing the mask is data-dependent.
-            if is_causal or (not _is_compiling() and _is_causal_mask(attn_mask, T)):
+            if is_causal or (not is_compiling() and _is_causal_mask(attn_mask, T)):
                 causal, attn_mask = True, None
         dropout_p = self.dropout if self.training else 0.0
 
@@ -407,7 +386,7 @@ class MLRAttention(nn.Module):
             )
             weights = None
         else:
-            if not _is_compiling():
+            if not is_compiling():
                 if not is_self:
                     _warn_unfused("cross-attention")
                 if need_weights:

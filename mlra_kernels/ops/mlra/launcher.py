@@ -13,7 +13,6 @@ import os
 from typing import Optional
 
 import torch
-import triton
 import triton.language as tl
 from torch import Tensor
 
