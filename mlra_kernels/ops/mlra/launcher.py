@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 from typing import Optional
 
 import torch
@@ -27,6 +28,37 @@ def triton_mode_interpreted() -> bool:
     from triton.runtime.interpreter import InterpretedFunction
 
     return isinstance(tl.zeros, InterpretedFunction)
+
+
+def _version(text: str) -> tuple[int, ...]:
+    """``"3.6.0+git..."`` -> ``(3, 6, 0)``: the leading numeric parts."""
+    parts = []
+    for piece in text.split("+")[0].split("."):
+        digits = re.match(r"\d+", piece)
+        if digits is None:
+            break
+        parts.append(int(digits.group()))
+    return tuple(parts)
+
+
+def check_interpreter(triton_version: Optional[str] = None, numpy_version: Optional[str] = None) -> None:
+    """Raise when the installed Triton's interpreter cannot run these kernels.
+
+    Triton's interpreter before 3.7 turns scalar kernel arguments into Python ints with ``int()`` on a
+    one-element array, which numpy 2.4 and later refuse ("only 0-dimensional arrays can be converted to
+    Python scalars"). Compiled GPU kernels are not affected.
+    """
+    if triton_version is None or numpy_version is None:
+        import numpy
+        import triton
+
+        triton_version, numpy_version = triton.__version__, numpy.__version__
+    if _version(triton_version) < (3, 7) and _version(numpy_version) >= (2, 4):
+        raise RuntimeError(
+            f"TRITON_INTERPRET=1 with triton {triton_version} and numpy {numpy_version}: the Triton interpreter "
+            "before 3.7 fails on numpy 2.4 or newer. Install 'numpy<2.4' or 'triton>=3.7', or unset "
+            "TRITON_INTERPRET to run CPU tensors on the torch path."
+        )
 
 
 def kernels():

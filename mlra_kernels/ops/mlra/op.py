@@ -39,6 +39,7 @@ def _use_triton(x: Tensor) -> bool:
 
     if launcher.interpret_requested():
         if launcher.triton_mode_interpreted():
+            launcher.check_interpreter()
             return True
         warn_once(
             "interpret-late",
