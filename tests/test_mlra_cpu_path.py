@@ -76,3 +76,18 @@ def test_cpu_path_opcheck_and_compile():
     torch.compile(f, fullgraph=True, backend="aot_eager")(*leaves).backward()
     for a, e in zip((t.grad for t in leaves), eager):
         torch.testing.assert_close(a, e, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("g", [1, 2], ids=["g1", "g2"])
+def test_cpu_path_without_bias_and_with_a_strided_input(g):
+    B, T, H, r, dh = 2, 24, 4, 8, 16
+    x, down, up, _, go = make_inputs(B, T, H, g, r, dh, device="cpu")
+    x_strided = x.transpose(0, 1).contiguous().transpose(0, 1)  # [B, T, d] with T-major memory
+    assert not x_strided.is_contiguous()
+    args = dict(num_heads=H, latent_groups=g)
+    assert op.kernel_path(x_strided.float()) == "torch-cpu"
+    got = _run(lambda *t: mlra_kernels.mlra_attention(*t, **args), [t.float().requires_grad_() for t in (x_strided, down, up)], go)
+    low = _run(lambda *t: mlra_attention_reference(*t, **args), [t.float().requires_grad_() for t in (x, down, up)], go)
+    exact = _run(lambda *t: mlra_attention_reference(*t, **args), [t.clone().requires_grad_() for t in (x, down, up)], go)
+    for name, a, lo, ex in zip(("out", "dx", "ddown", "dup"), got, low, exact):
+        assert_close_rel(name, a, lo, ex)

@@ -84,6 +84,42 @@ def _latents(x: Tensor, down: Tensor) -> Tensor:
     return (x.reshape(B * T, d) @ down.t()).view(B, T, down.shape[0])  # [B, T, 3·g·r]
 
 
+def _heads_token_major(c: Tensor, up: Tensor, bias: Optional[Tensor], num_heads: int, g: int) -> list[Tensor]:
+    """Per-head ``q, k, v`` from the latents, each ``[B, H, T, d_h]`` laid out token-major in memory
+    (a transposed view of ``[B, T, H, d_h]``), the layout torch's CPU attention returns its output and
+    gradients in; the bias is added inside the batched GEMM."""
+    B, T, _ = c.shape
+    d, r = up.shape[1], up.shape[2]
+    P, k, dh = 3 * g, d // g, d // num_heads
+    c_p = c.view(B * T, P, r).transpose(0, 1)  # [3·g, N, r]
+    up_p = up.reshape(P, k, r).transpose(1, 2)  # [3·g, r, d/g]
+    if bias is None:
+        qkv = torch.bmm(c_p, up_p)
+    else:
+        qkv = torch.baddbmm(bias.view(P, 1, k), c_p, up_p)  # [3·g, N, d/g]
+    qkv = qkv.view(3, g, B, T, k)
+    if g == 1:
+        return [qkv[p, 0].view(B, T, num_heads, dh).transpose(1, 2) for p in range(3)]
+    return [qkv[p].permute(1, 2, 0, 3).reshape(B, T, num_heads, dh).transpose(1, 2) for p in range(3)]
+
+
+def _factor_grads(
+    dqkv: Tensor, c: Tensor, x: Tensor, down: Tensor, up: Tensor, g: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """From the per-head gradients ``dqkv [N, 3, d]`` back to ``(dx, ddown, dup, dbias)``: batched GEMMs
+    over the ``3·g`` (projection, group) blocks."""
+    B, T, d = x.shape
+    N, P, r, k = B * T, 3 * g, up.shape[-1], d // g
+    dq_p = dqkv.view(N, P, k).transpose(0, 1)  # [3·g, N, d/g], a view
+    dc = torch.bmm(dq_p, up.reshape(P, k, r))  # [3·g, N, r]
+    dup = torch.bmm(dq_p.transpose(1, 2), c.view(N, P, r).transpose(0, 1)).view(3, d, r)
+    dbias = dq_p.sum(1).reshape(3 * d)
+    dc_n = dc.transpose(0, 1).reshape(N, P * r)  # [N, 3·g·r]
+    dx = (dc_n @ down).view(B, T, d)
+    ddown = dc_n.t() @ x.reshape(N, d)
+    return dx, ddown, dup, dbias
+
+
 @torch.library.custom_op("mlra::mlra_attention_fwd", mutates_args=())
 def mlra_attention_fwd(
     x: Tensor, down: Tensor, up: Tensor, bias: Optional[Tensor], kpm: Optional[Tensor], seed: Optional[Tensor],
@@ -102,7 +138,7 @@ def mlra_attention_fwd(
             scale=scale, dropout_p=dropout_p, seed=seed_i,
         )
     if _cpu_flash_ok(x, kpm, dropout_p):
-        q, k, v = ref.mlra_qkv_reference(x, down, up, bias, num_heads=num_heads, latent_groups=latent_groups)
+        q, k, v = _heads_token_major(_latents(x, down), up, bias, num_heads, latent_groups)
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
         return o.transpose(1, 2).reshape(B, T, -1).contiguous(), lse.float().contiguous()
     keep = _dropout_mask_cpu(B, num_heads, T, dropout_p, seed_i).to(x.device) if dropout_p > 0.0 else None
@@ -127,7 +163,7 @@ def mlra_attention_bwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(dx, ddown, dup, dbias)``; ``dbias`` is ``[3·d]`` even when there is no bias."""
     B, T, d = x.shape
-    g, r = latent_groups, up.shape[-1]
+    g = latent_groups
     seed_i = int(seed.item()) if seed is not None else 0
     grad_o = grad_o.contiguous()
     c = _latents(x, down)
@@ -141,31 +177,22 @@ def mlra_attention_bwd(
             scale=scale, dropout_p=dropout_p, seed=seed_i,
         )
     elif _cpu_flash_ok(x, kpm, dropout_p):
-        q, k, v = ref.mlra_qkv_reference(x, down, up, bias, num_heads=num_heads, latent_groups=g)
+        q, k, v = _heads_token_major(c, up, bias, num_heads, g)
 
-        def heads(t: Tensor) -> Tensor:  # [B, T, d] -> [B, H, T, d_h]
+        def heads(t: Tensor) -> Tensor:  # [B, T, d] -> [B, H, T, d_h], token-major
             return t.view(B, T, num_heads, d // num_heads).transpose(1, 2)
 
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             heads(grad_o), q, k, v, heads(o.contiguous()), lse, 0.0, causal, scale=scale,
         )
-        dqkv = torch.stack([dq, dk, dv], dim=2).permute(0, 3, 2, 1, 4).reshape(B, T, 3, d)  # [B, T, 3, d]
+        dqkv = torch.stack([t.transpose(1, 2).reshape(B * T, d) for t in grads], dim=1)  # [N, 3, d]
     else:
         keep = _dropout_mask_cpu(B, num_heads, T, dropout_p, seed_i).to(x.device) if dropout_p > 0.0 else None
         dqkv = ref.mlra_qkv_grad_reference(
             grad_o, x, down, up, bias, num_heads=num_heads, latent_groups=g, causal=causal,
             key_padding_mask=kpm, dropout_p=dropout_p, scale=scale, dropout_mask=keep,
         )
-    # From per-head q/k/v gradients back to the factors: a few GEMMs.
-    N = B * T
-    dqkv4 = dqkv.reshape(N, 3, g, d // g)  # [N, 3, g, d/g]
-    c4 = c.view(N, 3, g, r)  # [N, 3, g, r]
-    dc = torch.einsum("npgk,pgkr->npgr", dqkv4, up.reshape(3, g, d // g, r)).reshape(N, 3 * g * r)
-    dup = torch.einsum("npgk,npgr->pgkr", dqkv4, c4).reshape(3, d, r)
-    dbias = dqkv.reshape(N, 3 * d).sum(0)
-    dx = (dc @ down).view(B, T, d)
-    ddown = dc.t() @ x.reshape(N, d)
-    return dx, ddown, dup, dbias
+    return _factor_grads(dqkv.reshape(B * T, 3, d), c, x, down, up, g)
 
 
 @mlra_attention_bwd.register_fake
