@@ -9,14 +9,14 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `from bench.common import ...` works however pytest is started
+if str(ROOT) not in sys.path:  # the source tree is importable however pytest is started
     sys.path.insert(0, str(ROOT))
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
     import torch
 
-    from bench.common import env_metadata
+    from mlra_kernels.benchmarks.common import env_metadata
 
     meta = env_metadata("cpu")
     machine_info.update({k: meta[k] for k in ("device", "torch", "triton", "cuda", "threads")})
@@ -26,7 +26,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
 
 def pytest_benchmark_update_commit_info(config, commit_info):
     # The same rule as the other benchmarks: result files waiting to be committed do not make the code dirty.
-    from bench.common import _git_commit
+    from mlra_kernels.benchmarks.common import _git_commit
 
     commit_info["dirty"] = _git_commit().endswith("-dirty")
 

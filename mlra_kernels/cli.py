@@ -140,29 +140,14 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def bench_dir() -> Optional[str]:
-    """The ``bench/`` folder of the source checkout this package runs from, or ``None``."""
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    folder = os.path.join(here, "bench")
-    return folder if os.path.isdir(folder) else None
-
-
 def cmd_bench(args: argparse.Namespace) -> int:
-    folder = bench_dir()
-    if folder is None:
-        raise CLIError(
-            "the benchmarks live in the source checkout (bench/), which this installation does not have; "
-            "clone the repository and run `mlra bench` from an editable install (pip install -e .)"
-        )
+    """Run the benchmark modules shipped in ``mlra_kernels.benchmarks``, each in its own process."""
     names = ["tev", "mlra"] if args.which == "all" else [args.which]
     rc = 0
     for name in names:
-        script = os.path.join(folder, f"bench_{name}.py")
-        if not os.path.isfile(script):
-            raise CLIError(f"{script} is missing")
-        cmd = [sys.executable, script, *args.extra]
+        cmd = [sys.executable, "-m", f"mlra_kernels.benchmarks.{name}", *args.extra]
         print("$ " + " ".join(cmd), flush=True)
-        rc = max(rc, subprocess.call(cmd, cwd=os.path.dirname(folder)))
+        rc = max(rc, subprocess.call(cmd))
     return rc
 
 
@@ -218,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--title", default=None)
     p.set_defaults(func=cmd_plot)
 
-    p = sub.add_parser("bench", help="run the kernel benchmarks (bench/bench_tev.py, bench/bench_mlra.py)")
+    p = sub.add_parser("bench", help="run the kernel benchmarks (mlra_kernels.benchmarks: tev, mlra)")
     p.add_argument("which", nargs="?", choices=["all", "tev", "mlra"], default="all")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="arguments passed to the benchmark scripts")
     p.set_defaults(func=cmd_bench)

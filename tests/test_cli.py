@@ -110,25 +110,29 @@ def test_plot_command(tmp_path, capsys):
     assert "no such log" in capsys.readouterr().err
 
 
-def test_bench_runs_the_scripts_or_explains(tmp_path, capsys, monkeypatch):
-    bench = tmp_path / "bench"
-    bench.mkdir()
-    for name in ("tev", "mlra"):
-        (bench / f"bench_{name}.py").write_text(f"import sys; print('ran {name}', sys.argv[1:])\n")
-    monkeypatch.setattr(cli, "bench_dir", lambda: str(bench))
-    # The scripts run in a child process; capture its output through a pipe.
-    monkeypatch.setattr(cli.subprocess, "call",
-                        lambda cmd, cwd: print(subprocess.run(cmd, cwd=cwd, capture_output=True, text=True).stdout)
-                        or 0)
-    assert main(["bench", "mlra", "--quick"]) == 0
-    out = capsys.readouterr().out
-    assert "ran mlra ['--quick']" in out and "ran tev" not in out
+def test_bench_runs_the_shipped_modules(tmp_path, capsys, monkeypatch):
+    """`mlra bench` runs mlra_kernels.benchmarks.* (shipped in the wheel), passing the arguments on."""
+    calls = []
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    assert main(["bench", "mlra", "--smoke", "--out-dir", str(tmp_path)]) == 0
+    assert calls == [[sys.executable, "-m", "mlra_kernels.benchmarks.mlra", "--smoke", "--out-dir", str(tmp_path)]]
+    calls.clear()
     assert main(["bench"]) == 0
-    out = capsys.readouterr().out
-    assert "ran tev" in out and "ran mlra" in out
-    monkeypatch.setattr(cli, "bench_dir", lambda: None)
-    assert main(["bench"]) == 1
-    assert "source checkout" in capsys.readouterr().err
+    assert [c[2] for c in calls] == ["mlra_kernels.benchmarks.tev", "mlra_kernels.benchmarks.mlra"]
+
+
+def test_bench_tev_end_to_end_from_another_folder(tmp_path):
+    """A real (tiny) TEV benchmark run in a child process, started outside the source tree."""
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlra_kernels.cli", "bench", "tev", "--max-elems", "1e6", "--rep", "1", "--out", str(out)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads((out / "tev_cpu.json").read_text())
+    assert {r["dtype"] for r in data["rows"]} == {"fp32", "bf16"}
+    assert all(r["gbps"] > 0 and r["speedup_vs_one_liner"] > 0 for r in data["rows"])
+    assert data["meta"]["torch"] == torch.__version__ and data["meta"]["mlra_kernels"]
 
 
 def test_info_and_help(capsys):

@@ -16,7 +16,7 @@ API (stable, small):
 
 Example:
 
-    from bench.common import env_metadata, time_cpu, gbps, write_results
+    from mlra_kernels.benchmarks.common import env_metadata, time_cpu, gbps, write_results
     t = time_cpu(lambda: x.sum())
     write_results("sum_cpu", [{"op": "sum", "gbps": gbps(x.nbytes, t["ms"]), **t}])
 """
@@ -36,7 +36,10 @@ from typing import Callable, Iterable
 
 import torch
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+_CHECKOUT = pathlib.Path(__file__).resolve().parents[2]
+# Relative result folders are taken from the source checkout this package runs from (an editable
+# install), so that `bench/results` is the committed folder; from an installed wheel, from the cwd.
+REPO_ROOT = _CHECKOUT if (_CHECKOUT / "setup.py").is_file() and (_CHECKOUT / "bench").is_dir() else pathlib.Path.cwd()
 
 # Keys copied from the metadata into every result row.
 ROW_META_KEYS = ("device", "torch", "triton", "cuda", "commit", "date")
@@ -70,6 +73,15 @@ def _git_commit() -> str:
     return sha + ("-dirty" if dirty else "")
 
 
+def _package_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("mlra-kernels")
+    except Exception:  # not installed as a distribution (a bare source tree on sys.path)
+        return "unknown"
+
+
 def _triton_version() -> str | None:
     try:
         import triton
@@ -100,6 +112,7 @@ def env_metadata(device: str | torch.device = "cpu") -> dict:
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "commit": _git_commit(),
+        "mlra_kernels": _package_version(),
         "command": " ".join(["python", *sys.argv]),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "cpu_count": os.cpu_count(),
@@ -143,7 +156,7 @@ def gbps(nbytes: int, ms: float) -> float:
 def write_results(
     name: str, rows: Iterable[dict], out_dir: str | os.PathLike = "bench/results", device: str | torch.device = "cpu"
 ) -> pathlib.Path:
-    """Write rows plus metadata to `<out_dir>/<name>.json` (relative paths are taken from the repo root)."""
+    """Write rows plus metadata to `<out_dir>/<name>.json` (relative paths: see `REPO_ROOT`)."""
     meta = env_metadata(device)
     out = pathlib.Path(out_dir)
     if not out.is_absolute():

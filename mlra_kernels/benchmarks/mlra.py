@@ -1,0 +1,327 @@
+"""Benchmark of the fused MLRA attention against unfused MLRA and standard MHA.
+
+Every row measures, in the same process and on the same inputs:
+
+  (a) ``unfused``: the best unfused PyTorch MLRA: the latent GEMM, the per-group up-projection as one
+      batched GEMM, then ``scaled_dot_product_attention`` on its fastest backend (each backend is timed
+      and the fastest kept);
+  (b) ``mha``: standard attention: one QKV GEMM plus SDPA (fastest backend);
+  (c) ``ours``: ``mlra_kernels.mlra_attention``.
+
+For each: forward, backward and forward+backward time (``do_bench`` median with 20/80% quantiles),
+TFLOP/s, peak memory of forward+backward, and the memory saved for backward (unique storages the
+autograd graph holds, with and without the inputs and weights).
+
+FLOP formula (model FLOPs, the same for (a) and (c); recomputation is not counted):
+
+  N = B·T tokens, P = T(T+1)/2 attended pairs per head under causal masking (T² otherwise)
+  MLRA forward = 2·N·d·(3·g·r)        latent GEMM  c = x·Aᵀ
+               + 2·N·(3·d)·r          up-projections  q, k, v = c·Bᵀ
+               + 4·B·H·P·d_h          QKᵀ and PV
+  MHA forward  = 2·N·d·(3·d) + 4·B·H·P·d_h
+  backward     = 2 × forward,  forward+backward = 3 × forward
+
+Correctness comes first: the run checks the kernels against the float64 reference on small shapes
+(the rule of the test suite), and every row checks its own output against an fp32 computation of
+(a); a failing check stops the run before any speed is reported.
+
+Usage:
+  python bench/bench_mlra.py                     # full grid on a CUDA GPU, writes bench/results/mlra_<gpu>.json
+  python bench/bench_mlra.py --models small --T 1024 2048 --dtypes bf16
+  TRITON_INTERPRET=1 python bench/bench_mlra.py --smoke   # tiny shapes on CPU under the interpreter
+  mlra bench mlra ...                            # the same from an installed wheel
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import sys
+
+import torch
+
+if __name__ == "__main__" and "--smoke" in sys.argv and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch.nn.functional as F  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from mlra_kernels.benchmarks.common import time_cpu, time_gpu, write_results  # noqa: E402
+from mlra_kernels.ops.mlra import mlra_attention  # noqa: E402
+from mlra_kernels.ops.mlra import op as mlra_op  # noqa: E402
+from mlra_kernels.ops.mlra.reference import mlra_attention_reference  # noqa: E402
+
+MODELS = {"small": (768, 12), "medium": (1024, 16), "large": (1280, 20)}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def mlra_flops(B, T, d, H, g, r, causal=True):
+    pairs = T * (T + 1) // 2 if causal else T * T
+    return 2 * B * T * d * (3 * g * r) + 2 * B * T * (3 * d) * r + 4 * B * H * pairs * (d // H)
+
+
+def mha_flops(B, T, d, H, causal=True):
+    pairs = T * (T + 1) // 2 if causal else T * T
+    return 2 * B * T * d * (3 * d) + 4 * B * H * pairs * (d // H)
+
+
+
+
+def _sdpa_backends():
+    from torch.nn.attention import SDPBackend
+
+    return {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "math": SDPBackend.MATH,
+    }
+
+
+def _sdpa(q, k, v, backend):
+    if backend is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    from torch.nn.attention import sdpa_kernel
+
+    with sdpa_kernel(_sdpa_backends()[backend]):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def unfused_mlra(x, down, up, bias, H, g, backend=None):
+    """(a): latent GEMM, one batched up-projection GEMM, SDPA. Returns [B, T, d]."""
+    B, T, d = x.shape
+    r = up.shape[-1]
+    c = (x.reshape(B * T, d) @ down.t()).view(B * T, 3 * g, r).transpose(0, 1)  # [3g, N, r]
+    upg = up.view(3, g, d // g, r).reshape(3 * g, d // g, r)
+    qkv = torch.bmm(c, upg.transpose(1, 2))  # [3g, N, d/g]
+    qkv = qkv.view(3, g, B, T, d // g).permute(0, 2, 3, 1, 4).reshape(3, B, T, d)
+    if bias is not None:
+        qkv = qkv + bias.view(3, 1, 1, d)
+    q, k, v = (t.view(B, T, H, d // H).transpose(1, 2) for t in qkv)
+    o = _sdpa(q, k, v, backend)
+    return o.transpose(1, 2).reshape(B, T, d)
+
+
+def mha(x, w, b, H, backend=None):
+    """(b): one QKV GEMM plus SDPA. Returns [B, T, d]."""
+    B, T, d = x.shape
+    qkv = F.linear(x, w, b).view(B, T, 3, H, d // H).permute(2, 0, 3, 1, 4)
+    o = _sdpa(qkv[0], qkv[1], qkv[2], backend)
+    return o.transpose(1, 2).reshape(B, T, d)
+
+
+
+
+def saved_bytes(fn, inputs):
+    """Bytes of the unique storages the autograd graph of ``fn()`` keeps: (all, excluding ``inputs``)."""
+    seen = {}
+
+    def pack(t):
+        try:
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+        except Exception:
+            pass
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    ptrs = {t.untyped_storage().data_ptr() for t in inputs if t is not None}
+    total = sum(seen.values())
+    excl = sum(n for p, n in seen.items() if p not in ptrs)
+    del out
+    return total, excl
+
+
+def timings(fn, leaves, go, cuda):
+    timer = time_gpu if cuda else (lambda f: time_cpu(f, warmup=1, rep=3))
+
+    def zero():
+        for t in leaves:
+            t.grad = None
+
+    def fwd():
+        with torch.no_grad():
+            return fn()
+
+    out = fn()
+
+    def bwd():
+        zero()
+        out.backward(go, retain_graph=True)
+
+    def fwdbwd():
+        zero()
+        fn().backward(go)
+
+    res = {"fwd": timer(fwd), "bwd": timer(bwd), "fwdbwd": timer(fwdbwd)}
+    del out
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fwdbwd()
+        torch.cuda.synchronize()
+        res["peak_mem_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    return res
+
+
+def best_backend(make, leaves, go, cuda):
+    """Time every SDPA backend that runs; return (name, timings) of the fastest forward+backward."""
+    if not cuda:
+        return "default", timings(lambda: make(None), leaves, go, cuda)
+    best = None
+    for name in ("flash", "cudnn", "efficient"):
+        try:
+            make(name).backward(go)
+        except RuntimeError:
+            continue
+        t = timings(lambda: make(name), leaves, go, cuda)
+        if best is None or t["fwdbwd"]["ms"] < best[1]["fwdbwd"]["ms"]:
+            best = (name, t)
+    return best
+
+
+def close_enough(got, low, exact):
+    """The test-suite rule: error ≤ 3 × the low-precision baseline's error + one ulp of the largest value."""
+    ulp = torch.finfo(low.dtype).eps
+    err = (got.double() - exact.double()).abs().max().item()
+    base = (low.double() - exact.double()).abs().max().item()
+    return err <= 3 * base + ulp * exact.double().abs().max().item(), err, base
+
+
+def correctness_gate(device, dtypes):
+    """Kernels vs. float64 reference on small awkward shapes, forward and every gradient."""
+    shapes = [(2, 97, 4, 1, 24, 64), (1, 130, 4, 4, 8, 48), (1, 200, 2, 2, 40, 80), (1, 77, 2, 1, 64, 128)]
+    gen = torch.Generator().manual_seed(0)
+    for dt in dtypes:
+        for B, T, H, g, r, dh in shapes:
+            d = H * dh
+            base = [
+                torch.randn(B, T, d, generator=gen, dtype=torch.float64),
+                torch.randn(3 * g * r, d, generator=gen, dtype=torch.float64) / math.sqrt(d),
+                torch.randn(3, d, r, generator=gen, dtype=torch.float64) / math.sqrt(r),
+                torch.randn(3 * d, generator=gen, dtype=torch.float64) * 0.2,
+            ]
+            go = torch.randn(B, T, d, generator=gen, dtype=torch.float64).to(device)
+            results = []
+            for fn, t in ((mlra_attention_reference, torch.float64), (mlra_attention_reference, dt), (mlra_attention, dt)):
+                leaves = [b.to(device=device, dtype=t).requires_grad_() for b in base]
+                out = fn(*leaves, num_heads=H, latent_groups=g)
+                results.append([out] + list(torch.autograd.grad(out, leaves, go.to(t))))
+            for name, ex, lo, got in zip(["out", "dx", "ddown", "dup", "dbias"], *results):
+                ok, err, ref_err = close_enough(got, lo, ex)
+                if not ok:
+                    raise SystemExit(
+                        f"correctness check failed ({dt}, B={B} T={T} H={H} g={g} r={r} d_h={dh}, {name}): "
+                        f"error {err:.3e} vs torch's {ref_err:.3e}; no speed is reported"
+                    )
+    print(f"correctness gate passed for {', '.join(str(d) for d in dtypes)}", flush=True)
+
+
+
+
+def bench_row(model, d, H, T, B, g, r, dtype_name, device):
+    cuda = device.type == "cuda"
+    dt = DTYPES[dtype_name]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(B, T, d, generator=gen).to(device, dt).requires_grad_()
+    down = (torch.randn(3 * g * r, d, generator=gen) / math.sqrt(d)).to(device, dt).requires_grad_()
+    up = (torch.randn(3, d, r, generator=gen) / math.sqrt(r)).to(device, dt).requires_grad_()
+    bias = (torch.randn(3 * d, generator=gen) * 0.1).to(device, dt).requires_grad_()
+    w = (torch.randn(3 * d, d, generator=gen) / math.sqrt(d)).to(device, dt).requires_grad_()
+    go = torch.randn(B, T, d, generator=gen).to(device, dt)
+
+    ours = lambda: mlra_attention(x, down, up, bias, num_heads=H, latent_groups=g)  # noqa: E731
+    # Per-row check against (a) computed in fp32 (fp64 for fp32 rows), cheap enough at every size.
+    hi = torch.float64 if dt == torch.float32 else torch.float32
+    with torch.no_grad():
+        exact = unfused_mlra(*(t.to(hi) for t in (x, down, up, bias)), H, g)
+        ok, err, base_err = close_enough(ours(), unfused_mlra(x, down, up, bias, H, g), exact)
+    if not ok:
+        raise SystemExit(f"row check failed for {model} T={T} g={g} r={r} {dtype_name}: {err:.3e} vs {base_err:.3e}")
+
+    mlra_leaves, mha_leaves = [x, down, up, bias], [x, w, bias]
+    name_a, t_a = best_backend(lambda be: unfused_mlra(x, down, up, bias, H, g, be), mlra_leaves, go, cuda)
+    name_b, t_b = best_backend(lambda be: mha(x, w, bias, H, be), mha_leaves, go, cuda)
+    t_c = timings(ours, mlra_leaves, go, cuda)
+    saved = {
+        "unfused": saved_bytes(lambda: unfused_mlra(x, down, up, bias, H, g, None if not cuda else name_a), mlra_leaves),
+        "mha": saved_bytes(lambda: mha(x, w, bias, H, None if not cuda else name_b), mha_leaves),
+        "ours": saved_bytes(ours, mlra_leaves),
+    }
+    f_mlra, f_mha = mlra_flops(B, T, d, H, g, r), mha_flops(B, T, d, H)
+    row = {
+        "model": model, "d": d, "H": H, "d_h": d // H, "B": B, "T": T, "g": g, "r": r, "latent_width": g * r,
+        "dtype": dtype_name, "causal": True, "path": mlra_op.kernel_path(x),
+        "sdpa_backend_unfused": name_a, "sdpa_backend_mha": name_b,
+        "check_err": err, "check_err_unfused": base_err,
+    }
+    for key, t, flops in (("unfused", t_a, f_mlra), ("mha", t_b, f_mha), ("ours", t_c, f_mlra)):
+        for phase, mult in (("fwd", 1), ("bwd", 2), ("fwdbwd", 3)):
+            row[f"{key}_{phase}_ms"] = t[phase]["ms"]
+            row[f"{key}_{phase}_ms_p20"] = t[phase]["ms_p20"]
+            row[f"{key}_{phase}_ms_p80"] = t[phase]["ms_p80"]
+            row[f"{key}_{phase}_tflops"] = mult * flops / (t[phase]["ms"] * 1e-3) / 1e12
+        row[f"{key}_peak_mem_mib"] = t.get("peak_mem_mib")
+        row[f"{key}_saved_mib"] = saved[key][0] / 2**20
+        row[f"{key}_saved_excl_inputs_mib"] = saved[key][1] / 2**20
+    row["speedup_fwdbwd_vs_unfused"] = t_a["fwdbwd"]["ms"] / t_c["fwdbwd"]["ms"]
+    row["speedup_fwd_vs_mha"] = t_b["fwd"]["ms"] / t_c["fwd"]["ms"]
+    row["saved_ratio_vs_unfused"] = saved["ours"][0] / saved["unfused"][0]
+    return row
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--T", nargs="+", type=int, default=[1024, 2048, 4096, 8192])
+    p.add_argument("--ranks", nargs="+", default=["d/8", "d/4", "d/2"], help="total latent width g·r as a fraction of d")
+    p.add_argument("--groups", nargs="+", default=["1", "H"])
+    p.add_argument("--dtypes", nargs="+", default=["bf16", "fp16"], choices=list(DTYPES))
+    p.add_argument("--tokens", type=int, default=16384, help="B·T per row (B = tokens // T, at least 1)")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes; runs on CPU (Triton interpreter)")
+    p.add_argument("--out", default=None, help="results name (default mlra_<device>)")
+    p.add_argument("--out-dir", default="bench/results", help="folder for the JSON (default bench/results)")
+    args = p.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.smoke:
+        args.models, args.T, args.ranks, args.groups, args.tokens = ["smoke"], [40], ["d/4"], ["1", "H"], 80
+        MODELS["smoke"] = (64, 2)
+        if device.type == "cpu":
+            args.dtypes = ["fp32", "bf16"]
+    elif device.type != "cuda":
+        raise SystemExit("the full benchmark needs a CUDA GPU; use --smoke on a CPU machine")
+
+    correctness_gate(device, [DTYPES[n] for n in args.dtypes])
+    rows = []
+    cases = [
+        (model, T, gname, rf, dtn)
+        for model in args.models for T in args.T for gname in args.groups for rf in args.ranks for dtn in args.dtypes
+    ]
+    for model, T, gname, rf, dtn in tqdm(cases, desc="mlra bench", unit="row", file=sys.stderr):
+        d, H = MODELS[model]
+        g = H if gname == "H" else int(gname)
+        B = max(1, args.tokens // T)
+        r = (d // int(rf.split("/")[1])) // g  # rf is the total latent width g·r as a fraction of d
+        row = bench_row(model, d, H, T, B, g, r, dtn, device)
+        rows.append(row)
+        tqdm.write(
+            f"{model:6s} T={T:5d} B={B:2d} g={g:2d} r={r:3d} {dtn}: "
+            f"fwd+bwd {row['ours_fwdbwd_ms']:.3f} ms ({row['speedup_fwdbwd_vs_unfused']:.2f}x unfused), "
+            f"fwd {row['ours_fwd_ms']:.3f} ms ({row['speedup_fwd_vs_mha']:.2f}x mha), "
+            f"saved {row['saved_ratio_vs_unfused']:.2f}x unfused"
+        )
+    dev_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    name = args.out or "mlra_" + ("smoke_" if args.smoke else "") + re.sub(r"[^a-z0-9]+", "_", dev_name.lower()).strip("_")
+    path = write_results(name, rows, out_dir=args.out_dir, device=device)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

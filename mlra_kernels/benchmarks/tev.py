@@ -1,0 +1,144 @@
+"""Benchmark of mlra_kernels.tev: GB/s, and the ratio to the torch one-liner and to E.sum(), in one run.
+
+    python bench/bench_tev.py                       # CPU: V·d = 1e6 .. 1e9, fp32 and bf16
+    python bench/bench_tev.py --device cuda         # GPU (do_bench), plus 128k x 4096 bf16
+    python bench/bench_tev.py --max-elems 1e8       # smaller run
+    mlra bench tev ...                              # the same from an installed wheel
+
+Bandwidth is E.nbytes / time: each element is read once, in its own dtype. The baseline is what users
+write without the package: t = torch.std(E.float(), dim=1, unbiased=False); t.mean(); t.std(). E.sum() on
+the same matrix is the reference read rate. Correctness is checked first (float64 reference on small
+matrices, the one-liner on every benchmarked matrix); nothing is written if a check fails.
+Results: bench/results/tev_<device>.json (rows carry device, versions, commit, date).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+import torch
+from tqdm.auto import tqdm
+
+from mlra_kernels.benchmarks.common import gbps, time_cpu, time_gpu, write_results
+from mlra_kernels.ops.tev import tev, tev_reference
+from mlra_kernels.ops.tev.reference import tev_one_liner
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def make(v: int, d: int, dtype: torch.dtype, device: str, seed: int = 0) -> torch.Tensor:
+    """N(0, s_i^2) rows with s_i in [0.01, 0.03], built in blocks to keep temporaries small."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    w = torch.empty(v, d, dtype=dtype, device=device)
+    step = max(1, (1 << 24) // d)
+    for i in range(0, v, step):
+        n = min(step, v - i)
+        scale = 0.01 + 0.02 * torch.rand(n, 1, generator=g, device=device)
+        w[i : i + n] = torch.randn(n, d, generator=g, device=device) * scale
+    return w
+
+
+def check_small(device: str) -> None:
+    for name, dtype in DTYPES.items():
+        w = make(3000, 1000, dtype, device, seed=1)
+        got, ref = tev(w), tev_reference(w)
+        for a, b, what in ((got.mean, ref.mean, "mean"), (got.std, ref.std, "std")):
+            if not abs(a - b) <= 1e-6 * abs(b):
+                raise SystemExit(f"correctness check failed ({device}, {name}, {what}: {a} vs float64 {b})")
+
+
+def shapes(max_elems: float, device: str) -> list[tuple[int, int]]:
+    out = []
+    for n in (1e6, 1e7, 1e8, 1e9):
+        if n <= max_elems:
+            d = 1024
+            out.append((int(round(n / d)), d))
+    if device == "cuda":
+        out.append((131072, 4096))
+    return out
+
+
+def bench_one(v: int, d: int, dtype_name: str, device: str, rep: int) -> dict:
+    dtype = DTYPES[dtype_name]
+    w = make(v, d, dtype, device)
+    nbytes = w.numel() * w.element_size()
+
+    got = tev(w)
+    one_mean, one_std = (t.item() for t in tev_one_liner(w))
+    if not (abs(got.mean - one_mean) <= 1e-4 * abs(one_mean) and abs(got.std - one_std) <= 1e-3 * abs(one_std)):
+        raise SystemExit(f"tev disagrees with the one-liner on {v}x{d} {dtype_name}: {got} vs {one_mean}, {one_std}")
+
+    def run_tev():
+        tev(w)
+
+    def run_one_liner():
+        m, s = tev_one_liner(w)
+        return m.item(), s.item()
+
+    def run_sum():
+        return w.sum().item()
+
+    if device == "cuda":
+        t_tev, t_one, t_sum = time_gpu(run_tev), time_gpu(run_one_liner), time_gpu(run_sum)
+    else:
+        big = nbytes > 1 << 30
+        kw = dict(warmup=1, rep=3 if big else rep, min_time_s=0.0 if big else 0.5)
+        t_tev = time_cpu(run_tev, **kw)
+        t_one = time_cpu(run_one_liner, warmup=0 if big else 1, rep=2 if big else rep)
+        t_sum = time_cpu(run_sum, **kw)
+    row = {
+        "op": "tev",
+        "device_type": device,
+        "dtype": dtype_name,
+        "shape": [v, d],
+        "elements": v * d,
+        "bytes": nbytes,
+        "threads": torch.get_num_threads() if device == "cpu" else None,
+        "ms": t_tev["ms"],
+        "ms_p20": t_tev["ms_p20"],
+        "ms_p80": t_tev["ms_p80"],
+        "gbps": gbps(nbytes, t_tev["ms"]),
+        "one_liner_ms": t_one["ms"],
+        "one_liner_gbps": gbps(nbytes, t_one["ms"]),
+        "speedup_vs_one_liner": t_one["ms"] / t_tev["ms"],
+        "sum_ms": t_sum["ms"],
+        "sum_gbps": gbps(nbytes, t_sum["ms"]),
+        "fraction_of_sum_read_rate": t_sum["ms"] / t_tev["ms"],
+    }
+    del w
+    return row
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32, bf16, fp16")
+    p.add_argument("--max-elems", type=float, default=1e9, help="largest V·d to run (default 1e9)")
+    p.add_argument("--rep", type=int, default=5, help="CPU repetitions per measurement")
+    p.add_argument("--out", default="bench/results", help="folder for tev_<device>.json")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no GPU visible")
+
+    check_small(args.device)
+    rows = []
+    cases = [(v, d, name) for v, d in shapes(args.max_elems, args.device) for name in args.dtypes.split(",")]
+    for v, d, name in tqdm(cases, desc="tev bench", unit="matrix", file=sys.stderr):
+        row = bench_one(v, d, name, args.device, args.rep)
+        rows.append(row)
+        tqdm.write(
+            f"{v:>8}x{d:<5} {name:5} tev {row['gbps']:7.2f} GB/s | one-liner {row['one_liner_gbps']:6.2f} GB/s "
+            f"(x{row['speedup_vs_one_liner']:5.1f}) | sum {row['sum_gbps']:6.2f} GB/s "
+            f"({100 * row['fraction_of_sum_read_rate']:5.1f}% of it)",
+        )
+    path = write_results(f"tev_{args.device}", rows, out_dir=args.out, device=args.device)
+    print(f"wrote {path}")
+    worst = min((r["speedup_vs_one_liner"] for r in rows), default=math.nan)
+    print(f"lowest speedup over the one-liner: x{worst:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
