@@ -2,7 +2,9 @@
 
 Checking whether a mask is causal (or causal with key padding) reads it on the host: one device sync
 on CUDA. Models pass the same mask tensor to every layer, so the answer is kept per tensor and per
-question, and dropped when the tensor is freed or changed in place (its version counter moves).
+question, and dropped when the tensor is freed, or changed in place by an operation that moves its
+version counter (ordinary in-place ops do; writes through ``.data`` or a numpy view do not), or given
+new storage. Inference tensors (``torch.inference_mode``) have no version counter and are not memoised.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def memo_by_tensor(question: Hashable, mask: Tensor, compute: Callable[[], Any])
         return hit[3]
     answer = compute()
     if len(_MEMO) >= _MEMO_SIZE:
-        _MEMO.pop(next(iter(_MEMO)))
+        _MEMO.pop(next(iter(_MEMO), None), None)
     ref = weakref.ref(mask, lambda _, k=key: _MEMO.pop(k, None))
     _MEMO[key] = (ref, mask._version, mask.data_ptr(), answer)
     return answer

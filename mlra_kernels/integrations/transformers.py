@@ -19,7 +19,11 @@ What the converted attention supports:
   ``2·g·r`` numbers per token and layer instead of ``2·d``; sequence length, cropping and beam
   reordering work unchanged. A ``StaticCache`` preallocates ``[B, H, S, d_h]`` and is not supported;
 - self-attention only: the cross-attention of ``add_cross_attention`` models is left dense;
-- ``reorder_and_upcast_attn`` is ignored (the attention interface computes in the input dtype).
+- ``reorder_and_upcast_attn`` is ignored (the attention interface computes in the input dtype);
+- ``torch.compile``: a mask tensor cannot be inspected while tracing, so any layer that receives one
+  takes the dense attention, without a warning (a warning would break the graph). With ``eager``
+  attention GPT-2 always builds a 4-D mask. For the fused op under compile, use
+  ``attn_implementation="sdpa"`` and no padding: the layers then receive no mask.
 """
 
 from __future__ import annotations
@@ -53,7 +57,8 @@ _INITS = ("svd", "random")
 
 def _causal_padding(mask: Any, batch: int, length: int) -> tuple[bool, Optional[Tensor]]:
     """``_inspect_mask``, memoised per mask tensor: ``GPT2Model`` hands every layer the same mask, so it
-    is read on the host (one device sync) once per forward, not once per layer.
+    is read on the host (one device sync) once per forward, not once per layer (under
+    ``torch.inference_mode`` once per layer: inference tensors cannot be memoised).
 
     Under ``torch.compile`` a mask tensor is not read at all (that would break the graph): the layer
     takes the dense attention, which applies the mask as given.

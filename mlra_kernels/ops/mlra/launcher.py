@@ -8,6 +8,7 @@ kinds cannot be mixed in one process. The kernels here are therefore decorated i
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import re
@@ -59,6 +60,18 @@ def check_interpreter(triton_version: Optional[str] = None, numpy_version: Optio
             "before 3.7 fails on numpy 2.4 or newer. Install 'numpy<2.4' or 'triton>=3.7', or unset "
             "TRITON_INTERPRET to run CPU tensors on the torch path."
         )
+
+
+@functools.lru_cache(maxsize=None)
+def _interpreter_ok() -> bool:
+    if triton_mode_interpreted():
+        check_interpreter()
+    return True
+
+
+def check_interpreter_once() -> None:
+    """``check_interpreter()`` for the installed versions, when running interpreted; once per process."""
+    _interpreter_ok()
 
 
 def kernels():

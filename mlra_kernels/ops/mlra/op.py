@@ -39,7 +39,6 @@ def _use_triton(x: Tensor) -> bool:
 
     if launcher.interpret_requested():
         if launcher.triton_mode_interpreted():
-            launcher.check_interpreter()
             return True
         warn_once(
             "interpret-late",
@@ -131,6 +130,7 @@ def mlra_attention_fwd(
     if _use_triton(x):
         from mlra_kernels.ops.mlra import launcher
 
+        launcher.check_interpreter_once()
         up = up.contiguous()
         bias = bias.contiguous() if bias is not None else None
         return launcher.mlra_fwd(
