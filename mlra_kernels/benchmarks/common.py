@@ -37,9 +37,11 @@ from typing import Callable, Iterable
 import torch
 
 _CHECKOUT = pathlib.Path(__file__).resolve().parents[2]
-# Relative result folders are taken from the source checkout this package runs from (an editable
-# install), so that `bench/results` is the committed folder; from an installed wheel, from the cwd.
-REPO_ROOT = _CHECKOUT if (_CHECKOUT / "setup.py").is_file() and (_CHECKOUT / "bench").is_dir() else pathlib.Path.cwd()
+# The source checkout this package runs from (an editable install), or None for an installed wheel.
+SOURCE_CHECKOUT = _CHECKOUT if (_CHECKOUT / "setup.py").is_file() and (_CHECKOUT / "bench").is_dir() else None
+# Relative result folders are taken from the source checkout, so that `bench/results` is the committed
+# folder; from an installed wheel, from the current folder.
+REPO_ROOT = SOURCE_CHECKOUT or pathlib.Path.cwd()
 
 # Keys copied from the metadata into every result row.
 ROW_META_KEYS = ("device", "torch", "triton", "cuda", "commit", "date")
@@ -57,14 +59,19 @@ def _cpu_name() -> str:
 
 
 def _git_commit() -> str:
+    """The checkout's commit (``-dirty`` for uncommitted code); ``"unknown"`` for an installed wheel,
+    whose version is recorded instead (the current folder may be some other repository)."""
+    if SOURCE_CHECKOUT is None:
+        return "unknown"
     try:
         sha = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=SOURCE_CHECKOUT, capture_output=True, text=True,
+            timeout=10,
         ).stdout.strip()
         dirty = subprocess.run(
             # Result files are not code: a previous result waiting to be committed does not make the code dirty.
             ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)bench/results"],
-            cwd=REPO_ROOT, capture_output=True, text=True, timeout=10,
+            cwd=SOURCE_CHECKOUT, capture_output=True, text=True, timeout=10,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
