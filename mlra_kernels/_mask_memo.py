@@ -12,18 +12,11 @@ from __future__ import annotations
 import weakref
 from typing import Any, Callable, Hashable
 
-import torch
 from torch import Tensor
 
 # (question, id(mask)) -> (weakref to mask, version counter, data_ptr, answer)
 _MEMO: dict[tuple[Hashable, int], tuple] = {}
 _MEMO_SIZE = 32
-
-
-def is_compiling() -> bool:
-    """True while torch.compile traces; data-dependent checks must not run then."""
-    fn = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    return bool(fn()) if fn is not None else False
 
 
 def memo_by_tensor(question: Hashable, mask: Tensor, compute: Callable[[], Any]) -> Any:

@@ -37,7 +37,7 @@ def test_the_installed_pair_is_checked_on_the_interpreted_path(monkeypatch):
         pytest.skip("triton was imported without TRITON_INTERPRET=1 in this process")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(launcher, "check_interpreter", lambda: (_ for _ in ()).throw(RuntimeError("checked")))
-    launcher._interpreter_ok.cache_clear()  # the check runs once per process; forget an earlier pass
+    launcher.check_interpreter_once.cache_clear()  # the check runs once per process; forget an earlier pass
     x = torch.randn(1, 4, 8)
     try:
         with pytest.raises(RuntimeError, match="checked"):
@@ -45,4 +45,4 @@ def test_the_installed_pair_is_checked_on_the_interpreted_path(monkeypatch):
         with pytest.raises(RuntimeError, match="checked"):  # a failed check is not remembered as a pass
             mlra_kernels.mlra_attention(x, torch.randn(6, 8), torch.randn(3, 8, 2), num_heads=2)
     finally:
-        launcher._interpreter_ok.cache_clear()
+        launcher.check_interpreter_once.cache_clear()

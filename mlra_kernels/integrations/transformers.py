@@ -35,10 +35,10 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from mlra_kernels._mask_memo import is_compiling, memo_by_tensor
+from mlra_kernels._mask_memo import memo_by_tensor
+from mlra_kernels._warnings import warn_once
 from mlra_kernels.nn.attention import default_rank, factorize_in_proj
 from mlra_kernels.ops.mlra import mlra_attention
-from mlra_kernels.ops.mlra.op import warn_once
 
 try:
     import transformers
@@ -65,7 +65,7 @@ def _causal_padding(mask: Any, batch: int, length: int) -> tuple[bool, Optional[
     """
     if not isinstance(mask, Tensor):
         return _inspect_mask(mask, batch, length)
-    if is_compiling():
+    if torch.compiler.is_compiling():
         return False, None
     return memo_by_tensor(("gpt2-causal-padding", batch, length), mask, lambda: _inspect_mask(mask, batch, length))
 
@@ -218,7 +218,7 @@ class MLRAGPT2Attention(nn.Module):
                     c_k, c_v = (hidden_states @ self.down[gr:].t()).chunk(2, dim=-1)
                     cache.update(c_k.unsqueeze(1), c_v.unsqueeze(1), self.layer_idx)
                 return self.resid_dropout(self.c_proj(out)), None
-            if not is_compiling():
+            if not torch.compiler.is_compiling():
                 self._warn_general_mask(attention_mask)
 
         c_q, c_k, c_v = (hidden_states @ self.down.t()).chunk(3, dim=-1)  # 3 × [B, T, g·r]

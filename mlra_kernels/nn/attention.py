@@ -10,9 +10,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
-from mlra_kernels._mask_memo import is_compiling, memo_by_tensor
+from mlra_kernels._mask_memo import memo_by_tensor
+from mlra_kernels._warnings import warn_once
 from mlra_kernels.ops.mlra import factors_from_dense, mlra_attention
-from mlra_kernels.ops.mlra.op import warn_once
 from mlra_kernels.ops.mlra.reference import attention_reference, mlra_qkv_reference
 
 logger = logging.getLogger(__name__)
@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 _PROJ_NAMES = ("q", "k", "v")
 
 # Why a call left the fused op, and how to get it back: one warning per reason and process, through
-# the op's `warn_once` (its keys are in `mlra_kernels.ops.mlra.op._WARNED`).
+# the package's `warn_once` (its keys are in `mlra_kernels._warnings._WARNED`).
 _UNFUSED_REASONS = {
     "cross-attention": (
         "MLRAttention: cross-attention (query, key and value are not one tensor) runs the unfused "
@@ -374,7 +374,7 @@ class MLRAttention(nn.Module):
         causal = False
         if is_self and attn_mask is not None:
             # Under torch.compile only the is_causal hint counts: comparing the mask is data-dependent.
-            if is_causal or (not is_compiling() and _is_causal_mask(attn_mask, T)):
+            if is_causal or (not torch.compiler.is_compiling() and _is_causal_mask(attn_mask, T)):
                 causal, attn_mask = True, None
         dropout_p = self.dropout if self.training else 0.0
 
@@ -386,7 +386,7 @@ class MLRAttention(nn.Module):
             )
             weights = None
         else:
-            if not is_compiling():
+            if not torch.compiler.is_compiling():
                 if not is_self:
                     _warn_unfused("cross-attention")
                 if need_weights:

@@ -63,15 +63,11 @@ def check_interpreter(triton_version: Optional[str] = None, numpy_version: Optio
 
 
 @functools.lru_cache(maxsize=None)
-def _interpreter_ok() -> bool:
+def check_interpreter_once() -> None:
+    """``check_interpreter()`` for the installed versions, when running interpreted; once per process
+    (a raised error is not cached, so a failing pair raises on every call)."""
     if triton_mode_interpreted():
         check_interpreter()
-    return True
-
-
-def check_interpreter_once() -> None:
-    """``check_interpreter()`` for the installed versions, when running interpreted; once per process."""
-    _interpreter_ok()
 
 
 def kernels():
