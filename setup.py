@@ -194,6 +194,10 @@ def extensions():
     return [ext]
 
 
+# The transformers releases the Hugging Face integration supports; .ci/run tests both ends of the range.
+# mlra_kernels/integrations/transformers.py reads the same range (SUPPORTED_TRANSFORMERS) for its message.
+TRANSFORMERS = "transformers>=5.0,<6"
+
 setup(
     name="mlra-kernels",
     version="0.1.0",
@@ -211,12 +215,12 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        # accelerate: transformers' Trainer needs it (tests/test_transformers.py::test_trainer_callback_logs_tev);
-        # lightning: tests/test_monitor_lightning.py runs the Lightning callback in a real Trainer.
-        "test": ["pytest", "pytest-benchmark", "transformers", "safetensors", "accelerate", "lightning"],
-        "transformers": ["transformers", "safetensors"],
+        # accelerate: transformers' Trainer needs it (tests/integrations/test_transformers.py);
+        # lightning: the Lightning callback is tested in a real Trainer; hypothesis: the property tests.
+        "test": ["pytest", "pytest-benchmark", "hypothesis", TRANSFORMERS, "safetensors", "accelerate", "lightning"],
+        "transformers": [TRANSFORMERS, "safetensors"],
         "lightning": ["lightning"],
-        "hf": ["transformers", "safetensors"],  # alias of "transformers"
+        "hf": [TRANSFORMERS, "safetensors"],  # alias of "transformers"
     },
     entry_points={"console_scripts": ["mlra = mlra_kernels.cli:main"]},
     zip_safe=False,
