@@ -33,6 +33,14 @@ def _model(attn_impl="eager", seed=0, dtype=torch.float64):
     return model
 
 
+def _cache_kw(model):
+    """The name under which this transformers release's model forward takes the cache."""
+    import inspect
+
+    params = inspect.signature(type(model).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def _copy(model):
     import copy
 
@@ -80,7 +88,7 @@ def test_generate_gives_the_same_tokens_and_caches_latents(attn_impl):
     assert layer.keys.shape == (2, 1, 5, 2 * D)  # latents c_K: g·r numbers per token, not H·d_h
     # Incremental decoding through the cache matches a full forward.
     nxt = torch.randint(0, 83, (2, 3))
-    step = mlra(nxt, past_key_values=cache, use_cache=True).logits
+    step = mlra(nxt, **{_cache_kw(mlra): cache}, use_cache=True).logits
     full = ref(torch.cat([prompt, nxt], dim=1)).logits[:, 5:]
     torch.testing.assert_close(step, full, rtol=1e-9, atol=1e-9)
 
@@ -344,3 +352,186 @@ def test_trainer_callback_logs_tev(tmp_path):
     meta, records = read_jsonl(tmp_path / "tev.jsonl")
     assert meta["name"] == "hf" and [r["step"] for r in records] == [1, 2, 3, 4]
     assert all(r["tev_mean"] > 0 for r in records) and records[-1]["loss"] > 0
+
+
+def test_transformers_range_matches_the_extras_and_is_enforced():
+    import pathlib
+    import re
+
+    from mlra_kernels.integrations import transformers as integration
+
+    setup = (pathlib.Path(__file__).resolve().parents[1] / "setup.py").read_text()
+    declared = re.search(r'TRANSFORMERS = "transformers([^"]+)"', setup).group(1)
+    assert declared == integration.SUPPORTED_TRANSFORMERS
+    with pytest.raises(ImportError, match=r"supports transformers>=5\.0,<6; found transformers 4\.57\.1, .*no Cache"):
+        integration._check_transformers_version("4.57.1")
+    integration._check_transformers_version("5.0.0")
+    with pytest.warns(UserWarning, match=r"tested with transformers>=5\.0,<6; found transformers 6\.2\.0"):
+        integration._check_transformers_version("6.2.0")
+
+
+def test_conversion_keeps_evaluation_mode():
+    cfg_kw = dict(vocab_size=83, n_positions=32, n_embd=D, n_layer=2, n_head=4, attn_pdrop=0.3, resid_pdrop=0.3)
+    torch.manual_seed(0)
+    ref = transformers.GPT2LMHeadModel(transformers.GPT2Config(**cfg_kw)).double().eval()
+    mlra = convert_gpt2(_copy(ref), rank=D)
+    assert not any(m.training for m in mlra.modules())
+    ids = torch.randint(0, 83, (2, 9), generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(mlra(ids).logits, ref(ids).logits, rtol=1e-9, atol=1e-9)  # no dropout ran
+    train = convert_gpt2(_copy(ref).train(), rank=D)
+    assert all(b.attn.training for b in train.transformer.h)
+
+
+def test_output_attentions_returns_the_weights_of_every_layer(fused_calls):
+    ref = _model("eager")
+    mlra = convert_gpt2(_copy(ref), rank=D, latent_groups=2)
+    ids = torch.randint(0, 83, (2, 7), generator=torch.Generator().manual_seed(6))
+    got, expected = mlra(ids, output_attentions=True), ref(ids, output_attentions=True)
+    assert len(got.attentions) == len(expected.attentions) == 2
+    for a, b in zip(got.attentions, expected.attentions):
+        assert a.shape == (2, 4, 7, 7)
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(got.logits, expected.logits, rtol=1e-9, atol=1e-9)
+    assert not fused_calls  # weights need the dense attention
+    mlra(ids)
+    assert len(fused_calls) == 2  # and without the request the fused op runs again
+
+
+def test_svd_conversion_on_the_meta_device():
+    cfg = transformers.GPT2Config(vocab_size=83, n_positions=32, n_embd=D, n_layer=2, n_head=4)
+    with torch.device("meta"):
+        model = transformers.GPT2LMHeadModel(cfg)
+    convert_gpt2(model, rank=8, latent_groups=2, init="svd")
+    attn = model.transformer.h[1].attn
+    assert attn.down.is_meta and attn.down.shape == (3 * 2 * 8, D) and attn.up.shape == (3, D, 8)
+    assert attn.svd_error is None
+
+
+@pytest.mark.parametrize("attn_impl", ["eager", "sdpa"])
+def test_static_cache_generate_matches_the_dense_model(attn_impl, fused_calls):
+    ref = _model(attn_impl)
+    mlra = convert_gpt2(_copy(ref), rank=D, latent_groups=2)
+    prompt = torch.randint(0, 83, (2, 5), generator=torch.Generator().manual_seed(9))
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, cache_implementation="static")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        got = mlra.generate(prompt, **kw, return_dict_in_generate=True)
+    torch.testing.assert_close(got.sequences, ref.generate(prompt, **kw), rtol=0, atol=0)
+    assert not _mlra_warnings(record)
+    assert len(fused_calls) == 2  # the prefill into the unwritten static cache is fused
+    layer = got.past_key_values.layers[0]
+    assert layer.keys.shape[:2] == (2, 1) and layer.keys.shape[-1] == 2 * D  # latents, preallocated
+
+
+def _decode_kwargs(model, cache, position):
+    import inspect
+
+    kw = {_cache_kw(model): cache, "use_cache": True, "position_ids": torch.tensor([[position]])}
+    if "cache_position" in inspect.signature(type(model).forward).parameters:
+        kw["cache_position"] = torch.tensor([position])
+    return kw
+
+
+@pytest.mark.usefixtures("reference_path")
+def test_compiled_decode_step_on_a_static_cache_has_no_graph_break():
+    from transformers import StaticCache
+
+    model = convert_gpt2(_model("sdpa", dtype=torch.float32), rank=D, latent_groups=2)
+    prompt = torch.randint(0, 83, (2, 6), generator=torch.Generator().manual_seed(10))
+    nxt = torch.randint(0, 83, (2, 1), generator=torch.Generator().manual_seed(11))
+
+    def prefilled():
+        cache = StaticCache(config=model.config, max_cache_len=16)
+        kw = _decode_kwargs(model, cache, 0)
+        kw["position_ids"] = torch.arange(6)[None]
+        if "cache_position" in kw:
+            kw["cache_position"] = torch.arange(6)
+        model(prompt, **kw)
+        return cache
+
+    expected = model(nxt, **_decode_kwargs(model, prefilled(), 6)).logits
+    torch._dynamo.reset()
+    step = torch.compile(model, fullgraph=True, backend="eager")
+    got = step(nxt, **_decode_kwargs(model, prefilled(), 6)).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    full = model(torch.cat([prompt, nxt], dim=1)).logits[:, -1:]
+    torch.testing.assert_close(got, full, rtol=1e-4, atol=1e-4)
+
+
+def test_beam_search_matches_the_dense_model():
+    ref = _model("sdpa")
+    mlra = convert_gpt2(_copy(ref), rank=D)
+    prompt = torch.randint(0, 83, (2, 4), generator=torch.Generator().manual_seed(12))
+    kw = dict(max_new_tokens=6, num_beams=3, num_return_sequences=2, do_sample=False, pad_token_id=0)
+    torch.testing.assert_close(mlra.generate(prompt, **kw), ref.generate(prompt, **kw), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("attn_impl", ["eager", "sdpa"])
+def test_generate_with_left_padding_matches_the_dense_model(attn_impl, fused_calls):
+    ref = _model(attn_impl)
+    mlra = convert_gpt2(_copy(ref), rank=D, latent_groups=2)
+    prompt = torch.randint(1, 83, (3, 7), generator=torch.Generator().manual_seed(13))
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[0, :3] = 0
+    mask[2, :1] = 0
+    prompt = prompt.masked_fill(mask == 0, 0)
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    torch.testing.assert_close(mlra.generate(prompt, **kw), ref.generate(prompt, **kw), rtol=0, atol=0)
+    assert len(fused_calls) == 2 and fused_calls[0]["key_padding_mask"] is not None
+
+
+def test_save_and_load_with_from_pretrained(tmp_path):
+    from mlra_kernels.integrations.transformers import from_pretrained
+
+    model = convert_gpt2(_model("sdpa", dtype=torch.float32), rank=8, latent_groups=2)
+    ids = torch.randint(0, 83, (2, 9), generator=torch.Generator().manual_seed(14))
+    model.save_pretrained(tmp_path / "saved")
+    loaded = from_pretrained(tmp_path / "saved")
+    assert isinstance(loaded, transformers.GPT2LMHeadModel) and not loaded.training
+    assert all(isinstance(b.attn, MLRAGPT2Attention) for b in loaded.transformer.h)
+    assert loaded.config.mlra_rank == 8 and loaded.config.mlra_latent_groups == 2
+    for name, p in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], p, rtol=0, atol=0, msg=name)
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    torch.testing.assert_close(loaded.generate(ids, **kw), model.generate(ids, **kw), rtol=0, atol=0)
+    # Saved again from the loaded model, it loads again; a dense checkpoint is refused.
+    loaded.save_pretrained(tmp_path / "again")
+    assert isinstance(from_pretrained(tmp_path / "again").transformer.h[0].attn, MLRAGPT2Attention)
+    _model("sdpa").save_pretrained(tmp_path / "dense")
+    with pytest.raises(ValueError, match="not saved from a converted model"):
+        from_pretrained(tmp_path / "dense")
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    def grads(checkpointing):
+        model = convert_gpt2(_model("sdpa", dtype=torch.float64), rank=8, init="svd").train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+            assert model.is_gradient_checkpointing
+        ids = torch.randint(0, 83, (2, 10), generator=torch.Generator().manual_seed(15))
+        model(ids, labels=ids).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, ckpt = grads(False), grads(True)
+    assert set(plain) == set(ckpt) and any("attn.down" in n for n in plain)
+    for n in plain:
+        torch.testing.assert_close(ckpt[n], plain[n], rtol=1e-10, atol=1e-12, msg=n)
+
+
+def test_static_cache_prefill_mask_is_read_as_causal():
+    from mlra_kernels.integrations.transformers import _inspect_mask
+
+    T, S = 4, 7
+    allowed = torch.zeros(2, 1, T, S, dtype=torch.bool)
+    allowed[:, :, :, :T] = torch.ones(T, T, dtype=torch.bool).tril()
+    assert _inspect_mask(allowed, 2, T) == (True, None)
+    padded = allowed.clone()
+    padded[1, :, :, 0] = False
+    ok, kpm = _inspect_mask(padded, 2, T)
+    assert ok and kpm.tolist() == [[False] * T, [True] + [False] * (T - 1)]
+    leaked = allowed.clone()
+    leaked[0, 0, 2, T + 1] = True  # a query that sees an unwritten slot: not a prefill mask
+    assert _inspect_mask(leaked, 2, T) == (False, None)
+    additive = torch.zeros(2, 1, T, S).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    assert _inspect_mask(additive, 2, T) == (True, None)

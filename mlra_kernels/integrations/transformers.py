@@ -1,25 +1,34 @@
-"""Hugging Face transformers: convert a GPT-2 to MLRA, and a TEV ``TrainerCallback``.
+"""Hugging Face transformers: convert a GPT-2 to MLRA, load it back, and a TEV ``TrainerCallback``.
 
-Needs ``transformers`` 5.x (an optional extra: ``pip install mlra-kernels[transformers]``).
+Supports the transformers releases ``SUPPORTED_TRANSFORMERS`` (``>=5.0,<6``, the range of the optional
+extra: ``pip install mlra-kernels[transformers]``); ``.ci/run`` tests the oldest and the newest. An older
+release is refused with what it lacks; a newer one warns once.
 
 What the converted attention supports:
 
 - the ``eager`` and ``sdpa`` attention implementations. A forward over a sequence with nothing cached
-  yet for the layer (training, evaluation, the prefill of ``generate()``; the empty ``DynamicCache``
-  that ``GPT2Model`` makes by default counts as nothing cached) calls the fused ``mlra_attention``
-  when the attention mask is None or exactly causal, optionally with key padding (the 4-D masks that
-  ``create_causal_mask`` builds from a 2-D ``attention_mask``, boolean or additive); padding goes in as
-  ``key_padding_mask``. The latents are still written to the cache. A padding query whose keys are
-  all padding then outputs zeros, where the dense path outputs an arbitrary average; real tokens are
-  unaffected. Decode steps (tokens already cached) and any other mask go through the same
-  ``ALL_ATTENTION_FUNCTIONS`` interface as ``GPT2Attention``, so masks mean exactly what they mean
-  there; a general mask warns once that the fused op is not used;
-- ``past_key_values`` as a ``DynamicCache`` (the default of ``generate()``): each layer stores the
-  latents ``c_K, c_V`` as ``[B, 1, S, g·r]`` in the cache's key/value slots, so the cache holds
-  ``2·g·r`` numbers per token and layer instead of ``2·d``; sequence length, cropping and beam
-  reordering work unchanged. A ``StaticCache`` preallocates ``[B, H, S, d_h]`` and is not supported;
+  yet for the layer (training, evaluation, the prefill of ``generate()``; an empty ``DynamicCache`` or a
+  ``StaticCache`` not yet written count as nothing cached) calls the fused ``mlra_attention`` when the
+  attention mask is None or exactly causal, optionally with key padding (the 4-D masks that
+  ``create_causal_mask`` builds from a 2-D ``attention_mask``, boolean or additive, including the
+  ``[B, 1, T, S]`` prefill mask of a ``StaticCache``); padding goes in as ``key_padding_mask``. The
+  latents are still written to the cache. A padding query whose keys are all padding then outputs zeros,
+  where the dense path outputs an arbitrary average; real tokens are unaffected. Decode steps (tokens
+  already cached) and any other mask go through the same ``ALL_ATTENTION_FUNCTIONS`` interface as
+  ``GPT2Attention``, so masks mean exactly what they mean there; a general mask warns once that the
+  fused op is not used;
+- the cache as a ``DynamicCache`` (the default of ``generate()``) or a ``StaticCache``
+  (``cache_implementation="static"``): each layer stores the latents ``c_K, c_V`` as ``[B, 1, S, g·r]``
+  in the cache's key/value slots, so the cache holds ``2·g·r`` numbers per token and layer instead of
+  ``2·d``; sequence length, cropping, beam reordering and ``torch.compile(fullgraph=True)`` of a decode
+  step on a ``StaticCache`` work unchanged;
+- ``output_attentions=True``: the layer then runs the dense attention and returns its weights (with
+  ``eager``; ``sdpa`` returns none, as for ``GPT2Attention``), and transformers collects them, since the
+  layer is a ``GPT2Attention`` subclass;
+- ``reorder_and_upcast_attn`` with ``eager``, as ``GPT2Attention`` does it (dense path);
+- gradient checkpointing, beam search, batched prompts with padding, and ``save_pretrained`` followed by
+  :func:`from_pretrained`;
 - self-attention only: the cross-attention of ``add_cross_attention`` models is left dense;
-- ``reorder_and_upcast_attn`` is ignored (the attention interface computes in the input dtype);
 - ``torch.compile``: a mask tensor cannot be inspected while tracing, so any layer that receives one
   takes the dense attention, without a warning (a warning would break the graph). With ``eager``
   attention GPT-2 always builds a 4-D mask. For the fused op under compile, use
@@ -54,6 +63,10 @@ from transformers.models.gpt2 import modeling_gpt2
 
 _INITS = ("svd", "random")
 
+# The releases this integration supports: the "transformers" extra of setup.py declares the same range.
+SUPPORTED_TRANSFORMERS = ">=5.0,<6"
+_MIN_TRANSFORMERS, _MAX_TRANSFORMERS = (5, 0), (6, 0)
+
 
 def _causal_padding(mask: Any, batch: int, length: int) -> tuple[bool, Optional[Tensor]]:
     """``_inspect_mask``, memoised per mask tensor: ``GPT2Model`` hands every layer the same mask, so it
@@ -73,8 +86,8 @@ def _causal_padding(mask: Any, batch: int, length: int) -> tuple[bool, Optional[
 def _inspect_mask(mask: Any, batch: int, length: int) -> tuple[bool, Optional[Tensor]]:
     """Whether ``mask`` is causal attention with (optional) key padding, and that padding.
 
-    ``mask`` is what ``GPT2Model`` hands its attention layers for a prefill: None, or a ``[B | 1, 1, T, T]``
-    mask, boolean (True = attend) or additive float (0 = attend, a large negative number or -inf =
+    ``mask`` is what ``GPT2Model`` hands its attention layers for a prefill: None, or a ``[B | 1, 1, T, S]``
+    mask (``S = T``, or ``S > T`` for a preallocated cache, whose slots after ``T`` must all be masked), boolean (True = attend) or additive float (0 = attend, a large negative number or -inf =
     masked). Returns ``(True, None)`` for None or a purely causal mask, ``(True, key_padding_mask)``
     (``[B, T]`` bool, True = padding) when the mask is exactly ``causal & ~key_padding_mask``, and
     ``(False, None)`` for anything else. The last query's row gives the padding, since under the causal
@@ -84,7 +97,7 @@ def _inspect_mask(mask: Any, batch: int, length: int) -> tuple[bool, Optional[Te
         return True, None
     if (
         not isinstance(mask, Tensor) or mask.dim() != 4 or mask.shape[1] != 1
-        or mask.shape[0] not in (1, batch) or tuple(mask.shape[2:]) != (length, length)
+        or mask.shape[0] not in (1, batch) or mask.shape[2] != length or mask.shape[3] < length
     ):
         return False, None
     m = mask[:, 0]
@@ -95,12 +108,18 @@ def _inspect_mask(mask: Any, batch: int, length: int) -> tuple[bool, Optional[Te
         odd = ~(allowed | (m <= torch.finfo(m.dtype).min / 2))  # a bias that is neither 0 nor "masked"
     else:
         return False, None
+    # A preallocated cache (StaticCache) hands a prefill [.., T, S] with S > T: its unwritten slots
+    # T..S-1 must be masked for every query.
+    beyond = allowed[:, :, length:]
+    allowed = allowed[:, :, :length]
     keep = allowed[:, -1, :]  # [B | 1, T]: True = a real (non-padding) key
     causal = torch.ones(length, length, dtype=torch.bool, device=m.device).tril()
     mismatch = allowed != (causal & keep[:, None, :])
     if odd is not None:
-        mismatch = mismatch | odd
-    general, no_padding = torch.stack([mismatch.any(), keep.all()]).tolist()  # one host sync
+        mismatch = mismatch | odd[:, :, :length]
+        beyond = beyond | odd[:, :, length:]
+    mismatch = mismatch.any() | beyond.any()
+    general, no_padding = torch.stack([mismatch, keep.all()]).tolist()  # one host sync
     if general:
         return False, None
     if no_padding:
@@ -129,24 +148,36 @@ def _check_args(rank: Any, latent_groups: Any, init: Any, embed_dim: int, num_he
     return rank, latent_groups
 
 
-class MLRAGPT2Attention(nn.Module):
+class MLRAGPT2Attention(modeling_gpt2.GPT2Attention):
     """GPT-2 self-attention with MLRA Q/K/V projections; the output projection ``c_proj`` is kept.
 
-    Parameters: ``down`` ``[3·g·r, d]``, ``up`` ``[3, d, r]``, ``qkv_bias`` ``[3·d]`` (layouts of
-    ``mlra_kernels/ops/mlra/reference.py``), and the original ``c_proj`` (a ``Conv1D``).
+    A ``GPT2Attention`` subclass, so that transformers treats it as one (it records its attention
+    weights for ``output_attentions``, initialises ``c_proj`` and uses the upcast path the same way), but
+    its ``c_attn`` is replaced. Parameters: ``down`` ``[3·g·r, d]``, ``up`` ``[3, d, r]``, ``qkv_bias``
+    ``[3·d]`` (layouts of ``mlra_kernels/ops/mlra/reference.py``), and the original ``c_proj``
+    (a ``Conv1D``). The module keeps the training / evaluation mode of the layer it replaces.
     """
 
     def __init__(self, attn: nn.Module, rank: int, latent_groups: int = 1, init: str = "svd") -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # not GPT2Attention.__init__: that would build a dense c_attn
         if getattr(attn, "is_cross_attention", False):
             raise ValueError("MLRAGPT2Attention replaces self-attention only")
         d, H = attn.embed_dim, attn.num_heads
         rank, latent_groups = _check_args(rank, latent_groups, init, d, H)
+        for name in _COPIED_ATTRIBUTES:
+            if hasattr(attn, name):
+                setattr(self, name, getattr(attn, name))
+        for name, buf in attn.named_buffers(recurse=False):  # e.g. the causal-mask buffer of older releases
+            self.register_buffer(name, buf, persistent=name not in attn._non_persistent_buffers_set)
         self.config = attn.config
         self.layer_idx = attn.layer_idx
         self.embed_dim, self.num_heads, self.head_dim = d, H, d // H
         self.rank, self.latent_groups = rank, latent_groups
-        self.scaling = attn.scaling
+        self.scaling = getattr(attn, "scaling", None)
+        if self.scaling is None:  # releases before the attribute: GPT-2's rule, as their attention applied it
+            self.scaling = (d // H) ** -0.5 if attn.scale_attn_weights else 1.0
+            if attn.scale_attn_by_inverse_layer_idx:
+                self.scaling /= float(attn.layer_idx + 1)
         self.is_causal = True
         self.is_cross_attention = False
         self.attn_dropout = attn.attn_dropout
@@ -166,6 +197,7 @@ class MLRAGPT2Attention(nn.Module):
                 nn.init.normal_(self.down, std=0.02)
                 nn.init.normal_(self.up, std=0.02)
                 self.qkv_bias.zero_()
+        self.train(attn.training)
 
     def _expand(self, c: Tensor, p: int) -> Tensor:
         """Latent ``[B, S, g·r]`` of projection ``p`` to heads ``[B, H, S, d_h]``."""
@@ -188,22 +220,26 @@ class MLRAGPT2Attention(nn.Module):
     def forward(
         self,
         hidden_states: Tensor,
-        past_key_values: Optional[Any] = None,
+        cache: Optional[Any] = None,
         attention_mask: Optional[Tensor] = None,
         encoder_hidden_states: Optional[Tensor] = None,
         encoder_attention_mask: Optional[Tensor] = None,
         output_attentions: Optional[bool] = False,
+        *,
+        past_key_values: Optional[Any] = None,
+        cache_position: Optional[Tensor] = None,
         **kwargs: Any,
     ) -> tuple[Tensor, Optional[Tensor]]:
+        """``GPT2Attention.forward``: the cache arrives as ``cache`` (transformers >= 5.24) or
+        ``past_key_values`` (earlier 5.x releases, which also pass ``cache_position``)."""
         if encoder_hidden_states is not None:
             raise ValueError("MLRAGPT2Attention is self-attention; cross-attention stays a GPT2Attention")
         B, T, d = hidden_states.shape
         dropout = self.attn_dropout.p if self.training else 0.0
-        cache = past_key_values
+        cache = cache if cache is not None else past_key_values
         if isinstance(cache, EncoderDecoderCache):
             cache = cache.self_attention_cache
-        cached = cache.get_seq_length(self.layer_idx) if cache is not None else 0
-        if cached == 0 and not output_attentions:
+        if not _attentions_requested(output_attentions) and _nothing_cached(cache, self.layer_idx, T):
             # Nothing cached for this layer: training, evaluation, or the prefill of generate().
             fused, key_padding_mask = _causal_padding(attention_mask, B, T)
             if fused:
@@ -216,30 +252,114 @@ class MLRAGPT2Attention(nn.Module):
                     # The op keeps its latents on chip; the cache gets c_K, c_V from one more GEMM.
                     gr = self.latent_groups * self.rank
                     c_k, c_v = (hidden_states @ self.down[gr:].t()).chunk(2, dim=-1)
-                    cache.update(c_k.unsqueeze(1), c_v.unsqueeze(1), self.layer_idx)
+                    _cache_update(cache, c_k, c_v, self.layer_idx, cache_position)
                 return self.resid_dropout(self.c_proj(out)), None
             if not torch.compiler.is_compiling():
                 self._warn_general_mask(attention_mask)
 
         c_q, c_k, c_v = (hidden_states @ self.down.t()).chunk(3, dim=-1)  # 3 × [B, T, g·r]
         if cache is not None:
-            # The latents ride in the cache's key/value slots as [B, 1, S, g·r].
-            c_k, c_v = cache.update(c_k.unsqueeze(1), c_v.unsqueeze(1), self.layer_idx)
-            c_k, c_v = c_k.squeeze(1), c_v.squeeze(1)
+            c_k, c_v = _cache_update(cache, c_k, c_v, self.layer_idx, cache_position)
         q, k, v = self._expand(c_q, 0), self._expand(c_k, 1), self._expand(c_v, 2)
-        interface = modeling_gpt2.ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, modeling_gpt2.eager_attention_forward
-        )
-        out, weights = interface(self, q, k, v, attention_mask, dropout=dropout, scaling=self.scaling, **kwargs)
+        if self.config._attn_implementation == "eager" and getattr(self, "reorder_and_upcast_attn", False):
+            out, weights = self._upcast_and_reordered_attn(q, k, v, attention_mask)
+        else:
+            interface = _attention_interface(self.config._attn_implementation)
+            out, weights = interface(self, q, k, v, attention_mask, dropout=dropout, scaling=self.scaling, **kwargs)
         out = out.reshape(B, T, d).contiguous()
         return self.resid_dropout(self.c_proj(out)), weights
 
 
-def _check_transformers_version() -> None:
-    params = inspect.signature(modeling_gpt2.GPT2Attention.forward).parameters
-    if "past_key_values" not in params:
+# Plain attributes of GPT2Attention that its methods (the upcast path) and transformers read.
+_COPIED_ATTRIBUTES = (
+    "split_size", "scale_attn_weights", "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn",
+)
+
+
+def _attention_interface(implementation: str):
+    """The attention function ``GPT2Attention`` would call for ``config._attn_implementation``."""
+    functions = modeling_gpt2.ALL_ATTENTION_FUNCTIONS
+    if hasattr(functions, "get_interface"):
+        return functions.get_interface(implementation, modeling_gpt2.eager_attention_forward)
+    if implementation == "eager":  # releases before get_interface
+        return modeling_gpt2.eager_attention_forward
+    return functions[implementation]
+
+
+def _cache_update(cache: Any, c_k: Tensor, c_v: Tensor, layer_idx: int, cache_position: Optional[Tensor]):
+    """Write the latents ``[B, T, g·r]`` into the cache's key/value slots as ``[B, 1, T, g·r]``; returns
+    the cached latents ``[B, S, g·r]``. Releases before 5.x's positional cache layers need
+    ``cache_position`` (a ``StaticCache`` writes there); later ones track positions themselves."""
+    args = ({"cache_position": cache_position},) if cache_position is not None else ()
+    c_k, c_v = cache.update(c_k.unsqueeze(1), c_v.unsqueeze(1), layer_idx, *args)
+    return c_k.squeeze(1), c_v.squeeze(1)
+
+
+def _nothing_cached(cache: Any, layer_idx: int, length: int) -> bool:
+    """Whether ``cache`` provably holds nothing for ``layer_idx``, decided without a data-dependent branch
+    under ``torch.compile``. A layer that was never written holds nothing. A ``StaticCache`` layer
+    reports its length as a tensor: read on the host for a prefill (``length > 1``) outside compile,
+    and taken as "something cached" otherwise; the dense path that follows is exact in both cases."""
+    if cache is None:
+        return True
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        if layer_idx >= len(layers):
+            return True
+        if not getattr(layers[layer_idx], "is_initialized", True):
+            return True
+    n = cache.get_seq_length(layer_idx)
+    if isinstance(n, Tensor):
+        if length == 1 or torch.compiler.is_compiling():
+            return False
+        return int(n) == 0
+    return n == 0
+
+
+try:  # transformers >= 5.10 collects attention weights with forward hooks while this holds a collector
+    from transformers.utils.output_capturing import _active_collector as _ATTENTION_COLLECTOR
+except ImportError:  # earlier releases pass output_attentions to the layer
+    _ATTENTION_COLLECTOR = None
+
+
+def _attentions_requested(output_attentions: Optional[bool]) -> bool:
+    """Whether the caller asked for the attention weights: the layer argument of earlier releases, or the
+    output collector of later ones (they no longer pass ``output_attentions`` down to the layers)."""
+    if output_attentions:
+        return True
+    if _ATTENTION_COLLECTOR is None:
+        return False
+    collected = _ATTENTION_COLLECTOR.get()
+    return bool(collected) and "attentions" in collected
+
+
+def _version_tuple(version: str) -> tuple[int, int]:
+    parts = (version.split(".") + ["0"])[:2]
+    return tuple(int("".join(ch for ch in p if ch.isdigit()) or 0) for p in parts)
+
+
+def _check_transformers_version(version: Optional[str] = None) -> None:
+    """Refuse a transformers release this integration cannot work with, saying what is missing and which
+    releases work; warn once for a release newer than the tested range."""
+    version = version or transformers.__version__
+    supported = f"transformers{SUPPORTED_TRANSFORMERS}"
+    fix = f"install a supported release: pip install '{supported}'"
+    if _version_tuple(version) < _MIN_TRANSFORMERS:
         raise ImportError(
-            f"convert_gpt2 needs transformers 5.x (GPT2Attention with a Cache API); found {transformers.__version__}"
+            f"convert_gpt2 supports {supported}; found transformers {version}, whose GPT-2 attention has no "
+            f"Cache API (cache layers that hold the latent KV cache): {fix}"
+        )
+    params = inspect.signature(modeling_gpt2.GPT2Attention.forward).parameters
+    if "cache" not in params and "past_key_values" not in params:
+        raise ImportError(
+            f"convert_gpt2 supports {supported}; found transformers {version}, whose GPT2Attention.forward "
+            f"takes neither `cache` nor `past_key_values` (its arguments: {', '.join(params)}): {fix}"
+        )
+    if _version_tuple(version) >= _MAX_TRANSFORMERS:
+        warn_once(
+            "hf-untested-version",
+            f"convert_gpt2 is tested with {supported}; found transformers {version}. If the converted model "
+            f"misbehaves, {fix}",
         )
 
 
@@ -248,15 +368,18 @@ def convert_gpt2(model: nn.Module, rank: Optional[int] = None, latent_groups: in
 
     Args:
         model: a ``GPT2LMHeadModel``, ``GPT2Model`` or any model with a ``transformer.h`` /
-            ``h`` list of ``GPT2Block``.
+            ``h`` list of ``GPT2Block``. Its weights may be on the meta device (``init_empty_weights``,
+            the construction phase of ``from_pretrained``): the factors are then meta tensors too.
         rank: rank per latent group, an int in ``[1, n_embd]``; default ``max(1, n_embd // 4)``.
         latent_groups: number of latent groups ``g``, a positive int that divides ``n_head``.
         init: ``"svd"`` factorises the trained ``c_attn`` (a ``Conv1D``, ``[d, 3·d]``) by truncated SVD,
             exact at ``rank = n_embd``; ``"random"`` draws the factors from N(0, 0.02) and zeroes the
             Q/K/V bias. ``c_proj`` is kept in both cases.
 
-    The relative error of each projection is stored as ``block.attn.svd_error``. See the module
-    docstring for what the converted attention supports.
+    The relative error of each projection is stored as ``block.attn.svd_error`` (None on the meta
+    device). Each new attention module keeps the training / evaluation mode of the one it replaces.
+    The model's config records ``mlra_rank`` and ``mlra_latent_groups``, so that a saved model loads
+    back with :func:`from_pretrained`. See the module docstring for what the converted attention supports.
 
     Example::
 
@@ -281,6 +404,55 @@ def convert_gpt2(model: nn.Module, rank: Optional[int] = None, latent_groups: in
     cfg = model.config
     cfg.mlra_rank, cfg.mlra_latent_groups = rank, latent_groups
     return model
+
+
+_LOADERS: dict[type, type] = {}
+
+
+def _loader_class(cls: type) -> type:
+    """``cls`` (a transformers GPT-2 model class) whose constructor converts to MLRA from the config, so
+    that ``from_pretrained`` builds the MLRA parameters before it loads them."""
+    if cls not in _LOADERS:
+
+        def __init__(self, config, *args, **kwargs):
+            cls.__init__(self, config, *args, **kwargs)
+            convert_gpt2(self, rank=config.mlra_rank, latent_groups=config.mlra_latent_groups, init="random")
+
+        _LOADERS[cls] = type(cls.__name__, (cls,), {"__init__": __init__, "__module__": __name__})
+    return _LOADERS[cls]
+
+
+def from_pretrained(path: Any, *args: Any, model_class: Optional[type] = None, **kwargs: Any) -> nn.Module:
+    """Load a GPT-2 that was converted with :func:`convert_gpt2` and saved with ``save_pretrained``.
+
+    Args:
+        path: a folder (or hub id) written by ``model.save_pretrained``.
+        model_class: the transformers class to load as; default the one the config names
+            (``config.architectures``), else ``GPT2LMHeadModel``.
+        *args, **kwargs: passed on to ``model_class.from_pretrained`` (``torch_dtype``, ``device_map``, ...).
+
+    Returns an instance of a subclass of ``model_class`` whose attention layers are
+    :class:`MLRAGPT2Attention` with the saved factors. A checkpoint that was not converted is refused
+    (load it with transformers itself, then call ``convert_gpt2``).
+
+    Example::
+
+        >>> model.save_pretrained("gpt2-mlra")              # a model converted with convert_gpt2
+        >>> model = from_pretrained("gpt2-mlra")
+    """
+    _check_transformers_version()
+    config = kwargs.pop("config", None) or transformers.AutoConfig.from_pretrained(path)
+    if getattr(config, "mlra_rank", None) is None or getattr(config, "mlra_latent_groups", None) is None:
+        raise ValueError(
+            f"{path}: the config has no mlra_rank / mlra_latent_groups, so the checkpoint was not saved from a "
+            "converted model; load it with transformers and call convert_gpt2"
+        )
+    if model_class is None:
+        names = getattr(config, "architectures", None) or ["GPT2LMHeadModel"]
+        model_class = getattr(modeling_gpt2, names[0], None)
+        if model_class is None:
+            raise ValueError(f"{path}: config.architectures names {names[0]!r}, not a GPT-2 class; pass model_class")
+    return _loader_class(model_class).from_pretrained(path, *args, config=config, **kwargs)
 
 
 class TEVTrainerCallback(TrainerCallback):

@@ -496,17 +496,20 @@ class MLRAttention(nn.Module):
 @torch.no_grad()
 def factorize_in_proj(
     in_proj_weight: Tensor, rank: int, latent_groups: int = 1, num_heads: Optional[int] = None
-) -> tuple[Tensor, Tensor, dict[str, float]]:
+) -> tuple[Tensor, Tensor, Optional[dict[str, float]]]:
     """Truncated SVD of dense ``[3·d, d]`` Q/K/V weights into MLRA factors, with the error it makes.
 
     Returns ``(down [3·g·r, d], up [3, d, r], errors)`` built by the op's ``factors_from_dense``
     (SVD in float64 per group block, cast back to the input dtype); ``errors`` maps ``q``/``k``/``v``
     to the relative Frobenius error ``‖W_P − B·A‖_F / ‖W_P‖_F`` of the rank-``r`` approximation.
-    ``num_heads`` (default ``latent_groups``) is only checked for divisibility.
+    ``num_heads`` (default ``latent_groups``) is only checked for divisibility. On the meta device the
+    factors are meta tensors and ``errors`` is None.
     """
     d = in_proj_weight.shape[1]
     g = latent_groups
     down, up, _ = factors_from_dense(in_proj_weight, num_heads=num_heads or g, rank=rank, latent_groups=g)
+    if in_proj_weight.is_meta:
+        return down, up, None
     w = in_proj_weight.detach().to(torch.float64).view(3, d, d)
     approx = torch.einsum(
         "pgor,pgri->pgoi", up.to(torch.float64).view(3, g, d // g, rank), down.to(torch.float64).view(3, g, rank, d)

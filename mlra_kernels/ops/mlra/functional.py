@@ -189,7 +189,8 @@ def factors_from_dense(
 
     Each group's block of rows ``W_P[group rows]`` (``[d/g, d]``) is factored as ``U·S·Vᵀ``; its
     up-rows are ``U_r·sqrt(S_r)`` and its down-block is ``sqrt(S_r)·V_rᵀ``. Exact when ``rank`` reaches
-    the rank of every block (``rank = d`` with ``g = 1``).
+    the rank of every block (``rank = d`` with ``g = 1``). A weight on the meta device gives
+    uninitialised factors on the meta device.
     """
     d = weight.shape[1]
     if weight.shape != (3 * d, d):
@@ -197,6 +198,9 @@ def factors_from_dense(
     g, r = latent_groups, rank
     if num_heads % g or d % num_heads:
         raise ValueError(f"latent_groups={g} must divide num_heads={num_heads}, which must divide d={d}")
+    if weight.is_meta:  # shapes only (a model built with empty weights): nothing to factorise yet
+        meta = dict(device=weight.device, dtype=weight.dtype)
+        return torch.empty(3 * g * r, d, **meta), torch.empty(3, d, r, **meta), bias
     w = weight.detach().double().view(3, g, d // g, d)
     u, s, vh = torch.linalg.svd(w, full_matrices=False)  # [3, g, d/g, k], [3, g, k], [3, g, k, d]
     k = s.shape[-1]
