@@ -425,6 +425,47 @@ def test_argument_type_and_device_errors(change, exc, match):
         )
 
 
+@pytest.mark.parametrize(
+    "kw,exc,match",
+    [
+        (dict(scale=0.0), ValueError, "scale must be a positive finite float .*got 0.0"),
+        (dict(scale=-0.5), ValueError, "scale must be a positive finite float .*got -0.5"),
+        (dict(scale=float("nan")), ValueError, "scale must be a positive finite float .*got nan"),
+        (dict(scale=float("inf")), ValueError, "scale must be a positive finite float .*got inf"),
+        (dict(scale="0.1"), TypeError, "scale must be a positive float or None, got '0.1' \\(str\\)"),
+        (dict(scale=torch.ones(2)), TypeError, "scale must be a positive float or None, got .* \\(Tensor\\)"),
+        (dict(num_heads="2"), TypeError, "num_heads must be a positive int, got '2' \\(str\\)"),
+        (dict(num_heads=None), TypeError, "num_heads must be a positive int, got None"),
+        (dict(num_heads=2.0), TypeError, "num_heads must be a positive int, got 2.0 \\(float\\)"),
+        (dict(latent_groups=True), TypeError, "latent_groups must be a positive int, got True"),
+        (dict(dropout_p="0.1"), TypeError, "dropout_p must be a float in \\[0, 1\\), got '0.1'"),
+        (dict(dropout_p=None), TypeError, "dropout_p must be a float in \\[0, 1\\), got None"),
+        (dict(dropout_p=-0.1), ValueError, "dropout_p must be in \\[0, 1\\), got -0.1"),
+        (dict(causal="yes"), TypeError, "causal must be a bool, got 'yes'"),
+    ],
+    ids=["scale0", "scale-neg", "scale-nan", "scale-inf", "scale-str", "scale-tensor", "heads-str", "heads-none",
+         "heads-float", "groups-bool", "dropout-str", "dropout-none", "dropout-neg", "causal-str"],
+)
+def test_scalar_arguments_are_checked_before_use(kw, exc, match):
+    """A non-finite or non-positive scale is an error (torch's fused CPU attention returns NaN for 0 or
+    a negative scale at T >= 16); wrong types are named, not a comparison error from inside."""
+    x, down, up, b, _ = make_inputs(1, 20, 2, 1, 4, 8, device="cpu")
+    args = dict(num_heads=2, latent_groups=1)
+    args.update(kw)
+    with pytest.raises(exc, match=match):
+        mlra_kernels.mlra_attention(x.float(), down.float(), up.float(), b.float(), **args)
+
+
+def test_integral_scalars_of_other_types_are_accepted():
+    import numpy as np
+
+    x, down, up, b, _ = make_inputs(1, 20, 2, 1, 4, 8, device="cpu")
+    ins = [t.float() for t in (x, down, up, b)]
+    expected = mlra_kernels.mlra_attention(*ins, num_heads=2, scale=0.25)
+    got = mlra_kernels.mlra_attention(*ins, num_heads=np.int64(2), latent_groups=np.int32(1), scale=np.float32(0.25))
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
 def test_fwd_variant_choice(monkeypatch):
     monkeypatch.setenv("MLRA_FWD_VARIANT", "auto")
     assert launcher.fwd_variant(8, 64) == "absorbed" and launcher.fwd_variant(192, 64) == "rebuild"

@@ -284,6 +284,27 @@ def test_bad_inputs_raise_clear_errors(call, match):
         call(mlra, x)
 
 
+@pytest.mark.parametrize(
+    "call,exc,match",
+    [
+        (lambda m, x: m([[0.0]], x, x), TypeError, "MLRAttention: query must be a Tensor, got list"),
+        (lambda m, x: m(x, x, None), TypeError, "MLRAttention: value must be a Tensor, got NoneType"),
+        (lambda m, x: m(x.long(), x.long(), x.long()), TypeError,
+         "MLRAttention: query must be float32, float16, bfloat16 or float64, got torch.int64"),
+        (lambda m, x: m(x.half(), x.half(), x.half(), need_weights=False), TypeError,
+         "MLRAttention: query has dtype torch.float16 but the module's parameters are torch.float32"),
+        (lambda m, x: m(x, x.to("meta"), x), ValueError,
+         "MLRAttention: key is on meta but the module's parameters are on cpu"),
+    ],
+    ids=["query-list", "value-none", "query-int", "query-half", "key-meta"],
+)
+def test_input_errors_name_the_users_argument(call, exc, match):
+    mlra = MLRAttention(D, H)
+    x = torch.randn(4, 2, D)
+    with pytest.raises(exc, match=match):
+        call(mlra, x)
+
+
 def test_constructor_validation_and_default_rank():
     with pytest.raises(ValueError, match="rank must be an int in \\[1, embed_dim=32\\]"):
         MLRAttention(32, 4, rank=33)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -335,6 +335,7 @@ class MLRAttention(nn.Module):
             ``(attn_output, attn_weights)``: output shaped like ``query``; weights ``[N, L, S]``
             (averaged) or ``[N, H, L, S]``, without ``N`` when unbatched, or ``None``.
         """
+        self._check_inputs(query, key, value)
         is_self = query is key and key is value
         is_batched = self._shape_check(query, key, value, key_padding_mask, attn_mask)
         _check_mask_dtype(key_padding_mask, "key_padding_mask")
@@ -432,6 +433,27 @@ class MLRAttention(nn.Module):
             # nn.MultiheadAttention returns the weights after dropout.
             weights = weights * dropout_mask / (1.0 - dropout_p)
         return o.transpose(1, 2).reshape(B, T, d), weights
+
+    def _check_inputs(self, query: Any, key: Any, value: Any) -> None:
+        """Types, dtypes and devices of the inputs, with errors that name them (not the op's ``x``)."""
+        param = self.down_proj_weight
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"MLRAttention: {name} must be a Tensor, got {type(t).__name__}")
+            if not t.is_floating_point():
+                raise TypeError(
+                    f"MLRAttention: {name} must be float32, float16, bfloat16 or float64, got {t.dtype}"
+                )
+            if t.device != param.device:
+                raise ValueError(
+                    f"MLRAttention: {name} is on {t.device} but the module's parameters are on {param.device}; "
+                    "move one of them (module.to(device))"
+                )
+            if t.dtype != param.dtype and not torch.is_autocast_enabled(t.device.type):
+                raise TypeError(
+                    f"MLRAttention: {name} has dtype {t.dtype} but the module's parameters are {param.dtype}; "
+                    "convert the module (module.to(dtype)) or run under torch.autocast"
+                )
 
     def _shape_check(self, query, key, value, key_padding_mask, attn_mask) -> bool:
         if query.dim() == 3:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+import numbers
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -24,6 +25,25 @@ def _check_types(x, down, up, bias, key_padding_mask, attn_mask) -> None:
     for name, m in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
         if m is not None and m.dtype != torch.bool and not m.is_floating_point():
             raise TypeError(f"only bool and floating types of {name} are supported, got {m.dtype}")
+
+
+def _check_scalars(num_heads: Any, latent_groups: Any, causal: Any, dropout_p: Any, scale: Any) -> None:
+    """Types and ranges of the non-tensor arguments, before anything compares or converts them."""
+    for name, v in (("num_heads", num_heads), ("latent_groups", latent_groups)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise TypeError(f"{name} must be a positive int, got {v!r} ({type(v).__name__})")
+    if not isinstance(causal, (bool, numbers.Integral)):
+        raise TypeError(f"causal must be a bool, got {causal!r} ({type(causal).__name__})")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"dropout_p must be a float in [0, 1), got {dropout_p!r} ({type(dropout_p).__name__})")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if scale is None:
+        return
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a positive float or None, got {scale!r} ({type(scale).__name__})")
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive finite float (default 1/sqrt(d_h)), got {scale}")
 
 
 def _autocast(x, down, up, bias):
@@ -83,8 +103,6 @@ def _check(x, down, up, bias, num_heads, latent_groups, key_padding_mask, attn_m
             )
         if attn_mask.device != x.device:
             raise ValueError(f"attn_mask is on {attn_mask.device} but x is on {x.device}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
 
 
 def mlra_attention(
@@ -125,7 +143,13 @@ def mlra_attention(
             Masks of other dtypes (integer) raise ``TypeError``.
         dropout_p: dropout on the attention probabilities (default 0). The seed is drawn from torch's
             default CPU generator, so ``torch.manual_seed`` makes a call repeatable.
-        scale: score scale, default ``1/sqrt(d_h)``.
+        scale: score scale, a positive finite float; default ``1/sqrt(d_h)``.
+
+    Raises:
+        TypeError: a tensor argument that is not a tensor, a mask of an integer dtype, mismatched
+            dtypes, or a non-tensor argument of the wrong type (``num_heads`` not an int, ``scale`` not
+            a float, ...). ValueError: a shape, device or value out of range (``scale <= 0``, NaN or
+            infinite; ``dropout_p`` outside ``[0, 1)``).
 
     A query whose keys are all masked outputs zeros. All of ``x``, ``down``, ``up`` and ``bias`` get
     gradients. The K bias cancels in the softmax, so its gradient is zero.
@@ -151,6 +175,8 @@ def mlra_attention(
         torch.Size([2, 16, 64])
     """
     _check_types(x, down, up, bias, key_padding_mask, attn_mask)
+    _check_scalars(num_heads, latent_groups, causal, dropout_p, scale)
+    num_heads, latent_groups, causal, dropout_p = int(num_heads), int(latent_groups), bool(causal), float(dropout_p)
     x, down, up, bias = _autocast(x, down, up, bias)
     _check(x, down, up, bias, num_heads, latent_groups, key_padding_mask, attn_mask, dropout_p)
     dh = x.shape[-1] // num_heads
