@@ -163,7 +163,40 @@ def test_bad_inputs():
     m = GPT2(_cfg("mlra"))
     with pytest.raises(ValueError, match="exceeds the context length block_size=16"):
         m(torch.zeros(1, 17, dtype=torch.long))
-    with pytest.raises(ValueError, match="idx must be integer tokens"):
+    with pytest.raises(TypeError, match="idx must hold integer token ids \\(int64 or int32\\), got float32"):
         m(torch.randn(1, 4))
+    with pytest.raises(TypeError, match="got uint8"):
+        m.generate(torch.ones(1, 4, dtype=torch.uint8), 2)
+    with pytest.raises(ValueError, match="idx must be integer tokens \\[B, T\\], got shape \\[4\\]"):
+        m(torch.zeros(4, dtype=torch.long))
     with pytest.raises(TypeError, match="GPT2Config"):
         GPT2({"n_layer": 2})
+
+
+@pytest.mark.usefixtures("reference_path")
+@pytest.mark.parametrize("attention", ["mha", "mlra"])
+def test_token_ids_out_of_range_are_a_clear_error(attention):
+    """nn.Embedding would raise a bare IndexError on CPU (a device-side assert on CUDA): the model names
+    vocab_size and the range of ids it was given, in forward, forward_cached and generate."""
+    m = GPT2(_cfg(attention)).eval()
+    for bad, lo, hi in ((torch.tensor([[0, 5, 61]]), 0, 61), (torch.tensor([[-1, 3]]), -1, 3),
+                        (torch.tensor([[2, 70]], dtype=torch.int32), 2, 70)):
+        msg = f"token ids must be in \\[0, vocab_size=61\\); idx holds ids in \\[{lo}, {hi}\\]"
+        with pytest.raises(ValueError, match=msg):
+            m(bad)
+        with pytest.raises(ValueError, match=msg):
+            m.forward_cached(bad, use_cache=True)
+        with pytest.raises(ValueError, match=msg):
+            m.generate(bad, 2)
+    ok = torch.tensor([[0, 60]])
+    assert m(ok)[0].shape == (1, 2, 61)
+    assert m.generate(ok, 3, temperature=0).shape == (1, 5)
+
+
+def test_token_id_check_compiles_without_a_graph_break():
+    """Under torch.compile the host-syncing min/max is skipped, so fullgraph compilation still works."""
+    torch.manual_seed(0)
+    m = GPT2(_cfg("mha", n_layer=1)).eval()
+    idx = torch.randint(0, 61, (2, 8))
+    compiled = torch.compile(m, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(idx)[0], m(idx)[0])

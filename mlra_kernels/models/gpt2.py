@@ -247,9 +247,30 @@ class GPT2(nn.Module):
     def forward_cached(
         self, idx: Tensor, cache: Optional[KVCache] = None, use_cache: bool = False
     ) -> tuple[Tensor, Optional[KVCache]]:
-        """Run ``idx`` ``[B, t]`` after the ``S`` tokens held in ``cache``; returns logits and the new cache."""
-        if idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"idx must be integer tokens [B, T], got {idx.dtype} {list(idx.shape)}")
+        """Run ``idx`` ``[B, t]`` after the ``S`` tokens held in ``cache``; returns logits and the new cache.
+
+        Token ids outside ``[0, vocab_size)`` raise ``ValueError`` (checked with one min/max, which
+        waits for the device; skipped while ``torch.compile`` traces).
+        """
+        self._check_idx(idx)
+        return self._forward_cached(idx, cache, use_cache)
+
+    def _check_idx(self, idx: Tensor) -> None:
+        if not isinstance(idx, Tensor) or idx.dtype not in (torch.int64, torch.int32):
+            what = str(idx.dtype).replace("torch.", "") if isinstance(idx, Tensor) else type(idx).__name__
+            raise TypeError(f"idx must hold integer token ids (int64 or int32), got {what}")
+        if idx.dim() != 2:
+            raise ValueError(f"idx must be integer tokens [B, T], got shape {list(idx.shape)}")
+        if idx.numel() == 0 or torch.compiler.is_compiling():
+            return
+        lo, hi = torch.stack(torch.aminmax(idx)).tolist()  # one host sync for both
+        V = self.config.vocab_size
+        if lo < 0 or hi >= V:
+            raise ValueError(f"token ids must be in [0, vocab_size={V}); idx holds ids in [{lo}, {hi}]")
+
+    def _forward_cached(
+        self, idx: Tensor, cache: Optional[KVCache] = None, use_cache: bool = False
+    ) -> tuple[Tensor, Optional[KVCache]]:
         B, t = idx.shape
         past = 0 if cache is None else cache[0][1].shape[-2]  # [B, H, S, d_h] or [B, S, g·r]
         if past + t > self.config.block_size:
@@ -285,15 +306,16 @@ class GPT2(nn.Module):
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+        self._check_idx(idx)  # once: the sampled tokens are in range by construction
         block = self.config.block_size
         cache, cached = None, 0
         for _ in range(max_new_tokens):
             if cache is not None:
-                logits, cache = self.forward_cached(idx[:, -1:], cache)
+                logits, cache = self._forward_cached(idx[:, -1:], cache)
                 cached += 1
             else:
                 context = idx[:, -block:]
-                logits, cache = self.forward_cached(context, use_cache=use_cache)
+                logits, cache = self._forward_cached(context, use_cache=use_cache)
                 cached = context.shape[1]
             if cached >= block:
                 cache = None  # the next token would not fit: rebuild from a slid window
