@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
+import re
 import subprocess
 import sys
+import warnings
 from typing import Optional, Sequence
 
 import torch
@@ -23,6 +26,18 @@ class CLIError(Exception):
     """A user error: printed as one line, exit status 1."""
 
 
+def one_line(err: BaseException) -> str:
+    """The message of ``err`` on one line (some libraries raise multi-line messages)."""
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    return text or type(err).__name__
+
+
+def _brief(err: BaseException) -> str:
+    """One line, cut to its first sentence when long (torch's loader errors run to a paragraph)."""
+    text = one_line(err)
+    if len(text) > 160 and ". " in text:
+        text = text.split(". ", 1)[0] + "."
+    return text
 
 
 def _pick_key(keys: Sequence[str], shapes: dict, key: Optional[str], source: str) -> str:
@@ -46,22 +61,52 @@ def _safetensors_keys(path: str):
         from safetensors import safe_open
     except ImportError:
         raise CLIError(f"reading {path} needs the safetensors package: pip install safetensors") from None
-    with safe_open(path, framework="pt") as f:
-        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except OSError as err:
+        raise CLIError(f"cannot read {path}: {err.strerror or one_line(err)}") from None
+    except Exception as err:  # safetensors raises its own SafetensorError for a malformed file
+        raise CLIError(f"{path} is not a valid safetensors file (truncated or corrupt?): {_brief(err)}") from None
 
 
 def _safetensors_tensor(path: str, key: str) -> torch.Tensor:
     from safetensors import safe_open
 
-    with safe_open(path, framework="pt") as f:
-        return f.get_tensor(key)
+    try:
+        with safe_open(path, framework="pt") as f:
+            return f.get_tensor(key)
+    except OSError as err:
+        raise CLIError(f"cannot read {path}: {err.strerror or one_line(err)}") from None
+    except Exception as err:
+        raise CLIError(f"cannot read tensor {key!r} from {path} (truncated or corrupt?): {_brief(err)}") from None
 
 
 def _torch_state_dict(path: str) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch's message advises weights_only=False, which would run code from the file: not passed on.
+        text = one_line(err)
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        if found is None:
+            reason = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:Check the documentation|$)", text)
+            raise CLIError(
+                f"cannot read {path} as a PyTorch state dict (torch.load weights_only=True): "
+                f"{reason.group(1) if reason else 'not a checkpoint torch can read'}"
+            ) from None
+        what = f" ({found.group(1)})"
+        raise CLIError(
+            f"refused to load {path}: it holds pickled Python objects{what}, not only tensors; mlra tev loads "
+            "checkpoints with torch.load(weights_only=True), which never runs code from the file. Re-save the "
+            "state dict (or a .safetensors file) from a session you trust"
+        ) from None
+    except OSError as err:
+        raise CLIError(f"cannot read {path}: {err.strerror or one_line(err)}") from None
     except Exception as err:  # torch raises several types for files that are not checkpoints
-        raise CLIError(f"cannot read {path} as a PyTorch state dict (torch.load weights_only=True): {err}") from None
+        raise CLIError(
+            f"cannot read {path} as a PyTorch state dict (torch.load weights_only=True): {_brief(err)}"
+        ) from None
     for wrapper in ("state_dict", "model", "module"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]
@@ -70,28 +115,31 @@ def _torch_state_dict(path: str) -> dict:
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
-def load_embedding(path: str, key: Optional[str] = None) -> tuple[str, torch.Tensor]:
-    """Find and load the token-embedding matrix of a saved model.
+def _read_weight_map(index: str) -> dict:
+    """The ``weight_map`` of a sharded checkpoint's index JSON: tensor name -> shard file name."""
+    try:
+        with open(index, encoding="utf-8") as f:
+            data = json.load(f)
+    except UnicodeDecodeError:
+        raise CLIError(f"{index} is not a JSON index (not UTF-8 text)") from None
+    except json.JSONDecodeError as err:
+        raise CLIError(f"{index} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
+    except OSError as err:
+        raise CLIError(f"cannot read {index}: {err.strerror or one_line(err)}") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise CLIError(
+            f"{index} has no usable 'weight_map' (expected a JSON object mapping tensor names to shard files)"
+        )
+    return weight_map
 
-    ``path`` is a state-dict file (``.pt``/``.pth``/``.bin``, read with ``weights_only=True``), a
-    ``.safetensors`` file, or a Hugging Face model folder (``config.json`` with ``model.safetensors``,
-    ``pytorch_model.bin`` or a sharded index). Returns ``(key, tensor)``.
-    """
-    if os.path.isdir(path):
-        for index_name in _HF_INDEX_FILES:
-            index = os.path.join(path, index_name)
-            if os.path.isfile(index):
-                with open(index, encoding="utf-8") as f:
-                    weight_map = json.load(f)["weight_map"]
-                k = _pick_key(list(weight_map), {}, key, index)
-                shard = os.path.join(path, weight_map[k])
-                return k, load_embedding(shard, k)[1]
-        for name in _HF_WEIGHT_FILES:
-            if os.path.isfile(os.path.join(path, name)):
-                return load_embedding(os.path.join(path, name), key)
-        raise CLIError(f"{path} is a folder without {', '.join(_HF_WEIGHT_FILES + _HF_INDEX_FILES)}")
-    if not os.path.isfile(path):
-        raise CLIError(f"no such file or folder: {path}")
+
+def _load_file(path: str, key: Optional[str]) -> tuple[str, torch.Tensor]:
+    """``(key, tensor)`` from one state-dict or safetensors file (``key=None``: found by name)."""
+    if os.path.getsize(path) == 0:
+        raise CLIError(f"{path} is empty (0 bytes); expected a state dict (.pt/.bin) or a .safetensors file")
     if path.endswith(".safetensors"):
         shapes = _safetensors_keys(path)
         k = _pick_key(list(shapes), shapes, key, path)
@@ -99,6 +147,46 @@ def load_embedding(path: str, key: Optional[str] = None) -> tuple[str, torch.Ten
     sd = _torch_state_dict(path)
     k = _pick_key(list(sd), {n: tuple(t.shape) for n, t in sd.items()}, key, path)
     return k, sd[k]
+
+
+def _load_sharded(folder: str, index: str, key: Optional[str]) -> tuple[str, torch.Tensor]:
+    weight_map = _read_weight_map(index)
+    k = _pick_key(list(weight_map), {}, key, index)
+    name = weight_map[k]
+    shard = os.path.normpath(os.path.join(folder, name))
+    if os.path.isabs(name) or os.path.relpath(shard, folder).split(os.sep)[0] == os.pardir:
+        raise CLIError(f"{index} maps {k} to {name!r}, outside {folder}; expected a shard file in that folder")
+    if not os.path.isfile(shard):
+        state = "is a folder" if os.path.isdir(shard) else "is missing"
+        raise CLIError(f"{index} maps {k} to the shard {shard}, which {state}")
+    try:
+        return k, _load_file(shard, k)[1]
+    except CLIError as err:
+        if str(err).startswith("--key "):
+            raise CLIError(f"{index} maps {k} to the shard {shard}, which does not hold it") from None
+        raise
+
+
+def load_embedding(path: str, key: Optional[str] = None) -> tuple[str, torch.Tensor]:
+    """Find and load the token-embedding matrix of a saved model.
+
+    ``path`` is a state-dict file (``.pt``/``.pth``/``.bin``, read with ``weights_only=True``), a
+    ``.safetensors`` file, or a Hugging Face model folder (``config.json`` with ``model.safetensors``,
+    ``pytorch_model.bin`` or a sharded index). Returns ``(key, tensor)``. Every problem with the
+    files is a :class:`CLIError` naming the file.
+    """
+    if os.path.isdir(path):
+        for index_name in _HF_INDEX_FILES:
+            index = os.path.join(path, index_name)
+            if os.path.isfile(index):
+                return _load_sharded(path, index, key)
+        for name in _HF_WEIGHT_FILES:
+            if os.path.isfile(os.path.join(path, name)):
+                return _load_file(os.path.join(path, name), key)
+        raise CLIError(f"{path} is a folder without {', '.join(_HF_WEIGHT_FILES + _HF_INDEX_FILES)}")
+    if not os.path.isfile(path):
+        raise CLIError(f"no such file or folder: {path}")
+    return _load_file(path, key)
 
 
 def cmd_tev(args: argparse.Namespace) -> int:
@@ -113,6 +201,8 @@ def cmd_tev(args: argparse.Namespace) -> int:
             "embedding (dequantize the checkpoint first, or pick another tensor with --key)"
         )
     mean, std, bad, _ = compute_tev(weight, unbiased=args.unbiased)
+    if bad >= weight.shape[0]:
+        raise CLIError(f"every row of {key} ({bad} of {weight.shape[0]}) holds NaN or Inf: TEV is undefined")
     if args.json:
         print(json.dumps({"model": args.model, "key": key, "shape": list(weight.shape),
                           "dtype": str(weight.dtype).replace("torch.", ""), "tev_mean": mean, "tev_std": std,
@@ -130,12 +220,24 @@ def cmd_tev(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from mlra_kernels.plot import plot_runs
+    from mlra_kernels.plot import plot_path, plot_runs
 
     for p in args.runs:
+        if os.path.isdir(p):
+            raise CLIError(f"{p} is a folder; expected a TEVMonitor JSONL log")
         if not os.path.isfile(p):
             raise CLIError(f"no such log: {p}")
-    out = args.out or os.path.splitext(args.runs[0])[0] + ".png"
+    if args.out is not None:
+        try:
+            out = plot_path(args.out, args.runs)
+        except ValueError as err:
+            raise CLIError(f"--out {args.out}: {err}") from None
+    else:
+        default = os.path.splitext(args.runs[0])[0] + ".png"
+        try:
+            out = plot_path(default, args.runs)
+        except ValueError as err:
+            raise CLIError(f"the default plot path {default} (next to the first log): {err}; pass --out") from None
     print(plot_runs(args.runs, out, title=args.title))
     return 0
 
@@ -147,7 +249,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for name in names:
         cmd = [sys.executable, "-m", f"mlra_kernels.benchmarks.{name}", *args.extra]
         print("$ " + " ".join(cmd), flush=True)
-        rc = max(rc, subprocess.call(cmd))
+        child = subprocess.call(cmd)
+        if child < 0:  # killed by a signal: subprocess reports -signal, which must not read as success
+            print(f"mlra bench: error: mlra_kernels.benchmarks.{name} was killed by signal {-child}",
+                  file=sys.stderr)
+            child = 128 - child
+        if child and not rc:
+            rc = child
     return rc
 
 
@@ -184,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mlra",
         description="Multi-head Low-Rank Attention and Token Embedding Variability for PyTorch.",
     )
+    parser.add_argument("--traceback", action="store_true",
+                        help="on an error, show the Python traceback instead of the one-line message")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("demo", help="train MHA and MLRA GPT-2s side by side and compare loss and TEV")
@@ -219,14 +329,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
+    command = args.command
+    formatwarning = warnings.formatwarning
+    # A warning is one line too ("mlra plot: warning: ..."), not Python's file:line plus source line.
+    warnings.formatwarning = lambda message, *_, **__: f"mlra {command}: warning: {one_line(message)}\n"
     try:
         return args.func(args)
-    except (CLIError, ValueError, FileNotFoundError, ImportError) as err:
-        print(f"mlra {args.command}: error: {err}", file=sys.stderr)
+    except (CLIError, ValueError, OSError, ImportError) as err:
+        if args.traceback:
+            raise
+        print(f"mlra {args.command}: error: {one_line(err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        if args.traceback:
+            raise
         print(f"mlra {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # a failure nobody foresaw: still one line; --traceback shows where
+        if args.traceback:
+            raise
+        print(f"mlra {args.command}: error: {type(err).__name__}: {one_line(err)} "
+              f"(run 'mlra --traceback {args.command} ...' to see where)", file=sys.stderr)
+        return 1
+    finally:
+        warnings.formatwarning = formatwarning
 
 
 if __name__ == "__main__":
