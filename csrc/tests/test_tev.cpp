@@ -23,6 +23,12 @@ void expect(bool ok, const std::string& what) {
 
 bool close(double got, double want, double rtol) { return std::fabs(got - want) <= rtol * std::fabs(want); }
 
+std::string num(double x) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%.9g", x);  // std::to_string prints tiny values as 0.000000
+  return buf;
+}
+
 struct Ref {
   double mean = 0, std = 0;
   int64_t rows = 0, nonfinite = 0;
@@ -82,9 +88,9 @@ void check_case(const std::string& name, const at::Tensor& w, const std::optiona
   const Ref r = reference(w.to(at::kCPU), ref_rows);
   const double std_got = std::sqrt(p[2] / p[0]);
   expect(static_cast<int64_t>(p[0]) == r.rows && static_cast<int64_t>(p[3]) == r.nonfinite,
-         name + ": counts " + std::to_string(p[0]) + " / " + std::to_string(p[3]));
-  expect(close(p[1], r.mean, rtol), name + ": mean " + std::to_string(p[1]) + " vs " + std::to_string(r.mean));
-  expect(close(std_got, r.std, rtol), name + ": std " + std::to_string(std_got) + " vs " + std::to_string(r.std));
+         name + ": counts " + num(p[0]) + " / " + num(p[3]));
+  expect(close(p[1], r.mean, rtol), name + ": mean " + num(p[1]) + " vs " + num(r.mean));
+  expect(close(std_got, r.std, rtol), name + ": std " + num(std_got) + " vs " + num(r.std));
   expect(pt.numel() == static_cast<int64_t>(ref_rows.size()), name + ": per_token size");
 }
 
@@ -133,6 +139,18 @@ int main() {
   bad.index_put_({500, 0}, INFINITY);
   check_case("fp32 with NaN / Inf rows", bad, std::nullopt, all_rows(777));
 
+  // Rows whose fp32 squares underflow (std below ~1e-19, subnormal values) are redone in fp64.
+  check_case("fp32 rows of std 1e-25", w * 1e-25, std::nullopt, all_rows(777));
+  check_case("fp32 rows of std 1e-30, strided", (w * 1e-30).t().contiguous().t(), std::nullopt, all_rows(777));
+  check_case("fp32 subnormal rows (std 1e-40)", w * 1e-40, std::nullopt, all_rows(777));
+  check_case("bf16 subnormal rows (std 1e-39)", (w * 1e-39).to(at::kBFloat16), std::nullopt, all_rows(777));
+  at::Tensor flat = w.clone();
+  flat.slice(0, 0, 10).fill_(0.5);
+  flat.slice(0, 10, 20).zero_();
+  check_case("fp32 with constant rows", flat, std::nullopt, all_rows(777));
+  const at::Tensor flat_pt = std::get<1>(call_op(flat, std::nullopt, true));
+  expect(flat_pt.slice(0, 0, 20).eq(0).all().item<bool>(), "constant rows have TEV exactly 0");
+
   const std::vector<int64_t> sel = {5, 700, 5, 0, 776, 123};
   const at::Tensor idx = at::tensor(sel, at::TensorOptions().dtype(at::kLong));
   check_case("fp32 rows subset", w, idx, sel);
@@ -154,6 +172,9 @@ int main() {
     const at::Tensor wc = w.to(at::kBFloat16).to(at::kCUDA);
     check_case("cuda bf16 777x300", wc, std::nullopt, all_rows(777));
     check_case("cuda fp32 offset 1e4", (w + 1e4).to(at::kCUDA), std::nullopt, all_rows(777));
+    check_case("cuda fp32 rows of std 1e-30", (w * 1e-30).to(at::kCUDA), std::nullopt, all_rows(777));
+    check_case("cuda bf16 subnormal rows", (w * 1e-39).to(at::kBFloat16).to(at::kCUDA), std::nullopt, all_rows(777));
+    check_case("cuda fp32 with constant rows", flat.to(at::kCUDA), std::nullopt, all_rows(777));
   } else {
     std::printf("[skip] CUDA cases: built with CUDA but no GPU is visible\n");
   }

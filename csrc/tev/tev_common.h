@@ -21,7 +21,7 @@ struct Partial {
   double count;      // rows merged into mean / m2
   double mean;       // mean of TEV_i over those rows
   double m2;         // sum of squared deviations of TEV_i from mean
-  double nonfinite;  // rows left out because they hold NaN / Inf (or their squares overflow fp32)
+  double nonfinite;  // rows left out because they hold NaN / Inf
   double bad_index;  // entries of `rows` outside [0, V)
 };
 static_assert(sizeof(Partial) == 5 * sizeof(double), "Partial must be 5 packed doubles");
@@ -84,5 +84,19 @@ MLRA_HD double row_std(double s1, double s2, int64_t n) {
 
 // x - x is 0 for finite x and NaN for NaN / Inf; holds without -ffast-math, which this code never uses.
 MLRA_HD bool finite_sums(double s1, double s2) { return (s1 - s1) == 0.0 && (s2 - s2) == 0.0; }
+
+// 2^-125: twice FLT_MIN, the smallest normal fp32.
+constexpr double kMinMeanSquare = 2.350988701644575e-38;
+
+// Whether a row's fast sums (s1, s2 of fp32 terms y = x - K over n elements) must be redone in fp64:
+//  - not finite: a square overflowed fp32 (|y| above ~1.8e19), or the row holds NaN / Inf;
+//  - s2 < n * 2^-125, the mean of the squares below 2 * FLT_MIN: squares under FLT_MIN are subnormal or 0
+//    in fp32 (|y| below ~1.1e-19: fp32 rows of std under ~1e-19, bf16 subnormal rows). Each fp32 operation
+//    then errs by up to 2^-150 absolute, so above this bound underflow costs s2 at most 2^-25 relative,
+//    less than fp32 rounding already does. A constant row (s2 == 0) is redone too and gives exactly 0.
+// Typical rows (std ~1e-3 .. 1e3) are never redone, so the redo costs nothing on the common path.
+MLRA_HD bool needs_fp64(double s1, double s2, int64_t n) {
+  return !finite_sums(s1, s2) || s2 < static_cast<double>(n) * kMinMeanSquare;
+}
 
 }  // namespace mlra::tev

@@ -3,7 +3,8 @@
 // A row is read once. Values are shifted by K, the fp32 mean of the row's first kPivot elements, so the
 // shifted values y = x - K are of the order of the row's std; they are summed into kLanes fp32 lanes
 // (plain loops the compiler vectorises), and every kFoldElems elements the lanes are added into fp64.
-// The row's std then comes from the fp64 shifted sums (row_std). Rows merge with Welford.
+// The row's std then comes from the fp64 shifted sums (row_std). Rows merge with Welford. A row whose
+// fp32 squares overflowed or underflowed (needs_fp64, in tev_common.h) is read once more, in fp64.
 #pragma once
 
 #include <algorithm>
@@ -201,11 +202,13 @@ MLRA_TARGET_AVX2 __attribute__((noinline)) void row_sums_avx2(const typename L::
 }
 #endif
 
-// The same sums in fp64, for a row whose fp32 squares overflowed (|x - K| above ~1.8e19): finite values
-// of any supported dtype square without overflow in fp64, so only a row holding NaN or Inf stays non-finite.
+// The same sums in fp64, for a row whose fp32 sums cannot be trusted (needs_fp64: squares that overflowed
+// or underflowed fp32). Finite values of any supported dtype square in fp64 without overflow, and without
+// underflow down to the smallest subnormal (2^-149 squares to 2^-298), so only a row holding NaN or Inf
+// stays non-finite, and a constant row gives exactly 0.
 template <class L>
 inline void row_sums_fp64(const typename L::Raw* p, int64_t d, int64_t stride, double& s1, double& s2) {
-  const double k = static_cast<double>(L::f(p[0]));  // a sum of such values may overflow fp32; one cannot
+  const double k = static_cast<double>(L::f(p[0]));  // a sum of huge values may overflow fp32; one cannot
   double a1 = 0.0, a2 = 0.0;
   for (int64_t j = 0; j < d; ++j) {
     const double y = static_cast<double>(L::f(p[j * stride])) - k;
@@ -251,7 +254,7 @@ MLRA_ALWAYS_INLINE Partial reduce_rows(const Problem& pb, int64_t r_begin, int64
     } else {
       row_sums_strided<L>(p, pb.dim, pb.stride_col, s1, s2);
     }
-    if (!finite_sums(s1, s2)) row_sums_fp64<L>(p, pb.dim, pb.stride_col, s1, s2);
+    if (needs_fp64(s1, s2, pb.dim)) row_sums_fp64<L>(p, pb.dim, pb.stride_col, s1, s2);
     if (!finite_sums(s1, s2)) {
       acc.nonfinite += 1.0;
       if (pb.per_token) pb.per_token[r] = nan;

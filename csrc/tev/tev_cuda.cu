@@ -3,7 +3,8 @@
 // One warp per row, grid-stride over rows. Rows are read with 16-byte loads (4 fp32 or 8 fp16/bf16 per
 // thread) when the row start and the row stride allow it, else with scalar strided loads. Each thread
 // sums shifted values y = x - K (K = mean of the row's first 32 elements) in fp32 over at most 4 loads, then adds
-// them into fp64; the warp reduces the fp64 sums with shuffles. Lane 0 keeps a Welford state of TEV_i.
+// them into fp64; the warp reduces the fp64 sums with shuffles. A row whose fp32 squares overflowed or
+// underflowed (needs_fp64) is read once more in fp64. Lane 0 keeps a Welford state of TEV_i.
 // Warps merge into a block partial (Chan); the last block to finish merges all block partials in a fixed
 // tree order and writes the 5 output doubles, so a single launch produces the final stats on the device.
 #include <cuda_bf16.h>
@@ -126,9 +127,10 @@ __global__ void __launch_bounds__(kBlock) tev_fwd_kernel(Problem pb, Partial* __
       s1 += __shfl_xor_sync(0xffffffffu, s1, o);
       s2 += __shfl_xor_sync(0xffffffffu, s2, o);
     }
-    // fp32 squares overflow for |x - K| above ~1.8e19: redo such a row in fp64, so that only a row
-    // holding NaN or Inf counts as non-finite. Lane 0 decides for the whole warp.
-    if (__shfl_sync(0xffffffffu, static_cast<int>(!finite_sums(s1, s2)), 0)) {
+    // fp32 squares overflow for |x - K| above ~1.8e19 and underflow below ~1.1e-19: redo such a row in
+    // fp64 (needs_fp64), so that only a row holding NaN or Inf counts as non-finite and tiny rows keep
+    // their precision. Lane 0 decides for the whole warp.
+    if (__shfl_sync(0xffffffffu, static_cast<int>(needs_fp64(s1, s2, pb.dim)), 0)) {
       const double kd = static_cast<double>(to_f(p[0]));  // k itself may have overflowed
       s1 = s2 = 0.0;
       for (int64_t j = lane; j < pb.dim; j += kWarp) {
