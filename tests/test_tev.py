@@ -2,8 +2,10 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
+from torch import Tensor
 
 import mlra_kernels
 from mlra_kernels.ops.tev import TEVStats, tev, tev_reference
@@ -28,6 +30,11 @@ def rel(a, b):
     return abs(a - b) / abs(b)
 
 
+def check_per_token_fp32(got: Tensor, ref: Tensor):
+    """TEV_i comes back in fp32: compare with the float64 value rounded to fp32, within RTOL or one subnormal step."""
+    torch.testing.assert_close(got, ref.float(), rtol=RTOL, atol=2.0**-149)
+
+
 def check(got: TEVStats, ref: TEVStats, rtol=RTOL):
     assert got.rows == ref.rows
     assert got.nonfinite_rows == ref.nonfinite_rows
@@ -38,7 +45,7 @@ def check(got: TEVStats, ref: TEVStats, rtol=RTOL):
         assert pt.shape == rt.shape
         assert torch.equal(torch.isnan(pt), torch.isnan(rt))
         ok = ~torch.isnan(rt)
-        torch.testing.assert_close(pt[ok], rt[ok], rtol=RTOL, atol=0)
+        check_per_token_fp32(got.per_token[ok], rt[ok])
 
 
 SHAPES = [
@@ -154,6 +161,51 @@ def test_huge_finite_rows_are_counted_not_dropped(dtype, view, poison_empty):
     assert rel(got.per_token[77].item(), per_row[77].item()) <= 1e-5
 
 
+# Scales of rows whose squares underflow fp32 (std below ~1.1e-19), and two just above the bound
+# (needs_fp64 in csrc/tev/tev_common.h) that take the fp32 path and must still be exact. 1e-40 fp32 and
+# 1e-39 bf16 values are subnormal; fp16 subnormal values (1e-6) square to normal fp32 numbers.
+TINY_SCALES = {
+    "fp32": [1e-18, 3e-19, 1e-21, 1e-25, 1e-30, 1e-40],
+    "bf16": [1e-21, 1e-30, 1e-39],
+    "fp16": [1e-6],
+}
+
+
+
+@pytest.mark.parametrize("view", ["contiguous", "strided"])
+@pytest.mark.parametrize(
+    "dtype, scale", [pytest.param(k, s, id=f"{k}-{s:g}") for k, v in TINY_SCALES.items() for s in v]
+)
+def test_tiny_rows_keep_their_precision(dtype, scale, view, poison_empty):
+    # Squares of |x| below ~1e-19 are subnormal or 0 in fp32: such rows came out as TEV 0 (or a few digits)
+    # before they were redone in fp64. Every row here is tiny, so mean and std are those of the tiny rows.
+    w = (make(200, 101, torch.float64, seed=31) * scale).to(DTYPES[dtype])
+    if view == "strided":
+        w = w.t().contiguous().t()
+    got = tev(w, per_token=True)
+    ref = tev_reference(w)
+    assert got.rows == 200 and got.nonfinite_rows == 0
+    assert rel(got.mean, ref.mean) <= RTOL and rel(got.std, ref.std) <= RTOL, (got, ref.mean, ref.std)
+    check_per_token_fp32(got.per_token, ref.per_token)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
+def test_constant_and_tiny_rows_among_ordinary_ones(dtype, poison_empty):
+    w = make(400, 64, torch.float64, seed=23)
+    w[3] = 0.375  # constant rows: TEV exactly 0, also where the rows are redone
+    w[4] = 0.0
+    w[5] = -3e-41 if dtype != "fp16" else -3e-7  # a constant subnormal row
+    w[6] *= 1e-30 if dtype != "fp16" else 1e-6
+    w[7] = w[7] * 1e-40 + 1e-39 if dtype != "fp16" else w[7] * 1e-7
+    w = w.to(DTYPES[dtype])
+    got = tev(w, per_token=True)
+    ref = tev_reference(w)
+    check(got, ref)
+    assert torch.equal(got.per_token[3:6], torch.zeros(3))
+    check_per_token_fp32(got.per_token[6:8], ref.per_token[6:8])
+    assert got.per_token[6] > 0 and got.per_token[7] > 0
+
+
 def test_all_rows_nonfinite_gives_nan_and_count():
     w = torch.full((4, 8), float("nan"))
     got = tev(w)
@@ -241,15 +293,66 @@ def test_bad_weight(make_bad, exc, match):
     [
         ([0, 5, 10], IndexError, r"1 entries of `rows` are outside \[0, 10\)"),
         ([-1, 2], IndexError, "outside"),
+        (np.array([3, 10]), IndexError, "outside"),
         ([], ValueError, "no rows"),
-        (torch.tensor([True, False]), TypeError, "mask"),
-        (torch.tensor([1.0]), TypeError, "int32 or int64"),
+        (np.array([], dtype=np.int64), ValueError, "no rows"),
+        (torch.tensor([True, False]), TypeError, r"mask\.nonzero\(\)\[:, 0\]"),
+        ([True, False, True], TypeError, r"boolean mask.*mask\.nonzero\(\)\[:, 0\]"),
+        ([True, 2], TypeError, "boolean mask"),
+        (np.array([True, False, True]), TypeError, r"boolean mask.*flatnonzero"),
+        (torch.tensor([1.0]), TypeError, "`rows` must hold integer row indices.*int32 or int64"),
+        ([0.9, 2.7], TypeError, "`rows` must hold integer row indices.*never truncated"),
+        ((1, 2.0), TypeError, "`rows` must hold integer"),
+        (np.array([0.9, 2.7]), TypeError, "`rows` must hold integer.*float64"),
+        (np.float32(2.0), TypeError, "`rows` must hold integer"),
+        (torch.tensor([1], dtype=torch.uint8), TypeError, r"uint8.*rows\.long\(\)"),
+        ("0,1", TypeError, "`rows` must hold integer"),
+        ([1, "a"], TypeError, "`rows` must be a tensor, numpy array or sequence"),
+        (torch.tensor([1], device="meta"), ValueError, "`rows` is on the meta device"),
     ],
-    ids=["too_big", "negative", "empty", "bool", "float"],
+    ids=["too_big", "negative", "numpy_too_big", "empty", "numpy_empty", "bool", "bool_list", "bool_in_int_list",
+         "bool_numpy", "float", "float_list", "float_in_tuple", "float_numpy", "numpy_float_scalar", "uint8",
+         "str", "str_in_list", "meta"],
 )
 def test_bad_rows(rows, exc, match):
     with pytest.raises(exc, match=match):
         tev(make(10, 4), rows=rows)
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [
+        [3, 0, 9, 3],
+        (3, 0, 9, 3),
+        np.array([3, 0, 9, 3]),
+        np.array([3, 0, 9, 3], dtype=np.uint16),
+        [np.int64(3), np.int32(0), 9, 3],
+        torch.tensor([3, 0, 9, 3], dtype=torch.int16),
+    ],
+    ids=["list", "tuple", "numpy", "numpy_uint16", "numpy_scalars", "int16"],
+)
+def test_rows_of_every_integer_kind_read_the_same(rows):
+    w = make(10, 6, seed=8)
+    want = tev(w, rows=torch.tensor([3, 0, 9, 3]), per_token=True)
+    got = tev(w, rows=rows, per_token=True)
+    assert (got.mean, got.std, got.rows) == (want.mean, want.std, 4)
+    assert torch.equal(got.per_token, want.per_token)
+    assert tev(w, rows=range(2, 7)).mean == tev(w, rows=torch.arange(2, 7)).mean
+
+
+def test_meta_weight_is_refused_with_a_clear_error():
+    with pytest.raises(ValueError, match="weight is on the meta device.*real values on the CPU or a CUDA device"):
+        tev(torch.empty(10, 4, device="meta"))
+    with torch.device("meta"):
+        emb = torch.nn.Embedding(10, 4)
+    with pytest.raises(ValueError, match="meta device"):
+        tev(emb)
+
+
+@pytest.mark.parametrize("group", ["WORLD", 0, 3, object()], ids=["str", "zero", "int", "object"])
+def test_process_group_of_the_wrong_type(group):
+    with pytest.raises(TypeError, match="process_group must be a torch.distributed ProcessGroup.*or None"):
+        tev(make(10, 4), process_group=group)
 
 
 def test_op_checks_its_arguments():

@@ -53,7 +53,7 @@ def test_sharded_equals_whole(world, dtype, tmp_path):
     whole_u = tev(w, unbiased=True)
     sub = tev(w, rows=torch.arange(0, w.shape[0], 3))
     for rank in range(world):
-        res = torch.load(tmp_path / f"rank{rank}.pt")
+        res = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         mean, std, rows, bad = res["all"]
         assert (rows, bad) == (whole.rows, whole.nonfinite_rows) == (1001, 2)
         assert abs(mean - whole.mean) <= 1e-12 * whole.mean

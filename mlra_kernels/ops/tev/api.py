@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -11,22 +11,134 @@ from .op import tev_partials
 from .stats import TEVStats, all_reduce_partials, finalize
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DEVICES = ("cpu", "cuda")
 
 
-def _as_rows(rows, device: torch.device) -> Optional[Tensor]:
+def _mask_error(who: str, what: str) -> TypeError:
+    return TypeError(
+        f"{who}: `rows` must hold integer row indices (int32 or int64), got {what}; a boolean mask is not read "
+        "as rows: pass the indices where it is True, mask.nonzero()[:, 0] for a tensor or numpy.flatnonzero(mask) "
+        "for an array"
+    )
+
+
+def _float_error(who: str, what: str) -> TypeError:
+    return TypeError(
+        f"{who}: `rows` must hold integer row indices (int32 or int64), got {what}; floats are never truncated "
+        "to indices: convert them yourself if that is what you mean"
+    )
+
+
+def _holds_bool(seq: Any) -> bool:
+    """Whether a (nested) list / tuple holds a Python or numpy bool, which torch would read as 0 / 1."""
+    for x in seq:
+        if isinstance(x, (list, tuple)):
+            if _holds_bool(x):
+                return True
+        elif isinstance(x, bool) or type(x).__name__ == "bool_":  # numpy.bool_ without importing numpy
+            return True
+    return False
+
+
+def _rows_tensor(rows: Any, who: str) -> Tensor:
+    """``rows`` (tensor, numpy array, list, tuple, range) as an integer tensor; the same checks for each kind."""
+    if isinstance(rows, Tensor):
+        t = rows
+    else:
+        kind = getattr(getattr(rows, "dtype", None), "kind", None)  # numpy arrays and numpy scalars
+        if kind is not None and getattr(rows, "size", 1) == 0:
+            return torch.empty(0, dtype=torch.long)  # no dtype to check: "selects no rows"
+        if kind == "b":
+            raise _mask_error(who, f"a numpy {rows.dtype} array")
+        if kind in ("f", "c"):
+            raise _float_error(who, f"a numpy {rows.dtype} array")
+        if kind in ("i", "u"):
+            return torch.as_tensor(rows.astype("int64"))
+        if kind is not None or isinstance(rows, (str, bytes)):
+            raise TypeError(f"{who}: `rows` must hold integer row indices, got {type(rows).__name__} {rows!r:.80}")
+        try:
+            t = torch.as_tensor(rows)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise TypeError(
+                f"{who}: `rows` must be a tensor, numpy array or sequence of integer row indices, got "
+                f"{type(rows).__name__} ({err})"
+            ) from None
+        if t.numel() == 0:
+            return t.long()
+        if t.dtype == torch.bool or (t.dtype == torch.int64 and isinstance(rows, (list, tuple)) and _holds_bool(rows)):
+            raise _mask_error(who, f"a {type(rows).__name__} holding booleans")
+        if t.is_floating_point() or t.is_complex():
+            raise _float_error(who, f"a {type(rows).__name__} of {str(t.dtype).replace('torch.', '')} values")
+    if t.dtype == torch.bool:
+        raise _mask_error(who, "a bool tensor")
+    if t.is_floating_point() or t.is_complex():
+        raise _float_error(who, f"a {str(t.dtype).replace('torch.', '')} tensor")
+    if t.dtype == torch.uint8:  # torch indexing reads uint8 as a (deprecated) mask: say which is meant
+        raise TypeError(
+            f"{who}: `rows` is a uint8 tensor, which torch indexing reads as a mask; pass rows.long() for indices, "
+            "or rows.bool().nonzero()[:, 0] for a mask"
+        )
+    if t.dtype not in (torch.int32, torch.int64):
+        t = t.long()
+    if t.device.type not in _DEVICES:
+        raise ValueError(
+            f"{who}: `rows` is on the {t.device.type} device; it must hold real indices on the CPU or a CUDA device"
+        )
+    return t.reshape(-1) if t.dim() != 1 else t
+
+
+def _nonempty(t: Tensor, who: str) -> Tensor:
+    if t.numel() == 0:
+        raise ValueError(f"{who}: rows selects no rows")
+    return t
+
+
+def _as_rows(rows: Any, device: torch.device) -> Optional[Tensor]:
     if rows is None:
         return None
-    if not isinstance(rows, Tensor):
-        rows = torch.as_tensor(rows, dtype=torch.long)
-    if rows.dtype == torch.bool:
-        raise TypeError("tev: rows must hold row indices (int32 / int64); for a boolean mask pass mask.nonzero()[:, 0]")
-    if rows.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"tev: rows must be an int32 or int64 index tensor, got {rows.dtype}")
-    if rows.dim() != 1:
-        rows = rows.reshape(-1)
-    if rows.numel() == 0:
-        raise ValueError("tev: rows selects no rows")
-    return rows.to(device, non_blocking=True)
+    return _nonempty(_rows_tensor(rows, "tev"), "tev").to(device, non_blocking=True)
+
+
+def check_rows(rows: Any, n_vocab: int, who: str = "tev") -> Optional[Tensor]:
+    """Validate ``rows`` for a [V, d] matrix with V = ``n_vocab`` now, the range included (one host sync).
+
+    Returns the [R] int32 / int64 index tensor (on the device ``rows`` came on), or None for None. Raises what
+    :func:`tev` raises at its call, so that a long-lived caller (``TEVMonitor``) fails at its construction.
+    """
+    if rows is None:
+        return None
+    t = _nonempty(_rows_tensor(rows, who), who)
+    bad = int(((t < 0) | (t >= n_vocab)).sum())
+    if bad:
+        raise IndexError(f"{who}: {bad} entries of `rows` are outside [0, {n_vocab})")
+    return t
+
+
+def check_weight(w: Any, weight: Any, who: str = "tev") -> None:
+    """Type, rank and device of ``w`` (the tensor of ``weight``); the dtype is checked by each caller."""
+    if not isinstance(w, Tensor):
+        raise TypeError(f"{who}: weight must be a [V, d] tensor or an nn.Embedding, got {type(weight).__name__}")
+    if w.dim() != 2:
+        raise ValueError(f"{who}: weight must be a 2-D [V, d] tensor, got {w.dim()}-D with shape {tuple(w.shape)}")
+    if w.device.type not in _DEVICES:
+        raise ValueError(
+            f"{who}: weight is on the {w.device.type} device, which holds no data to read: TEV needs a tensor "
+            "with real values on the CPU or a CUDA device (materialise the model and load its weights first)"
+            if w.device.type == "meta" else
+            f"{who}: weight is on the {w.device.type} device; the TEV kernels run on CPU and CUDA tensors"
+        )
+
+
+def _check_process_group(process_group: Any) -> None:
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        raise RuntimeError("tev: process_group needs torch.distributed, which this torch build does not have")
+    if not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(
+            "tev: process_group must be a torch.distributed ProcessGroup (dist.group.WORLD, or one made by "
+            f"dist.new_group) or None, got {type(process_group).__name__} {process_group!r:.80}"
+        )
 
 
 def tev(
@@ -44,12 +156,15 @@ def tev(
     partial results merge with Welford / Chan. Runs the C++ kernel on the CPU and the CUDA kernel on a GPU.
 
     Args:
-        weight: [V, d] float32 / float16 / bfloat16 tensor (any strides), or an ``nn.Embedding``.
-        rows: optional [R] int32 / int64 indices of the rows to include (for example the tokens that
-            occur in the data). Default: all V rows.
+        weight: [V, d] float32 / float16 / bfloat16 tensor (any strides) on the CPU or a CUDA device, or an
+            ``nn.Embedding``.
+        rows: optional [R] integer indices of the rows to include (for example the tokens that occur in the
+            data): an int32 / int64 tensor, a numpy integer array, or a list / tuple / range of ints. Floats
+            and booleans are refused (TypeError), never truncated or read as 0 / 1; for a boolean mask pass
+            ``mask.nonzero()[:, 0]``. Default: all V rows.
         unbiased: σ_TEV with the (R - 1) denominator instead of R. Default False.
         per_token: also return TEV_i of every selected row as a [R] float32 tensor. Default False.
-        process_group: for a vocab-sharded embedding, the torch.distributed group over which the shards
+        process_group: for a vocab-sharded embedding, the torch.distributed ProcessGroup over which the shards
             are spread. Each rank passes its own [V_rank, d] shard (and ``rows`` indexes that shard); the
             (count, mean, M2) partials are merged over the group, so every rank gets the statistics of the
             whole matrix. ``per_token`` stays local. Default None: no communication.
@@ -57,11 +172,14 @@ def tev(
     Returns:
         TEVStats(mean, std, per_token, rows, nonfinite_rows). Rows holding NaN or Inf are left out of
         mean and std and counted in ``nonfinite_rows``; if every row is left out, mean and std are NaN.
-        Rows of huge but finite values (whose squares overflow fp32) are counted: they are redone in fp64.
+        Rows whose fp32 squares overflow (huge finite values) or underflow (std below ~1e-19, subnormal
+        values) are counted and exact: they are redone in fp64.
 
     Raises:
-        ValueError: weight is not 2-D, or is empty. TypeError: unsupported dtype. IndexError: an entry of
-        ``rows`` is outside [0, V). ImportError: the compiled extension is missing or stale.
+        ValueError: weight is not 2-D, is empty, or is not on the CPU or a CUDA device (a meta tensor has no
+        data). TypeError: unsupported dtype; ``rows`` not integer indices; ``process_group`` not a
+        ProcessGroup. IndexError: an entry of ``rows`` is outside [0, V). ImportError: the compiled extension
+        is missing or stale.
 
     Example:
         >>> import torch, mlra_kernels
@@ -71,14 +189,13 @@ def tev(
         True
     """
     w = weight.weight if isinstance(weight, nn.Embedding) else weight
-    if not isinstance(w, Tensor):
-        raise TypeError(f"tev: weight must be a [V, d] tensor or an nn.Embedding, got {type(weight).__name__}")
-    if w.dim() != 2:
-        raise ValueError(f"tev: weight must be a 2-D [V, d] tensor, got {w.dim()}-D with shape {tuple(w.shape)}")
+    check_weight(w, weight)
     if w.dtype not in _DTYPES:
         raise TypeError(f"tev: weight dtype must be float32, float16 or bfloat16, got {w.dtype}")
     if w.numel() == 0:
         raise ValueError(f"tev: weight is empty (shape {tuple(w.shape)}); TEV needs at least one row and one column")
+    if process_group is not None:
+        _check_process_group(process_group)
     idx = _as_rows(rows, w.device)
     stats, pt = tev_partials(w.detach(), idx, per_token)
     if process_group is not None:
