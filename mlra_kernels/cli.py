@@ -185,6 +185,8 @@ def load_embedding(path: str, key: Optional[str] = None) -> tuple[str, torch.Ten
                 return _load_file(os.path.join(path, name), key)
         raise CLIError(f"{path} is a folder without {', '.join(_HF_WEIGHT_FILES + _HF_INDEX_FILES)}")
     if not os.path.isfile(path):
+        if os.path.exists(path):
+            raise CLIError(f"{path} is not a regular file; expected a state dict, .safetensors file or model folder")
         raise CLIError(f"no such file or folder: {path}")
     return _load_file(path, key)
 
@@ -226,7 +228,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
         if os.path.isdir(p):
             raise CLIError(f"{p} is a folder; expected a TEVMonitor JSONL log")
         if not os.path.isfile(p):
-            raise CLIError(f"no such log: {p}")
+            raise CLIError(f"{p} is not a regular file; expected a TEVMonitor JSONL log" if os.path.exists(p)
+                           else f"no such log: {p}")
     if args.out is not None:
         try:
             out = plot_path(args.out, args.runs)

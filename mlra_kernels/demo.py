@@ -322,6 +322,11 @@ def check_out(out: str, overwrite: bool) -> None:
         raise ValueError(f"--out {out} is a file; expected a folder for the run's logs, plot and summary")
     if _is_inside(os.getcwd(), out):
         raise ValueError(f"--out {out} is the current folder or one above it; pass a new folder, e.g. runs/demo")
+    above = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(above):
+        above = os.path.dirname(above)
+    if not os.path.isdir(above):
+        raise ValueError(f"--out {out}: {above} is a file, so the folder cannot be made there")
     if not os.path.isdir(out):
         return
     present = sorted(os.listdir(out))

@@ -116,6 +116,9 @@ def test_tev_truncated_empty_and_non_finite_checkpoints(tmp_path, capsys):
     _fails(capsys, ["tev", str(tmp_path / "nan.pt"), "--json"], "every row of wte.weight (4 of 4)", "NaN or Inf")
     (tmp_path / "folder.pt").mkdir()
     _fails(capsys, ["tev", str(tmp_path / "folder.pt")], str(tmp_path / "folder.pt"), "is a folder without")
+    if os.path.exists(os.devnull) and not os.path.isfile(os.devnull):
+        _fails(capsys, ["tev", os.devnull], os.devnull, "is not a regular file")
+        _fails(capsys, ["plot", os.devnull], os.devnull, "is not a regular file")
 
 
 # ---------------------------------------------------------------- mlra plot

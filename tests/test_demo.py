@@ -164,6 +164,8 @@ def test_demo_out_policy(tmp_path, capsys):
     assert main(["demo", *TINY, "--out", str(tmp_path / "file")]) == 1
     assert "is a file" in _one_line(capsys.readouterr().err)
     assert (tmp_path / "file").read_text() == "mine"
+    assert main(["demo", *TINY, "--out", str(tmp_path / "file" / "run")]) == 1
+    assert f"{tmp_path / 'file'} is a file, so the folder cannot be made there" in _one_line(capsys.readouterr().err)
 
     _old_run(tmp_path / "old")
     assert main(["demo", *TINY, "--out", str(tmp_path / "old")]) == 1
