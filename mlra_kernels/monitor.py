@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
-from typing import Any, Optional, Union
+import warnings
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from mlra_kernels._warnings import warn_once
+
+try:  # POSIX; on Windows there is no fcntl and logs are not locked
+    import fcntl
+except ImportError:  # pragma: no cover - exercised only on Windows
+    fcntl = None
 
 _EMBEDDING_NAMES = ("wte", "tok_embeddings", "embed_tokens", "word_embeddings", "token_embedding", "embed_in")
 
@@ -53,7 +60,7 @@ def find_token_embedding(model_or_embedding: Union[nn.Module, Tensor]) -> Tensor
 
 
 def compute_tev(
-    weight: Tensor, rows: Optional[Tensor] = None, unbiased: bool = False, use_op: bool = True
+    weight: Tensor, rows: Optional[Union[Tensor, Sequence[int]]] = None, unbiased: bool = False, use_op: bool = True
 ) -> tuple[float, float, int, bool]:
     """``(µ_TEV, σ_TEV, nonfinite_rows, op_used)`` of ``weight`` through the ``mlra_kernels.tev`` op.
 
@@ -63,6 +70,7 @@ def compute_tev(
     does not take, also go to the reference.
     """
     from mlra_kernels.ops.tev import tev, tev_reference
+    from mlra_kernels.ops.tev.api import check_rows
 
     w = weight.detach()
     if use_op and w.dtype in (torch.float32, torch.float16, torch.bfloat16):
@@ -83,8 +91,21 @@ def compute_tev(
             "float16 or bfloat16); TEV is computed with the float64 torch reference, which is slower.",
             stacklevel=4,
         )
-    stats = tev_reference(w, rows=rows, unbiased=unbiased)
+    stats = tev_reference(w, rows=check_rows(rows, w.shape[0], who="compute_tev"), unbiased=unbiased)
     return float(stats.mean), float(stats.std), int(stats.nonfinite_rows), use_op
+
+
+_MODES = ("x", "a", "w")
+
+
+def _json_value(obj: Any) -> Any:
+    """JSON for an extra value json cannot write (a numpy scalar or array, any object): never an error."""
+    for attr in ("item", "tolist"):
+        try:
+            return getattr(obj, attr)()
+        except Exception:
+            pass
+    return repr(obj)
 
 
 class TEVMonitor:
@@ -92,21 +113,44 @@ class TEVMonitor:
 
     Each record is one JSON line: ``step``, ``tev_mean``, ``tev_std``, ``nonfinite_rows``, ``loss``
     (when given), ``time`` (seconds since the monitor started), ``monitor_ms`` (the monitor's own
-    cost for this record) and any extra keyword given to :meth:`step`. The first line is a
-    ``{"meta": {...}}`` header.
+    cost for this record) and any extra keyword given to :meth:`step`. Each monitor writes a
+    ``{"meta": {...}}`` header line first; a file continued with ``mode="a"`` holds one header per run.
 
     The TEV comes from the ``mlra_kernels.tev`` op: one streaming read of the embedding. The
     monitor's cost is measured per record (after waiting for queued GPU work, which is not counted)
     and reported by :attr:`cost_per_call_ms`.
 
+    Every argument is checked here, at construction (rows against the vocabulary, the embedding's
+    dtype and device), so a mistake fails before training starts rather than at the first record.
+
+    The log, written so that a record once returned is never lost or torn:
+
+    - Each record is written with one ``os.write`` of its whole line, straight to the OS (no Python
+      buffer): a process killed at any point (``kill -9``) leaves every returned record on disk and no
+      partial line. (There is no fsync, so a power cut may still lose what the OS had not stored.)
+    - On POSIX the file is locked (``fcntl.flock``, exclusive, non-blocking) while the monitor is open,
+      and a second monitor on the same path is refused with RuntimeError instead of interleaving lines.
+      The lock is released by :meth:`close` (and at exit). Without ``fcntl`` (Windows) there is no lock.
+    - If a write fails (disk full: ENOSPC, EFBIG, EDQUOT, or any other OSError), the monitor cuts the
+      file back to its last complete line, warns once (the path, the error, and that logging stopped
+      while training goes on) and writes no more; records keep accumulating in :attr:`records`, and
+      the error is kept in :attr:`write_error`. Once the log is open, it never stops training.
+
     Args:
         model_or_embedding: a model (see :func:`find_token_embedding`), an ``nn.Embedding`` or a
-            ``[V, d]`` tensor. The parameter is read at each record, so training updates are seen.
-        every: record when ``step % every == 0``.
+            ``[V, d]`` tensor of a floating dtype, with real data on the CPU or a CUDA device. The
+            parameter is read at each record, so training updates are seen.
+        every: record when ``step % every == 0`` (a positive int).
         path: JSONL file to write (its folder is created); ``None`` keeps records in memory only.
-        rows: optional token ids to include (for example, the tokens that occur in the data).
+        rows: optional token ids to include (for example, the tokens that occur in the data): an integer
+            tensor, numpy array or sequence, each in [0, V).
         unbiased: unbiased σ_TEV across rows.
         name: run name stored in the header (used by ``mlra plot`` as the label).
+        mode: what to do with an existing ``path``. ``"x"`` (default): refuse a file that exists and is
+            not empty (FileExistsError), so that a log is never lost by accident. ``"a"``: append, for a
+            resumed run: the existing records stay, this monitor adds its header and records after them
+            (a torn last line left by an earlier crash is cut off first), and :func:`read_jsonl` reads
+            the whole file. ``"w"``: overwrite.
 
     Example::
 
@@ -123,37 +167,131 @@ class TEVMonitor:
         every: int = 100,
         path: Optional[Union[str, os.PathLike]] = None,
         *,
-        rows: Optional[Tensor] = None,
+        rows: Optional[Union[Tensor, Sequence[int]]] = None,
         unbiased: bool = False,
         name: Optional[str] = None,
+        mode: str = "x",
     ) -> None:
-        if not isinstance(every, int) or every <= 0:
+        from mlra_kernels.ops.tev.api import check_rows, check_weight
+
+        self._fd: Optional[int] = None  # first, so that close() / __del__ work whatever fails below
+        if isinstance(every, bool) or not isinstance(every, int) or every <= 0:
             raise ValueError(f"every must be a positive int, got {every!r}")
-        self.weight = find_token_embedding(model_or_embedding)
+        if not isinstance(unbiased, bool):
+            raise TypeError(f"TEVMonitor: unbiased must be a bool, got {type(unbiased).__name__}")
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"TEVMonitor: name must be a str or None, got {type(name).__name__}")
+        if path is not None and not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"TEVMonitor: path must be a str, an os.PathLike or None, got {type(path).__name__}")
+        if mode not in _MODES:
+            raise ValueError(
+                f"TEVMonitor: mode must be 'x' (refuse an existing log), 'a' (append) or 'w' (overwrite), "
+                f"got {mode!r}"
+            )
+        weight = find_token_embedding(model_or_embedding)
+        check_weight(weight, model_or_embedding, who="TEVMonitor")
+        if not weight.is_floating_point():
+            raise TypeError(
+                f"TEVMonitor: the token embedding has dtype {str(weight.dtype).replace('torch.', '')}; TEV is "
+                "defined on a floating-point embedding (float32, float16 or bfloat16; others through the slower "
+                "float64 reference): dequantize it first, or pass the floating-point embedding"
+            )
+        if weight.numel() == 0:
+            raise ValueError(f"TEVMonitor: the token embedding is empty (shape {list(weight.shape)})")
+        V, d = weight.shape
+        rows_t = check_rows(rows, int(V), who="TEVMonitor")
+        self.weight = weight
         self.every = every
-        self.rows = rows
+        self.rows = rows_t.to(weight.device) if rows_t is not None else None
         self.unbiased = unbiased
         self.name = name
+        self.mode = mode
         self.records: list[dict[str, Any]] = []
+        self.write_error: Optional[OSError] = None
         self.path = os.fspath(path) if path is not None else None
-        self._file = None
+        self._size = 0  # bytes of the log up to its last complete line
         self._start = time.perf_counter()
         self._cost_s = 0.0
         self._use_op = True
         if self.path is not None:
-            folder = os.path.dirname(self.path)
-            if folder:
-                os.makedirs(folder, exist_ok=True)
-            self._file = open(self.path, "w", encoding="utf-8")
-            V, d = self.weight.shape
+            self._open(mode)
             meta = {"name": name, "vocab_size": int(V), "embed_dim": int(d), "every": every,
-                    "dtype": str(self.weight.dtype).replace("torch.", ""), "device": str(self.weight.device)}
+                    "dtype": str(weight.dtype).replace("torch.", ""), "device": str(weight.device)}
             self._write({"meta": meta})
 
+    def _open(self, mode: str) -> None:
+        folder = os.path.dirname(self.path)
+        if folder:
+            os.makedirs(folder, exist_ok=True)
+        # No O_TRUNC: nothing is cut before the lock is held and the mode allows it.
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o666)
+        try:
+            self._lock(fd)
+            size = os.fstat(fd).st_size
+            if size and mode == "x":
+                raise FileExistsError(
+                    errno.EEXIST,
+                    f"TEVMonitor: {self.path} already holds a log ({size} bytes); pass mode='a' to append to it "
+                    "(a resumed run) or mode='w' to overwrite it, or choose another path",
+                    self.path,
+                )
+            if mode == "w":
+                os.ftruncate(fd, 0)
+                size = 0
+            elif size:
+                size = _complete_prefix(fd, size, self.path)
+            os.lseek(fd, size, os.SEEK_SET)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd, self._size = fd, size
+
+    def _lock(self, fd: int) -> None:
+        if fcntl is None:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+                warn_once(f"tev-monitor-lock-{err.errno}",
+                          f"TEVMonitor: cannot lock {self.path} ({err}); writing it without a lock", stacklevel=5)
+                return
+            raise RuntimeError(
+                f"TEVMonitor: {self.path} is open in another TEVMonitor (it holds the file's lock); two monitors "
+                "writing one log would corrupt it: give each its own path, or close the other monitor first"
+            ) from None
+
     def _write(self, obj: dict) -> None:
-        if self._file is not None:
-            self._file.write(json.dumps(obj) + "\n")
-            self._file.flush()
+        if self._fd is None:
+            return
+        data = (json.dumps(obj, default=_json_value) + "\n").encode("utf-8")
+        try:
+            done = 0
+            while done < len(data):  # a short write is followed by another (which raises if the disk is full)
+                done += os.write(self._fd, data[done:])
+        except OSError as err:
+            self._stop_writing(err)
+        else:
+            self._size += len(data)
+
+    def _stop_writing(self, err: OSError) -> None:
+        """Cut the log back to its last complete line, warn once, and stop writing; records stay in memory."""
+        fd, self._fd, self.write_error = self._fd, None, err
+        try:
+            os.ftruncate(fd, self._size)
+        except OSError:
+            pass  # the torn last line stays; read_jsonl skips it with a warning
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+        warnings.warn(
+            f"TEVMonitor: writing {self.path} failed ({err}); logging to it has stopped, training continues, "
+            f"and the records are kept in memory (monitor.records). The file holds every record up to the "
+            "failure, with no partial line.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
     def _tev(self) -> tuple[float, float, int]:
         mean, std, bad, self._use_op = compute_tev(self.weight, self.rows, self.unbiased, self._use_op)
@@ -190,9 +328,13 @@ class TEVMonitor:
         return 1e3 * self._cost_s / len(self.records) if self.records else 0.0
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        """Close the log and release its lock (records stay in :attr:`records`)."""
+        fd, self._fd = getattr(self, "_fd", None), None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError as err:  # some file systems report a failed write only here
+                warnings.warn(f"TEVMonitor: closing {self.path} failed ({err})", RuntimeWarning, stacklevel=2)
 
     def __enter__(self) -> "TEVMonitor":
         return self
@@ -207,21 +349,57 @@ class TEVMonitor:
             pass
 
 
+def _complete_prefix(fd: int, size: int, path: str) -> int:
+    """Bytes of the file up to its last newline; a torn last line (from a crash) is cut off, with a warning."""
+    os.lseek(fd, size - 1, os.SEEK_SET)
+    if os.read(fd, 1) == b"\n":
+        return size
+    end, block = size, 1 << 16
+    while end > 0:
+        start = max(0, end - block)
+        os.lseek(fd, start, os.SEEK_SET)
+        chunk = os.read(fd, end - start)
+        i = chunk.rfind(b"\n")
+        if i >= 0:
+            keep = start + i + 1
+            break
+        end = start
+    else:
+        keep = 0
+    warnings.warn(f"TEVMonitor: {path} ends in a partial line ({size - keep} bytes, from an interrupted write); "
+                  "it is cut off before appending", RuntimeWarning, stacklevel=5)
+    os.ftruncate(fd, keep)
+    return keep
+
+
 def read_jsonl(path: Union[str, os.PathLike]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Read a monitor log: returns ``(meta, records)``."""
+    """Read a monitor log: returns ``(meta, records)``.
+
+    A file continued with ``TEVMonitor(..., mode="a")`` holds one header per run: ``meta`` merges them
+    (a later header's keys win), and ``records`` are all records in file order. A torn last line (a
+    write cut short by a crash or a full disk) is skipped with a warning; any other line that is not a
+    JSON object raises ValueError naming the file and the line number.
+    """
     meta: dict[str, Any] = {}
     records: list[dict[str, Any]] = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{n}: not a JSON line ({err})") from None
-            if "meta" in obj:
-                meta.update(obj["meta"])
-            elif "step" in obj:
-                records.append(obj)
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    for i, raw in enumerate(lines):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            if i == last:
+                warnings.warn(f"{path}:{i + 1}: the last line is not complete JSON ({err}), a write cut short; "
+                              "it is skipped", RuntimeWarning, stacklevel=2)
+                break
+            raise ValueError(f"{path}:{i + 1}: not a JSON line ({err})") from None
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}:{i + 1}: not a JSON object")
+        if "meta" in obj:
+            meta.update(obj["meta"])
+        elif "step" in obj:
+            records.append(obj)
     return meta, records

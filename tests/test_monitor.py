@@ -195,3 +195,70 @@ def test_float64_embedding_warns_once_and_is_exact(monkeypatch):
         rec = TEVMonitor(E, every=1).step(0)
     mean, std = _expected(E)
     assert rec["tev_mean"] == pytest.approx(mean, rel=1e-12) and rec["tev_std"] == pytest.approx(std, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(rows=[100]), IndexError, r"TEVMonitor: 1 entries of `rows` are outside \[0, 30\)"),
+        (dict(rows=torch.tensor([0, -1, 29, 30])), IndexError, r"2 entries of `rows` are outside \[0, 30\)"),
+        (dict(rows=[0.5, 2.0]), TypeError, "`rows` must hold integer row indices"),
+        (dict(rows=[True] * 30), TypeError, "boolean mask"),
+        (dict(rows=[]), ValueError, "no rows"),
+        (dict(every=0), ValueError, "every must be a positive int"),
+        (dict(every=-5), ValueError, "every must be a positive int"),
+        (dict(every=2.5), ValueError, "every must be a positive int"),
+        (dict(every=True), ValueError, "every must be a positive int"),
+        (dict(every="10"), ValueError, "every must be a positive int"),
+        (dict(mode="r"), ValueError, "mode must be 'x'"),
+        (dict(unbiased="yes"), TypeError, "unbiased must be a bool"),
+        (dict(name=3), TypeError, "name must be a str"),
+        (dict(path=3), TypeError, "path must be a str"),
+    ],
+    ids=["row_too_big", "rows_out_of_range", "float_rows", "mask_rows", "no_rows", "every_0", "every_negative",
+         "every_float", "every_bool", "every_str", "mode", "unbiased", "name", "path"],
+)
+def test_arguments_are_checked_at_construction(kwargs, exc, match, tmp_path):
+    log = tmp_path / "never.jsonl"
+    kwargs.setdefault("path", log)
+    with pytest.raises(exc, match=match):
+        TEVMonitor(_emb(V=30, d=8), **kwargs)
+    assert not log.exists()  # refused before anything is written
+
+
+@pytest.mark.parametrize(
+    "weight, exc, match",
+    [
+        (torch.randint(0, 5, (30, 8)), TypeError, "dtype int64; TEV is defined on a floating-point embedding"),
+        (torch.ones(30, 8, dtype=torch.int8), TypeError, "dtype int8; TEV is defined on a floating-point"),
+        (torch.ones(30, 8, dtype=torch.bool), TypeError, "dtype bool"),
+        (torch.ones(30, 8, dtype=torch.complex64), TypeError, "dtype complex64"),
+        (torch.empty(30, 8, device="meta"), ValueError, "meta device.*real values on the CPU or a CUDA device"),
+        (torch.empty(0, 8), ValueError, "empty"),
+    ],
+    ids=["int64", "int8", "bool", "complex", "meta", "empty"],
+)
+def test_unusable_embeddings_are_refused_at_construction(weight, exc, match):
+    with pytest.raises(exc, match=match):
+        TEVMonitor(weight, every=1)
+
+
+def test_rows_given_as_a_list_are_checked_once_and_used():
+    emb = _emb(V=30, d=8, seed=6)
+    rows = [1, 4, 4, 29]
+    mon = TEVMonitor(emb, every=1, rows=rows)
+    assert mon.rows.dtype == torch.int64 and mon.rows.tolist() == rows
+    mean, std = _expected(emb.weight, rows=torch.tensor(rows))
+    rec = mon.step(0)
+    assert rec["tev_mean"] == pytest.approx(mean, rel=1e-6) and rec["tev_std"] == pytest.approx(std, rel=1e-5)
+
+
+def test_the_reference_path_checks_rows_too():
+    E = _emb(V=20, d=8, seed=7).weight.detach().double()  # float64: computed by the reference
+    with pytest.warns(UserWarning, match="float64"):
+        mean, _, _, _ = compute_tev(E, rows=[2, 5])
+    assert mean == pytest.approx(_expected(E, rows=torch.tensor([2, 5]))[0], rel=1e-12)
+    with pytest.raises(TypeError, match="`rows` must hold integer row indices"):
+        compute_tev(E, rows=[2.7, 5.1])
+    with pytest.raises(IndexError, match=r"outside \[0, 20\)"):
+        compute_tev(E, rows=[-1])

@@ -49,3 +49,19 @@ def test_lightning_callback_class():
             integ.TEVLightningCallback
         pytest.skip("Lightning is not installed; the callback class is only defined with it")
     assert issubclass(integ.TEVLightningCallback, integ._Callback)
+
+
+def test_hooks_pass_the_log_mode_on(tmp_path):
+    log = tmp_path / "tev.jsonl"
+    trainer = SimpleNamespace(is_global_zero=True, global_step=0)
+    for mode, steps in (("x", [0, 1]), ("a", [2, 3])):  # a run, then the run resumed from a checkpoint
+        hooks = integ.TEVLightningHooks(str(log), every=1, mode=mode)
+        module = _Module()
+        hooks.on_train_start(trainer, module)
+        for step in steps:
+            trainer.global_step = step
+            hooks.on_train_batch_end(trainer, module, torch.tensor(1.0), None, step)
+        hooks.on_train_end(trainer, module)
+    assert [r["step"] for r in read_jsonl(log)[1]] == [0, 1, 2, 3]
+    with pytest.raises(FileExistsError, match="mode='a'"):
+        integ.TEVLightningHooks(str(log), every=1).on_train_start(trainer, _Module())

@@ -411,3 +411,13 @@ def test_cuda_weight_with_a_cpu_only_extension_says_how_to_rebuild(monkeypatch):
     w = torch.Tensor._make_subclass(LooksCuda, torch.randn(4, 8))
     with pytest.raises(_ext.ExtensionNotAvailableError, match="built without CUDA.*pip install --no-build-isolation"):
         op.tev_partials(w)
+
+
+def test_reference_refuses_rows_it_would_misread():
+    w = make(10, 4)
+    with pytest.raises(TypeError, match="integer row indices"):
+        tev_reference(w, rows=[0.9, 2.7])
+    with pytest.raises(TypeError, match="integer row indices"):
+        tev_reference(w, rows=torch.tensor([True, False]))
+    with pytest.raises(IndexError, match="outside"):
+        tev_reference(w, rows=[-1])

@@ -22,18 +22,21 @@ class TEVLightningHooks:
         every: record when ``trainer.global_step % every == 0``, once per optimizer step.
         name: run name for the log header.
         log_to_module: also ``pl_module.log`` ``tev_mean`` / ``tev_std`` at each record.
+        mode: an existing log at ``path``: ``"x"`` refuses it, ``"a"`` appends (a run resumed from a
+            checkpoint), ``"w"`` overwrites; see :class:`~mlra_kernels.TEVMonitor`.
     """
 
     def __init__(self, path: Optional[str] = None, every: int = 10, name: Optional[str] = None,
-                 log_to_module: bool = True) -> None:
+                 log_to_module: bool = True, mode: str = "x") -> None:
         super().__init__()
         self.path, self.every, self.name, self.log_to_module = path, every, name, log_to_module
+        self.mode = mode
         self.monitor: Optional[TEVMonitor] = None
         self._last_step: Optional[int] = None
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         if getattr(trainer, "is_global_zero", True):
-            self.monitor = TEVMonitor(pl_module, every=self.every, path=self.path, name=self.name)
+            self.monitor = TEVMonitor(pl_module, every=self.every, path=self.path, name=self.name, mode=self.mode)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = int(trainer.global_step)

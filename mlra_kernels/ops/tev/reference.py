@@ -19,7 +19,12 @@ def tev_reference(
     ``per_token`` is the float64 TEV_i of every selected row (NaN for non-finite rows).
     """
     if rows is not None:
-        rows = torch.as_tensor(rows, dtype=torch.long, device=weight.device)
+        rows = torch.as_tensor(rows, device=weight.device)
+        if rows.dtype == torch.bool or rows.is_floating_point() or rows.is_complex():
+            raise TypeError(f"tev_reference: rows must hold integer row indices, got {rows.dtype}")
+        rows = rows.long().reshape(-1)
+        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= weight.shape[0]):
+            raise IndexError(f"tev_reference: entries of `rows` are outside [0, {weight.shape[0]})")
     n = weight.shape[0] if rows is None else rows.numel()
     step = max(1, chunk_elems // max(1, weight.shape[1]))
     per_row, finite = [], []
