@@ -197,13 +197,15 @@ def test_constant_and_tiny_rows_among_ordinary_ones(dtype, poison_empty):
     w[5] = -3e-41 if dtype != "fp16" else -3e-7  # a constant subnormal row
     w[6] *= 1e-30 if dtype != "fp16" else 1e-6
     w[7] = w[7] * 1e-40 + 1e-39 if dtype != "fp16" else w[7] * 1e-7
+    w[8] = 0.0  # zeros but one subnormal element: not constant, though every fp32 square is 0
+    w[8, 40] = 1e-40 if dtype != "fp16" else 1e-7
     w = w.to(DTYPES[dtype])
     got = tev(w, per_token=True)
     ref = tev_reference(w)
     check(got, ref)
     assert torch.equal(got.per_token[3:6], torch.zeros(3))
-    check_per_token_fp32(got.per_token[6:8], ref.per_token[6:8])
-    assert got.per_token[6] > 0 and got.per_token[7] > 0
+    check_per_token_fp32(got.per_token[6:9], ref.per_token[6:9])
+    assert (got.per_token[6:9] > 0).all()
 
 
 def test_all_rows_nonfinite_gives_nan_and_count():

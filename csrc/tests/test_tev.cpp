@@ -147,6 +147,8 @@ int main() {
   at::Tensor flat = w.clone();
   flat.slice(0, 0, 10).fill_(0.5);
   flat.slice(0, 10, 20).zero_();
+  flat.slice(0, 20, 21).zero_();
+  flat.index_put_({20, 40}, 1e-40);  // zeros but one subnormal element: not constant
   check_case("fp32 with constant rows", flat, std::nullopt, all_rows(777));
   const at::Tensor flat_pt = std::get<1>(call_op(flat, std::nullopt, true));
   expect(flat_pt.slice(0, 0, 20).eq(0).all().item<bool>(), "constant rows have TEV exactly 0");

@@ -93,7 +93,8 @@ constexpr double kMinMeanSquare = 2.350988701644575e-38;
 //  - s2 < n * 2^-125, the mean of the squares below 2 * FLT_MIN: squares under FLT_MIN are subnormal or 0
 //    in fp32 (|y| below ~1.1e-19: fp32 rows of std under ~1e-19, bf16 subnormal rows). Each fp32 operation
 //    then errs by up to 2^-150 absolute, so above this bound underflow costs s2 at most 2^-25 relative,
-//    less than fp32 rounding already does. A constant row (s2 == 0) is redone too and gives exactly 0.
+//    less than fp32 rounding already does. A constant row (s2 == 0) falls here too: its TEV is exactly 0
+//    (the CPU kernel recognises it with a scan of the row, the CUDA kernel with the fp64 pass).
 // Typical rows (std ~1e-3 .. 1e3) are never redone, so the redo costs nothing on the common path.
 MLRA_HD bool needs_fp64(double s1, double s2, int64_t n) {
   return !finite_sums(s1, s2) || s2 < static_cast<double>(n) * kMinMeanSquare;

@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "tev/tev_common.h"
 
@@ -219,6 +220,30 @@ inline void row_sums_fp64(const typename L::Raw* p, int64_t d, int64_t stride, d
   s2 = a2;
 }
 
+// Whether every element of the row has the bits of its first. The contiguous loop (an OR of XORs, no
+// early exit) vectorises; a row of +0 and -0 is not "constant" here and takes the fp64 pass, which gives 0.
+template <class L>
+inline bool constant_row(const typename L::Raw* p, int64_t d, int64_t stride) {
+  using Bits = std::conditional_t<sizeof(typename L::Raw) == 4, uint32_t, uint16_t>;
+  static_assert(sizeof(Bits) == sizeof(typename L::Raw), "raw element size");
+  Bits first, diff = 0;
+  std::memcpy(&first, p, sizeof(Bits));
+  if (stride == 1) {
+    for (int64_t j = 0; j < d; ++j) {
+      Bits b;
+      std::memcpy(&b, p + j, sizeof(Bits));
+      diff |= b ^ first;
+    }
+  } else {
+    for (int64_t j = 1; j < d && diff == 0; ++j) {
+      Bits b;
+      std::memcpy(&b, p + j * stride, sizeof(Bits));
+      diff |= b ^ first;
+    }
+  }
+  return diff == 0;
+}
+
 MLRA_ALWAYS_INLINE int64_t row_index(const Problem& pb, int64_t r) {
   if (pb.rows == nullptr) return r;
   return pb.rows_int64 ? static_cast<const int64_t*>(pb.rows)[r]
@@ -254,7 +279,15 @@ MLRA_ALWAYS_INLINE Partial reduce_rows(const Problem& pb, int64_t r_begin, int64
     } else {
       row_sums_strided<L>(p, pb.dim, pb.stride_col, s1, s2);
     }
-    if (needs_fp64(s1, s2, pb.dim)) row_sums_fp64<L>(p, pb.dim, pb.stride_col, s1, s2);
+    if (needs_fp64(s1, s2, pb.dim)) {
+      // s2 == 0: a constant row (TEV exactly 0: a quick scan, e.g. for a zero padding row), or one whose
+      // deviations all underflowed fp32 squares; any other row is redone in fp64.
+      if (s2 == 0.0 && constant_row<L>(p, pb.dim, pb.stride_col)) {
+        s1 = 0.0;
+      } else {
+        row_sums_fp64<L>(p, pb.dim, pb.stride_col, s1, s2);
+      }
+    }
     if (!finite_sums(s1, s2)) {
       acc.nonfinite += 1.0;
       if (pb.per_token) pb.per_token[r] = nan;

@@ -43,7 +43,10 @@ def tev_reference(
         mean = std = float("nan")
     else:
         mean = values.mean().item()
-        std = values.std(unbiased=True).item() if unbiased else values.std(unbiased=False).item()
+        if unbiased and count == 1:  # no degree of freedom left (torch would warn, then give NaN)
+            std = float("nan")
+        else:
+            std = values.std(unbiased=unbiased).item()
     return TEVStats(mean=mean, std=std, per_token=per_token, rows=count, nonfinite_rows=int((~ok).sum()))
 
 
