@@ -135,3 +135,21 @@ def test_opcheck_cuda():
     w = make(50, 24, torch.bfloat16)
     torch.library.opcheck(torch.ops.mlra.tev_partials.default, (w, None, True))
     torch.library.opcheck(torch.ops.mlra.tev_partials.default, (w[:, :20], torch.tensor([1, 3], device="cuda"), False))
+
+
+@pytest.mark.parametrize("view", ["vectorised", "strided"])
+@pytest.mark.parametrize(
+    "dtype, scale",
+    [("fp32", 1e-21), ("fp32", 1e-25), ("fp32", 1e-30), ("fp32", 1e-40), ("bf16", 1e-30), ("bf16", 1e-39)],
+    ids=["fp32-1e-21", "fp32-1e-25", "fp32-1e-30", "fp32-1e-40", "bf16-1e-30", "bf16-1e-39"],
+)
+def test_tiny_rows_are_redone_in_fp64(dtype, scale, view, poison_empty):
+    # fp32 squares of |x| below ~1e-19 underflow; such rows are redone in fp64 (needs_fp64), in both kernels.
+    w = (make(300, 128, torch.float64, seed=17).cpu() * scale).to(DTYPES[dtype]).cuda()
+    w[5] = 0.0  # a constant row: TEV exactly 0
+    if view == "strided":
+        w = w.t().contiguous().t()
+    got, ref = tev(w, per_token=True), tev_reference(w)
+    assert got.rows == 300 and got.nonfinite_rows == 0 and got.per_token[5].item() == 0.0
+    assert abs(got.mean - ref.mean) <= RTOL * ref.mean and abs(got.std - ref.std) <= RTOL * ref.std
+    torch.testing.assert_close(got.per_token.cpu(), ref.per_token.cpu().float(), rtol=RTOL, atol=2.0**-149)
