@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import mlra_kernels
-from mlra_kernels.ops.mlra.op import kernel_path
+from mlra_kernels.ops.mlra import kernel_path
 from mlra_kernels.ops.tev.reference import tev_one_liner
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -15,6 +15,9 @@ _LAZY = {
     "tev": "mlra_kernels.ops.tev",
     "TEVStats": "mlra_kernels.ops.tev",
     "mlra_attention": "mlra_kernels.ops.mlra",
+    "mlra_attention_dense": "mlra_kernels.ops.mlra",
+    "mlra_decode": "mlra_kernels.ops.mlra",
+    "kernel_path": "mlra_kernels.ops.mlra",
     "TEVMonitor": "mlra_kernels.monitor",
 }
 

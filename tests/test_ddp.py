@@ -69,7 +69,7 @@ def test_ddp_gradients_match_single_process(tmp_path):
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     opt.step()
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    assert set(results[0]["grads"]) == set(grads) and "h.0.attn.down" in grads
+    assert set(results[0]["grads"]) == set(grads) and "h.0.attn.qkv.down" in grads
     for res in results:
         for name, grad in grads.items():
             assert grad.abs().sum() > 0, name

@@ -32,7 +32,7 @@ def test_config_validation_and_default_rank():
     assert GPT2Config(n_embd=64, n_head=4, attention="mlra").rank == 16
     with pytest.raises(ValueError, match="attention must be 'mha' or 'mlra'"):
         GPT2Config(attention="mqa")
-    with pytest.raises(ValueError, match="rank must be an int in \\[1, n_embd=32\\]"):
+    with pytest.raises(ValueError, match="GPT2Config.rank must be in \\[1, n_embd=32\\], got 33"):
         _cfg("mlra", rank=33)
     with pytest.raises(ValueError, match="n_head=5 must divide n_embd=32"):
         _cfg("mha", n_head=5)
@@ -59,7 +59,7 @@ def test_init_and_tied_embeddings(attention):
         std = resid if name.endswith("c_proj.weight") else 0.02
         assert abs(p.std().item() - std) < 0.12 * std, (name, p.std().item(), std)
     if attention == "mlra":
-        assert params["h.0.attn.down"].shape == (3 * 32, 128) and params["h.0.attn.up"].shape == (3, 128, 32)
+        assert params["h.0.attn.qkv.down"].shape == (3 * 32, 128) and params["h.0.attn.qkv.up"].shape == (3, 128, 32)
     assert m.num_parameters() == sum(p.numel() for p in params.values())
 
 
@@ -86,11 +86,11 @@ def test_mlra_block_attention_is_the_reference_op():
     m = GPT2(_cfg("mlra", latent_groups=2)).double()
     attn = m.h[0].attn
     with torch.no_grad():
-        attn.qkv_bias.normal_()
+        attn.qkv.bias.normal_()
     x = torch.randn(2, 9, 32, dtype=torch.float64)
     y, _ = attn(x)
     ref = attn.c_proj(
-        mlra_attention_reference(x, attn.down, attn.up, attn.qkv_bias, num_heads=4, latent_groups=2, causal=True)
+        mlra_attention_reference(x, attn.qkv.down, attn.qkv.up, attn.qkv.bias, num_heads=4, latent_groups=2, causal=True)
     )
     torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
     y_cached, cache = attn(x, use_cache=True)
@@ -141,7 +141,7 @@ def test_generate_with_cache_matches_without(attention):
 def test_mlra_training_step_through_the_fused_op_matches_float64():
     """float32 through mlra_attention's kernels (GPU, or the Triton interpreter) against float64."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    from mlra_kernels.ops.mlra.op import kernel_path
+    from mlra_kernels.ops.mlra import kernel_path
 
     if not kernel_path(torch.zeros(1, 1, 1, device=device)).startswith("triton"):
         pytest.skip("the Triton kernels are not active (no GPU, and TRITON_INTERPRET=1 was not set before import)")

@@ -5,6 +5,7 @@ import pytest
 pytest.importorskip("triton", reason="the Triton interpreter check needs triton")
 
 from mlra_kernels.ops.mlra import launcher  # noqa: E402
+from mlra_kernels.ops.mlra.backend import triton_interpreted  # noqa: E402
 
 
 @pytest.mark.parametrize(
@@ -33,7 +34,7 @@ def test_the_installed_pair_is_checked_on_the_interpreted_path(monkeypatch):
 
     import mlra_kernels
 
-    if not launcher.triton_mode_interpreted():
+    if not triton_interpreted():
         pytest.skip("triton was imported without TRITON_INTERPRET=1 in this process")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(launcher, "check_interpreter", lambda: (_ for _ in ()).throw(RuntimeError("checked")))

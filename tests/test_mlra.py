@@ -26,7 +26,8 @@ import pytest  # noqa: E402
 
 import mlra_kernels  # noqa: E402
 from mlra_kernels.ops.mlra import launcher  # noqa: E402
-from mlra_kernels.ops.mlra import op as mlra_op  # noqa: E402
+from mlra_kernels._warnings import _WARNED  # noqa: E402
+from mlra_kernels.ops.mlra import config, kernel_path  # noqa: E402
 from mlra_kernels.ops.mlra.reference import mlra_attention_reference, mlra_qkv_reference  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -35,13 +36,13 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 @pytest.fixture(autouse=True)
 def _poison():
-    launcher.POISON = True
+    config.POISON_OUTPUTS = True
     yield
-    launcher.POISON = False
+    config.POISON_OUTPUTS = False
 
 
 def _require_kernels(x):
-    path = mlra_op.kernel_path(x)
+    path = kernel_path(x)
     assert path.startswith("triton"), (
         "the Triton kernels are not active: on a CPU machine set TRITON_INTERPRET=1 before triton is imported"
     )
@@ -183,12 +184,12 @@ def test_fully_masked_rows_are_zero_with_zero_grad():
     assert (xs.grad[0] == 0).all(), "nothing depends on a batch whose keys are all masked"
 
 
-def test_float64_uses_reference_path_and_handwritten_backward():
-    """float64 runs the reference inside the op: its hand-written backward must match autograd."""
+def test_float64_uses_torch_path_and_handwritten_backward():
+    """float64 runs the op's torch path: its hand-written backward must match autograd on the oracle."""
     B, T, H, g, r, dh = 2, 11, 2, 2, 8, 16
     x, down, up, b, go = make_inputs(B, T, H, g, r, dh)
     mask = key_padding("random", B, T)
-    assert mlra_op.kernel_path(x) == "reference"
+    assert kernel_path(x) == "torch"
     a = run_case(mlra_kernels.mlra_attention, [x, down, up, b], torch.float64, go, mask, num_heads=H, latent_groups=g)
     e = run_case(mlra_attention_reference, [x, down, up, b], torch.float64, go, mask, num_heads=H, latent_groups=g)
     for u, v in zip(a, e):
@@ -268,7 +269,8 @@ def _op_args(dtype=torch.float32, dropout=0.0):
     kpm = torch.zeros(B, T, device=DEVICE).masked_fill(key_padding("random", B, T), float("-inf"))
     seed = torch.tensor([1234]) if dropout > 0 else None
     leaves = [t.to(dtype).requires_grad_() for t in (x, down, up, b)]
-    return (*leaves, kpm, seed, H, g, True, dropout, 1.0 / math.sqrt(dh))
+    path = kernel_path(x.to(dtype), kpm, dropout)
+    return (*leaves, kpm, None, seed, H, g, True, dropout, 1.0 / math.sqrt(dh), path)
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["plain", "dropout"])
@@ -319,7 +321,7 @@ def test_torch_compile_autocast_dropout_same_seed():
     assert all(torch.isfinite(g_).all() and g_.abs().sum() > 0 for g_ in grads)
 
 
-@pytest.mark.parametrize("path", ["kernels", "torch-cpu", "reference"])
+@pytest.mark.parametrize("path", ["kernels", "torch-cpu", "torch"])
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=["x-fp32", "x-bf16"])
 def test_autocast_bf16(x_dtype, path, monkeypatch):
     """Under autocast the fp32 weights (and x, whether fp32 or already bf16, as after an nn.Linear)
@@ -329,10 +331,8 @@ def test_autocast_bf16(x_dtype, path, monkeypatch):
     if path == "kernels":
         _require_kernels(x.bfloat16())
     else:
-        monkeypatch.setattr(mlra_op, "_use_triton", lambda t: False)
-        if path == "reference":
-            monkeypatch.setattr(mlra_op, "_cpu_flash_ok", lambda *a: False)
-        assert mlra_op.kernel_path(x.bfloat16()) == path
+        monkeypatch.setenv("MLRA_BACKEND", path)
+        assert kernel_path(x.bfloat16()) == path
     ins = [x, down, up, b]
     leaves = [x.to(x_dtype).requires_grad_()] + [t.float().requires_grad_() for t in ins[1:]]
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
@@ -346,12 +346,12 @@ def test_autocast_bf16(x_dtype, path, monkeypatch):
         assert_close_rel(name, a, lo, ex)
 
 
-def test_general_attn_mask_warns_and_runs_reference():
+def test_general_attn_mask_warns_and_runs_the_torch_path():
     B, T, H, g, r, dh = 2, 9, 2, 1, 8, 16
     x, down, up, b, go = make_inputs(B, T, H, g, r, dh)
     am = torch.randn(T, T, dtype=torch.float64, device=DEVICE)
-    mlra_op._WARNED.discard("attn_mask")
-    with pytest.warns(UserWarning, match="reference"):
+    _WARNED.difference_update({k for k in _WARNED if k.startswith("mlra-path:")})
+    with pytest.warns(UserWarning, match="runs the 'torch' path: a general attn_mask is not fused"):
         out = mlra_kernels.mlra_attention(x.float(), down.float(), up.float(), b.float(), num_heads=H, attn_mask=am.float())
     with warnings.catch_warnings():
         warnings.simplefilter("error")

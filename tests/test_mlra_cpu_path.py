@@ -1,11 +1,11 @@
 """The CPU path of mlra_attention (no Triton): torch's fused CPU attention where it applies, else the
-reference; forward and every gradient against float64, with the bound of tests/test_mlra.py."""
+the torch path; forward and every gradient against float64, with the bound of tests/test_mlra.py."""
 
 import pytest
 import torch
 
 import mlra_kernels
-from mlra_kernels.ops.mlra import op
+from mlra_kernels.ops.mlra import explain, kernel_path
 from mlra_kernels.ops.mlra.reference import mlra_attention_reference
 from test_mlra import assert_close_rel, make_inputs
 
@@ -14,7 +14,7 @@ DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 @pytest.fixture(autouse=True)
 def cpu_path(monkeypatch):
-    monkeypatch.setattr(op, "_use_triton", lambda x: False)  # what a CPU call does without TRITON_INTERPRET
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # what a CPU call does without the interpreter
 
 
 def _run(fn, leaves, go):
@@ -37,7 +37,7 @@ CASES = [
 def test_cpu_path_forward_backward_vs_float64(case):
     _, B, T, H, g, r, dh, dt, causal, kw = case
     x, down, up, b, go = make_inputs(B, T, H, g, r, dh, device="cpu")
-    assert op._cpu_flash_ok(x.to(DT[dt]), None, 0.0)
+    assert kernel_path(x.to(DT[dt])) == "torch-cpu"
     args = dict(num_heads=H, latent_groups=g, causal=causal, **kw)
     got = _run(lambda *t: mlra_kernels.mlra_attention(*t, **args), [t.to(DT[dt]).requires_grad_() for t in (x, down, up, b)], go)
     low = _run(lambda *t: mlra_attention_reference(*t, **args), [t.to(DT[dt]).requires_grad_() for t in (x, down, up, b)], go)
@@ -49,22 +49,23 @@ def test_cpu_path_forward_backward_vs_float64(case):
 
 def test_cpu_path_skips_the_fused_attention_where_it_would_differ():
     x = torch.randn(1, 16, 8)
-    assert op._cpu_flash_ok(x, None, 0.0)
-    assert not op._cpu_flash_ok(x, torch.zeros(1, 16), 0.0)  # key padding: fully masked rows give zeros
-    assert not op._cpu_flash_ok(x, None, 0.1)  # dropout: the reference draws the mask from the seed
-    assert not op._cpu_flash_ok(x.double(), None, 0.0)  # float64 stays exact
-    assert not op._cpu_flash_ok(x[:, :15], None, 0.0)  # 15 tokens: the reference is cheap and more exact
+    assert kernel_path(x) == "torch-cpu"
+    assert kernel_path(x, torch.zeros(1, 16)) == "torch"  # key padding: fully masked rows give zeros
+    assert kernel_path(x, None, 0.1) == "torch"  # dropout: the torch path draws the mask from the seed
+    assert kernel_path(x.double()) == "torch"  # float64 stays exact
+    assert kernel_path(x[:, :15]) == "torch"  # 15 tokens: the T×T path is cheap and more exact
+    assert "key padding" in explain(x, torch.zeros(1, 16)) and "dropout" in explain(x, None, 0.1)
 
 
 def test_cpu_path_opcheck_and_compile():
     x, down, up, b, go = make_inputs(1, 20, 2, 1, 8, 16, device="cpu")
     x, down, up, b = (t.float() for t in (x, down, up, b))
-    assert op.kernel_path(x) == "torch-cpu"
-    fwd_args = (x, down, up, b, None, None, 2, 1, True, 0.0, 0.25)
+    assert kernel_path(x) == "torch-cpu"
+    fwd_args = (x, down, up, b, None, None, None, 2, 1, True, 0.0, 0.25, "torch-cpu")
     torch.library.opcheck(torch.ops.mlra.mlra_attention_fwd.default, fwd_args)
     o, lse = torch.ops.mlra.mlra_attention_fwd(*fwd_args)
     torch.library.opcheck(torch.ops.mlra.mlra_attention_bwd.default,
-                          (go.float(), x, down, up, b, None, None, o, lse, 2, 1, True, 0.0, 0.25))
+                          (go.float(), x, down, up, b, None, None, None, o, lse, 2, 1, True, 0.0, 0.25, "torch-cpu"))
 
     def f(x, down, up, b):
         return (mlra_kernels.mlra_attention(x, down, up, b, num_heads=2) * go.float()).sum()
@@ -85,7 +86,7 @@ def test_cpu_path_without_bias_and_with_a_strided_input(g):
     x_strided = x.transpose(0, 1).contiguous().transpose(0, 1)  # [B, T, d] with T-major memory
     assert not x_strided.is_contiguous()
     args = dict(num_heads=H, latent_groups=g)
-    assert op.kernel_path(x_strided.float()) == "torch-cpu"
+    assert kernel_path(x_strided.float()) == "torch-cpu"
     got = _run(lambda *t: mlra_kernels.mlra_attention(*t, **args), [t.float().requires_grad_() for t in (x_strided, down, up)], go)
     low = _run(lambda *t: mlra_attention_reference(*t, **args), [t.float().requires_grad_() for t in (x, down, up)], go)
     exact = _run(lambda *t: mlra_attention_reference(*t, **args), [t.clone().requires_grad_() for t in (x, down, up)], go)

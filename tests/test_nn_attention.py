@@ -14,7 +14,8 @@ from torch import nn  # noqa: E402
 
 import mlra_kernels.nn.attention as attention_mod  # noqa: E402
 from mlra_kernels.nn import MLRAttention, default_rank  # noqa: E402
-from mlra_kernels.ops.mlra import op as mlra_op  # noqa: E402
+from mlra_kernels._warnings import _WARNED  # noqa: E402
+from mlra_kernels.ops.mlra.reference import mlra_attention_reference  # noqa: E402
 
 D, H = 32, 4
 DT = torch.float64
@@ -152,11 +153,11 @@ def op_spy(monkeypatch):
 @pytest.fixture
 def fresh_warnings():
     """Forget which unfused-path warnings MLRAttention has given, so that each warns again once."""
-    keys = {k for k in mlra_op._WARNED if k.startswith("MLRAttention:")}
-    mlra_op._WARNED.difference_update(keys)
+    keys = {k for k in _WARNED if k.startswith("MLRAttention:")}
+    _WARNED.difference_update(keys)
     yield
-    mlra_op._WARNED.difference_update({k for k in mlra_op._WARNED if k.startswith("MLRAttention:")})
-    mlra_op._WARNED.update(keys)
+    _WARNED.difference_update({k for k in _WARNED if k.startswith("MLRAttention:")})
+    _WARNED.update(keys)
 
 
 def test_self_attention_takes_the_fused_op(op_spy, fresh_warnings):
@@ -228,7 +229,9 @@ def test_causal_mask_check_is_cached_per_mask(op_spy, monkeypatch):
         warnings.simplefilter("ignore")
         out = mlra(x, x, x, attn_mask=mask, need_weights=False)[0]
     assert len(calls) == 2 and len(op_spy) == 3
-    mha_like = mlra._reference_attention(x, x, x, True, False, None, mask, 0.0, False)[0]
+    mha_like = mlra_attention_reference(
+        x, mlra.down_proj_weight, mlra.up_proj_weight, mlra.in_proj_bias, num_heads=H, causal=False, attn_mask=mask
+    )
     torch.testing.assert_close(out, mlra.out_proj(mha_like))
 
 
@@ -306,12 +309,16 @@ def test_input_errors_name_the_users_argument(call, exc, match):
 
 
 def test_constructor_validation_and_default_rank():
-    with pytest.raises(ValueError, match="rank must be an int in \\[1, embed_dim=32\\]"):
+    with pytest.raises(ValueError, match="rank must be in \\[1, embed_dim=32\\], got 33"):
         MLRAttention(32, 4, rank=33)
-    with pytest.raises(ValueError, match="num_heads must divide embed_dim"):
+    with pytest.raises(ValueError, match="num_heads=4 must divide embed_dim=30"):
         MLRAttention(30, 4)
-    with pytest.raises(ValueError, match="latent_groups"):
+    with pytest.raises(ValueError, match="latent_groups=3 must divide num_heads=4"):
         MLRAttention(32, 4, latent_groups=3)
+    with pytest.raises(TypeError, match="rank must be a positive int, got 8.0"):
+        MLRAttention(32, 4, rank=8.0)
+    with pytest.raises(TypeError, match="embed_dim must be a positive int, got '32'"):
+        MLRAttention("32", 4)
     m = MLRAttention(64, 4)
     assert m.rank == default_rank(64) == 16
     assert m.down_proj_weight.shape == (3 * 16, 64) and m.up_proj_weight.shape == (3, 64, 16)
@@ -382,7 +389,7 @@ KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _kernels_active(x):
-    from mlra_kernels.ops.mlra.op import kernel_path
+    from mlra_kernels.ops.mlra import kernel_path
 
     return kernel_path(x).startswith("triton")
 

@@ -131,7 +131,7 @@ def test_default_training_forward_calls_the_fused_op(attn_impl, fused_calls):
     torch.testing.assert_close(out.logits, expected.logits, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(out.loss, expected.loss, rtol=1e-9, atol=1e-9)
     out.loss.backward()
-    assert mlra.transformer.h[0].attn.down.grad.abs().sum() > 0
+    assert mlra.transformer.h[0].attn.qkv.down.grad.abs().sum() > 0
     # The latents were still written to the default cache.
     assert out.past_key_values.get_seq_length() == 11
     assert out.past_key_values.layers[1].keys.shape == (3, 1, 11, 2 * D)
@@ -252,16 +252,16 @@ def test_causal_padding_detection():
 def test_converted_model_trains_one_step():
     model = convert_gpt2(_model(dtype=torch.float32).train(), rank=8, init="random")
     attn = model.transformer.h[0].attn
-    assert attn.svd_error is None and torch.count_nonzero(attn.qkv_bias) == 0
+    assert attn.svd_error is None and torch.count_nonzero(attn.qkv.bias) == 0
     ids = torch.randint(0, 83, (4, 16), generator=torch.Generator().manual_seed(3))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     before = model(ids, labels=ids).loss
     before.backward()
-    assert attn.down.grad.abs().sum() > 0 and attn.up.grad.abs().sum() > 0
-    down = attn.down.detach().clone()
+    assert attn.qkv.down.grad.abs().sum() > 0 and attn.qkv.up.grad.abs().sum() > 0
+    down = attn.qkv.down.detach().clone()
     opt.step()
     opt.zero_grad()
-    assert not torch.equal(down, attn.down)
+    assert not torch.equal(down, attn.qkv.down)
     for _ in range(4):
         loss = model(ids, labels=ids).loss
         loss.backward()
@@ -403,7 +403,7 @@ def test_svd_conversion_on_the_meta_device():
         model = transformers.GPT2LMHeadModel(cfg)
     convert_gpt2(model, rank=8, latent_groups=2, init="svd")
     attn = model.transformer.h[1].attn
-    assert attn.down.is_meta and attn.down.shape == (3 * 2 * 8, D) and attn.up.shape == (3, D, 8)
+    assert attn.qkv.down.is_meta and attn.qkv.down.shape == (3 * 2 * 8, D) and attn.qkv.up.shape == (3, D, 8)
     assert attn.svd_error is None
 
 
@@ -514,7 +514,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
     plain, ckpt = grads(False), grads(True)
-    assert set(plain) == set(ckpt) and any("attn.down" in n for n in plain)
+    assert set(plain) == set(ckpt) and any("attn.qkv.down" in n for n in plain)
     for n in plain:
         torch.testing.assert_close(ckpt[n], plain[n], rtol=1e-10, atol=1e-12, msg=n)
 

@@ -50,7 +50,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from mlra_kernels.benchmarks.common import time_cpu, time_gpu, write_results  # noqa: E402
 from mlra_kernels.ops.mlra import mlra_attention  # noqa: E402
-from mlra_kernels.ops.mlra import op as mlra_op  # noqa: E402
+from mlra_kernels.ops.mlra import kernel_path  # noqa: E402
 from mlra_kernels.ops.mlra.reference import mlra_attention_reference  # noqa: E402
 
 MODELS = {"small": (768, 12), "medium": (1024, 16), "large": (1280, 20)}
@@ -256,7 +256,7 @@ def bench_row(model, d, H, T, B, g, r, dtype_name, device):
     f_mlra, f_mha = mlra_flops(B, T, d, H, g, r), mha_flops(B, T, d, H)
     row = {
         "model": model, "d": d, "H": H, "d_h": d // H, "B": B, "T": T, "g": g, "r": r, "latent_width": g * r,
-        "dtype": dtype_name, "causal": True, "path": mlra_op.kernel_path(x),
+        "dtype": dtype_name, "causal": True, "path": kernel_path(x),
         "sdpa_backend_unfused": name_a, "sdpa_backend_mha": name_b,
         "check_err": err, "check_err_unfused": base_err,
     }

@@ -14,18 +14,18 @@ What the converted attention supports:
   ``[B, 1, T, S]`` prefill mask of a ``StaticCache``); padding goes in as ``key_padding_mask``. The
   latents are still written to the cache. A padding query whose keys are all padding then outputs zeros,
   where the dense path outputs an arbitrary average; real tokens are unaffected. Decode steps (tokens
-  already cached) and any other mask go through the same ``ALL_ATTENTION_FUNCTIONS`` interface as
-  ``GPT2Attention``, so masks mean exactly what they mean there; a general mask warns once that the
-  fused op is not used;
+  already cached) and any other mask run ``mlra_decode`` on the cached latents in the absorbed form
+  (no per-head K or V is ever built), with the mask ``GPT2Model`` built applied as given; a general
+  mask in a prefill warns once that the fused op is not used;
 - the cache as a ``DynamicCache`` (the default of ``generate()``) or a ``StaticCache``
   (``cache_implementation="static"``): each layer stores the latents ``c_K, c_V`` as ``[B, 1, S, g·r]``
   in the cache's key/value slots, so the cache holds ``2·g·r`` numbers per token and layer instead of
   ``2·d``; sequence length, cropping, beam reordering and ``torch.compile(fullgraph=True)`` of a decode
   step on a ``StaticCache`` work unchanged;
-- ``output_attentions=True``: the layer then runs the dense attention and returns its weights (with
-  ``eager``; ``sdpa`` returns none, as for ``GPT2Attention``), and transformers collects them, since the
-  layer is a ``GPT2Attention`` subclass;
-- ``reorder_and_upcast_attn`` with ``eager``, as ``GPT2Attention`` does it (dense path);
+- ``output_attentions=True``: the layer then runs ``mlra_decode`` and returns its weights, with either
+  attention implementation, and transformers collects them, since the layer is a ``GPT2Attention``
+  subclass;
+- ``reorder_and_upcast_attn`` is ignored (the ops compute in the input dtype, with fp32 softmax on GPU);
 - gradient checkpointing, beam search, batched prompts with padding, and ``save_pretrained`` followed by
   :func:`from_pretrained`;
 - self-attention only: the cross-attention of ``add_cross_attention`` models is left dense;
@@ -46,8 +46,9 @@ from torch import Tensor, nn
 
 from mlra_kernels._mask_memo import memo_by_tensor
 from mlra_kernels._warnings import warn_once
-from mlra_kernels.nn.attention import default_rank, factorize_in_proj
-from mlra_kernels.ops.mlra import mlra_attention
+from mlra_kernels.nn.projection import MLRAProjection
+from mlra_kernels.ops.mlra import kv_latents, mlra_attention, mlra_decode
+from mlra_kernels.ops.mlra.layout import check_config, default_rank
 
 try:
     import transformers
@@ -127,22 +128,11 @@ def _inspect_mask(mask: Any, batch: int, length: int) -> tuple[bool, Optional[Te
     return True, (~keep).expand(batch, length).contiguous()
 
 
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be a positive int, got {value!r} ({type(value).__name__})")
-    if value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value}")
-    return int(value)
-
-
 def _check_args(rank: Any, latent_groups: Any, init: Any, embed_dim: int, num_heads: int) -> tuple[int, int]:
     """Validate the conversion arguments; returns ``(rank, latent_groups)`` as plain ints."""
-    rank = _positive_int("rank", rank)
-    if rank > embed_dim:
-        raise ValueError(f"rank must be in [1, embed_dim={embed_dim}], got {rank}")
-    latent_groups = _positive_int("latent_groups", latent_groups)
-    if num_heads % latent_groups != 0:
-        raise ValueError(f"latent_groups={latent_groups} must divide num_heads={num_heads}")
+    if rank is None:
+        raise TypeError("rank must be a positive int, got None")
+    _, _, rank, latent_groups = check_config(embed_dim, num_heads, rank, latent_groups)
     if not isinstance(init, str) or init not in _INITS:
         raise ValueError(f"init must be 'svd' or 'random', got {init!r}")
     return rank, latent_groups
@@ -152,10 +142,11 @@ class MLRAGPT2Attention(modeling_gpt2.GPT2Attention):
     """GPT-2 self-attention with MLRA Q/K/V projections; the output projection ``c_proj`` is kept.
 
     A ``GPT2Attention`` subclass, so that transformers treats it as one (it records its attention
-    weights for ``output_attentions``, initialises ``c_proj`` and uses the upcast path the same way), but
-    its ``c_attn`` is replaced. Parameters: ``down`` ``[3·g·r, d]``, ``up`` ``[3, d, r]``, ``qkv_bias``
-    ``[3·d]`` (layouts of ``mlra_kernels/ops/mlra/reference.py``), and the original ``c_proj``
-    (a ``Conv1D``). The module keeps the training / evaluation mode of the layer it replaces.
+    weights for ``output_attentions`` and initialises ``c_proj`` the same way), but its ``c_attn`` is
+    replaced by ``qkv``, an :class:`~mlra_kernels.nn.MLRAProjection` (``qkv.down`` ``[3·g·r, d]``,
+    ``qkv.up`` ``[3, d, r]``, ``qkv.bias`` ``[3·d]``); ``c_proj`` is the original ``Conv1D``. The module
+    keeps the training / evaluation mode of the layer it replaces. Its forward calls the public ops:
+    ``mlra_attention`` where it can, ``mlra_decode`` on the latent cache otherwise.
     """
 
     def __init__(self, attn: nn.Module, rank: int, latent_groups: int = 1, init: str = "svd") -> None:
@@ -169,6 +160,9 @@ class MLRAGPT2Attention(modeling_gpt2.GPT2Attention):
                 setattr(self, name, getattr(attn, name))
         for name, buf in attn.named_buffers(recurse=False):  # e.g. the causal-mask buffer of older releases
             self.register_buffer(name, buf, persistent=name not in attn._non_persistent_buffers_set)
+        # Releases with that buffer apply it in their eager attention on top of the mask they are given.
+        causal_buffer = getattr(attn, "bias", None)
+        self._eager_adds_causal = isinstance(causal_buffer, Tensor) and causal_buffer.dtype == torch.bool
         self.config = attn.config
         self.layer_idx = attn.layer_idx
         self.embed_dim, self.num_heads, self.head_dim = d, H, d // H
@@ -183,29 +177,19 @@ class MLRAGPT2Attention(modeling_gpt2.GPT2Attention):
         self.attn_dropout = attn.attn_dropout
         self.resid_dropout = attn.resid_dropout
         self.c_proj = attn.c_proj
-        w = attn.c_attn.weight  # Conv1D: [d, 3·d], y = x @ w + b
-        self.down = nn.Parameter(torch.empty(3 * latent_groups * rank, d, device=w.device, dtype=w.dtype))
-        self.up = nn.Parameter(torch.empty(3, d, rank, device=w.device, dtype=w.dtype))
-        self.qkv_bias = nn.Parameter(attn.c_attn.bias.detach().clone())
-        self.svd_error: Optional[dict[str, float]] = None
-        with torch.no_grad():
-            if init == "svd":
-                down, up, self.svd_error = factorize_in_proj(w.detach().t(), rank, latent_groups, H)
-                self.down.copy_(down)
-                self.up.copy_(up)
-            else:  # "random" (checked above)
-                nn.init.normal_(self.down, std=0.02)
-                nn.init.normal_(self.up, std=0.02)
-                self.qkv_bias.zero_()
+        w, b = attn.c_attn.weight, attn.c_attn.bias  # Conv1D: [d, 3·d], y = x @ w + b
+        self.qkv = MLRAProjection(d, H, rank, latent_groups, bias=b is not None, device=w.device, dtype=w.dtype)
+        if init == "svd":
+            self.qkv.load_dense_(w.detach().t(), b.detach() if b is not None else None)
         self.train(attn.training)
 
-    def _expand(self, c: Tensor, p: int) -> Tensor:
-        """Latent ``[B, S, g·r]`` of projection ``p`` to heads ``[B, H, S, d_h]``."""
-        B, S, _ = c.shape
-        H, g, r, dh = self.num_heads, self.latent_groups, self.rank, self.head_dim
-        out = torch.einsum("bsgr,ghdr->bghsd", c.view(B, S, g, r), self.up[p].view(g, H // g, dh, r))
-        out = out.reshape(B, H, S, dh)
-        return out + self.qkv_bias[p * self.embed_dim:(p + 1) * self.embed_dim].view(1, H, 1, dh)
+    @property
+    def svd_error(self) -> Optional[dict[str, float]]:
+        """Relative Frobenius error of each projection after ``init="svd"`` (None otherwise)."""
+        return self.qkv.svd_error
+
+    def _eager_causal(self) -> bool:
+        return self._eager_adds_causal and self.config._attn_implementation == "eager"
 
     @staticmethod
     def _warn_general_mask(mask: Any) -> None:
@@ -213,8 +197,8 @@ class MLRAGPT2Attention(modeling_gpt2.GPT2Attention):
         warn_once(
             "hf-general-mask",
             f"MLRAGPT2Attention: the attention mask ({what}) is not causal attention with key padding, so "
-            "the fused mlra_attention is not used; this layer runs the dense attention (per-head q/k/v "
-            "and the T×S scores in memory).",
+            "the fused mlra_attention is not used; this layer runs mlra_decode over the latents (the "
+            "T×S scores in memory).",
         )
 
     def forward(
@@ -235,55 +219,53 @@ class MLRAGPT2Attention(modeling_gpt2.GPT2Attention):
         if encoder_hidden_states is not None:
             raise ValueError("MLRAGPT2Attention is self-attention; cross-attention stays a GPT2Attention")
         B, T, d = hidden_states.shape
+        qkv = self.qkv
         dropout = self.attn_dropout.p if self.training else 0.0
         cache = cache if cache is not None else past_key_values
         if isinstance(cache, EncoderDecoderCache):
             cache = cache.self_attention_cache
-        if not _attentions_requested(output_attentions) and _nothing_cached(cache, self.layer_idx, T):
+        want_weights = _attentions_requested(output_attentions)
+        if not want_weights and _nothing_cached(cache, self.layer_idx, T):
             # Nothing cached for this layer: training, evaluation, or the prefill of generate().
             fused, key_padding_mask = _causal_padding(attention_mask, B, T)
             if fused:
                 out = mlra_attention(
-                    hidden_states, self.down, self.up, self.qkv_bias, num_heads=self.num_heads,
+                    hidden_states, qkv.down, qkv.up, qkv.bias, num_heads=self.num_heads,
                     latent_groups=self.latent_groups, causal=True, key_padding_mask=key_padding_mask,
                     dropout_p=dropout, scale=self.scaling,
                 )
                 if cache is not None:
                     # The op keeps its latents on chip; the cache gets c_K, c_V from one more GEMM.
-                    gr = self.latent_groups * self.rank
-                    c_k, c_v = (hidden_states @ self.down[gr:].t()).chunk(2, dim=-1)
-                    _cache_update(cache, c_k, c_v, self.layer_idx, cache_position)
+                    _cache_update(cache, *kv_latents(hidden_states, qkv.down, self.latent_groups), self.layer_idx,
+                                  cache_position)
                 return self.resid_dropout(self.c_proj(out)), None
             if not torch.compiler.is_compiling():
                 self._warn_general_mask(attention_mask)
 
-        c_q, c_k, c_v = (hidden_states @ self.down.t()).chunk(3, dim=-1)  # 3 × [B, T, g·r]
+        c_k, c_v = kv_latents(hidden_states, qkv.down, self.latent_groups)  # 2 × [B, T, g·r]
         if cache is not None:
             c_k, c_v = _cache_update(cache, c_k, c_v, self.layer_idx, cache_position)
-        q, k, v = self._expand(c_q, 0), self._expand(c_k, 1), self._expand(c_v, 2)
-        if self.config._attn_implementation == "eager" and getattr(self, "reorder_and_upcast_attn", False):
-            out, weights = self._upcast_and_reordered_attn(q, k, v, attention_mask)
-        else:
-            interface = _attention_interface(self.config._attn_implementation)
-            out, weights = interface(self, q, k, v, attention_mask, dropout=dropout, scaling=self.scaling, **kwargs)
-        out = out.reshape(B, T, d).contiguous()
+        out, weights = mlra_decode(
+            hidden_states, qkv.down, qkv.up, qkv.bias, cache_k=c_k, cache_v=c_v, num_heads=self.num_heads,
+            latent_groups=self.latent_groups, causal=attention_mask is None or self._eager_causal(),
+            attn_mask=_as_masked(attention_mask),
+            scale=self.scaling, dropout_p=dropout, need_weights=want_weights,
+        )
         return self.resid_dropout(self.c_proj(out)), weights
 
 
-# Plain attributes of GPT2Attention that its methods (the upcast path) and transformers read.
+def _as_masked(mask: Optional[Tensor]) -> Optional[Tensor]:
+    """A transformers attention mask (bool: True = attend; float: added) in the ops' convention
+    (bool: True = masked; float: added); other objects pass through to the op's type check."""
+    if isinstance(mask, Tensor) and mask.dtype == torch.bool:
+        return ~mask
+    return mask
+
+
+# Plain attributes of GPT2Attention that transformers reads.
 _COPIED_ATTRIBUTES = (
     "split_size", "scale_attn_weights", "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn",
 )
-
-
-def _attention_interface(implementation: str):
-    """The attention function ``GPT2Attention`` would call for ``config._attn_implementation``."""
-    functions = modeling_gpt2.ALL_ATTENTION_FUNCTIONS
-    if hasattr(functions, "get_interface"):
-        return functions.get_interface(implementation, modeling_gpt2.eager_attention_forward)
-    if implementation == "eager":  # releases before get_interface
-        return modeling_gpt2.eager_attention_forward
-    return functions[implementation]
 
 
 def _cache_update(cache: Any, c_k: Tensor, c_v: Tensor, layer_idx: int, cache_position: Optional[Tensor]):
@@ -462,6 +444,8 @@ class TEVTrainerCallback(TrainerCallback):
         path: JSONL file (written on the main process only).
         every: record every ``every`` optimizer steps.
         name: run name for the log header.
+        mode: an existing ``path`` is refused (``"x"``, default), continued (``"a"``: a resumed run) or
+            replaced (``"w"``); see :class:`~mlra_kernels.TEVMonitor`.
 
     The latest training loss that the Trainer logged is attached to each record. µ_TEV and σ_TEV
     are also added to the Trainer's own logs (``tev_mean``, ``tev_std``) at its logging steps.
@@ -471,8 +455,9 @@ class TEVTrainerCallback(TrainerCallback):
         >>> trainer = Trainer(model, args, train_dataset=ds, callbacks=[TEVTrainerCallback("runs/tev.jsonl")])
     """
 
-    def __init__(self, path: Optional[str] = None, every: int = 10, name: Optional[str] = None) -> None:
-        self.path, self.every, self.name = path, every, name
+    def __init__(self, path: Optional[str] = None, every: int = 10, name: Optional[str] = None,
+                 mode: str = "x") -> None:
+        self.path, self.every, self.name, self.mode = path, every, name, mode
         self.monitor = None
         self._loss: Optional[float] = None
 
@@ -480,7 +465,7 @@ class TEVTrainerCallback(TrainerCallback):
         from mlra_kernels.monitor import TEVMonitor
 
         if model is not None and state.is_world_process_zero:
-            self.monitor = TEVMonitor(model, every=self.every, path=self.path, name=self.name)
+            self.monitor = TEVMonitor(model, every=self.every, path=self.path, name=self.name, mode=self.mode)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:

@@ -10,11 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mlra_kernels.ops.mlra import mlra_attention
-
-# One entry per layer: (k, v) [B, H, S, d_h] for "mha", the latents (c_K, c_V) [B, S, g·r] for "mlra".
-KVCache = list[tuple[Tensor, Tensor]]
-
+from mlra_kernels.nn.projection import MLRAProjection
+from mlra_kernels.ops.mlra import kv_latents, mlra_attention, mlra_decode
+from mlra_kernels.ops.mlra.layout import check_config, positive_int
 
 @dataclass
 class GPT2Config:
@@ -45,27 +43,57 @@ class GPT2Config:
     latent_groups: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "latent_groups"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"GPT2Config.{name} must be a positive int, got {value!r}")
+        for name in ("vocab_size", "block_size", "n_layer"):
+            positive_int(f"GPT2Config.{name}", getattr(self, name))
         if self.attention not in ("mha", "mlra"):
             raise ValueError(f"GPT2Config.attention must be 'mha' or 'mlra', got {self.attention!r}")
-        if self.n_embd % self.n_head != 0:
-            raise ValueError(f"GPT2Config.n_head={self.n_head} must divide n_embd={self.n_embd}")
-        if self.n_head % self.latent_groups != 0:
-            raise ValueError(
-                f"GPT2Config.latent_groups={self.latent_groups} must divide n_head={self.n_head}"
-            )
-        if self.rank is None:
-            self.rank = max(1, self.n_embd // 4)
-        if not isinstance(self.rank, int) or not 1 <= self.rank <= self.n_embd:
-            raise ValueError(f"GPT2Config.rank must be an int in [1, n_embd={self.n_embd}], got {self.rank!r}")
+        _, _, self.rank, _ = check_config(self.n_embd, self.n_head, self.rank, self.latent_groups,
+                                          prefix="GPT2Config.", names=("n_embd", "n_head"))
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPT2Config.dropout must be in [0, 1), got {self.dropout!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+class LayerCache:
+    """One layer's KV cache, preallocated for ``capacity`` positions and written in place.
+
+    MHA layers store ``k, v`` ``[B, H, S, d_h]`` (sequence dim 2); MLRA layers store the latents
+    ``c_K, c_V`` ``[B, S, g·r]`` (sequence dim 1). ``cache[0]`` / ``cache[1]`` are views of the filled
+    part. A step appends by writing into the buffers, never by concatenation, so a decode step costs
+    the new tokens' writes, not a copy of everything cached.
+    """
+
+    def __init__(self, capacity: int, seq_dim: int) -> None:
+        self.capacity, self.seq_dim, self.length = capacity, seq_dim, 0
+        self._k: Optional[Tensor] = None
+        self._v: Optional[Tensor] = None
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write ``k``, ``v`` after what is cached; returns views of everything cached."""
+        t = k.shape[self.seq_dim]
+        if self.length + t > self.capacity:
+            raise ValueError(f"the cache holds {self.capacity} positions; {self.length} + {t} do not fit")
+        if self._k is None:
+            shape = list(k.shape)
+            shape[self.seq_dim] = self.capacity
+            self._k, self._v = k.new_empty(shape), v.new_empty(shape)
+        self._k.narrow(self.seq_dim, self.length, t).copy_(k)
+        self._v.narrow(self.seq_dim, self.length, t).copy_(v)
+        self.length += t
+        return self[0], self[1]
+
+    def __getitem__(self, i: int) -> Tensor:
+        buf = (self._k, self._v)[i]
+        return buf.narrow(self.seq_dim, 0, self.length)
+
+    def __len__(self) -> int:
+        return 2
+
+
+# One LayerCache per layer.
+KVCache = list[LayerCache]
 
 
 def _cached_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> Tensor:
@@ -86,70 +114,56 @@ class MHASelfAttention(nn.Module):
         super().__init__()
         self.n_head = cfg.n_head
         self.n_embd = cfg.n_embd
+        self.block_size = cfg.block_size
         self.dropout = cfg.dropout
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, cache: Optional[tuple[Tensor, Tensor]] = None, use_cache: bool = False):
+    def forward(self, x: Tensor, cache: Optional[LayerCache] = None, use_cache: bool = False):
         B, T, d = x.shape
         H = self.n_head
         q, k, v = self.c_attn(x).view(B, T, 3, H, d // H).permute(2, 0, 3, 1, 4)  # 3 × [B, H, T, d_h]
-        if cache is not None:
-            k = torch.cat([cache[0], k], dim=2)
-            v = torch.cat([cache[1], v], dim=2)
+        if use_cache or cache is not None:
+            cache = cache if cache is not None else LayerCache(self.block_size, seq_dim=2)
+            k, v = cache.append(k, v)
         p = self.dropout if self.training else 0.0
         y = _cached_attention(q, k, v, p)
         y = self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, d)))
-        return y, ((k, v) if use_cache else None)
+        return y, cache
 
 
 class MLRASelfAttention(nn.Module):
-    """Causal Multi-head Low-Rank self-attention.
+    """Causal Multi-head Low-Rank self-attention; the factors are an :class:`MLRAProjection` (``qkv``).
 
-    Training and plain inference call the fused ``mlra_kernels.mlra_attention``. With a KV cache the
-    cache holds the latents ``c_K, c_V`` (``g·r`` numbers each per token) and K/V are rebuilt from
-    them with the up-projections.
+    Training and a prefill call the fused ``mlra_kernels.mlra_attention``. With a KV cache the cache
+    holds the latents ``c_K, c_V`` (``g·r`` numbers each per token), and later tokens attend them with
+    ``mlra_decode`` in the absorbed form: K and V themselves are never rebuilt.
     """
 
     def __init__(self, cfg: GPT2Config) -> None:
         super().__init__()
-        d, g, r = cfg.n_embd, cfg.latent_groups, cfg.rank
-        self.n_head, self.n_embd, self.latent_groups, self.rank = cfg.n_head, d, g, r
+        self.n_head, self.n_embd, self.latent_groups, self.rank = cfg.n_head, cfg.n_embd, cfg.latent_groups, cfg.rank
+        self.block_size = cfg.block_size
         self.dropout = cfg.dropout
-        self.down = nn.Parameter(torch.empty(3 * g * r, d))  # [3·g·r, d], c = x @ down.T
-        self.up = nn.Parameter(torch.empty(3, d, r))  # [3, d, r]
-        self.qkv_bias = nn.Parameter(torch.zeros(3 * d)) if cfg.bias else None  # [3·d]
-        self.c_proj = nn.Linear(d, d, bias=cfg.bias)
+        self.qkv = MLRAProjection(cfg.n_embd, cfg.n_head, cfg.rank, cfg.latent_groups, bias=cfg.bias,
+                                  prefix="GPT2Config.", names=("n_embd", "n_head"))
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def _expand(self, c: Tensor, p: int) -> Tensor:
-        """Latent ``c`` ``[B, S, g·r]`` of projection ``p`` to heads ``[B, H, S, d_h]``."""
-        B, S, _ = c.shape
-        H, g, r = self.n_head, self.latent_groups, self.rank
-        dh = self.n_embd // H
-        up = self.up[p].view(g, H // g, dh, r)
-        out = torch.einsum("bsgr,ghdr->bghsd", c.view(B, S, g, r), up).reshape(B, H, S, dh)
-        if self.qkv_bias is not None:
-            out = out + self.qkv_bias[p * self.n_embd:(p + 1) * self.n_embd].view(1, H, 1, dh)
-        return out
-
-    def forward(self, x: Tensor, cache: Optional[tuple[Tensor, Tensor]] = None, use_cache: bool = False):
-        B, T, d = x.shape
+    def forward(self, x: Tensor, cache: Optional[LayerCache] = None, use_cache: bool = False):
+        qkv, H, g = self.qkv, self.n_head, self.latent_groups
         p = self.dropout if self.training else 0.0
-        if cache is None and not use_cache:
-            y = mlra_attention(
-                x, self.down, self.up, self.qkv_bias, num_heads=self.n_head,
-                latent_groups=self.latent_groups, causal=True, dropout_p=p,
-            )
-            return self.resid_dropout(self.c_proj(y)), None
-        c_q, c_k, c_v = (x @ self.down.t()).chunk(3, dim=-1)  # 3 × [B, T, g·r]
-        if cache is not None:
-            c_k = torch.cat([cache[0], c_k], dim=1)
-            c_v = torch.cat([cache[1], c_v], dim=1)
-        y = _cached_attention(self._expand(c_q, 0), self._expand(c_k, 1), self._expand(c_v, 2), p)
-        y = self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, d)))
-        return y, (c_k, c_v)
+        if cache is None:
+            y = mlra_attention(x, qkv.down, qkv.up, qkv.bias, num_heads=H, latent_groups=g, causal=True, dropout_p=p)
+            if use_cache:
+                cache = LayerCache(self.block_size, seq_dim=1)
+                cache.append(*kv_latents(x, qkv.down, g))
+        else:
+            c_k, c_v = cache.append(*kv_latents(x, qkv.down, g))
+            y, _ = mlra_decode(x, qkv.down, qkv.up, qkv.bias, cache_k=c_k, cache_v=c_v, num_heads=H,
+                               latent_groups=g, dropout_p=p)
+        return self.resid_dropout(self.c_proj(y)), cache
 
 
 class MLP(nn.Module):
@@ -272,7 +286,7 @@ class GPT2(nn.Module):
         self, idx: Tensor, cache: Optional[KVCache] = None, use_cache: bool = False
     ) -> tuple[Tensor, Optional[KVCache]]:
         B, t = idx.shape
-        past = 0 if cache is None else cache[0][1].shape[-2]  # [B, H, S, d_h] or [B, S, g·r]
+        past = 0 if cache is None else cache[0].length
         if past + t > self.config.block_size:
             raise ValueError(
                 f"sequence length {past + t} exceeds the context length block_size={self.config.block_size}"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import warnings
 from typing import Any, Optional
 
@@ -12,12 +11,9 @@ from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from mlra_kernels._mask_memo import memo_by_tensor
 from mlra_kernels._warnings import warn_once
-from mlra_kernels.ops.mlra import factors_from_dense, mlra_attention
-from mlra_kernels.ops.mlra.reference import attention_reference, mlra_qkv_reference
-
-logger = logging.getLogger(__name__)
-
-_PROJ_NAMES = ("q", "k", "v")
+from mlra_kernels.nn.projection import MLRAProjection
+from mlra_kernels.ops.mlra import mlra_attention, mlra_attention_dense
+from mlra_kernels.ops.mlra.layout import default_rank, factorize
 
 # Why a call left the fused op, and how to get it back: one warning per reason and process, through
 # the package's `warn_once` (its keys are in `mlra_kernels._warnings._WARNED`).
@@ -42,16 +38,6 @@ _UNFUSED_REASONS = {
 def _warn_unfused(reason: str) -> None:
     # stacklevel 6: warn_once, this function, forward, Module._call_impl, Module._wrapped_call_impl, caller.
     warn_once(f"MLRAttention:{reason}", _UNFUSED_REASONS[reason], stacklevel=6)
-
-
-def default_rank(embed_dim: int) -> int:
-    """The default rank per latent group: ``max(1, embed_dim // 4)``.
-
-    At ``g = 1`` this halves the parameters of the Q/K/V projections (``1.5·d²`` against ``3·d²``) and
-    shrinks the per-token KV cache from ``2·d`` to ``d/2`` numbers, while keeping enough rank for the
-    head dimension of common configurations (``d_h = 64`` with ``H >= 4``).
-    """
-    return max(1, embed_dim // 4)
 
 
 def _compare_causal(mask: Tensor, size: int) -> bool:
@@ -142,31 +128,16 @@ class MLRAttention(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        if not isinstance(embed_dim, int) or embed_dim <= 0:
-            raise ValueError(f"embed_dim must be a positive int, got {embed_dim!r}")
-        if not isinstance(num_heads, int) or num_heads <= 0:
-            raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
-        if embed_dim % num_heads != 0:
-            raise ValueError(
-                f"num_heads must divide embed_dim, got embed_dim={embed_dim} and num_heads={num_heads}"
-            )
-        if rank is None:
-            rank = default_rank(embed_dim)
-        if not isinstance(rank, int) or not 1 <= rank <= embed_dim:
-            raise ValueError(f"rank must be an int in [1, embed_dim={embed_dim}], got {rank!r}")
-        if not isinstance(latent_groups, int) or latent_groups <= 0 or num_heads % latent_groups != 0:
-            raise ValueError(
-                f"latent_groups must be a positive int dividing num_heads={num_heads}, got {latent_groups!r}"
-            )
-        if not 0.0 <= dropout < 1.0:
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         factory = {"device": device, "dtype": dtype}
+        self.qkv = MLRAProjection(embed_dim, num_heads, rank, latent_groups, bias=bias, **factory)
         self.embed_dim = embed_dim
         self.kdim = embed_dim
         self.vdim = embed_dim
         self.num_heads = num_heads
         self.head_dim = embed_dim // num_heads
-        self.rank = rank
+        self.rank = self.qkv.rank
         self.latent_groups = latent_groups
         self.dropout = dropout
         self.batch_first = batch_first
@@ -179,25 +150,32 @@ class MLRAttention(nn.Module):
         self.register_parameter("v_proj_weight", None)
         self.bias_k = self.bias_v = None
         self.add_zero_attn = False
-
-        self.down_proj_weight = nn.Parameter(torch.empty(3 * latent_groups * rank, embed_dim, **factory))
-        self.up_proj_weight = nn.Parameter(torch.empty(3, embed_dim, rank, **factory))
-        if bias:
-            self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim, **factory))
-        else:
-            self.register_parameter("in_proj_bias", None)
         self.out_proj = NonDynamicallyQuantizableLinear(embed_dim, embed_dim, bias=bias, **factory)
-        #: Relative Frobenius error of each projection after :meth:`from_mha` (``{"q", "k", "v"}``).
-        self.svd_error: Optional[dict[str, float]] = None
         self._reset_parameters()
+        self._register_load_state_dict_pre_hook(_rename_flat_factors)
+
+    # The factors live in ``qkv`` (an MLRAProjection); these names follow nn.MultiheadAttention's.
+    @property
+    def down_proj_weight(self) -> nn.Parameter:
+        return self.qkv.down
+
+    @property
+    def up_proj_weight(self) -> nn.Parameter:
+        return self.qkv.up
+
+    @property
+    def in_proj_bias(self) -> Optional[nn.Parameter]:
+        return self.qkv.bias
+
+    @property
+    def svd_error(self) -> Optional[dict[str, float]]:
+        """Relative Frobenius error of each projection after :meth:`from_mha` (``{"q", "k", "v"}``)."""
+        return self.qkv.svd_error
 
     def _reset_parameters(self) -> None:
         # GPT-2's N(0, 0.02) for every factor (DESIGN.md: the variance argument relies on it).
-        nn.init.normal_(self.down_proj_weight, std=0.02)
-        nn.init.normal_(self.up_proj_weight, std=0.02)
+        self.qkv.reset_parameters()
         nn.init.normal_(self.out_proj.weight, std=0.02)
-        if self.in_proj_bias is not None:
-            nn.init.zeros_(self.in_proj_bias)
         if self.out_proj.bias is not None:
             nn.init.zeros_(self.out_proj.bias)
 
@@ -269,14 +247,7 @@ class MLRAttention(nn.Module):
         d = self.embed_dim
         if tuple(in_proj_weight.shape) != (3 * d, d):
             raise ValueError(f"in_proj_weight must be [3·d, d] = [{3 * d}, {d}], got {list(in_proj_weight.shape)}")
-        down, up, errors = factorize_in_proj(in_proj_weight, self.rank, self.latent_groups, self.num_heads)
-        self.down_proj_weight.copy_(down)
-        self.up_proj_weight.copy_(up)
-        if self.in_proj_bias is not None:
-            if in_proj_bias is None:
-                self.in_proj_bias.zero_()
-            else:
-                self.in_proj_bias.copy_(in_proj_bias)
+        errors = self.qkv.load_dense_(in_proj_weight, in_proj_bias)
         if out_proj_weight is not None:
             self.out_proj.weight.copy_(out_proj_weight)
         if self.out_proj.bias is not None:
@@ -284,30 +255,11 @@ class MLRAttention(nn.Module):
                 self.out_proj.bias.zero_()
             else:
                 self.out_proj.bias.copy_(out_proj_bias)
-        self.svd_error = errors
-        logger.info(
-            "MLRA conversion (d=%d, rank=%d, groups=%d): relative error q=%.3g k=%.3g v=%.3g",
-            d, self.rank, self.latent_groups, errors["q"], errors["k"], errors["v"],
-        )
         return errors
 
     def dense_in_proj_weight(self) -> Tensor:
         """The dense ``[3·d, d]`` Q/K/V weight that the factors represent (``B_P·A_P`` per head)."""
-        d, H, g, r, dh = self.embed_dim, self.num_heads, self.latent_groups, self.rank, self.head_dim
-        down = self.down_proj_weight.view(3, g, r, d)
-        up = self.up_proj_weight.view(3, g, H // g * dh, r)
-        return torch.einsum("pgor,pgri->pgoi", up, down).reshape(3 * d, d)
-
-    def _project(self, x: Tensor, p: int) -> Tensor:
-        """One projection (0 = q, 1 = k, 2 = v) of ``x`` ``[B, T, d]`` to heads ``[B, H, T, d_h]``."""
-        B, T, _ = x.shape
-        H, g, r, dh = self.num_heads, self.latent_groups, self.rank, self.head_dim
-        c = (x @ self.down_proj_weight[p * g * r:(p + 1) * g * r].t()).view(B, T, g, r)
-        up = self.up_proj_weight[p].view(g, H // g, dh, r)
-        out = torch.einsum("btgr,ghdr->bghtd", c, up).reshape(B, H, T, dh)
-        if self.in_proj_bias is not None:
-            out = out + self.in_proj_bias[p * self.embed_dim:(p + 1) * self.embed_dim].view(1, H, 1, dh)
-        return out
+        return self.qkv.dense_weight()
 
     def forward(
         self,
@@ -381,7 +333,7 @@ class MLRAttention(nn.Module):
 
         if is_self and not need_weights and attn_mask is None:
             out = mlra_attention(
-                query, self.down_proj_weight, self.up_proj_weight, self.in_proj_bias,
+                query, self.qkv.down, self.qkv.up, self.qkv.bias,
                 num_heads=self.num_heads, latent_groups=self.latent_groups, causal=causal,
                 key_padding_mask=key_padding_mask, dropout_p=dropout_p,
             )
@@ -394,8 +346,10 @@ class MLRAttention(nn.Module):
                     _warn_unfused("need_weights")
                 if is_self and attn_mask is not None:
                     _warn_unfused("attn_mask")
-            out, weights = self._reference_attention(
-                query, key, value, is_self, causal, key_padding_mask, attn_mask, dropout_p, need_weights
+            out, weights = mlra_attention_dense(
+                query, key, value, self.qkv.down, self.qkv.up, self.qkv.bias, num_heads=self.num_heads,
+                latent_groups=self.latent_groups, causal=causal, key_padding_mask=key_padding_mask,
+                attn_mask=attn_mask, dropout_p=dropout_p, need_weights=need_weights,
             )
         out = self.out_proj(out)
 
@@ -408,31 +362,6 @@ class MLRAttention(nn.Module):
         elif not self.batch_first:
             out = out.transpose(0, 1)
         return out, weights
-
-    def _reference_attention(
-        self, query, key, value, is_self, causal, key_padding_mask, attn_mask, dropout_p, need_weights
-    ) -> tuple[Tensor, Optional[Tensor]]:
-        B, T, d = query.shape
-        S = key.shape[1]
-        H = self.num_heads
-        if is_self:
-            q, k, v = mlra_qkv_reference(
-                query, self.down_proj_weight, self.up_proj_weight, self.in_proj_bias,
-                num_heads=H, latent_groups=self.latent_groups,
-            )
-        else:
-            q, k, v = self._project(query, 0), self._project(key, 1), self._project(value, 2)
-        dropout_mask = None
-        if dropout_p > 0.0:
-            dropout_mask = torch.rand(B, H, T, S, device=q.device) >= dropout_p
-        o, weights = attention_reference(
-            q, k, v, causal=causal, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
-            dropout_p=dropout_p, dropout_mask=dropout_mask, need_weights=need_weights,
-        )
-        if weights is not None and dropout_mask is not None:
-            # nn.MultiheadAttention returns the weights after dropout.
-            weights = weights * dropout_mask / (1.0 - dropout_p)
-        return o.transpose(1, 2).reshape(B, T, d), weights
 
     def _check_inputs(self, query: Any, key: Any, value: Any) -> None:
         """Types, dtypes and devices of the inputs, with errors that name them (not the op's ``x``)."""
@@ -515,29 +444,17 @@ class MLRAttention(nn.Module):
                 )
 
 
-@torch.no_grad()
+def _rename_flat_factors(state_dict, prefix, *args) -> None:
+    """Load state dicts saved before the factors moved into ``qkv`` (``down_proj_weight`` ... at the top)."""
+    for old, new in (("down_proj_weight", "qkv.down"), ("up_proj_weight", "qkv.up"), ("in_proj_bias", "qkv.bias")):
+        if prefix + old in state_dict and prefix + new not in state_dict:
+            state_dict[prefix + new] = state_dict.pop(prefix + old)
+
+
 def factorize_in_proj(
     in_proj_weight: Tensor, rank: int, latent_groups: int = 1, num_heads: Optional[int] = None
 ) -> tuple[Tensor, Tensor, Optional[dict[str, float]]]:
-    """Truncated SVD of dense ``[3·d, d]`` Q/K/V weights into MLRA factors, with the error it makes.
-
-    Returns ``(down [3·g·r, d], up [3, d, r], errors)`` built by the op's ``factors_from_dense``
-    (SVD in float64 per group block, cast back to the input dtype); ``errors`` maps ``q``/``k``/``v``
-    to the relative Frobenius error ``‖W_P − B·A‖_F / ‖W_P‖_F`` of the rank-``r`` approximation.
-    ``num_heads`` (default ``latent_groups``) is only checked for divisibility. On the meta device the
-    factors are meta tensors and ``errors`` is None.
-    """
-    d = in_proj_weight.shape[1]
-    g = latent_groups
-    down, up, _ = factors_from_dense(in_proj_weight, num_heads=num_heads or g, rank=rank, latent_groups=g)
-    if in_proj_weight.is_meta:
-        return down, up, None
-    w = in_proj_weight.detach().to(torch.float64).view(3, d, d)
-    approx = torch.einsum(
-        "pgor,pgri->pgoi", up.to(torch.float64).view(3, g, d // g, rank), down.to(torch.float64).view(3, g, rank, d)
-    ).reshape(3, d, d)
-    errors = {}
-    for p, name in enumerate(_PROJ_NAMES):
-        norm, err = w[p].norm(), (w[p] - approx[p]).norm()
-        errors[name] = float(err / norm) if norm > 0 else float(err)
-    return down, up, errors
+    """``(down, up, errors)`` of a dense ``[3·d, d]`` Q/K/V weight: ``mlra_kernels.ops.mlra.factorize``
+    under its earlier name and argument order (``num_heads`` defaults to ``latent_groups``)."""
+    return tuple(factorize(in_proj_weight, num_heads=num_heads or latent_groups, rank=rank,
+                           latent_groups=latent_groups))

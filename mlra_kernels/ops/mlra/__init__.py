@@ -1,5 +1,20 @@
-"""Multi-head Low-Rank Attention op: ``mlra_attention`` (Triton on CUDA, reference on CPU)."""
+"""Multi-head Low-Rank Attention.
 
-from mlra_kernels.ops.mlra.functional import factors_from_dense, mlra_attention
+- ``mlra_attention``: self-attention over a whole sequence (training, prefill); Triton on CUDA.
+- ``mlra_attention_dense``: cross-attention, attention weights, general masks (scores in memory).
+- ``mlra_decode``: new tokens attending the latent KV cache (absorbed form); ``kv_latents`` gives what
+  the cache stores.
+- ``kernel_path`` / ``explain``: which path a call takes and why; ``use_backend`` forces one.
+- ``factorize`` / ``factors_from_dense`` / ``dense_from_factors``: dense weights ↔ MLRA factors.
+"""
 
-__all__ = ["mlra_attention", "factors_from_dense"]
+from mlra_kernels.ops.mlra.backend import explain, kernel_path, use_backend
+from mlra_kernels.ops.mlra.decode import mlra_decode
+from mlra_kernels.ops.mlra.dense import mlra_attention_dense
+from mlra_kernels.ops.mlra.layout import dense_from_factors, factorize, factors_from_dense, kv_latents
+from mlra_kernels.ops.mlra.prefill import mlra_attention
+
+__all__ = [
+    "mlra_attention", "mlra_attention_dense", "mlra_decode", "kernel_path", "explain", "use_backend",
+    "factorize", "factors_from_dense", "dense_from_factors", "kv_latents",
+]

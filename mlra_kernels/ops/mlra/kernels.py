@@ -17,6 +17,8 @@ import os
 import triton
 import triton.language as tl
 
+from mlra_kernels.ops.mlra import config
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 LOG2E = 1.4426950408889634
@@ -51,7 +53,7 @@ def _configs(interpret=INTERPRET):
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
     # (BLOCK_M, BLOCK_N, warps, stages). A short list: every new key compiles each of them once.
     grid = [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2), (64, 32, 4, 3), (128, 32, 8, 2)]
-    if os.environ.get("MLRA_AUTOTUNE", "1") == "0":
+    if not config.autotune():
         grid = grid[:1]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in grid]
 

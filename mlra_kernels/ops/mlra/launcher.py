@@ -2,8 +2,8 @@
 
 Triton reads ``TRITON_INTERPRET`` once, when ``triton`` is first imported: its own library functions
 (``tl.max``, ``tl.rand`` ...) are then decorated either for the GPU or for the interpreter, and the two
-kinds cannot be mixed in one process. The kernels here are therefore decorated in whichever mode
-``triton`` itself was imported in, and ``triton_mode_interpreted()`` tells the caller which it is.
+kinds cannot be mixed in one process. ``kernels()`` therefore imports the kernel module in whichever
+mode ``triton`` itself was imported in (``backend.triton_interpreted()``).
 """
 
 from __future__ import annotations
@@ -15,20 +15,10 @@ import re
 from typing import Optional
 
 import torch
-import triton.language as tl
 from torch import Tensor
 
-
-def interpret_requested() -> bool:
-    """True when ``TRITON_INTERPRET`` asks for the Triton interpreter (read at call time)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def triton_mode_interpreted() -> bool:
-    """True when ``triton`` was imported under ``TRITON_INTERPRET=1`` (its kernels then run on CPU)."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(tl.zeros, InterpretedFunction)
+from mlra_kernels.ops.mlra import config
+from mlra_kernels.ops.mlra.backend import triton_interpreted
 
 
 def _version(text: str) -> tuple[int, ...]:
@@ -66,13 +56,13 @@ def check_interpreter(triton_version: Optional[str] = None, numpy_version: Optio
 def check_interpreter_once() -> None:
     """``check_interpreter()`` for the installed versions, when running interpreted; once per process
     (a raised error is not cached, so a failing pair raises on every call)."""
-    if triton_mode_interpreted():
+    if triton_interpreted():
         check_interpreter()
 
 
 def kernels():
     """The kernel module, decorated in the same mode as Triton's own library."""
-    interpreted = triton_mode_interpreted()
+    interpreted = triton_interpreted()
     saved = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1" if interpreted else "0"
     try:
@@ -84,12 +74,8 @@ def kernels():
             os.environ["TRITON_INTERPRET"] = saved
 
 
-# Tests set this to fill every output with NaN before the kernels run, so an element never written shows.
-POISON = False
-
-
 def _alloc(shape, dtype, device) -> Tensor:
-    if POISON:
+    if config.POISON_OUTPUTS:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
 
@@ -105,7 +91,7 @@ def _meta(c: Tensor, r: int, dh: int, causal: bool, has_bias: bool, has_kpm: boo
         HAS_KPM=has_kpm,
         DROPOUT=dropout_p > 0.0,
         PREC="ieee" if c.dtype == torch.float32 else "tf32",
-        UPCAST=c.dtype == torch.bfloat16 and triton_mode_interpreted(),
+        UPCAST=c.dtype == torch.bfloat16 and triton_interpreted(),
         BLOCK_D=_pow2(dh),
         BLOCK_R=min(64, _pow2(r)),
     )
@@ -116,20 +102,16 @@ def _dims(x_shape, num_heads: int, latent_groups: int, r: int):
     return B, T, d, num_heads, num_heads // latent_groups, r, d // num_heads
 
 
-FWD_VARIANTS = ("auto", "rebuild", "absorbed")
-
-
 def fwd_variant(r: int, dh: int) -> str:
     """Forward kernel for rank ``r`` and head dim ``d_h``: ``"rebuild"`` or ``"absorbed"``.
 
-    ``MLRA_FWD_VARIANT`` (``auto``/``rebuild``/``absorbed``) overrides. ``auto`` is a FLOP model until
-    GPU measurements replace it: per (BM=128)×BN tile the rebuild form costs ``4·BN·d_h·(BM + r)`` and
-    the absorbed form ``4·BM·BN·r``; the absorbed form also needs its ``[BM, r]`` accumulator in
-    registers, so it is only taken for ``r ≤ 128``. The absorbed form never handles ``r > 256``.
+    ``MLRA_FWD_VARIANT`` (``auto``/``rebuild``/``absorbed``, ``config.fwd_variant``) overrides. ``auto``
+    is a FLOP model until GPU measurements replace it: per (BM=128)×BN tile the rebuild form costs
+    ``4·BN·d_h·(BM + r)`` and the absorbed form ``4·BM·BN·r``; the absorbed form also needs its
+    ``[BM, r]`` accumulator in registers, so it is only taken for ``r ≤ 128``. The absorbed form never
+    handles ``r > 256``.
     """
-    requested = os.environ.get("MLRA_FWD_VARIANT", "auto").strip().lower() or "auto"
-    if requested not in FWD_VARIANTS:
-        raise ValueError(f"MLRA_FWD_VARIANT must be one of {FWD_VARIANTS}, got {requested!r}")
+    requested = config.fwd_variant()
     rf = _pow2(r)
     if requested == "absorbed":
         return "absorbed" if rf <= 256 else "rebuild"

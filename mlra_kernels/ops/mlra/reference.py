@@ -1,9 +1,10 @@
 """Pure-PyTorch reference for Multi-head Low-Rank Attention (MLRA).
 
-Written for clarity, not speed. Tests compare the Triton kernels against it in float64, and the
-public call uses it on CPU tensors (unless ``TRITON_INTERPRET=1``).
+Written for clarity, not speed, and independent of the production code: tests and benchmarks compare
+every path against it in float64, and no production path calls it. Gradients come from autograd.
 
-Weight layouts (the contract shared by every path):
+Weight layouts (the contract of ``mlra_kernels.ops.mlra.layout``, restated here so that the oracle
+does not lean on the code it checks):
 
 - ``x``:    ``[B, T, d]``
 - ``down``: ``[3·g·r, d]``, the stacked down-projections ``A_Q; A_K; A_V`` in ``nn.Linear`` layout,
@@ -152,58 +153,3 @@ def mlra_attention_reference(
         dropout_p=dropout_p, dropout_mask=dropout_mask,
     )
     return o.transpose(1, 2).reshape(B, T, d)
-
-
-def _scores_reference(q: Tensor, k: Tensor, scale: Optional[float], causal: bool, key_padding_mask: Optional[Tensor]):
-    """Masked scores ``[B, H, T, S]``, softmax ``p`` (zeros on fully masked rows) and ``lse`` (``+inf`` there)."""
-    B, H, T, dh = q.shape
-    S = k.shape[2]
-    s = scale if scale is not None else 1.0 / math.sqrt(dh)
-    scores = (q @ k.transpose(-1, -2)) * s
-    bias = attention_bias_reference(
-        B, H, T, S, causal=causal, key_padding_mask=key_padding_mask, attn_mask=None,
-        dtype=scores.dtype, device=scores.device,
-    )
-    if bias is not None:
-        scores = scores + bias
-    dead = torch.isneginf(scores.amax(dim=-1, keepdim=True))
-    p = torch.softmax(scores.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
-    lse = torch.logsumexp(scores.float(), dim=-1).masked_fill(dead.squeeze(-1), float("inf"))
-    return s, p, lse
-
-
-def mlra_attention_lse_reference(
-    x: Tensor, down: Tensor, up: Tensor, bias: Optional[Tensor], *, num_heads: int, latent_groups: int,
-    causal: bool, key_padding_mask: Optional[Tensor], dropout_p: float, scale: Optional[float],
-    dropout_mask: Optional[Tensor],
-) -> tuple[Tensor, Tensor]:
-    """``(out [B, T, d], lse [B, H, T] fp32)``: the forward that the fused kernel computes."""
-    B, T, d = x.shape
-    q, k, v = mlra_qkv_reference(x, down, up, bias, num_heads=num_heads, latent_groups=latent_groups)
-    _, p, lse = _scores_reference(q, k, scale, causal, key_padding_mask)
-    if dropout_p > 0.0:
-        p = p * dropout_mask / (1.0 - dropout_p)
-    return (p @ v).transpose(1, 2).reshape(B, T, d), lse.float()
-
-
-def mlra_qkv_grad_reference(
-    grad_out: Tensor, x: Tensor, down: Tensor, up: Tensor, bias: Optional[Tensor], *, num_heads: int,
-    latent_groups: int, causal: bool, key_padding_mask: Optional[Tensor], dropout_p: float,
-    scale: Optional[float], dropout_mask: Optional[Tensor],
-) -> Tensor:
-    """Gradient of the output w.r.t. the per-head ``q, k, v``, as ``[B, T, 3, d]`` (written out by hand)."""
-    B, T, d = x.shape
-    H = num_heads
-    q, k, v = mlra_qkv_reference(x, down, up, bias, num_heads=num_heads, latent_groups=latent_groups)
-    s, p, _ = _scores_reference(q, k, scale, causal, key_padding_mask)
-    do = grad_out.reshape(B, T, H, d // H).transpose(1, 2)  # [B, H, T, d_h]
-    keep = dropout_mask / (1.0 - dropout_p) if dropout_p > 0.0 else None
-    pd = p * keep if keep is not None else p
-    dv = pd.transpose(-1, -2) @ do
-    dp = do @ v.transpose(-1, -2)
-    if keep is not None:
-        dp = dp * keep
-    ds = p * (dp - (p * dp).sum(-1, keepdim=True))
-    dq = (ds @ k) * s
-    dk = (ds.transpose(-1, -2) @ q) * s
-    return torch.stack([dq, dk, dv], dim=2).permute(0, 3, 2, 1, 4).reshape(B, T, 3, d)

@@ -1,0 +1,186 @@
+"""The one backend choice of an MLRA call: which path runs, and why.
+
+The public call asks :func:`choose` once; the forward, the backward (the path travels with the saved
+tensors), :func:`kernel_path` and the one-time "not the fast path" warnings all read that answer.
+
+Paths:
+
+- ``"triton"``: the fused Triton kernels on CUDA tensors.
+- ``"triton-interpreter"``: the same kernels on CPU tensors under the Triton interpreter
+  (``TRITON_INTERPRET=1`` set before ``triton`` was imported): how the CPU tests check the kernels.
+- ``"torch-cpu"``: CPU tensors; the latent GEMMs, then torch's fused CPU attention (no ``T×T`` scores).
+- ``"torch"``: plain torch with the ``T×T`` scores in memory and a hand-written backward: float64, a
+  general ``attn_mask``, and on the CPU key padding, dropout and fewer than 16 tokens.
+
+A newcomer's path (say, a sliding-window kernel) is one more name in :data:`PATHS`, one more rule in
+:func:`choose`, and its launch in the variant file.
+
+Forcing a path: ``MLRA_BACKEND=<path>`` in the environment, or ``with use_backend("<path>"):`` in code
+(tests steer the choice this way). A forced path that cannot run the call raises, saying why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+from torch import Tensor
+
+from mlra_kernels._warnings import warn_once
+from mlra_kernels.ops.mlra import config
+
+PATHS = ("triton", "triton-interpreter", "torch-cpu", "torch")
+
+# torch's fused CPU attention needs this many tokens to beat the T×T path (which is also the more exact:
+# at T = 1 the fused backward leaves fp32 noise in dq and dk, whose exact value is 0).
+CPU_FUSED_MIN_TOKENS = 16
+
+_forced: list[str] = []
+
+
+@dataclass(frozen=True)
+class Choice:
+    """``path``: one of :data:`PATHS`; ``reason``: why, in words; ``slow``: a faster path exists for
+    this device but cannot run this call (the caller is warned once per reason)."""
+
+    path: str
+    reason: str
+    slow: bool = False
+
+
+@contextlib.contextmanager
+def use_backend(path: str) -> Iterator[None]:
+    """Force ``path`` for the MLRA calls made inside the ``with`` block (their backward keeps it).
+
+    Example::
+
+        >>> with use_backend("torch"):
+        ...     y = mlra_kernels.mlra_attention(x, down, up, num_heads=4)
+    """
+    if path not in PATHS + ("auto",):
+        raise ValueError(f"use_backend: path must be one of {', '.join(PATHS + ('auto',))}; got {path!r}")
+    _forced.append(path)
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreted() -> bool:
+    """True when ``triton`` was imported under ``TRITON_INTERPRET=1`` (its kernels then run on CPU)."""
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(tl.zeros, InterpretedFunction)
+
+
+def _interpreter_ready() -> bool:
+    """``TRITON_INTERPRET=1`` is set and took effect (it must be set before triton's import)."""
+    if not config.interpret_requested() or not triton_available():
+        return False
+    if triton_interpreted():
+        return True
+    warn_once(
+        "interpret-late",
+        "TRITON_INTERPRET=1 was set after `triton` was imported; Triton reads it only at import, so "
+        "mlra_attention keeps the torch path on CPU tensors. Set it before importing triton.",
+    )
+    return False
+
+
+def _auto(x: Tensor, key_padding_mask: Optional[Tensor], dropout_p: float, attn_mask: Optional[Tensor]) -> Choice:
+    if x.dtype == torch.float64:
+        return Choice("torch", "float64 runs the exact torch path (the kernels compute in fp32)")
+    if attn_mask is not None:
+        return Choice(
+            "torch", "a general attn_mask is not fused (causal and key_padding_mask are): the T×T scores "
+            "are materialised", slow=True,
+        )
+    if x.is_cuda:
+        if not triton_available():
+            raise RuntimeError("mlra_attention on CUDA tensors needs Triton: pip install triton")
+        return Choice("triton", "CUDA tensors run the fused Triton kernels")
+    if x.device.type == "cpu" and _interpreter_ready():
+        return Choice("triton-interpreter", "TRITON_INTERPRET=1: the Triton kernels under the interpreter")
+    if key_padding_mask is not None:
+        return Choice(
+            "torch", "key padding on the CPU: torch's fused CPU attention would give NaN for a query whose "
+            "keys are all padding, so the T×T scores are materialised", slow=True,
+        )
+    if dropout_p > 0.0:
+        return Choice(
+            "torch", "attention dropout on the CPU: torch's fused CPU attention cannot replay a seeded mask "
+            "in the backward, so the T×T scores are materialised", slow=True,
+        )
+    if x.shape[1] < CPU_FUSED_MIN_TOKENS:
+        return Choice("torch", f"fewer than {CPU_FUSED_MIN_TOKENS} tokens: the T×T path is cheaper and exact")
+    return Choice("torch-cpu", "CPU tensors: latent GEMMs and torch's fused CPU attention")
+
+
+def _can_run(path: str, x: Tensor, key_padding_mask, dropout_p: float, attn_mask) -> Optional[str]:
+    """None when ``path`` can run this call, else why not."""
+    if path == "torch":
+        return None
+    if attn_mask is not None:
+        return "a general attn_mask runs only on the torch path"
+    if x.dtype == torch.float64:
+        return "float64 runs only on the torch path"
+    if path == "triton":
+        return None if x.is_cuda and triton_available() else "it needs CUDA tensors and Triton"
+    if path == "triton-interpreter":
+        ok = x.device.type == "cpu" and config.interpret_requested() and triton_available() and triton_interpreted()
+        return None if ok else "it needs CPU tensors and TRITON_INTERPRET=1 set before triton is imported"
+    if path == "torch-cpu":
+        if x.device.type != "cpu":
+            return "it needs CPU tensors"
+        if key_padding_mask is not None or dropout_p > 0.0:
+            return "torch's fused CPU attention takes neither key padding nor dropout here"
+        return None
+    return f"unknown path {path!r}"
+
+
+def choose(
+    x: Tensor, *, key_padding_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
+    attn_mask: Optional[Tensor] = None,
+) -> Choice:
+    """The path for an ``mlra_attention`` call on ``x`` ``[B, T, d]`` with these modes."""
+    forced = _forced[-1] if _forced else config.backend()
+    if forced == "auto":
+        return _auto(x, key_padding_mask, dropout_p, attn_mask)
+    why_not = _can_run(forced, x, key_padding_mask, dropout_p, attn_mask)
+    if why_not is not None:
+        raise RuntimeError(f"the MLRA backend {forced!r} was forced (MLRA_BACKEND / use_backend) but cannot run "
+                           f"this call: {why_not}")
+    return Choice(forced, "forced by MLRA_BACKEND / use_backend")
+
+
+def warn_if_slow(choice: Choice) -> None:
+    """Warn once per reason when a mode of the call keeps it off the fast path (not under compile,
+    where a warning would break the graph)."""
+    if choice.slow and not torch.compiler.is_compiling():
+        warn_once(f"mlra-path:{choice.reason}", f"mlra_attention runs the {choice.path!r} path: {choice.reason}.")
+
+
+def kernel_path(
+    x: Tensor, key_padding_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
+    attn_mask: Optional[Tensor] = None,
+) -> str:
+    """Which path an ``mlra_attention`` call on ``x`` ``[B, T, d]`` takes (:data:`PATHS`); see
+    :func:`explain` for the reason."""
+    return choose(x, key_padding_mask=key_padding_mask, dropout_p=dropout_p, attn_mask=attn_mask).path
+
+
+def explain(
+    x: Tensor, key_padding_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
+    attn_mask: Optional[Tensor] = None,
+) -> str:
+    """``"<path>: <reason>"`` for an ``mlra_attention`` call on ``x`` with these modes."""
+    c = choose(x, key_padding_mask=key_padding_mask, dropout_p=dropout_p, attn_mask=attn_mask)
+    return f"{c.path}: {c.reason}"

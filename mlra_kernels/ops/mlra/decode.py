@@ -1,0 +1,153 @@
+"""The decoding variant: a few new tokens attending the latent KV cache, in the absorbed form.
+
+A decode step never needs K or V: with ``q̃_h = q_h · B_{K,h}`` (``r`` wide) the scores are
+``q̃_h · c_Kᵀ`` (the K bias adds the same value to every key of a query and drops out of the softmax),
+and the output is ``(P · c_V) · B_{V,h}ᵀ + b_{V,h}``. All heads of a latent group attend the group's
+cached latents as one batched product, so each cached number is read once per step, not once per head.
+
+The caller keeps the cache: it stores :func:`~mlra_kernels.ops.mlra.layout.kv_latents` of the new
+tokens, then passes everything cached (the new tokens included) to :func:`mlra_decode`. This is the
+torch implementation (CPU and GPU).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mlra_kernels.ops.mlra import layout
+
+
+def _decode_mask(
+    B: int, H: int, g: int, t: int, S: int, *, causal: bool, key_padding_mask: Optional[Tensor],
+    attn_mask: Optional[Tensor], dtype: torch.dtype, device: torch.device,
+) -> Optional[Tensor]:
+    """One additive mask ``[B | 1, g | 1, (H/g)·t, S]`` for the grouped queries, finite (a query with no
+    key left averages the values instead of giving NaN)."""
+    lowest = torch.finfo(dtype).min
+    mask = None
+
+    def add(extra: Tensor) -> None:  # extra: broadcastable to [B, H, t, S]
+        nonlocal mask
+        mask = extra if mask is None else mask + extra
+
+    def additive(m: Tensor) -> Tensor:
+        if m.dtype == torch.bool:
+            return torch.zeros(m.shape, dtype=dtype, device=device).masked_fill(m, lowest)
+        return m.to(dtype).clamp(min=lowest)
+
+    if causal and t > 1:
+        add(additive(torch.ones(t, S, dtype=torch.bool, device=device).triu(S - t + 1)).view(1, 1, t, S))
+    if key_padding_mask is not None:
+        add(additive(key_padding_mask).view(B, 1, 1, S))
+    if attn_mask is not None:
+        add(additive(attn_mask if attn_mask.dim() == 4 else attn_mask.view(1, 1, t, S)))
+    if mask is None:
+        return None
+    mask = mask.clamp(min=lowest)
+    b, h = mask.shape[0], mask.shape[1]
+    if h == 1:  # the same mask for every head: repeat it over the heads of a group
+        return mask.view(b, 1, 1, t, S).expand(b, 1, H // g, t, S).reshape(b, 1, H // g * t, S)
+    return mask.expand(b, H, t, S).reshape(b, g, H // g * t, S)
+
+
+def mlra_decode(
+    x: Tensor,
+    down: Tensor,
+    up: Tensor,
+    bias: Optional[Tensor] = None,
+    *,
+    cache_k: Tensor,
+    cache_v: Tensor,
+    num_heads: int,
+    latent_groups: int = 1,
+    causal: bool = True,
+    key_padding_mask: Optional[Tensor] = None,
+    attn_mask: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    need_weights: bool = False,
+) -> tuple[Tensor, Optional[Tensor]]:
+    """Attention of the new tokens ``x`` over the latent cache: ``(out [B, t, d], weights or None)``.
+
+    Args:
+        x: ``[B, t, d]`` new tokens (one for a decode step; all of them for a prefill that wants the
+            weights or a general mask).
+        down, up, bias: the MLRA factors (layout in ``mlra_kernels.ops.mlra.layout``).
+        cache_k, cache_v: ``[B, S, g·r]`` cached latents ``c_K, c_V``, the new tokens' included (any
+            strides: a view of a preallocated cache works).
+        num_heads, latent_groups: ``H`` and ``g``.
+        causal: the new tokens are the last ``t`` of the ``S`` positions and see only the keys up to
+            their own (default True). Pass False when ``attn_mask`` says it all.
+        key_padding_mask: ``[B, S]``, bool (True = padding) or float (added).
+        attn_mask: ``[t, S]`` or ``[B | 1, 1 | H, t, S]``, bool (True = masked) or float (added).
+        scale: score scale; default ``1/sqrt(d_h)``.
+        dropout_p: dropout on the attention probabilities (torch's default generator).
+        need_weights: also return the attention weights ``[B, H, t, S]`` (after dropout).
+
+    Returns the head outputs, concatenated, before ``W_O``. A query with every key masked averages the
+    values (no NaN), as the dense attention of Hugging Face models does. Differentiable (autograd).
+
+    Example::
+
+        >>> B, d, H, r = 2, 64, 4, 16
+        >>> down, up = torch.randn(3 * r, d) * 0.1, torch.randn(3, d, r) * 0.1
+        >>> x = torch.randn(B, 1, d)
+        >>> c_k, c_v = kv_latents(x, down, 1)   # append these to the cache, then attend all of it
+        >>> out, _ = mlra_decode(x, down, up, cache_k=c_k, cache_v=c_v, num_heads=H)
+        >>> out.shape
+        torch.Size([2, 1, 64])
+    """
+    layout.check_types(x, down, up, bias, key_padding_mask, attn_mask)
+    layout.check_scalars(num_heads, latent_groups, causal, dropout_p, scale)
+    H, g = int(num_heads), int(latent_groups)
+    layout.check_factors(x, down, up, bias, H, g)
+    B, t, d = x.shape
+    r, dh = up.shape[2], d // H
+    for name, c in (("cache_k", cache_k), ("cache_v", cache_v)):
+        if not isinstance(c, Tensor) or c.dim() != 3 or c.shape[0] != B or c.shape[2] != g * r:
+            raise ValueError(f"{name} must be [B, S, g·r] = [{B}, S, {g * r}], got "
+                             f"{tuple(c.shape) if isinstance(c, Tensor) else type(c).__name__}")
+        if c.dtype != x.dtype or c.device != x.device:
+            raise TypeError(f"{name} is {c.dtype} on {c.device} but x is {x.dtype} on {x.device}")
+    S = cache_k.shape[1]
+    if cache_v.shape[1] != S or S < t:
+        raise ValueError(f"cache_k and cache_v must hold the same S >= t={t} positions, got "
+                         f"{cache_k.shape[1]} and {cache_v.shape[1]}")
+    if key_padding_mask is not None and key_padding_mask.shape != (B, S):
+        raise ValueError(f"key_padding_mask must be [B, S] = [{B}, {S}], got {tuple(key_padding_mask.shape)}")
+    if attn_mask is not None and not (
+        attn_mask.shape == (t, S)
+        or (attn_mask.dim() == 4 and attn_mask.shape[0] in (1, B) and attn_mask.shape[1] in (1, H)
+            and attn_mask.shape[2:] == (t, S))
+    ):
+        raise ValueError(f"attn_mask must be [t, S] or [B | 1, 1 | H, t, S] with t={t}, S={S}, "
+                         f"got {tuple(attn_mask.shape)}")
+    s = float(scale) if scale is not None else 1.0 / math.sqrt(dh)
+
+    up_q, b_q = layout.projection(up, bias, 0)
+    up_v, b_v = layout.projection(up, bias, 2)
+    q = layout.expand(layout.latents(x, down[:g * r]), up_q, b_q, H, g)  # [B, H, t, d_h]
+    q_abs = torch.einsum("bhtd,hdr->bhtr", q, up[1].view(H, dh, r))  # q̃ = q · B_K, [B, H, t, r]
+    q_abs = q_abs.reshape(B, g, H // g * t, r)
+    k = cache_k.view(B, S, g, r).transpose(1, 2)  # [B, g, S, r]
+    v = cache_v.view(B, S, g, r).transpose(1, 2)
+    mask = _decode_mask(B, H, g, t, S, causal=causal, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
+                        dtype=q_abs.dtype, device=x.device)
+    weights = None
+    if need_weights or dropout_p > 0.0:
+        scores = (q_abs @ k.transpose(-1, -2)) * s  # [B, g, (H/g)·t, S]
+        p = torch.softmax(scores + mask if mask is not None else scores, dim=-1)
+        if dropout_p > 0.0:
+            p = torch.nn.functional.dropout(p, dropout_p)
+        z = p @ v
+        weights = p.view(B, H, t, S) if need_weights else None
+    else:
+        z = F.scaled_dot_product_attention(q_abs, k, v, attn_mask=mask, scale=s)  # [B, g, (H/g)·t, r]
+    out = torch.einsum("bgjtr,gjdr->btgjd", z.view(B, g, H // g, t, r), up_v.view(g, H // g, dh, r))
+    out = out.reshape(B, t, d)
+    return (out + b_v if b_v is not None else out), weights

@@ -1,0 +1,283 @@
+"""The MLRA weight layout and everything that depends on it: latents, per-head expansion, dense ↔
+factors, and the argument checks. Nothing else in the package re-implements these.
+
+Layout (the contract shared by every path, module and integration):
+
+- ``x``:    ``[B, T, d]``
+- ``down``: ``[3·g·r, d]``, the stacked down-projections ``A_Q; A_K; A_V`` in ``nn.Linear`` layout, so
+  ``c = x @ down.T``. Inside one projection the ``g`` groups are contiguous blocks of ``r`` rows.
+- ``up``:   ``[3, d, r]``. ``up[p, h·d_h:(h+1)·d_h, :]`` is ``B_{P,h}`` (``[d_h, r]``). Head ``h`` reads
+  latent group ``h // (H // g)``, so the heads of one group are contiguous.
+- ``bias``: ``[3·d]``, ordered like ``nn.MultiheadAttention.in_proj_bias`` (q, then k, then v).
+
+With ``g = 1`` the dense projection is ``W_P = up[p] @ down[p·r:(p+1)·r]``: the block
+``in_proj_weight[p·d:(p+1)·d]`` of ``nn.MultiheadAttention``, or ``c_attn.weight.T`` of GPT-2.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+PROJECTIONS = ("q", "k", "v")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def positive_int(name: str, value: Any) -> int:
+    """``value`` as an int, or a ``TypeError`` / ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a positive int, got {value!r} ({type(value).__name__})")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value}")
+    return int(value)
+
+
+def default_rank(embed_dim: int) -> int:
+    """The default rank per latent group: ``max(1, embed_dim // 4)``.
+
+    At ``g = 1`` this halves the parameters of the Q/K/V projections (``1.5·d²`` against ``3·d²``) and
+    shrinks the per-token KV cache from ``2·d`` to ``d/2`` numbers, while keeping enough rank for the
+    head dimension of common configurations (``d_h = 64`` with ``H >= 4``).
+    """
+    return max(1, embed_dim // 4)
+
+
+def check_config(
+    embed_dim: Any, num_heads: Any, rank: Any, latent_groups: Any, *, prefix: str = "",
+    names: tuple[str, str] = ("embed_dim", "num_heads"),
+) -> tuple[int, int, int, int]:
+    """The one check of an MLRA configuration; returns ``(embed_dim, num_heads, rank, latent_groups)``
+    as ints, ``rank=None`` taking :func:`default_rank`. ``prefix`` and ``names`` name the caller's own
+    arguments (``GPT2Config.``, ``("n_embd", "n_head")``) in the messages."""
+    d_name, h_name = names
+    d = positive_int(prefix + d_name, embed_dim)
+    H = positive_int(prefix + h_name, num_heads)
+    if d % H:
+        raise ValueError(f"{prefix}{h_name}={H} must divide {d_name}={d}")
+    r = default_rank(d) if rank is None else positive_int(prefix + "rank", rank)
+    if r > d:
+        raise ValueError(f"{prefix}rank must be in [1, {d_name}={d}], got {r}")
+    g = positive_int(prefix + "latent_groups", latent_groups)
+    if H % g:
+        raise ValueError(f"{prefix}latent_groups={g} must divide {h_name}={H}")
+    return d, H, r, g
+
+
+def check_types(x, down, up, bias, key_padding_mask, attn_mask) -> None:
+    for name, t in (("x", x), ("down", down), ("up", up)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+    for name, t in (("bias", bias), ("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
+        if t is not None and not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a Tensor or None, got {type(t).__name__}")
+    for name, m in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
+        if m is not None and m.dtype != torch.bool and not m.is_floating_point():
+            raise TypeError(f"only bool and floating types of {name} are supported, got {m.dtype}")
+
+
+def check_scalars(num_heads: Any, latent_groups: Any, causal: Any, dropout_p: Any, scale: Any) -> None:
+    """Types and ranges of the non-tensor arguments, before anything compares or converts them."""
+    positive_int("num_heads", num_heads)
+    positive_int("latent_groups", latent_groups)
+    if not isinstance(causal, (bool, numbers.Integral)):
+        raise TypeError(f"causal must be a bool, got {causal!r} ({type(causal).__name__})")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"dropout_p must be a float in [0, 1), got {dropout_p!r} ({type(dropout_p).__name__})")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if scale is None:
+        return
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a positive float or None, got {scale!r} ({type(scale).__name__})")
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive finite float (default 1/sqrt(d_h)), got {scale}")
+
+
+def check_factors(x: Tensor, down: Tensor, up: Tensor, bias: Optional[Tensor], num_heads: int, latent_groups: int,
+                  x_name: str = "x") -> None:
+    """Shapes, dtypes and devices of the input and the factors."""
+    if x.dim() != 3:
+        raise ValueError(f"{x_name} must be a [B, T, d] tensor, got shape {tuple(x.shape)}")
+    B, T, d = x.shape
+    if T < 1 or B < 1:
+        raise ValueError(f"{x_name} must have B >= 1 and T >= 1, got shape {tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{x_name} must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    if d % num_heads:
+        raise ValueError(f"num_heads={num_heads} must divide the model width d={d}")
+    if num_heads % latent_groups:
+        raise ValueError(f"latent_groups={latent_groups} must divide num_heads={num_heads}")
+    if up.dim() != 3 or up.shape[0] != 3 or up.shape[1] != d:
+        raise ValueError(f"up must be [3, d={d}, r], got {tuple(up.shape)}")
+    r = up.shape[2]
+    if not 1 <= r <= d:
+        raise ValueError(f"the rank r={r} (up.shape[-1]) must be between 1 and d={d}")
+    if down.shape != (3 * latent_groups * r, d):
+        raise ValueError(f"down must be [3·g·r, d] = [{3 * latent_groups * r}, {d}], got {tuple(down.shape)}")
+    if bias is not None and bias.shape != (3 * d,):
+        raise ValueError(f"bias must be [3·d] = [{3 * d}], got {tuple(bias.shape)}")
+    for name, t in (("down", down), ("up", up), ("bias", bias)):
+        if t is None:
+            continue
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but {x_name} has {x.dtype}; they must match (or use autocast)")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but {x_name} is on {x.device}")
+
+
+def check_masks(x: Tensor, num_heads: int, key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor],
+                keys: Optional[int] = None) -> None:
+    """``key_padding_mask`` ``[B, S]`` and ``attn_mask`` ``[T, S]`` / ``[B·H, T, S]`` against ``x``
+    ``[B, T, d]``; ``S`` is ``keys`` (default ``T``)."""
+    B, T, _ = x.shape
+    S = T if keys is None else keys
+    if key_padding_mask is not None:
+        if key_padding_mask.shape != (B, S):
+            raise ValueError(f"key_padding_mask must be [B, S] = [{B}, {S}], got {tuple(key_padding_mask.shape)}")
+        if key_padding_mask.device != x.device:
+            raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but x is on {x.device}")
+    if attn_mask is not None:
+        if attn_mask.shape not in ((T, S), (B * num_heads, T, S)):
+            raise ValueError(
+                f"attn_mask must be [T, S] = [{T}, {S}] or [B·H, T, S] = [{B * num_heads}, {T}, {S}], "
+                f"got {tuple(attn_mask.shape)}"
+            )
+        if attn_mask.device != x.device:
+            raise ValueError(f"attn_mask is on {attn_mask.device} but x is on {x.device}")
+
+
+def latents(x: Tensor, down: Tensor) -> Tensor:
+    """``c = x · downᵀ``: ``[B, T, d]`` to the latents ``[B, T, 3·g·r]`` (or one projection's rows)."""
+    B, T, d = x.shape
+    return (x.reshape(B * T, d) @ down.t()).view(B, T, down.shape[0])
+
+
+def heads_token_major(c: Tensor, up: Tensor, bias: Optional[Tensor], num_heads: int, g: int) -> list[Tensor]:
+    """Per-head ``q, k, v`` from the latents ``c`` ``[B, T, 3·g·r]``, each ``[B, H, T, d_h]`` laid out
+    token-major in memory (a transposed view of ``[B, T, H, d_h]``), the layout torch's CPU attention
+    returns its output and gradients in; the bias is added inside the batched GEMM."""
+    B, T, _ = c.shape
+    d, r = up.shape[1], up.shape[2]
+    P, k, dh = 3 * g, d // g, d // num_heads
+    c_p = c.reshape(B * T, P, r).transpose(0, 1)  # [3·g, N, r]
+    up_p = up.reshape(P, k, r).transpose(1, 2)  # [3·g, r, d/g]
+    if bias is None:
+        qkv = torch.bmm(c_p, up_p)
+    else:
+        qkv = torch.baddbmm(bias.view(P, 1, k), c_p, up_p)  # [3·g, N, d/g]
+    qkv = qkv.view(3, g, B, T, k)
+    if g == 1:
+        return [qkv[p, 0].view(B, T, num_heads, dh).transpose(1, 2) for p in range(3)]
+    return [qkv[p].permute(1, 2, 0, 3).reshape(B, T, num_heads, dh).transpose(1, 2) for p in range(3)]
+
+
+def expand(c: Tensor, up_p: Tensor, bias_p: Optional[Tensor], num_heads: int, g: int) -> Tensor:
+    """One projection's latent ``c`` ``[B, S, g·r]`` to its heads ``[B, H, S, d_h]`` with the up-projection
+    ``up_p`` ``[d, r]`` and bias ``bias_p`` ``[d]`` (or None)."""
+    B, S, gr = c.shape
+    d, r = up_p.shape
+    H, dh = num_heads, d // num_heads
+    out = torch.einsum("bsgr,ghdr->bghsd", c.view(B, S, g, r), up_p.view(g, H // g, dh, r)).reshape(B, H, S, dh)
+    if bias_p is not None:
+        out = out + bias_p.view(1, H, 1, dh)
+    return out
+
+
+def projection(up: Tensor, bias: Optional[Tensor], p: int) -> tuple[Tensor, Optional[Tensor]]:
+    """``(up[p] [d, r], bias[p·d:(p+1)·d] or None)`` of projection ``p`` (0 = q, 1 = k, 2 = v)."""
+    d = up.shape[1]
+    return up[p], (bias[p * d:(p + 1) * d] if bias is not None else None)
+
+
+def factor_grads(
+    dqkv: Tensor, c: Tensor, x: Tensor, down: Tensor, up: Tensor, g: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """From the per-head gradients ``dqkv [N, 3, d]`` back to ``(dx, ddown, dup, dbias)``: batched GEMMs
+    over the ``3·g`` (projection, group) blocks."""
+    B, T, d = x.shape
+    N, P, r, k = B * T, 3 * g, up.shape[-1], d // g
+    dq_p = dqkv.view(N, P, k).transpose(0, 1)  # [3·g, N, d/g], a view
+    dc = torch.bmm(dq_p, up.reshape(P, k, r))  # [3·g, N, r]
+    dup = torch.bmm(dq_p.transpose(1, 2), c.reshape(N, P, r).transpose(0, 1)).view(3, d, r)
+    dbias = dq_p.sum(1).reshape(3 * d)
+    dc_n = dc.transpose(0, 1).reshape(N, P * r)  # [N, 3·g·r]
+    dx = (dc_n @ down).view(B, T, d)
+    ddown = dc_n.t() @ x.reshape(N, d)
+    return dx, ddown, dup, dbias
+
+
+def dense_from_factors(down: Tensor, up: Tensor, num_heads: int, latent_groups: int) -> Tensor:
+    """The dense ``[3·d, d]`` Q/K/V weight (``nn.Linear`` layout) that the factors represent."""
+    d, r, g = up.shape[1], up.shape[2], latent_groups
+    return torch.einsum(
+        "pgor,pgri->pgoi", up.reshape(3, g, d // g, r), down.reshape(3, g, r, d)
+    ).reshape(3 * d, d)
+
+
+class Factors(NamedTuple):
+    """``down [3·g·r, d]``, ``up [3, d, r]`` and the relative Frobenius error ``‖W_P − B·A‖_F / ‖W_P‖_F``
+    of each projection (``{"q", "k", "v"}``; None on the meta device)."""
+
+    down: Tensor
+    up: Tensor
+    errors: Optional[dict[str, float]]
+
+
+@torch.no_grad()
+def factorize(weight: Tensor, *, num_heads: int, rank: int, latent_groups: int = 1) -> Factors:
+    """Truncated SVD of a dense ``[3·d, d]`` Q/K/V weight into MLRA factors, with the error it makes.
+
+    Each group's block of rows ``W_P[group rows]`` (``[d/g, d]``) is factored in float64 as ``U·S·Vᵀ``;
+    its up-rows are ``U_r·sqrt(S_r)`` and its down-block is ``sqrt(S_r)·V_rᵀ``, cast back to the weight's
+    dtype. This is the best rank-``r`` approximation in Frobenius norm, exact when ``rank`` reaches the
+    rank of every block (``rank = d`` with ``g = 1``). A weight on the meta device gives uninitialised
+    factors on the meta device and no errors.
+    """
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        raise ValueError(f"weight must be a [3·d, d] tensor, got {getattr(weight, 'shape', type(weight).__name__)}")
+    d = weight.shape[1]
+    if weight.shape != (3 * d, d):
+        raise ValueError(f"weight must be [3·d, d], got {tuple(weight.shape)}")
+    _, H, r, g = check_config(d, num_heads, rank, latent_groups, names=("d", "num_heads"))
+    if weight.is_meta:
+        meta = dict(device=weight.device, dtype=weight.dtype)
+        return Factors(torch.empty(3 * g * r, d, **meta), torch.empty(3, d, r, **meta), None)
+    w = weight.detach().double().view(3, g, d // g, d)
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)  # [3, g, d/g, k], [3, g, k], [3, g, k, d]
+    k = s.shape[-1]
+    if r > k:
+        pad = r - k
+        u = torch.nn.functional.pad(u, (0, pad))
+        s = torch.nn.functional.pad(s, (0, pad))
+        vh = torch.nn.functional.pad(vh, (0, 0, 0, pad))
+    root = s[..., :r].sqrt()
+    up = (u[..., :r] * root[..., None, :]).reshape(3, d, r)
+    down = (root[..., None] * vh[..., :r, :]).reshape(3 * g * r, d)
+    down, up = down.to(weight.dtype), up.to(weight.dtype)
+    w = w.view(3, d, d)  # the error of the factors as stored, in the weight's dtype
+    approx = dense_from_factors(down.double(), up.double(), H, g).view(3, d, d)
+    errors = {}
+    for p, name in enumerate(PROJECTIONS):
+        norm, err = w[p].norm(), (w[p] - approx[p]).norm()
+        errors[name] = float(err / norm) if norm > 0 else float(err)
+    return Factors(down, up, errors)
+
+
+def factors_from_dense(
+    weight: Tensor, bias: Optional[Tensor] = None, *, num_heads: int, rank: int, latent_groups: int = 1
+) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """``(down [3·g·r, d], up [3, d, r], bias)`` from a dense q/k/v weight ``[3·d, d]`` (``nn.Linear``
+    layout) and its bias, by :func:`factorize` (which also reports the error)."""
+    down, up, _ = factorize(weight, num_heads=num_heads, rank=rank, latent_groups=latent_groups)
+    return down, up, bias
+
+
+def kv_latents(x: Tensor, down: Tensor, latent_groups: int) -> tuple[Tensor, Tensor]:
+    """The latents ``c_K, c_V`` ``[B, T, g·r]`` of ``x`` ``[B, T, d]``: what a latent KV cache stores."""
+    gr = down.shape[0] // 3
+    c = latents(x, down[gr:])
+    return c[..., :gr], c[..., gr:]

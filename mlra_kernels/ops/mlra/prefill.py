@@ -1,0 +1,255 @@
+"""The prefill variant: causal (or full) self-attention over a whole sequence, for training and for
+the prefill of generation. Its public call is :func:`mlra_attention`.
+
+Two ``torch.library`` custom ops, ``mlra::mlra_attention_fwd`` and ``mlra::mlra_attention_bwd``, each with
+a fake (meta) implementation, so that ``torch.compile(fullgraph=True)`` traces through without a graph
+break. The path (``mlra_kernels.ops.mlra.backend``) is chosen once per call and passed to both ops:
+
+- ``"triton"`` / ``"triton-interpreter"``: the fused Triton kernels (``launcher``, ``kernels``);
+- ``"torch-cpu"``: the latent GEMMs, then torch's fused CPU attention;
+- ``"torch"``: the ``T×T`` scores in torch (``dense.attention_lse`` and its hand-written backward).
+
+What the forward saves for the backward: ``x``, the weights, ``O`` and the log-sum-exp. The latents
+are recomputed with one GEMM; no ``T×T`` matrix and no per-head q/k/v are kept.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from mlra_kernels.ops.mlra import backend, dense, layout
+
+
+def _dropout_keep_cpu(B: int, H: int, T: int, dropout_p: float, seed: int) -> Tensor:
+    """The torch path's keep mask ``[B, H, T, T]``: a CPU generator seeded with the call's seed."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand((B, H, T, T), generator=gen) >= dropout_p
+
+
+def _torch_inputs(c, up, bias, kpm, attn_mask, seed, num_heads, g, causal, dropout_p, x):
+    """Per-head q, k, v, the additive mask and the dropout keep mask of the ``"torch"`` path."""
+    B, T, _ = x.shape
+    q, k, v = layout.heads_token_major(c, up, bias, num_heads, g)
+    mask = dense.attention_bias(B, num_heads, T, T, causal=causal, key_padding_mask=kpm, attn_mask=attn_mask,
+                                dtype=q.dtype, device=q.device)
+    keep = _dropout_keep_cpu(B, num_heads, T, dropout_p, seed).to(x.device) if dropout_p > 0.0 else None
+    return q, k, v, mask, keep
+
+
+def _heads(t: Tensor, num_heads: int) -> Tensor:
+    """``[B, T, d]`` to ``[B, H, T, d_h]``, token-major (a view)."""
+    B, T, d = t.shape
+    return t.view(B, T, num_heads, d // num_heads).transpose(1, 2)
+
+
+def _merge(t: Tensor) -> Tensor:
+    """``[B, H, T, d_h]`` to ``[B, T, d]``, contiguous."""
+    B, H, T, dh = t.shape
+    return t.transpose(1, 2).reshape(B, T, H * dh).contiguous()
+
+
+@torch.library.custom_op("mlra::mlra_attention_fwd", mutates_args=())
+def mlra_attention_fwd(
+    x: Tensor, down: Tensor, up: Tensor, bias: Optional[Tensor], kpm: Optional[Tensor], attn_mask: Optional[Tensor],
+    seed: Optional[Tensor], num_heads: int, latent_groups: int, causal: bool, dropout_p: float, scale: float,
+    path: str,
+) -> tuple[Tensor, Tensor]:
+    """``(o [B, T, d], lse [B, H, T] fp32)``. ``kpm`` is an additive fp32 ``[B, T]`` key mask."""
+    seed_i = int(seed.item()) if seed is not None else 0
+    c = layout.latents(x, down)
+    if path in ("triton", "triton-interpreter"):
+        from mlra_kernels.ops.mlra import launcher
+
+        launcher.check_interpreter_once()
+        return launcher.mlra_fwd(
+            c, up.contiguous(), bias.contiguous() if bias is not None else None, kpm, num_heads=num_heads,
+            latent_groups=latent_groups, causal=causal, scale=scale, dropout_p=dropout_p, seed=seed_i,
+        )
+    if path == "torch-cpu":
+        q, k, v = layout.heads_token_major(c, up, bias, num_heads, latent_groups)
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+        return _merge(o), lse.float().contiguous()
+    q, k, v, mask, keep = _torch_inputs(c, up, bias, kpm, attn_mask, seed_i, num_heads, latent_groups, causal,
+                                        dropout_p, x)
+    o, lse = dense.attention_lse(q, k, v, scale=scale, bias=mask, dropout_p=dropout_p, keep=keep)
+    return _merge(o), lse.contiguous()
+
+
+@mlra_attention_fwd.register_fake
+def _(x, down, up, bias, kpm, attn_mask, seed, num_heads, latent_groups, causal, dropout_p, scale, path):
+    B, T, d = x.shape
+    return x.new_empty((B, T, d)), x.new_empty((B, num_heads, T), dtype=torch.float32)
+
+
+@torch.library.custom_op("mlra::mlra_attention_bwd", mutates_args=())
+def mlra_attention_bwd(
+    grad_o: Tensor, x: Tensor, down: Tensor, up: Tensor, bias: Optional[Tensor], kpm: Optional[Tensor],
+    attn_mask: Optional[Tensor], seed: Optional[Tensor], o: Tensor, lse: Tensor,
+    num_heads: int, latent_groups: int, causal: bool, dropout_p: float, scale: float, path: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(dx, ddown, dup, dbias)``; ``dbias`` is ``[3·d]`` even when there is no bias."""
+    B, T, d = x.shape
+    g = latent_groups
+    seed_i = int(seed.item()) if seed is not None else 0
+    grad_o = grad_o.contiguous()
+    c = layout.latents(x, down)
+    if path in ("triton", "triton-interpreter"):
+        from mlra_kernels.ops.mlra import launcher
+
+        dqkv = launcher.mlra_bwd_qkv(
+            c, up.contiguous(), bias.contiguous() if bias is not None else None, kpm, o, lse, grad_o,
+            num_heads=num_heads, latent_groups=g, causal=causal, scale=scale, dropout_p=dropout_p, seed=seed_i,
+        )
+    elif path == "torch-cpu":
+        q, k, v = layout.heads_token_major(c, up, bias, num_heads, g)
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            _heads(grad_o, num_heads), q, k, v, _heads(o.contiguous(), num_heads), lse, 0.0, causal, scale=scale,
+        )
+        dqkv = torch.stack([t.transpose(1, 2).reshape(B * T, d) for t in grads], dim=1)  # [N, 3, d]
+    else:
+        q, k, v, mask, keep = _torch_inputs(c, up, bias, kpm, attn_mask, seed_i, num_heads, g, causal,
+                                            dropout_p, x)
+        grads = dense.attention_grads(_heads(grad_o, num_heads), q, k, v, scale=scale, bias=mask,
+                                      dropout_p=dropout_p, keep=keep)
+        dqkv = torch.stack([t.transpose(1, 2).reshape(B * T, d) for t in grads], dim=1)  # [N, 3, d]
+    return layout.factor_grads(dqkv.reshape(B * T, 3, d), c, x, down, up, g)
+
+
+@mlra_attention_bwd.register_fake
+def _(grad_o, x, down, up, bias, kpm, attn_mask, seed, o, lse, num_heads, latent_groups, causal, dropout_p, scale,
+      path):
+    return torch.empty_like(x), torch.empty_like(down), torch.empty_like(up), x.new_empty((3 * x.shape[-1],))
+
+
+def _setup_context(ctx, inputs, output):
+    x, down, up, bias, kpm, attn_mask, seed, num_heads, latent_groups, causal, dropout_p, scale, path = inputs
+    o, lse = output
+    ctx.save_for_backward(x, down, up, bias, kpm, attn_mask, seed, o, lse)
+    ctx.args = (num_heads, latent_groups, causal, dropout_p, scale, path)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad_o, grad_lse):
+    x, down, up, bias, kpm, attn_mask, seed, o, lse = ctx.saved_tensors
+    dx, ddown, dup, dbias = mlra_attention_bwd(grad_o, x, down, up, bias, kpm, attn_mask, seed, o, lse, *ctx.args)
+    return dx, ddown, dup, (dbias if ctx.has_bias else None), None, None, None, None, None, None, None, None, None
+
+
+mlra_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _autocast(x, down, up, bias):
+    """Cast the floating inputs (not float64, as autocast leaves it) to the autocast dtype when autocast
+    is enabled for ``x``'s device; the caller's fp32 leaves then get fp32 gradients through the cast."""
+    dev = x.device.type
+    if dev not in ("cuda", "cpu") or not torch.is_autocast_enabled(dev):
+        return x, down, up, bias
+    dt = torch.get_autocast_dtype(dev)
+
+    def cast(t):
+        if t is None or not t.is_floating_point() or t.dtype == torch.float64:
+            return t
+        return t.to(dt)
+
+    return cast(x), cast(down), cast(up), cast(bias)
+
+
+def mlra_attention(
+    x: Tensor,
+    down: Tensor,
+    up: Tensor,
+    bias: Optional[Tensor] = None,
+    *,
+    num_heads: int,
+    latent_groups: int = 1,
+    causal: bool = True,
+    key_padding_mask: Optional[Tensor] = None,
+    attn_mask: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    scale: Optional[float] = None,
+) -> Tensor:
+    """Multi-head Low-Rank self-attention; returns the concatenated head outputs ``[B, T, d]``.
+
+    For each projection ``P`` in (q, k, v): the latent ``c_P = x · A_Pᵀ`` (``g·r`` wide), then per head
+    ``P_h = c_P[group(h)] · B_{P,h}ᵀ + b_{P,h}``, then softmax attention with scale ``1/sqrt(d_h)``. The
+    output projection ``W_O`` is not applied. On CUDA the per-head q, k, v never reach memory.
+
+    Args:
+        x: ``[B, T, d]`` input (float32, float16 or bfloat16; float64 runs the exact torch path). ``x``,
+            ``down``, ``up`` and ``bias`` must share one dtype, except under ``torch.autocast``, which
+            first casts them to its dtype (float64 excepted, as autocast does).
+        down: ``[3·g·r, d]`` stacked down-projections ``A_Q; A_K; A_V`` in ``nn.Linear`` layout
+            (``c = x @ down.T``); inside one projection the ``g`` groups are consecutive blocks of ``r`` rows.
+        up: ``[3, d, r]``; ``up[p, h·d_h:(h+1)·d_h]`` is ``B_{P,h}`` (``[d_h, r]``). Head ``h`` reads latent
+            group ``h // (H // g)``.
+        bias: ``[3·d]`` or None, ordered q, k, v like ``nn.MultiheadAttention.in_proj_bias``.
+        num_heads: ``H``; must divide ``d``.
+        latent_groups: ``g``; must divide ``H``. ``g = 1`` is the paper's form (``W_P = up[p] @ A_P``).
+        causal: mask keys after the query (default True).
+        key_padding_mask: ``[B, T]``, bool (True = padding, not attended) or float (added to the scores).
+        attn_mask: ``[T, T]`` or ``[B·H, T, T]``, bool (True = masked) or float additive, as in
+            ``nn.MultiheadAttention``. A general mask runs the ``"torch"`` path (with a warning).
+            Masks of other dtypes (integer) raise ``TypeError``.
+        dropout_p: dropout on the attention probabilities (default 0). The seed is drawn from torch's
+            default CPU generator, so ``torch.manual_seed`` makes a call repeatable.
+        scale: score scale, a positive finite float; default ``1/sqrt(d_h)``.
+
+    Raises:
+        TypeError: a tensor argument that is not a tensor, a mask of an integer dtype, mismatched
+            dtypes, or a non-tensor argument of the wrong type (``num_heads`` not an int, ``scale`` not
+            a float, ...). ValueError: a shape, device or value out of range (``scale <= 0``, NaN or
+            infinite; ``dropout_p`` outside ``[0, 1)``).
+
+    A query whose keys are all masked outputs zeros. All of ``x``, ``down``, ``up`` and ``bias`` get
+    gradients. The K bias cancels in the softmax, so its gradient is zero.
+
+    Converting weights (``g = 1``, rank ``r``): the dense q/k/v weight ``W`` (``[3·d, d]``, ``nn.Linear``
+    layout) is ``nn.MultiheadAttention.in_proj_weight`` or GPT-2's ``c_attn.weight.T`` (``Conv1D`` stores
+    ``[d, 3·d]``); the bias is ``in_proj_bias`` or ``c_attn.bias`` unchanged. ``factors_from_dense``
+    (``mlra_kernels.ops.mlra.layout.factorize``) builds ``down`` and ``up`` from ``W`` by truncated SVD, exact when ``r = d``.
+
+    Paths (``mlra_kernels.ops.mlra.backend``, which ``kernel_path()`` reports with its reason): CUDA
+    tensors run the Triton kernels. CPU tensors run plain torch: the GEMMs, then torch's fused CPU
+    attention (``"torch-cpu"``); the ``"torch"`` path with the ``T×T`` scores for key padding, dropout,
+    float64 or T < 16; or the Triton kernels under the interpreter when ``TRITON_INTERPRET=1`` was set
+    before ``triton`` was imported. A mode that keeps a call off the fast path warns once, saying why.
+    Switches (``mlra_kernels.ops.mlra.config``): ``MLRA_BACKEND`` forces a path,
+    ``MLRA_FWD_VARIANT=auto|rebuild|absorbed`` picks the forward kernel (q/k/v rebuilt from latent tiles
+    on chip, or attention on the latent), ``MLRA_AUTOTUNE=0`` skips autotuning.
+
+    Example::
+
+        >>> import torch, mlra_kernels
+        >>> B, T, d, H, r = 2, 16, 64, 4, 16
+        >>> x = torch.randn(B, T, d)
+        >>> down, up = torch.randn(3 * r, d) * 0.1, torch.randn(3, d, r) * 0.1
+        >>> mlra_kernels.mlra_attention(x, down, up, num_heads=H).shape
+        torch.Size([2, 16, 64])
+    """
+    layout.check_types(x, down, up, bias, key_padding_mask, attn_mask)
+    layout.check_scalars(num_heads, latent_groups, causal, dropout_p, scale)
+    num_heads, latent_groups, causal, dropout_p = int(num_heads), int(latent_groups), bool(causal), float(dropout_p)
+    x, down, up, bias = _autocast(x, down, up, bias)
+    layout.check_factors(x, down, up, bias, num_heads, latent_groups)
+    layout.check_masks(x, num_heads, key_padding_mask, attn_mask)
+    choice = backend.choose(x, key_padding_mask=key_padding_mask, dropout_p=dropout_p, attn_mask=attn_mask)
+    backend.warn_if_slow(choice)
+    scale = float(scale) if scale is not None else 1.0 / math.sqrt(x.shape[-1] // num_heads)
+    kpm = None
+    if key_padding_mask is not None:
+        if key_padding_mask.dtype == torch.bool:
+            kpm = torch.zeros(key_padding_mask.shape, dtype=torch.float32, device=x.device)
+            kpm = kpm.masked_fill(key_padding_mask, float("-inf"))
+        else:
+            kpm = key_padding_mask.detach().to(torch.float32).contiguous()
+    if attn_mask is not None:
+        attn_mask = attn_mask.detach()
+    seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64) if dropout_p > 0.0 else None
+    o, _ = mlra_attention_fwd(
+        x, down, up, bias, kpm, attn_mask, seed, num_heads, latent_groups, causal, dropout_p, scale, choice.path
+    )
+    return o
