@@ -19,4 +19,4 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from mlra_kernels.benchmarks.mlra import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="bench_mlra.py"))

@@ -11,4 +11,4 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from mlra_kernels.benchmarks.tev import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="bench_tev.py"))

@@ -10,9 +10,24 @@ API (stable, small):
         triton.testing.do_bench median with quantiles (0.2, 0.8), same keys as time_cpu.
     gbps(nbytes, ms) -> float
         bytes moved / time, in GB/s (1e9 bytes).
-    write_results(name, rows, out_dir="bench/results", device="cpu") -> pathlib.Path
+    default_results_dir() -> pathlib.Path
+        where results go when no folder is given: <checkout>/bench/results (the committed results) when
+        the package runs from its source checkout, ./bench/results of the current folder otherwise.
+    results_dir(out_dir=None) -> pathlib.Path
+        the absolute folder for `out_dir`: None is the default above; a relative path is relative to
+        the current folder, like any path a user types.
+    check_output(path, flag, name=None) -> pathlib.Path
+        refuses, before anything is measured, a folder that cannot be created or written, or a result
+        file name that is a folder (ValueError naming the flag); returns the absolute folder.
+    write_results(name, rows, out_dir=None, device="cpu") -> pathlib.Path
         writes {"meta": env_metadata(device), "rows": rows} to <out_dir>/<name>.json; every row gets the
-        metadata keys it does not already have, so a single row is self-describing.
+        metadata keys it does not already have, so a single row is self-describing. No rows is an error
+        (nothing is written); the file is written under a temporary name and renamed, so an earlier
+        result is replaced only by a complete one.
+
+Command-line helpers shared by the benchmark scripts: `BenchParser` (an argparse parser whose errors are
+one line), the argparse types `positive_int`, `positive_float` and `comma_list(allowed)`, `BenchError`
+(a user-facing failure) and `run_main(prog, body, argv)` (one line on stderr for every failure).
 
 Example:
 
@@ -23,8 +38,10 @@ Example:
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
+import math
 import os
 import sys
 import pathlib
@@ -32,16 +49,16 @@ import platform
 import statistics
 import subprocess
 import time
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
 _CHECKOUT = pathlib.Path(__file__).resolve().parents[2]
 # The source checkout this package runs from (an editable install), or None for an installed wheel.
 SOURCE_CHECKOUT = _CHECKOUT if (_CHECKOUT / "setup.py").is_file() and (_CHECKOUT / "bench").is_dir() else None
-# Relative result folders are taken from the source checkout, so that `bench/results` is the committed
-# folder; from an installed wheel, from the current folder.
-REPO_ROOT = SOURCE_CHECKOUT or pathlib.Path.cwd()
+# The default result folder, relative to the source checkout (the committed results) or, for an
+# installed wheel, to the current folder. A folder the user names is relative to the current folder.
+DEFAULT_RESULTS = pathlib.Path("bench", "results")
 
 # Keys copied from the metadata into every result row.
 ROW_META_KEYS = ("device", "torch", "triton", "cuda", "commit", "date")
@@ -160,21 +177,222 @@ def gbps(nbytes: int, ms: float) -> float:
     return nbytes / (ms * 1e-3) / 1e9
 
 
+class BenchError(Exception):
+    """A failure the user can act on: printed as one line, exit status 1."""
+
+
+def default_results_dir() -> pathlib.Path:
+    """``<checkout>/bench/results`` in a source checkout, else ``./bench/results`` of the current folder."""
+    return (SOURCE_CHECKOUT or pathlib.Path.cwd()) / DEFAULT_RESULTS
+
+
+def results_dir(out_dir: str | os.PathLike | None = None) -> pathlib.Path:
+    """The absolute result folder: ``None`` is :func:`default_results_dir`; a relative path is taken
+    from the current folder."""
+    if out_dir is None:
+        return default_results_dir()
+    text = os.fspath(out_dir)
+    if not text or "\0" in text:
+        raise ValueError(f"expected a folder name, got {text!r}")
+    return pathlib.Path(os.path.abspath(os.path.expanduser(text)))
+
+
+# Folders check_output created for this run; removed again (when still empty) if the run fails.
+_CREATED: list[pathlib.Path] = []
+
+
+def check_output(path: str | os.PathLike | None, flag: str, name: Optional[str] = None) -> pathlib.Path:
+    """Make sure, before a benchmark runs, that its results can be written under `path` (see
+    `results_dir`): the folder is created if missing and a probe file written and removed there, and
+    `<name>.json` there must not be a folder. Errors are ValueErrors whose message starts with `flag`
+    and the folder; returns the folder. `run_main` removes the folders created here if the run fails."""
+    try:
+        out = results_dir(path)
+    except ValueError as err:
+        raise ValueError(f"{flag}: {err}") from None
+    probe = out
+    while not probe.exists():
+        if probe.is_symlink():
+            raise ValueError(f"{flag} {out}: {probe} is a broken symbolic link")
+        probe = probe.parent
+    if not probe.is_dir():
+        what = "is a file" if probe == out else f"cannot be created: {probe} is a file"
+        raise ValueError(f"{flag} {out}: {what}, expected a folder")
+    missing = []
+    parent = out
+    while parent != probe:
+        missing.append(parent)
+        parent = parent.parent
+    try:
+        for folder in reversed(missing):
+            folder.mkdir()
+            _CREATED.append(folder)
+        fd, tmp = _probe_file(out)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as err:
+        remove_created_folders()
+        raise ValueError(f"{flag} {out}: cannot write there ({err.strerror or one_line(err)})") from None
+    if name is not None:
+        target = out / f"{name}.json"
+        if target.is_dir():
+            remove_created_folders()
+            raise ValueError(f"{flag} {out}: {target.name} there is a folder, expected a result file")
+    return out
+
+
+def _probe_file(folder: pathlib.Path):
+    tmp = folder / f".write-test.{os.getpid()}.tmp"
+    return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), tmp
+
+
+def remove_created_folders() -> None:
+    """Remove the folders `check_output` created, deepest first, where still empty."""
+    while _CREATED:
+        folder = _CREATED.pop()
+        try:
+            folder.rmdir()
+        except OSError:
+            pass
+
+
+def _write_atomic(path: pathlib.Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file in the same folder, renamed over `path` only
+    once complete: a failure (disk full, interrupt) leaves any earlier file as it was."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # mode as for any new file (umask)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
 def write_results(
-    name: str, rows: Iterable[dict], out_dir: str | os.PathLike = "bench/results", device: str | torch.device = "cpu"
+    name: str, rows: Iterable[dict], out_dir: str | os.PathLike | None = None, device: str | torch.device = "cpu"
 ) -> pathlib.Path:
-    """Write rows plus metadata to `<out_dir>/<name>.json` (relative paths: see `REPO_ROOT`)."""
+    """Write rows plus metadata to `<out_dir>/<name>.json` (folder: see `results_dir`) and return the path.
+
+    No rows raises ValueError and writes nothing: an empty result must not replace an earlier one. The
+    file is written under a temporary name and renamed once complete."""
+    rows = list(rows)
+    if not rows:
+        raise ValueError(f"no results to write for {name}: nothing was measured")
+    if not name or name in (".", "..") or "/" in name or (os.altsep and os.altsep in name) or os.sep in name:
+        raise ValueError(f"expected a result name without folders, got {name!r}")
     meta = env_metadata(device)
-    out = pathlib.Path(out_dir)
-    if not out.is_absolute():
-        out = REPO_ROOT / out
-    out.mkdir(parents=True, exist_ok=True)
+    out = results_dir(out_dir)
     full_rows = []
     for row in rows:
         full = dict(row)
         for key in ROW_META_KEYS:
             full.setdefault(key, meta[key])
         full_rows.append(full)
+    text = json.dumps({"meta": meta, "rows": full_rows}, indent=2) + "\n"
+    out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.json"
-    path.write_text(json.dumps({"meta": meta, "rows": full_rows}, indent=2) + "\n")
+    _write_atomic(path, text)
     return path
+
+
+# ---------------------------------------------------------------- command line
+
+
+def one_line(err: BaseException | str) -> str:
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    return text or (type(err).__name__ if isinstance(err, BaseException) else "")
+
+
+class BenchParser(argparse.ArgumentParser):
+    """An argparse parser whose usage errors are one line on stderr (exit status 2), and which takes no
+    abbreviated options (``--smo`` is not ``--smoke``: the scripts look for some flags before parsing)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):  # noqa: D102 - argparse API
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (--help lists the options)\n")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer > 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (``1e8`` and ``100000000`` alike)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
+    return value
+
+
+def comma_list(allowed: Sequence[str]) -> Callable[[str], list]:
+    """argparse type: a comma list whose items are all in `allowed` (repeats dropped, order kept)."""
+    allowed = list(allowed)
+
+    def parse(text: str) -> list:
+        items = [item.strip() for item in text.split(",")]
+        if not text.strip() or any(not item for item in items):
+            raise argparse.ArgumentTypeError(
+                f"expected a comma list of {', '.join(allowed)} without empty items, got {text!r}")
+        unknown = [item for item in items if item not in allowed]
+        if unknown:
+            raise argparse.ArgumentTypeError(
+                f"unknown {', '.join(map(repr, unknown))} in {text!r}; expected a comma list of {', '.join(allowed)}")
+        return list(dict.fromkeys(items))
+
+    return parse
+
+
+def run_main(prog: str, body: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser,
+             argv: Optional[Sequence[str]] = None) -> int:
+    """Parse `argv` with `parser` and run `body(args)`; every failure is one line on stderr
+    (``<prog>: error: ...``), a non-zero status and no traceback, unless ``args.traceback`` is set."""
+    args = parser.parse_args(argv)
+    show = getattr(args, "traceback", False)
+    try:
+        try:
+            rc = body(args)
+        except BaseException:
+            remove_created_folders()
+            raise
+        _CREATED.clear()
+        return rc
+    except (BenchError, ValueError, OSError) as err:
+        if show:
+            raise
+        if isinstance(err, OSError) and err.filename is not None and err.strerror:
+            text = f"{err.filename}: {err.strerror}"
+        else:
+            text = one_line(err)
+        print(f"{prog}: error: {text}; no result file written", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        if show:
+            raise
+        print(f"{prog}: interrupted; no result file written", file=sys.stderr)
+        return 130
+    except Exception as err:  # a failure nobody foresaw (out of memory, a kernel error): still one line
+        if show:
+            raise
+        print(f"{prog}: error: {type(err).__name__}: {one_line(err)}; no result file written "
+              f"(--traceback shows where)", file=sys.stderr)
+        return 1

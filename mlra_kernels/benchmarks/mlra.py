@@ -23,13 +23,19 @@ FLOP formula (model FLOPs, the same for (a) and (c); recomputation is not counte
 
 Correctness comes first: the run checks the kernels against the float64 reference on small shapes
 (the rule of the test suite), and every row checks its own output against an fp32 computation of
-(a); a failing check stops the run before any speed is reported.
+(a); a failing check stops the run before any speed is reported, and nothing is written. Every flag is
+checked before anything runs; an earlier result file is replaced only by a complete one.
 
 Usage:
   python bench/bench_mlra.py                     # full grid on a CUDA GPU, writes bench/results/mlra_<gpu>.json
   python bench/bench_mlra.py --models small --T 1024 2048 --dtypes bf16
   TRITON_INTERPRET=1 python bench/bench_mlra.py --smoke   # tiny shapes on CPU under the interpreter
   mlra bench mlra ...                            # the same from an installed wheel
+
+--smoke changes only the defaults (model d=64 H=2, T 40, 80 tokens, ranks d/4, groups 1 and H; fp32 and
+bf16 on CPU); flags given explicitly are used as given. Results: <--out-dir>/<--out>.json, the folder by
+default bench/results of the source checkout (./bench/results of the current folder for an installed
+package), a relative --out-dir taken from the current folder.
 """
 
 from __future__ import annotations
@@ -48,13 +54,22 @@ if __name__ == "__main__" and "--smoke" in sys.argv and not torch.cuda.is_availa
 import torch.nn.functional as F  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from mlra_kernels.benchmarks.common import time_cpu, time_gpu, write_results  # noqa: E402
+from mlra_kernels.benchmarks.common import (  # noqa: E402
+    BenchError, BenchParser, check_output, positive_int, run_main, time_cpu, time_gpu, write_results,
+)
 from mlra_kernels.ops.mlra import mlra_attention  # noqa: E402
 from mlra_kernels.ops.mlra import kernel_path  # noqa: E402
 from mlra_kernels.ops.mlra.reference import mlra_attention_reference  # noqa: E402
 
 MODELS = {"small": (768, 12), "medium": (1024, 16), "large": (1280, 20)}
+SMOKE_MODEL = ("smoke", 64, 2)  # --smoke: d = 64, H = 2
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Defaults of the grid flags: the full benchmark, and --smoke (tiny shapes, CPU under the interpreter).
+FULL = {"models": list(MODELS), "T": [1024, 2048, 4096, 8192], "ranks": ["d/8", "d/4", "d/2"],
+        "groups": ["1", "H"], "dtypes": ["bf16", "fp16"], "tokens": 16384}
+SMOKE = {"models": [SMOKE_MODEL[0]], "T": [40], "ranks": ["d/4"], "groups": ["1", "H"], "dtypes": ["bf16", "fp16"],
+         "tokens": 80}
+SMOKE_CPU_DTYPES = ["fp32", "bf16"]
 
 
 def mlra_flops(B, T, d, H, g, r, causal=True):
@@ -215,7 +230,7 @@ def correctness_gate(device, dtypes):
             for name, ex, lo, got in zip(["out", "dx", "ddown", "dup", "dbias"], *results):
                 ok, err, ref_err = close_enough(got, lo, ex)
                 if not ok:
-                    raise SystemExit(
+                    raise BenchError(
                         f"correctness check failed ({dt}, B={B} T={T} H={H} g={g} r={r} d_h={dh}, {name}): "
                         f"error {err:.3e} vs torch's {ref_err:.3e}; no speed is reported"
                     )
@@ -242,7 +257,7 @@ def bench_row(model, d, H, T, B, g, r, dtype_name, device):
         exact = unfused_mlra(*(t.to(hi) for t in (x, down, up, bias)), H, g)
         ok, err, base_err = close_enough(ours(), unfused_mlra(x, down, up, bias, H, g), exact)
     if not ok:
-        raise SystemExit(f"row check failed for {model} T={T} g={g} r={r} {dtype_name}: {err:.3e} vs {base_err:.3e}")
+        raise BenchError(f"row check failed for {model} T={T} g={g} r={r} {dtype_name}: {err:.3e} vs {base_err:.3e}")
 
     mlra_leaves, mha_leaves = [x, down, up, bias], [x, w, bias]
     name_a, t_a = best_backend(lambda be: unfused_mlra(x, down, up, bias, H, g, be), mlra_leaves, go, cuda)
@@ -275,39 +290,98 @@ def bench_row(model, d, H, T, B, g, r, dtype_name, device):
     return row
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    p.add_argument("--T", nargs="+", type=int, default=[1024, 2048, 4096, 8192])
-    p.add_argument("--ranks", nargs="+", default=["d/8", "d/4", "d/2"], help="total latent width g·r as a fraction of d")
-    p.add_argument("--groups", nargs="+", default=["1", "H"])
-    p.add_argument("--dtypes", nargs="+", default=["bf16", "fp16"], choices=list(DTYPES))
-    p.add_argument("--tokens", type=int, default=16384, help="B·T per row (B = tokens // T, at least 1)")
+def rank_fraction(text: str) -> str:
+    """argparse type of --ranks: ``d/N``, the total latent width g·r as the fraction 1/N of d."""
+    head, sep, tail = text.strip().partition("/")
+    if head != "d" or not sep or not tail.isdigit() or int(tail) <= 0:
+        raise argparse.ArgumentTypeError(f"expected d/N with N a positive integer (such as d/8), got {text!r}")
+    return f"d/{int(tail)}"
+
+
+def group_count(text: str) -> str:
+    """argparse type of --groups: ``H`` (one group per head) or a positive integer dividing H."""
+    if text.strip() == "H":
+        return "H"
+    try:
+        return str(positive_int(text))
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected H or a positive integer that divides H, got {text!r}") from None
+
+
+def result_name(text: str) -> str:
+    """argparse type of --out: a file name (``.json`` optional) without folders; the folder is --out-dir."""
+    name = text[:-5] if text.endswith(".json") else text
+    if not name or name in (".", "..") or "/" in name or (os.altsep and os.altsep in name) or "\0" in name:
+        raise argparse.ArgumentTypeError(
+            f"expected a result name without folders (the folder is --out-dir), got {text!r}")
+    return name
+
+
+def build_parser(prog: str = "mlra bench mlra") -> argparse.ArgumentParser:
+    p = BenchParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", choices=list(MODELS), default=None,
+                   help=f"default {' '.join(FULL['models'])} (--smoke: the d=64 smoke model)")
+    p.add_argument("--T", nargs="+", type=positive_int, default=None,
+                   help=f"sequence lengths, default {' '.join(map(str, FULL['T']))} (--smoke: {SMOKE['T'][0]})")
+    p.add_argument("--ranks", nargs="+", type=rank_fraction, default=None,
+                   help="total latent width g·r as a fraction d/N of d, default d/8 d/4 d/2 (--smoke: d/4)")
+    p.add_argument("--groups", nargs="+", type=group_count, default=None,
+                   help="latent groups g: H or integers dividing H, default 1 H")
+    p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=None,
+                   help="default bf16 fp16 (--smoke on CPU: fp32 bf16)")
+    p.add_argument("--tokens", type=positive_int, default=None,
+                   help=f"B·T per row (B = tokens // T, at least 1), default {FULL['tokens']} (--smoke: {SMOKE['tokens']})")
     p.add_argument("--smoke", action="store_true", help="tiny shapes; runs on CPU (Triton interpreter)")
-    p.add_argument("--out", default=None, help="results name (default mlra_<device>)")
-    p.add_argument("--out-dir", default="bench/results", help="folder for the JSON (default bench/results)")
-    args = p.parse_args(argv)
+    p.add_argument("--out", type=result_name, default=None, help="results name (default mlra_<device>)")
+    p.add_argument("--out-dir", default=None,
+                   help="folder for the JSON, relative to the current folder (default: bench/results of the "
+                        "source checkout, or ./bench/results for an installed package)")
+    p.add_argument("--traceback", action="store_true", help="on an error, show the Python traceback")
+    return p
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if args.smoke:
-        args.models, args.T, args.ranks, args.groups, args.tokens = ["smoke"], [40], ["d/4"], ["1", "H"], 80
-        MODELS["smoke"] = (64, 2)
-        if device.type == "cpu":
-            args.dtypes = ["fp32", "bf16"]
-    elif device.type != "cuda":
-        raise SystemExit("the full benchmark needs a CUDA GPU; use --smoke on a CPU machine")
 
-    correctness_gate(device, [DTYPES[n] for n in args.dtypes])
+def grid(args: argparse.Namespace, device: torch.device) -> list[tuple]:
+    """The rows to run, ``(model, d, H, T, B, g, r, dtype)``, each checked; a combination that does not
+    exist (g not dividing H, a latent width below g) is an error naming its flag."""
+    defaults = dict(SMOKE if args.smoke else FULL)
+    if args.smoke and device.type == "cpu":
+        defaults["dtypes"] = SMOKE_CPU_DTYPES
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, list(value) if isinstance(value, list) else value)
+    models = {**MODELS, SMOKE_MODEL[0]: SMOKE_MODEL[1:]}
     rows = []
-    cases = [
-        (model, T, gname, rf, dtn)
-        for model in args.models for T in args.T for gname in args.groups for rf in args.ranks for dtn in args.dtypes
-    ]
-    for model, T, gname, rf, dtn in tqdm(cases, desc="mlra bench", unit="row", file=sys.stderr):
-        d, H = MODELS[model]
-        g = H if gname == "H" else int(gname)
-        B = max(1, args.tokens // T)
-        r = (d // int(rf.split("/")[1])) // g  # rf is the total latent width g·r as a fraction of d
+    for model in dict.fromkeys(args.models):
+        d, H = models[model]
+        for T in dict.fromkeys(args.T):
+            for gname in dict.fromkeys(args.groups):
+                g = H if gname == "H" else int(gname)
+                if H % g:
+                    raise BenchError(f"--groups {gname}: {g} does not divide H={H} of the {model} model (d={d})")
+                for rf in dict.fromkeys(args.ranks):
+                    width = d // int(rf.split("/")[1])
+                    r = width // g  # rf is the total latent width g·r as a fraction of d
+                    if r < 1:
+                        raise BenchError(
+                            f"--ranks {rf}: the latent width {rf} = {width} of the {model} model (d={d}) is below "
+                            f"g={g} latent groups, so r would be 0")
+                    for dtn in dict.fromkeys(args.dtypes):
+                        rows.append((model, d, H, T, max(1, args.tokens // T), g, r, dtn))
+    return rows
+
+
+def run(args: argparse.Namespace) -> int:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cases = grid(args, device)
+    if not args.smoke and device.type != "cuda":
+        raise BenchError("the full benchmark needs a CUDA GPU; use --smoke on a CPU machine")
+    dev_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    name = args.out or "mlra_" + ("smoke_" if args.smoke else "") + re.sub(r"[^a-z0-9]+", "_", dev_name.lower()).strip("_")
+    out = check_output(args.out_dir, "--out-dir", name)
+
+    correctness_gate(device, [DTYPES[n] for n in dict.fromkeys(args.dtypes)])
+    rows = []
+    for model, d, H, T, B, g, r, dtn in tqdm(cases, desc="mlra bench", unit="row", file=sys.stderr):
         row = bench_row(model, d, H, T, B, g, r, dtn, device)
         rows.append(row)
         tqdm.write(
@@ -316,11 +390,13 @@ def main(argv=None):
             f"fwd {row['ours_fwd_ms']:.3f} ms ({row['speedup_fwd_vs_mha']:.2f}x mha), "
             f"saved {row['saved_ratio_vs_unfused']:.2f}x unfused"
         )
-    dev_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    name = args.out or "mlra_" + ("smoke_" if args.smoke else "") + re.sub(r"[^a-z0-9]+", "_", dev_name.lower()).strip("_")
-    path = write_results(name, rows, out_dir=args.out_dir, device=device)
+    path = write_results(name, rows, out_dir=out, device=device)
     print(f"wrote {path}")
     return 0
+
+
+def main(argv=None, prog: str = "mlra bench mlra") -> int:
+    return run_main(prog, run, build_parser(prog), argv)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,17 @@
 """Benchmark of mlra_kernels.tev: GB/s, and the ratio to the torch one-liner and to E.sum(), in one run.
 
     python bench/bench_tev.py                       # CPU: V·d = 1e6 .. 1e9, fp32 and bf16
-    python bench/bench_tev.py --device cuda         # GPU (do_bench), plus 128k x 4096 bf16
-    python bench/bench_tev.py --max-elems 1e8       # smaller run
+    python bench/bench_tev.py --device cuda         # GPU (do_bench), plus 128k x 4096 (up to --max-elems)
+    python bench/bench_tev.py --max-elems 1e8       # smaller run (at least 1e6, the smallest matrix)
     mlra bench tev ...                              # the same from an installed wheel
 
 Bandwidth is E.nbytes / time: each element is read once, in its own dtype. The baseline is what users
 write without the package: t = torch.std(E.float(), dim=1, unbiased=False); t.mean(); t.std(). E.sum() on
 the same matrix is the reference read rate. Correctness is checked first (float64 reference on small
-matrices, the one-liner on every benchmarked matrix); nothing is written if a check fails.
-Results: bench/results/tev_<device>.json (rows carry device, versions, commit, date).
+matrices, the one-liner on every benchmarked matrix); nothing is written if a check fails or the run
+stops early, and an earlier result file is replaced only by a complete one.
+Results: tev_<device>.json in --out (default: bench/results of the source checkout, or ./bench/results of
+the current folder for an installed package); rows carry device, versions, commit, date.
 """
 
 from __future__ import annotations
@@ -21,11 +23,16 @@ import sys
 import torch
 from tqdm.auto import tqdm
 
-from mlra_kernels.benchmarks.common import gbps, time_cpu, time_gpu, write_results
+from mlra_kernels.benchmarks.common import (
+    BenchError, BenchParser, check_output, comma_list, gbps, positive_int, run_main, time_cpu, time_gpu,
+    write_results,
+)
 from mlra_kernels.ops.tev import tev, tev_reference
 from mlra_kernels.ops.tev.reference import tev_one_liner
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SIZES = (1e6, 1e7, 1e8, 1e9)  # V·d of the benchmarked matrices (d = 1024)
+CUDA_EXTRA = (131072, 4096)  # a large vocabulary at a large width, on GPUs
 
 
 def make(v: int, d: int, dtype: torch.dtype, device: str, seed: int = 0) -> torch.Tensor:
@@ -46,18 +53,30 @@ def check_small(device: str) -> None:
         got, ref = tev(w), tev_reference(w)
         for a, b, what in ((got.mean, ref.mean, "mean"), (got.std, ref.std, "std")):
             if not abs(a - b) <= 1e-6 * abs(b):
-                raise SystemExit(f"correctness check failed ({device}, {name}, {what}: {a} vs float64 {b})")
+                raise BenchError(f"correctness check failed ({device}, {name}, {what}: {a} vs float64 {b})")
 
 
 def shapes(max_elems: float, device: str) -> list[tuple[int, int]]:
     out = []
-    for n in (1e6, 1e7, 1e8, 1e9):
+    for n in SIZES:
         if n <= max_elems:
             d = 1024
             out.append((int(round(n / d)), d))
-    if device == "cuda":
-        out.append((131072, 4096))
+    if device == "cuda" and CUDA_EXTRA[0] * CUDA_EXTRA[1] <= max_elems:
+        out.append(CUDA_EXTRA)
     return out
+
+
+def max_elems_type(text: str) -> float:
+    """argparse type of --max-elems: a number of elements, at least the smallest benchmarked matrix."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of elements such as 1e8, got {text!r}") from None
+    if not math.isfinite(value) or value < SIZES[0]:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of elements of at least 1e6 (the smallest matrix), got {text!r}")
+    return value
 
 
 def bench_one(v: int, d: int, dtype_name: str, device: str, rep: int) -> dict:
@@ -68,7 +87,7 @@ def bench_one(v: int, d: int, dtype_name: str, device: str, rep: int) -> dict:
     got = tev(w)
     one_mean, one_std = (t.item() for t in tev_one_liner(w))
     if not (abs(got.mean - one_mean) <= 1e-4 * abs(one_mean) and abs(got.std - one_std) <= 1e-3 * abs(one_std)):
-        raise SystemExit(f"tev disagrees with the one-liner on {v}x{d} {dtype_name}: {got} vs {one_mean}, {one_std}")
+        raise BenchError(f"tev disagrees with the one-liner on {v}x{d} {dtype_name}: {got} vs {one_mean}, {one_std}")
 
     def run_tev():
         tev(w)
@@ -111,33 +130,49 @@ def bench_one(v: int, d: int, dtype_name: str, device: str, rep: int) -> dict:
     return row
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(prog: str = "mlra bench tev") -> argparse.ArgumentParser:
+    p = BenchParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32, bf16, fp16")
-    p.add_argument("--max-elems", type=float, default=1e9, help="largest V·d to run (default 1e9)")
-    p.add_argument("--rep", type=int, default=5, help="CPU repetitions per measurement")
-    p.add_argument("--out", default="bench/results", help="folder for tev_<device>.json")
-    args = p.parse_args(argv)
+    p.add_argument("--dtypes", type=comma_list(DTYPES), default=["fp32", "bf16"],
+                   help=f"comma list of {', '.join(DTYPES)} (default fp32,bf16)")
+    p.add_argument("--max-elems", type=max_elems_type, default=1e9,
+                   help="largest V·d to run, at least 1e6 (default 1e9)")
+    p.add_argument("--rep", type=positive_int, default=5, help="CPU repetitions per measurement (default 5)")
+    p.add_argument("--out", default=None,
+                   help="folder for tev_<device>.json, relative to the current folder (default: bench/results "
+                        "of the source checkout, or ./bench/results for an installed package)")
+    p.add_argument("--traceback", action="store_true", help="on an error, show the Python traceback")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no GPU visible")
+        raise BenchError("--device cuda: no GPU visible")
+    name = f"tev_{args.device}"
+    out = check_output(args.out, "--out", name)
+    cases = [(v, d, dt) for v, d in shapes(args.max_elems, args.device) for dt in args.dtypes]
+    if not cases:  # --max-elems has a minimum, so this is a guard, not a path
+        raise BenchError(f"--max-elems {args.max_elems:g}: no matrix to benchmark")
 
     check_small(args.device)
     rows = []
-    cases = [(v, d, name) for v, d in shapes(args.max_elems, args.device) for name in args.dtypes.split(",")]
-    for v, d, name in tqdm(cases, desc="tev bench", unit="matrix", file=sys.stderr):
-        row = bench_one(v, d, name, args.device, args.rep)
+    for v, d, dt in tqdm(cases, desc="tev bench", unit="matrix", file=sys.stderr):
+        row = bench_one(v, d, dt, args.device, args.rep)
         rows.append(row)
         tqdm.write(
-            f"{v:>8}x{d:<5} {name:5} tev {row['gbps']:7.2f} GB/s | one-liner {row['one_liner_gbps']:6.2f} GB/s "
+            f"{v:>8}x{d:<5} {dt:5} tev {row['gbps']:7.2f} GB/s | one-liner {row['one_liner_gbps']:6.2f} GB/s "
             f"(x{row['speedup_vs_one_liner']:5.1f}) | sum {row['sum_gbps']:6.2f} GB/s "
             f"({100 * row['fraction_of_sum_read_rate']:5.1f}% of it)",
         )
-    path = write_results(f"tev_{args.device}", rows, out_dir=args.out, device=args.device)
+    path = write_results(name, rows, out_dir=out, device=args.device)
     print(f"wrote {path}")
-    worst = min((r["speedup_vs_one_liner"] for r in rows), default=math.nan)
+    worst = min(r["speedup_vs_one_liner"] for r in rows)
     print(f"lowest speedup over the one-liner: x{worst:.1f}")
     return 0
+
+
+def main(argv=None, prog: str = "mlra bench tev") -> int:
+    return run_main(prog, run, build_parser(prog), argv)
 
 
 if __name__ == "__main__":
