@@ -4,15 +4,23 @@
     python bench/report.py --readme README.md # rewrite the README's benchmark and experiment blocks
 
 Every table is preceded by the line that produced it: command, device, versions, commit and date, all
-read from the result file's metadata. Nothing here measures anything.
+read from the result file's metadata. Nothing here measures anything. A result file that is not JSON or
+lacks a field is named in a one-line error; the README is rewritten through a temporary file, so a
+failure leaves it as it was.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import re
+import sys
+
+
+class ReportError(Exception):
+    """A one-line error about a named file."""
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -85,19 +93,28 @@ def pytest_benchmark_table(data: dict, path: pathlib.Path) -> str:
 def render(results: pathlib.Path = RESULTS) -> str:
     parts = []
     for path in sorted(results.glob("*.json")):
-        data = json.loads(path.read_text())
-        if "benchmarks" in data and "machine_info" in data:
-            parts.append(f"**CPU, pytest-benchmark.** {pytest_benchmark_table(data, path)}")
-            continue
-        if not data.get("rows"):
-            continue
-        if path.name.startswith("tev_"):
-            title, body = f"TEV reduction, {data['meta']['device_type'].upper()}", tev_table(data)
-        elif path.name.startswith("mlra_"):
-            title, body = "MLRA attention" + (" (smoke shapes, not a speed result)" if "smoke" in path.name else ""), mlra_table(data)
-        else:
-            continue
-        parts.append(f"**{title}.** {provenance(data['meta'], path)}\n\n{body}")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            raise ReportError(f"{path}: cannot read it as JSON ({' '.join(str(err).split())})") from None
+        if not isinstance(data, dict):
+            raise ReportError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        try:
+            if "benchmarks" in data and "machine_info" in data:
+                parts.append(f"**CPU, pytest-benchmark.** {pytest_benchmark_table(data, path)}")
+                continue
+            if not data.get("rows"):
+                continue
+            if path.name.startswith("tev_"):
+                title, body = f"TEV reduction, {data['meta']['device_type'].upper()}", tev_table(data)
+            elif path.name.startswith("mlra_"):
+                title, body = "MLRA attention" + (" (smoke shapes, not a speed result)" if "smoke" in path.name else ""), mlra_table(data)
+            else:
+                continue
+            parts.append(f"**{title}.** {provenance(data['meta'], path)}\n\n{body}")
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
+            what = f"no field {err.args[0]!r}" if isinstance(err, KeyError) else f"a malformed field ({err})"
+            raise ReportError(f"{path}: {what}; is it a result file of bench/bench_*.py?") from None
     if not parts:
         return "_No benchmark results are committed yet._"
     return "\n\n".join(parts)
@@ -121,23 +138,59 @@ def render_experiment(folder: pathlib.Path = EXPERIMENT) -> str:
 def _replace_block(doc: str, begin: str, end: str, text: str, name: str) -> str:
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
     if not pattern.search(doc):
-        raise SystemExit(f"{name}: no '{begin}' ... '{end}' block to rewrite")
+        raise ReportError(f"{name}: no '{begin}' ... '{end}' block to rewrite")
     return pattern.sub(lambda _: f"{begin}\n{text}\n{end}", doc)
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--readme", type=pathlib.Path, help="file whose bench block to rewrite in place")
-    args = p.parse_args(argv)
+def _write_atomic(path: pathlib.Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        if path.exists():
+            os.chmod(tmp, path.stat().st_mode & 0o7777)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def run(args: argparse.Namespace) -> None:
     text = render()
     if args.readme is None:
         print(text)
         return
-    doc = _replace_block(args.readme.read_text(), BEGIN, END, text, str(args.readme))
-    doc = _replace_block(doc, EXP_BEGIN, EXP_END, render_experiment(), str(args.readme))
-    args.readme.write_text(doc)
-    print(f"rewrote the benchmark and experiment blocks of {args.readme}")
+    readme = args.readme
+    if not readme.exists():
+        raise ReportError(f"--readme {readme}: no such file")
+    if not readme.is_file():
+        raise ReportError(f"--readme {readme}: not a regular file")
+    try:
+        doc = readme.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ReportError(f"--readme {readme}: cannot read it ({getattr(err, 'strerror', None) or err})") from None
+    doc = _replace_block(doc, BEGIN, END, text, str(readme))
+    doc = _replace_block(doc, EXP_BEGIN, EXP_END, render_experiment(), str(readme))
+    try:
+        _write_atomic(readme, doc)
+    except OSError as err:
+        raise ReportError(f"--readme {readme}: cannot write it ({err.strerror or err}); it was left as it was") from None
+    print(f"rewrote the benchmark and experiment blocks of {readme}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--readme", type=pathlib.Path, help="file whose bench block to rewrite in place")
+    args = p.parse_args(argv)
+    try:
+        run(args)
+    except ReportError as err:
+        print(f"report.py: error: {err}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
