@@ -9,6 +9,7 @@ transformers = pytest.importorskip("transformers", reason="transformers is an op
 
 from mlra_kernels.integrations.transformers import MLRAGPT2Attention, TEVTrainerCallback, convert_gpt2  # noqa: E402
 from mlra_kernels.monitor import read_jsonl  # noqa: E402
+from tests.helpers import REPO  # noqa: E402
 
 D = 32
 
@@ -355,12 +356,11 @@ def test_trainer_callback_logs_tev(tmp_path):
 
 
 def test_transformers_range_matches_the_extras_and_is_enforced():
-    import pathlib
     import re
 
     from mlra_kernels.integrations import transformers as integration
 
-    setup = (pathlib.Path(__file__).resolve().parents[1] / "setup.py").read_text()
+    setup = (REPO / "setup.py").read_text()
     declared = re.search(r'TRANSFORMERS = "transformers([^"]+)"', setup).group(1)
     assert declared == integration.SUPPORTED_TRANSFORMERS
     with pytest.raises(ImportError, match=r"supports transformers>=5\.0,<6; found transformers 4\.57\.1, .*no Cache"):

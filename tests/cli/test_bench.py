@@ -17,7 +17,7 @@ from mlra_kernels.benchmarks import common
 from mlra_kernels.benchmarks import mlra as mlra_bench
 from mlra_kernels.benchmarks import tev as tev_bench
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 TINY_TEV = ["--max-elems", "1e6", "--rep", "1", "--dtypes", "fp32"]
 
 

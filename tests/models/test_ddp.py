@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from mlra_kernels.models import GPT2, GPT2Config
+from tests.helpers import REPO as REPO_ROOT
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = str(REPO_ROOT)
 CFG = dict(vocab_size=97, block_size=16, n_layer=2, n_head=4, n_embd=32, attention="mlra", rank=8, latent_groups=2)
 
 WORKER = textwrap.dedent("""

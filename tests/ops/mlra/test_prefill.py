@@ -3,13 +3,7 @@
 Without a GPU the kernels run under the Triton interpreter. Triton reads ``TRITON_INTERPRET`` when it
 is first imported, so it is set here before anything imports triton (a conftest may set it earlier).
 
-Tolerance: for the output and every gradient, the kernel's error against float64 must stay within
-3x the error of the same reference computed by torch in the kernel's dtype, plus one ulp of the
-largest value (so that float32 cases, where torch is nearly exact, still have a finite bar). For the
-gradients, that ulp is scaled by (1 + the score's magnitude s · Σ_c |q_c|·|k_c|, the standard bound
-of a dot product's rounding): the backward recomputes the probabilities as exp(s - lse) from scores
-recomputed in another order (or, after the absorbed forward, in another algebra) than the forward's,
-so that rounding becomes a relative error of P that torch's softmax backward, which reuses P, lacks.
+Tolerance: the rule of ``tests/helpers.py`` (``assert_close_rel``).
 """
 
 import os
@@ -30,8 +24,7 @@ from mlra_kernels._warnings import _WARNED  # noqa: E402
 from mlra_kernels.ops.mlra import config, kernel_path  # noqa: E402
 from mlra_kernels.ops.mlra.reference import mlra_attention_reference, mlra_qkv_reference  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from tests.helpers import DEVICE, DTYPES, assert_close_rel, key_padding, make_inputs, max_abs_score, run_case  # noqa: E402,E501
 
 
 @pytest.fixture(autouse=True)
@@ -46,66 +39,6 @@ def _require_kernels(x):
     assert path.startswith("triton"), (
         "the Triton kernels are not active: on a CPU machine set TRITON_INTERPRET=1 before triton is imported"
     )
-
-
-def make_inputs(B, T, H, g, r, dh, *, bias=True, seed=0, device=DEVICE):
-    gen = torch.Generator().manual_seed(seed)
-    d = H * dh
-    x = torch.randn(B, T, d, generator=gen, dtype=torch.float64)
-    down = torch.randn(3 * g * r, d, generator=gen, dtype=torch.float64) / math.sqrt(d)
-    up = torch.randn(3, d, r, generator=gen, dtype=torch.float64) / math.sqrt(r)
-    b = torch.randn(3 * d, generator=gen, dtype=torch.float64) * 0.2 if bias else None
-    go = torch.randn(B, T, d, generator=gen, dtype=torch.float64)
-    return [t.to(device) if t is not None else None for t in (x, down, up, b, go)]
-
-
-def key_padding(kind, B, T, device=DEVICE, seed=1):
-    if kind is None:
-        return None
-    gen = torch.Generator().manual_seed(seed)
-    if kind == "random":
-        return (torch.rand(B, T, generator=gen) < 0.3).to(device)
-    if kind == "left":  # left padding: under causal masking the first rows see no key at all
-        lens = torch.randint(1, T + 1, (B,), generator=gen)
-        return (torch.arange(T)[None, :] < (T - lens)[:, None]).to(device)
-    if kind == "float":
-        m = torch.randn(B, T, generator=gen, dtype=torch.float64)
-        return m.masked_fill(torch.rand(B, T, generator=gen) < 0.2, float("-inf")).to(device)
-    raise ValueError(kind)
-
-
-def run_case(fn, inputs, dtype, go, kpm, **kw):
-    leaves = [t.detach().to(dtype).requires_grad_() if t is not None else None for t in inputs]
-    if kpm is not None and kpm.dtype != torch.bool:
-        kpm = kpm.to(dtype)
-    x = leaves[0]
-    if kw.pop("noncontiguous", False):
-        x = x.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
-        leaves[0] = x
-        assert not x.is_contiguous()
-    out = fn(x, leaves[1], leaves[2], leaves[3], key_padding_mask=kpm, **kw)
-    live = [t for t in leaves if t is not None]
-    grads = torch.autograd.grad(out, live, go.to(dtype))
-    return [out] + list(grads)
-
-
-def max_abs_score(x, down, up, bias, *, num_heads, latent_groups=1, scale=None, **_):
-    """The largest ``s · Σ_c |q_c|·|k_c|`` of the exact inputs: the scale of a score's rounding, for the
-    recompute term in ``assert_close_rel``."""
-    q, k, _ = mlra_qkv_reference(x, down, up, bias, num_heads=num_heads, latent_groups=latent_groups)
-    s = scale if scale is not None else q.shape[-1] ** -0.5
-    return (s * q.abs() @ k.abs().transpose(-1, -2)).max().item()
-
-
-def assert_close_rel(name, got, low, exact, score_max=0.0):
-    """``score_max``: the largest |score| (``max_abs_score``), for gradients of the lse-recompute backward."""
-    ulp = torch.finfo(low.dtype).eps
-    got, low, exact = got.double(), low.double(), exact.double()
-    assert torch.isfinite(got).all(), f"{name}: non-finite values (an element never written?)"
-    err = (got - exact).abs().max().item()
-    torch_err = (low - exact).abs().max().item()
-    bound = 3.0 * torch_err + ulp * (1.0 + score_max) * exact.abs().max().item()
-    assert err <= bound, f"{name}: kernel error {err:.3e} > bound {bound:.3e} (torch's own error {torch_err:.3e})"
 
 
 # (id, B, T, H, g, r, d_h, dtype, causal, bias, key padding, extra kwargs)

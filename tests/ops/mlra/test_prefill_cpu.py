@@ -1,5 +1,5 @@
 """The CPU path of mlra_attention (no Triton): torch's fused CPU attention where it applies, else the
-the torch path; forward and every gradient against float64, with the bound of tests/test_mlra.py."""
+the torch path; forward and every gradient against float64, with the bound of tests/helpers.py."""
 
 import pytest
 import torch
@@ -7,7 +7,7 @@ import torch
 import mlra_kernels
 from mlra_kernels.ops.mlra import explain, kernel_path
 from mlra_kernels.ops.mlra.reference import mlra_attention_reference
-from test_mlra import assert_close_rel, make_inputs
+from tests.helpers import assert_close_rel, make_inputs
 
 DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

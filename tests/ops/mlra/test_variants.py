@@ -15,6 +15,7 @@ from mlra_kernels.ops.mlra import (
 )
 from mlra_kernels.ops.mlra import dense as dense_mod
 from mlra_kernels.ops.mlra.reference import attention_reference, mlra_attention_reference, mlra_qkv_reference
+from tests.helpers import assert_within_torch_error
 
 
 def _inputs(B=2, T=11, H=4, g=2, r=8, dh=8, seed=0, dtype=torch.float64):
@@ -67,8 +68,7 @@ def test_decode_low_precision_within_torch_error():
     xb, db, ub, bb = (t.bfloat16() for t in (x, down, up, bias))
     c_k, c_v = kv_latents(xb, db, 1)
     got, _ = mlra_decode(xb[:, -1:], db, ub, bb, cache_k=c_k, cache_v=c_v, num_heads=4)
-    err, torch_err = (got.double() - exact).abs().max(), (low.double() - exact).abs().max()
-    assert err <= 3 * torch_err + torch.finfo(torch.bfloat16).eps * exact.abs().max(), (err, torch_err)
+    assert_within_torch_error(got, low, exact, "decode bf16 error")
 
 
 def test_decode_rejects_a_bad_cache():

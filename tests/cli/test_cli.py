@@ -11,8 +11,9 @@ import torch
 from mlra_kernels import cli
 from mlra_kernels.cli import main
 from mlra_kernels.models import GPT2, GPT2Config
+from tests.helpers import REPO as REPO_ROOT
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = str(REPO_ROOT)
 
 
 def _expected(E):
