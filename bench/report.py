@@ -70,6 +70,33 @@ def mlra_table(data: dict) -> str:
     return table(header, rows)
 
 
+def decode_table(data: dict) -> str:
+    """One line per (B, S): the step time of each variant and MLRA's speed-up over MHA; then generate()."""
+    steps = [r for r in data["rows"] if r["op"] == "decode_step"]
+    variants = list(dict.fromkeys(r["variant"] for r in steps))
+    by = {(r["B"], r["S"], r["variant"]): r for r in steps}
+    header = ["B", "cached S"] + [f"{v} ms" for v in variants] + [f"{v} vs MHA" for v in variants if v != "mha"]
+    header += ["MHA cache / MLRA cache", "best % of read bw"]
+    rows = []
+    for B, S in dict.fromkeys((r["B"], r["S"]) for r in steps):
+        cells = [by.get((B, S, v)) for v in variants]
+        line = [str(B), f"{S:,}"] + [f"{c['ms']:.3f}" if c else "–" for c in cells]
+        line += [f"{c['speedup_vs_mha']:.2f}×" if c and c.get("speedup_vs_mha") else "–"
+                 for c, v in zip(cells, variants) if v != "mha"]
+        mha, mlra = by.get((B, S, "mha")), by.get((B, S, "mlra-g1"))
+        line.append(f"{mha['cache_numbers_per_token'] / mlra['cache_numbers_per_token']:.0f}×" if mha and mlra else "–")
+        line.append(f"{100 * max(c['fraction_of_read_bw'] for c in cells if c):.0f}%")
+        rows.append(line)
+    out = table(header, rows)
+    gen = [r for r in data["rows"] if r["op"] == "generate"]
+    if gen:
+        out += "\n\n" + table(
+            ["generate()", "B", "prompt", "new tokens", "tokens/s"],
+            [[r["variant"], str(r["B"]), str(r["prompt"]), str(r["new_tokens"]), f"{r['tokens_per_s']:.1f}"] for r in gen],
+        )
+    return out
+
+
 def pytest_benchmark_table(data: dict, path: pathlib.Path) -> str:
     """A pytest-benchmark JSON file: one table, rows grouped, each with its ratio to its group's fastest."""
     m, c = data["machine_info"], data["commit_info"]
@@ -107,6 +134,8 @@ def render(results: pathlib.Path = RESULTS) -> str:
                 continue
             if path.name.startswith("tev_"):
                 title, body = f"TEV reduction, {data['meta']['device_type'].upper()}", tev_table(data)
+            elif path.name.startswith("decode_"):
+                title, body = f"Decode step on the KV cache, {data['meta']['device_type'].upper()}", decode_table(data)
             elif path.name.startswith("mlra_"):
                 title, body = "MLRA attention" + (" (smoke shapes, not a speed result)" if "smoke" in path.name else ""), mlra_table(data)
             else:

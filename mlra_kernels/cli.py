@@ -247,7 +247,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run the benchmark modules shipped in ``mlra_kernels.benchmarks``, each in its own process."""
-    names = ["tev", "mlra"] if args.which == "all" else [args.which]
+    names = ["tev", "mlra", "decode"] if args.which == "all" else [args.which]
     rc = 0
     for name in names:
         cmd = [sys.executable, "-m", f"mlra_kernels.benchmarks.{name}", *args.extra]
@@ -316,8 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--title", default=None)
     p.set_defaults(func=cmd_plot)
 
-    p = sub.add_parser("bench", help="run the kernel benchmarks (mlra_kernels.benchmarks: tev, mlra)")
-    p.add_argument("which", nargs="?", choices=["all", "tev", "mlra"], default="all")
+    p = sub.add_parser("bench", help="run the kernel benchmarks (mlra_kernels.benchmarks: tev, mlra, decode)")
+    p.add_argument("which", nargs="?", choices=["all", "tev", "mlra", "decode"], default="all")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="arguments passed to the benchmark scripts")
     p.set_defaults(func=cmd_bench)
 

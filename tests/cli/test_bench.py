@@ -324,3 +324,27 @@ def test_pytest_benchmark_failure_keeps_the_earlier_json(tmp_path):
     assert "no results were written" in proc.stdout, proc.stdout
     assert (tmp_path / "r.json").read_text() == '{"earlier": "good"}'
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_decode_benchmark_tiny_run_writes_rows_with_speedups(tmp_path):
+    from mlra_kernels.benchmarks import decode
+
+    rc = decode.main(["--batches", "2", "--lengths", "16,40", "--width", "64", "--heads", "4", "--rep", "1",
+                      "--no-generate", "--out", str(tmp_path)])
+    assert rc == 0
+    data = json.loads((tmp_path / "decode_cpu.json").read_text())
+    rows = data["rows"]
+    assert {(r["S"], r["variant"]) for r in rows} == {(S, v) for S in (16, 40) for v in decode.VARIANTS}
+    for r in rows:
+        assert r["ms"] > 0 and r["bytes"] > r["cache_bytes"] > 0 and r["speedup_vs_mha"] > 0
+        assert r["cache_numbers_per_token"] == (2 * 64 if r["variant"] == "mha" else 2 * 16)
+
+
+def test_decode_benchmark_refuses_bad_flags(tmp_path, capsys):
+    from mlra_kernels.benchmarks import decode
+
+    assert decode.main(["--width", "60", "--heads", "4", "--out", str(tmp_path)]) == 1
+    assert "--width 60 must be a multiple of 4·--heads = 16" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        decode.main(["--variants", "mqa", "--out", str(tmp_path)])
+    assert not list(tmp_path.iterdir())

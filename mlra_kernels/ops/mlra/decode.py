@@ -129,11 +129,15 @@ def mlra_decode(
                          f"got {tuple(attn_mask.shape)}")
     s = float(scale) if scale is not None else 1.0 / math.sqrt(dh)
 
+    hpg = H // g
     up_q, b_q = layout.projection(up, bias, 0)
     up_v, b_v = layout.projection(up, bias, 2)
-    q = layout.expand(layout.latents(x, down[:g * r]), up_q, b_q, H, g)  # [B, H, t, d_h]
-    q_abs = torch.einsum("bhtd,hdr->bhtr", q, up[1].view(H, dh, r))  # q̃ = q · B_K, [B, H, t, r]
-    q_abs = q_abs.reshape(B, g, H // g * t, r)
+    c_q = layout.latents(x, down[:g * r]).view(B * t, g, 1, r)
+    q = torch.matmul(c_q, up_q.view(g, hpg * dh, r).transpose(1, 2))  # [B·t, g, 1, (H/g)·d_h]
+    if b_q is not None:
+        q = q + b_q.view(g, 1, hpg * dh)
+    q_abs = torch.matmul(q.view(B * t, H, 1, dh), up[1].view(H, dh, r))  # q̃ = q · B_K, [B·t, H, 1, r]
+    q_abs = q_abs.view(B, t, g, hpg, r).permute(0, 2, 3, 1, 4).reshape(B, g, hpg * t, r)
     k = cache_k.view(B, S, g, r).transpose(1, 2)  # [B, g, S, r]
     v = cache_v.view(B, S, g, r).transpose(1, 2)
     mask = _decode_mask(B, H, g, t, S, causal=causal, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
@@ -148,6 +152,6 @@ def mlra_decode(
         weights = p.view(B, H, t, S) if need_weights else None
     else:
         z = F.scaled_dot_product_attention(q_abs, k, v, attn_mask=mask, scale=s)  # [B, g, (H/g)·t, r]
-    out = torch.einsum("bgjtr,gjdr->btgjd", z.view(B, g, H // g, t, r), up_v.view(g, H // g, dh, r))
-    out = out.reshape(B, t, d)
+    out = torch.matmul(z.view(B, g, hpg, t, r), up_v.view(g, hpg, dh, r).transpose(-1, -2))  # [B, g, H/g, t, d_h]
+    out = out.permute(0, 3, 1, 2, 4).reshape(B, t, d)
     return (out + b_v if b_v is not None else out), weights
