@@ -119,7 +119,8 @@ def test_bench_runs_the_shipped_modules(tmp_path, capsys, monkeypatch):
     assert calls == [[sys.executable, "-m", "mlra_kernels.benchmarks.mlra", "--smoke", "--out-dir", str(tmp_path)]]
     calls.clear()
     assert main(["bench"]) == 0
-    assert [c[2] for c in calls] == ["mlra_kernels.benchmarks.tev", "mlra_kernels.benchmarks.mlra"]
+    assert [c[2] for c in calls] == ["mlra_kernels.benchmarks.tev", "mlra_kernels.benchmarks.mlra",
+                                     "mlra_kernels.benchmarks.decode"]
 
 
 def test_bench_tev_end_to_end_from_another_folder(tmp_path):
