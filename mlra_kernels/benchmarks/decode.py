@@ -8,14 +8,15 @@ layers of ``mlra_kernels.models.GPT2`` (projections, cache write, attention and 
 - ``mha``: the dense Q/K/V projection, K and V written into a preallocated ``[B, H, S_max, d_h]`` cache,
   torch's SDPA over the cached ``S + 1`` keys;
 - ``mlra-g1`` (``g = 1``, ``r = d/4``) and ``mlra-gH`` (``g = H``, ``g·r = d/4``): the latents ``c_K, c_V``
-  written into a preallocated ``[B, S_max, g·r]`` cache and ``mlra_decode`` over them (absorbed form:
-  no K or V is built).
+  written into a preallocated group-major ``[B, g, S_max, r]`` cache and ``mlra_decode`` over them
+  (absorbed form: no K or V is built).
 
 Bytes per step are the cache read (``2·B·(S+1)`` times the per-token width: ``d`` for MHA, ``g·r`` for
 MLRA) plus the layer's weights; ``fraction_of_read_bw`` compares the achieved rate with a plain
 ``buffer.sum()`` of 256 MB measured in the same run. The cache is filled with random values (the
 values do not change the time), and the step is timed with its length rewound, so every repetition
-appends at position ``S``.
+appends at position ``S``, and with the CPU caches flushed before each repetition, as they are in a
+model whose other layers run in between (on GPU ``do_bench`` flushes L2).
 
 It also times ``GPT2.generate()`` end to end (MLRA against MHA), and a Hugging Face GPT-2 converted with
 ``convert_gpt2`` against the original (when transformers is installed).
@@ -34,7 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mlra_kernels.benchmarks.common import (
-    BenchError, BenchParser, check_output, comma_list, gbps, positive_int, run_main, time_cpu, time_gpu,
+    BenchError, BenchParser, _summary, check_output, comma_list, gbps, positive_int, run_main, time_cpu, time_gpu,
     write_results,
 )
 from mlra_kernels.models import GPT2, GPT2Config
@@ -88,7 +89,7 @@ def _filled_cache(name: str, cfg: GPT2Config, B: int, S: int, device, dtype) -> 
         cache, shape = LayerCache(cfg.block_size, seq_dim=2), (B, H, S, d // H)
         width = d
     else:
-        cache, shape = LayerCache(cfg.block_size, seq_dim=1), (B, S, cfg.latent_groups * cfg.rank)
+        cache, shape = LayerCache(cfg.block_size, seq_dim=2), (B, cfg.latent_groups, S, cfg.rank)
         width = cfg.latent_groups * cfg.rank
     cache.append(torch.randn(shape, device=device, dtype=dtype), torch.randn(shape, device=device, dtype=dtype))
     return cache, width
@@ -104,6 +105,26 @@ def read_bandwidth(device: str, rep: int) -> float:
     return rate
 
 
+_FLUSH: list[torch.Tensor] = []
+
+
+def time_cold_cpu(fn, rep: int) -> dict:
+    """``time_cpu`` with the CPU caches flushed before each repetition (128 MB written), as they are in a
+    model whose other layers read their own caches between two steps of this one; without it a small
+    cache stays in L3 and its step looks faster than it is in a model (``do_bench`` does the same on GPU)."""
+    if not _FLUSH:
+        _FLUSH.append(torch.empty(32 * 2**20))
+    scratch = _FLUSH[0]
+    times = []
+    fn()
+    for _ in range(rep):
+        scratch.fill_(1.0)
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return _summary(times)
+
+
 def bench_step(name: str, B: int, S: int, d: int, H: int, device: str, dtype, rep: int, bw: float) -> dict:
     cfg = variant_config(name, d, H, S + 1)
     layer = _layer(name, cfg, device, dtype)
@@ -115,7 +136,7 @@ def bench_step(name: str, B: int, S: int, d: int, H: int, device: str, dtype, re
         return layer(x, cache)
 
     with torch.no_grad():
-        t = time_gpu(step) if device == "cuda" else time_cpu(step, warmup=2, rep=rep)
+        t = time_gpu(step) if device == "cuda" else time_cold_cpu(step, rep)
     elem = torch.finfo(dtype).bits // 8
     cache_bytes = 2 * B * (S + 1) * width * elem
     weight_bytes = sum(p.numel() for p in layer.parameters()) * elem

@@ -18,8 +18,9 @@ What the converted attention supports:
   (no per-head K or V is ever built), with the mask ``GPT2Model`` built applied as given; a general
   mask in a prefill warns once that the fused op is not used;
 - the cache as a ``DynamicCache`` (the default of ``generate()``) or a ``StaticCache``
-  (``cache_implementation="static"``): each layer stores the latents ``c_K, c_V`` as ``[B, 1, S, g·r]``
-  in the cache's key/value slots, so the cache holds ``2·g·r`` numbers per token and layer instead of
+  (``cache_implementation="static"``): each layer stores the latents ``c_K, c_V`` as ``[B, g, S, r]``
+  (``g`` "heads" of width ``r``) in the cache's key/value slots, so the cache holds ``2·g·r`` numbers
+  per token and layer instead of
   ``2·d``; sequence length, cropping, beam reordering and ``torch.compile(fullgraph=True)`` of a decode
   step on a ``StaticCache`` work unchanged;
 - ``output_attentions=True``: the layer then runs ``mlra_decode`` and returns its weights, with either
@@ -236,13 +237,13 @@ class MLRAGPT2Attention(modeling_gpt2.GPT2Attention):
                 )
                 if cache is not None:
                     # The op keeps its latents on chip; the cache gets c_K, c_V from one more GEMM.
-                    _cache_update(cache, *kv_latents(hidden_states, qkv.down, self.latent_groups), self.layer_idx,
-                                  cache_position)
+                    _cache_update(cache, *kv_latents(hidden_states, qkv.down, self.latent_groups, group_major=True),
+                                  self.layer_idx, cache_position)
                 return self.resid_dropout(self.c_proj(out)), None
             if not torch.compiler.is_compiling():
                 self._warn_general_mask(attention_mask)
 
-        c_k, c_v = kv_latents(hidden_states, qkv.down, self.latent_groups)  # 2 × [B, T, g·r]
+        c_k, c_v = kv_latents(hidden_states, qkv.down, self.latent_groups, group_major=True)  # 2 × [B, g, T, r]
         if cache is not None:
             c_k, c_v = _cache_update(cache, c_k, c_v, self.layer_idx, cache_position)
         out, weights = mlra_decode(
@@ -269,12 +270,12 @@ _COPIED_ATTRIBUTES = (
 
 
 def _cache_update(cache: Any, c_k: Tensor, c_v: Tensor, layer_idx: int, cache_position: Optional[Tensor]):
-    """Write the latents ``[B, T, g·r]`` into the cache's key/value slots as ``[B, 1, T, g·r]``; returns
-    the cached latents ``[B, S, g·r]``. Releases before 5.x's positional cache layers need
-    ``cache_position`` (a ``StaticCache`` writes there); later ones track positions themselves."""
+    """Write the group-major latents ``[B, g, T, r]`` into the cache's key/value slots (a cache layer sees
+    ``g`` heads of width ``r``); returns everything cached, ``[B, g, S, r]``. Releases before 5.x's
+    positional cache layers need ``cache_position`` (a ``StaticCache`` writes there); later ones track
+    positions themselves."""
     args = ({"cache_position": cache_position},) if cache_position is not None else ()
-    c_k, c_v = cache.update(c_k.unsqueeze(1), c_v.unsqueeze(1), layer_idx, *args)
-    return c_k.squeeze(1), c_v.squeeze(1)
+    return cache.update(c_k, c_v, layer_idx, *args)
 
 
 def _nothing_cached(cache: Any, layer_idx: int, length: int) -> bool:

@@ -59,8 +59,8 @@ class GPT2Config:
 class LayerCache:
     """One layer's KV cache, preallocated for ``capacity`` positions and written in place.
 
-    MHA layers store ``k, v`` ``[B, H, S, d_h]`` (sequence dim 2); MLRA layers store the latents
-    ``c_K, c_V`` ``[B, S, g·r]`` (sequence dim 1). ``cache[0]`` / ``cache[1]`` are views of the filled
+    MHA layers store ``k, v`` ``[B, H, S, d_h]``; MLRA layers store the latents ``c_K, c_V`` group-major,
+    ``[B, g, S, r]`` (both: sequence dim 2). ``cache[0]`` / ``cache[1]`` are views of the filled
     part. A step appends by writing into the buffers, never by concatenation, so a decode step costs
     the new tokens' writes, not a copy of everything cached.
     """
@@ -157,10 +157,10 @@ class MLRASelfAttention(nn.Module):
         if cache is None:
             y = mlra_attention(x, qkv.down, qkv.up, qkv.bias, num_heads=H, latent_groups=g, causal=True, dropout_p=p)
             if use_cache:
-                cache = LayerCache(self.block_size, seq_dim=1)
-                cache.append(*kv_latents(x, qkv.down, g))
+                cache = LayerCache(self.block_size, seq_dim=2)
+                cache.append(*kv_latents(x, qkv.down, g, group_major=True))
         else:
-            c_k, c_v = cache.append(*kv_latents(x, qkv.down, g))
+            c_k, c_v = cache.append(*kv_latents(x, qkv.down, g, group_major=True))
             y, _ = mlra_decode(x, qkv.down, qkv.up, qkv.bias, cache_k=c_k, cache_v=c_v, num_heads=H,
                                latent_groups=g, dropout_p=p)
         return self.resid_dropout(self.c_proj(y)), cache

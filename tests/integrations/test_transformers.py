@@ -86,7 +86,7 @@ def test_generate_gives_the_same_tokens_and_caches_latents(attn_impl):
     cache = out.past_key_values
     assert cache.get_seq_length() == 5
     layer = cache.layers[0]
-    assert layer.keys.shape == (2, 1, 5, 2 * D)  # latents c_K: g·r numbers per token, not H·d_h
+    assert layer.keys.shape == (2, 2, 5, D)  # latents c_K, [B, g, S, r]: g·r numbers per token, not H·d_h
     # Incremental decoding through the cache matches a full forward.
     nxt = torch.randint(0, 83, (2, 3))
     step = mlra(nxt, **{_cache_kw(mlra): cache}, use_cache=True).logits
@@ -135,7 +135,7 @@ def test_default_training_forward_calls_the_fused_op(attn_impl, fused_calls):
     assert mlra.transformer.h[0].attn.qkv.down.grad.abs().sum() > 0
     # The latents were still written to the default cache.
     assert out.past_key_values.get_seq_length() == 11
-    assert out.past_key_values.layers[1].keys.shape == (3, 1, 11, 2 * D)
+    assert out.past_key_values.layers[1].keys.shape == (3, 2, 11, D)
 
 
 @pytest.mark.parametrize("attn_impl", ["eager", "sdpa"])
@@ -420,7 +420,7 @@ def test_static_cache_generate_matches_the_dense_model(attn_impl, fused_calls):
     assert not _mlra_warnings(record)
     assert len(fused_calls) == 2  # the prefill into the unwritten static cache is fused
     layer = got.past_key_values.layers[0]
-    assert layer.keys.shape[:2] == (2, 1) and layer.keys.shape[-1] == 2 * D  # latents, preallocated
+    assert layer.keys.shape[:2] == (2, 2) and layer.keys.shape[-1] == D  # latents [B, g, S_max, r], preallocated
 
 
 def _decode_kwargs(model, cache, position):

@@ -115,7 +115,7 @@ def test_incremental_decoding_matches_full_forward(attention, groups):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-9, atol=1e-9)
     per_token = cache[0][0].shape
     if attention == "mlra":
-        assert per_token == (2, 12, groups * 8)  # the latent c_K: g·r numbers per token, not d
+        assert per_token == (2, groups, 12, 8)  # the latent c_K [B, g, S, r]: g·r numbers per token, not d
     else:
         assert per_token == (2, 4, 12, 8)
 

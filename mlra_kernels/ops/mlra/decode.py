@@ -6,8 +6,9 @@ and the output is ``(P · c_V) · B_{V,h}ᵀ + b_{V,h}``. All heads of a latent 
 cached latents as one batched product, so each cached number is read once per step, not once per head.
 
 The caller keeps the cache: it stores :func:`~mlra_kernels.ops.mlra.layout.kv_latents` of the new
-tokens, then passes everything cached (the new tokens included) to :func:`mlra_decode`. This is the
-torch implementation (CPU and GPU).
+tokens, then passes everything cached (the new tokens included) to :func:`mlra_decode`. A group-major
+cache (``[B, g, S, r]``) is read in place; a token-major one (``[B, S, g·r]``) is read through a
+strided view, which torch's attention may copy first. This is the torch implementation (CPU and GPU).
 """
 
 from __future__ import annotations
@@ -78,8 +79,9 @@ def mlra_decode(
         x: ``[B, t, d]`` new tokens (one for a decode step; all of them for a prefill that wants the
             weights or a general mask).
         down, up, bias: the MLRA factors (layout in ``mlra_kernels.ops.mlra.layout``).
-        cache_k, cache_v: ``[B, S, g·r]`` cached latents ``c_K, c_V``, the new tokens' included (any
-            strides: a view of a preallocated cache works).
+        cache_k, cache_v: cached latents ``c_K, c_V``, the new tokens' included: ``[B, g, S, r]``
+            (group-major, read as they are: ``kv_latents(..., group_major=True)`` gives this layout) or
+            ``[B, S, g·r]``. Any strides: a view of a preallocated cache works.
         num_heads, latent_groups: ``H`` and ``g``.
         causal: the new tokens are the last ``t`` of the ``S`` positions and see only the keys up to
             their own (default True). Pass False when ``attn_mask`` says it all.
@@ -97,7 +99,7 @@ def mlra_decode(
         >>> B, d, H, r = 2, 64, 4, 16
         >>> down, up = torch.randn(3 * r, d) * 0.1, torch.randn(3, d, r) * 0.1
         >>> x = torch.randn(B, 1, d)
-        >>> c_k, c_v = kv_latents(x, down, 1)   # append these to the cache, then attend all of it
+        >>> c_k, c_v = kv_latents(x, down, 1, group_major=True)  # append to the cache, then attend all of it
         >>> out, _ = mlra_decode(x, down, up, cache_k=c_k, cache_v=c_v, num_heads=H)
         >>> out.shape
         torch.Size([2, 1, 64])
@@ -108,16 +110,20 @@ def mlra_decode(
     layout.check_factors(x, down, up, bias, H, g)
     B, t, d = x.shape
     r, dh = up.shape[2], d // H
+    grouped = []
     for name, c in (("cache_k", cache_k), ("cache_v", cache_v)):
-        if not isinstance(c, Tensor) or c.dim() != 3 or c.shape[0] != B or c.shape[2] != g * r:
-            raise ValueError(f"{name} must be [B, S, g·r] = [{B}, S, {g * r}], got "
-                             f"{tuple(c.shape) if isinstance(c, Tensor) else type(c).__name__}")
+        ok = isinstance(c, Tensor) and c.shape[0] == B and (
+            (c.dim() == 4 and c.shape[1] == g and c.shape[3] == r) or (c.dim() == 3 and c.shape[2] == g * r))
+        if not ok:
+            raise ValueError(f"{name} must be [B, g, S, r] = [{B}, {g}, S, {r}] or [B, S, g·r] = [{B}, S, {g * r}], "
+                             f"got {tuple(c.shape) if isinstance(c, Tensor) else type(c).__name__}")
         if c.dtype != x.dtype or c.device != x.device:
             raise TypeError(f"{name} is {c.dtype} on {c.device} but x is {x.dtype} on {x.device}")
-    S = cache_k.shape[1]
-    if cache_v.shape[1] != S or S < t:
-        raise ValueError(f"cache_k and cache_v must hold the same S >= t={t} positions, got "
-                         f"{cache_k.shape[1]} and {cache_v.shape[1]}")
+        grouped.append(c if c.dim() == 4 else c.view(B, c.shape[1], g, r).transpose(1, 2))  # [B, g, S, r]
+    k, v = grouped
+    S = k.shape[2]
+    if v.shape[2] != S or S < t:
+        raise ValueError(f"cache_k and cache_v must hold the same S >= t={t} positions, got {S} and {v.shape[2]}")
     if key_padding_mask is not None and key_padding_mask.shape != (B, S):
         raise ValueError(f"key_padding_mask must be [B, S] = [{B}, {S}], got {tuple(key_padding_mask.shape)}")
     if attn_mask is not None and not (
@@ -138,8 +144,6 @@ def mlra_decode(
         q = q + b_q.view(g, 1, hpg * dh)
     q_abs = torch.matmul(q.view(B * t, H, 1, dh), up[1].view(H, dh, r))  # q̃ = q · B_K, [B·t, H, 1, r]
     q_abs = q_abs.view(B, t, g, hpg, r).permute(0, 2, 3, 1, 4).reshape(B, g, hpg * t, r)
-    k = cache_k.view(B, S, g, r).transpose(1, 2)  # [B, g, S, r]
-    v = cache_v.view(B, S, g, r).transpose(1, 2)
     mask = _decode_mask(B, H, g, t, S, causal=causal, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
                         dtype=q_abs.dtype, device=x.device)
     weights = None

@@ -276,8 +276,15 @@ def factors_from_dense(
     return down, up, bias
 
 
-def kv_latents(x: Tensor, down: Tensor, latent_groups: int) -> tuple[Tensor, Tensor]:
-    """The latents ``c_K, c_V`` ``[B, T, g·r]`` of ``x`` ``[B, T, d]``: what a latent KV cache stores."""
+def kv_latents(x: Tensor, down: Tensor, latent_groups: int, *, group_major: bool = False) -> tuple[Tensor, Tensor]:
+    """The latents ``c_K, c_V`` of ``x`` ``[B, T, d]``: what a latent KV cache stores. ``[B, T, g·r]``, or
+    with ``group_major`` ``[B, g, T, r]`` (views), the layout in which a decode step reads each group's
+    cached latents as one contiguous block."""
     gr = down.shape[0] // 3
     c = latents(x, down[gr:])
-    return c[..., :gr], c[..., gr:]
+    c_k, c_v = c[..., :gr], c[..., gr:]
+    if group_major:
+        B, T, _ = x.shape
+        g = latent_groups
+        c_k, c_v = (t.reshape(B, T, g, gr // g).transpose(1, 2) for t in (c_k, c_v))
+    return c_k, c_v

@@ -38,6 +38,10 @@ def test_decode_on_the_latent_cache_matches_the_full_forward(H, g, r, t):
     out, weights = mlra_decode(x[:, -t:], down, up, bias, cache_k=c_k, cache_v=c_v, num_heads=H, latent_groups=g)
     assert weights is None
     torch.testing.assert_close(out, full[:, -t:], rtol=1e-12, atol=1e-12)
+    g_k, g_v = kv_latents(x, down, g, group_major=True)  # the layout a cache reads in place
+    assert g_k.shape == (2, g, 11, r) and torch.equal(g_k.transpose(1, 2).reshape(2, 11, g * r), c_k)
+    out_g, _ = mlra_decode(x[:, -t:], down, up, bias, cache_k=g_k, cache_v=g_v, num_heads=H, latent_groups=g)
+    torch.testing.assert_close(out_g, out, rtol=0, atol=0)
 
 
 def test_decode_masks_and_weights_match_the_oracle():
@@ -74,7 +78,7 @@ def test_decode_low_precision_within_torch_error():
 def test_decode_rejects_a_bad_cache():
     x, down, up, bias = _inputs()
     c_k, c_v = kv_latents(x, down, 2)
-    with pytest.raises(ValueError, match=r"cache_k must be \[B, S, g·r\] = \[2, S, 16\]"):
+    with pytest.raises(ValueError, match=r"cache_k must be \[B, g, S, r\] = \[2, 2, S, 8\] or \[B, S, g·r\]"):
         mlra_decode(x, down, up, bias, cache_k=c_k[..., :8], cache_v=c_v, num_heads=4, latent_groups=2)
     with pytest.raises(ValueError, match="the same S >= t=11"):
         mlra_decode(x, down, up, bias, cache_k=c_k[:, :5], cache_v=c_v[:, :5], num_heads=4, latent_groups=2)
