@@ -27,7 +27,8 @@ Correctness comes first: the run checks the kernels against the float64 referenc
 checked before anything runs; an earlier result file is replaced only by a complete one.
 
 Usage:
-  python bench/bench_mlra.py                     # full grid on a CUDA GPU, writes bench/results/mlra_<gpu>.json
+  python bench/bench_mlra.py                     # full grid on a CUDA GPU, writes bench/results/mlra_<gpu>.json;
+                                                 # without a GPU: GPT-2 small, T=1024, fp32 (mlra_cpu.json)
   python bench/bench_mlra.py --models small --T 1024 2048 --dtypes bf16
   TRITON_INTERPRET=1 python bench/bench_mlra.py --smoke   # tiny shapes on CPU under the interpreter
   mlra bench mlra ...                            # the same from an installed wheel
@@ -70,6 +71,9 @@ FULL = {"models": list(MODELS), "T": [1024, 2048, 4096, 8192], "ranks": ["d/8", 
 SMOKE = {"models": [SMOKE_MODEL[0]], "T": [40], "ranks": ["d/4"], "groups": ["1", "H"], "dtypes": ["bf16", "fp16"],
          "tokens": 80}
 SMOKE_CPU_DTYPES = ["fp32", "bf16"]
+# The CPU benchmark (no GPU, no --smoke): GPT-2 small's width at T = 1024, fp32, every latent shape.
+CPU = {"models": ["small"], "T": [1024], "ranks": ["d/8", "d/4", "d/2"], "groups": ["1", "H"], "dtypes": ["fp32"],
+       "tokens": 2048}
 
 
 def mlra_flops(B, T, d, H, g, r, causal=True):
@@ -271,7 +275,7 @@ def bench_row(model, d, H, T, B, g, r, dtype_name, device):
     f_mlra, f_mha = mlra_flops(B, T, d, H, g, r), mha_flops(B, T, d, H)
     row = {
         "model": model, "d": d, "H": H, "d_h": d // H, "B": B, "T": T, "g": g, "r": r, "latent_width": g * r,
-        "dtype": dtype_name, "causal": True, "path": kernel_path(x),
+        "dtype": dtype_name, "causal": True, "path": kernel_path(x.detach(), rank=r, head_dim=d // H),
         "sdpa_backend_unfused": name_a, "sdpa_backend_mha": name_b,
         "check_err": err, "check_err_unfused": base_err,
     }
@@ -343,7 +347,7 @@ def build_parser(prog: str = "mlra bench mlra") -> argparse.ArgumentParser:
 def grid(args: argparse.Namespace, device: torch.device) -> list[tuple]:
     """The rows to run, ``(model, d, H, T, B, g, r, dtype)``, each checked; a combination that does not
     exist (g not dividing H, a latent width below g) is an error naming its flag."""
-    defaults = dict(SMOKE if args.smoke else FULL)
+    defaults = dict(SMOKE if args.smoke else FULL if device.type == "cuda" else CPU)
     if args.smoke and device.type == "cpu":
         defaults["dtypes"] = SMOKE_CPU_DTYPES
     for key, value in defaults.items():
@@ -373,8 +377,9 @@ def grid(args: argparse.Namespace, device: torch.device) -> list[tuple]:
 def run(args: argparse.Namespace) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cases = grid(args, device)
-    if not args.smoke and device.type != "cuda":
-        raise BenchError("the full benchmark needs a CUDA GPU; use --smoke on a CPU machine")
+    if not args.smoke and device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise BenchError("TRITON_INTERPRET=1 would time the Triton interpreter; unset it for the CPU benchmark, "
+                         "or pass --smoke for the tiny interpreter shapes")
     dev_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     name = args.out or "mlra_" + ("smoke_" if args.smoke else "") + re.sub(r"[^a-z0-9]+", "_", dev_name.lower()).strip("_")
     out = check_output(args.out_dir, "--out-dir", name)

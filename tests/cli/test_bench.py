@@ -126,11 +126,23 @@ def test_mlra_bad_out_dir_is_refused_before_measuring(cwd, capsys, monkeypatch):
     assert _files(cwd) == ["f"]
 
 
-def test_mlra_full_grid_needs_a_gpu_one_line(cwd, capsys):
+def test_mlra_cpu_benchmark_refuses_to_time_the_interpreter(cwd, capsys, monkeypatch):
     if __import__("torch").cuda.is_available():
         pytest.skip("a GPU is visible")
-    _one_line_error(capsys, _run(mlra_bench.main, ["--T", "64", "--out-dir", "out"]), "needs a CUDA GPU", "--smoke")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    _one_line_error(capsys, _run(mlra_bench.main, ["--T", "64", "--out-dir", "out"]),
+                    "TRITON_INTERPRET=1 would time the Triton interpreter", "--smoke")
     assert _files(cwd) == []
+
+
+def test_mlra_cpu_benchmark_default_grid(monkeypatch):
+    """Without a GPU the benchmark's defaults are the CPU grid: GPT-2 small, T = 1024, fp32, every latent shape."""
+    if __import__("torch").cuda.is_available():
+        pytest.skip("a GPU is visible")
+    args = mlra_bench.build_parser().parse_args([])
+    rows = mlra_bench.grid(args, __import__("torch").device("cpu"))
+    assert {(d, H, T, dt) for _, d, H, T, _, _, _, dt in rows} == {(768, 12, 1024, "fp32")}
+    assert sorted((g, r) for *_, g, r, _ in rows) == [(1, 96), (1, 192), (1, 384), (12, 8), (12, 16), (12, 32)]
 
 
 def test_bad_flags_through_mlra_bench_in_a_subprocess(tmp_path):

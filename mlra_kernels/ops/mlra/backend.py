@@ -9,6 +9,9 @@ Paths:
 - ``"triton-interpreter"``: the same kernels on CPU tensors under the Triton interpreter
   (``TRITON_INTERPRET=1`` set before ``triton`` was imported): how the CPU tests check the kernels.
 - ``"torch-cpu"``: CPU tensors; the latent GEMMs, then torch's fused CPU attention (no ``T×T`` scores).
+- ``"torch-cpu-latent"``: CPU tensors whose latent is at most half a head wide (``r <= d_h / 2``,
+  typically ``g = H``): attention on the latents (absorbed scores and values) with torch's fused CPU
+  attention at head width ``r``, a fraction of the per-head work.
 - ``"torch"``: plain torch with the ``T×T`` scores in memory and a hand-written backward: float64, a
   general ``attn_mask``, and on the CPU key padding, dropout and fewer than 16 tokens.
 
@@ -32,7 +35,7 @@ from torch import Tensor
 from mlra_kernels._warnings import warn_once
 from mlra_kernels.ops.mlra import config
 
-PATHS = ("triton", "triton-interpreter", "torch-cpu", "torch")
+PATHS = ("triton", "triton-interpreter", "torch-cpu", "torch-cpu-latent", "torch")
 
 # torch's fused CPU attention needs this many tokens to beat the T×T path (which is also the more exact:
 # at T = 1 the fused backward leaves fp32 noise in dq and dk, whose exact value is 0).
@@ -95,7 +98,13 @@ def _interpreter_ready() -> bool:
     return False
 
 
-def _auto(x: Tensor, key_padding_mask: Optional[Tensor], dropout_p: float, attn_mask: Optional[Tensor]) -> Choice:
+def _latent_is_narrow(rank: Optional[int], head_dim: Optional[int]) -> bool:
+    """Attention on the latents does less work than on the heads when the latent is at most half a head."""
+    return rank is not None and head_dim is not None and 2 * rank <= head_dim
+
+
+def _auto(x: Tensor, key_padding_mask: Optional[Tensor], dropout_p: float, attn_mask: Optional[Tensor],
+          rank: Optional[int], head_dim: Optional[int]) -> Choice:
     if x.dtype == torch.float64:
         return Choice("torch", "float64 runs the exact torch path (the kernels compute in fp32)")
     if attn_mask is not None:
@@ -121,6 +130,9 @@ def _auto(x: Tensor, key_padding_mask: Optional[Tensor], dropout_p: float, attn_
         )
     if x.shape[1] < CPU_FUSED_MIN_TOKENS:
         return Choice("torch", f"fewer than {CPU_FUSED_MIN_TOKENS} tokens: the T×T path is cheaper and exact")
+    if _latent_is_narrow(rank, head_dim):
+        return Choice("torch-cpu-latent", f"CPU tensors, latent r={rank} at most half a head (d_h={head_dim}): "
+                      "torch's fused CPU attention on the latents")
     return Choice("torch-cpu", "CPU tensors: latent GEMMs and torch's fused CPU attention")
 
 
@@ -137,7 +149,7 @@ def _can_run(path: str, x: Tensor, key_padding_mask, dropout_p: float, attn_mask
     if path == "triton-interpreter":
         ok = x.device.type == "cpu" and config.interpret_requested() and triton_available() and triton_interpreted()
         return None if ok else "it needs CPU tensors and TRITON_INTERPRET=1 set before triton is imported"
-    if path == "torch-cpu":
+    if path in ("torch-cpu", "torch-cpu-latent"):
         if x.device.type != "cpu":
             return "it needs CPU tensors"
         if key_padding_mask is not None or dropout_p > 0.0:
@@ -148,12 +160,13 @@ def _can_run(path: str, x: Tensor, key_padding_mask, dropout_p: float, attn_mask
 
 def choose(
     x: Tensor, *, key_padding_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
-    attn_mask: Optional[Tensor] = None,
+    attn_mask: Optional[Tensor] = None, rank: Optional[int] = None, head_dim: Optional[int] = None,
 ) -> Choice:
-    """The path for an ``mlra_attention`` call on ``x`` ``[B, T, d]`` with these modes."""
+    """The path for an ``mlra_attention`` call on ``x`` ``[B, T, d]`` with these modes; ``rank`` (r per
+    group) and ``head_dim`` (d_h) let it take attention on the latents where that is less work."""
     forced = _forced[-1] if _forced else config.backend()
     if forced == "auto":
-        return _auto(x, key_padding_mask, dropout_p, attn_mask)
+        return _auto(x, key_padding_mask, dropout_p, attn_mask, rank, head_dim)
     why_not = _can_run(forced, x, key_padding_mask, dropout_p, attn_mask)
     if why_not is not None:
         raise RuntimeError(f"the MLRA backend {forced!r} was forced (MLRA_BACKEND / use_backend) but cannot run "
@@ -170,17 +183,19 @@ def warn_if_slow(choice: Choice) -> None:
 
 def kernel_path(
     x: Tensor, key_padding_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
-    attn_mask: Optional[Tensor] = None,
+    attn_mask: Optional[Tensor] = None, *, rank: Optional[int] = None, head_dim: Optional[int] = None,
 ) -> str:
-    """Which path an ``mlra_attention`` call on ``x`` ``[B, T, d]`` takes (:data:`PATHS`); see
-    :func:`explain` for the reason."""
-    return choose(x, key_padding_mask=key_padding_mask, dropout_p=dropout_p, attn_mask=attn_mask).path
+    """Which path an ``mlra_attention`` call on ``x`` ``[B, T, d]`` takes (:data:`PATHS`); pass ``rank``
+    (``up.shape[-1]``) and ``head_dim`` as the call has them. :func:`explain` gives the reason."""
+    return choose(x, key_padding_mask=key_padding_mask, dropout_p=dropout_p, attn_mask=attn_mask, rank=rank,
+                  head_dim=head_dim).path
 
 
 def explain(
     x: Tensor, key_padding_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
-    attn_mask: Optional[Tensor] = None,
+    attn_mask: Optional[Tensor] = None, *, rank: Optional[int] = None, head_dim: Optional[int] = None,
 ) -> str:
     """``"<path>: <reason>"`` for an ``mlra_attention`` call on ``x`` with these modes."""
-    c = choose(x, key_padding_mask=key_padding_mask, dropout_p=dropout_p, attn_mask=attn_mask)
+    c = choose(x, key_padding_mask=key_padding_mask, dropout_p=dropout_p, attn_mask=attn_mask, rank=rank,
+               head_dim=head_dim)
     return f"{c.path}: {c.reason}"

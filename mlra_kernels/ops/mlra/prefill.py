@@ -7,6 +7,8 @@ break. The path (``mlra_kernels.ops.mlra.backend``) is chosen once per call and 
 
 - ``"triton"`` / ``"triton-interpreter"``: the fused Triton kernels (``launcher``, ``kernels``);
 - ``"torch-cpu"``: the latent GEMMs, then torch's fused CPU attention;
+- ``"torch-cpu-latent"``: attention on the latents (absorbed scores and values, DESIGN.md) with torch's
+  fused CPU attention at head width ``r``, where the latent is narrower than a head;
 - ``"torch"``: the ``T×T`` scores in torch (``dense.attention_lse`` and its hand-written backward).
 
 What the forward saves for the backward: ``x``, the weights, ``O`` and the log-sum-exp. The latents
@@ -40,6 +42,62 @@ def _torch_inputs(c, up, bias, kpm, attn_mask, seed, num_heads, g, causal, dropo
     return q, k, v, mask, keep
 
 
+def _group_to_heads(c: Tensor, num_heads: int, g: int) -> Tensor:
+    """One projection's latents ``[B, T, g·r]`` as ``[B, H, T, r]``: each head sees its group's latent."""
+    B, T, gr = c.shape
+    r, hpg = gr // g, num_heads // g
+    c = c.view(B, T, g, 1, r)
+    if hpg > 1:
+        c = c.expand(B, T, g, hpg, r)
+    return c.reshape(B, T, num_heads, r).transpose(1, 2)
+
+
+def _absorbed_inputs(c: Tensor, up: Tensor, bias: Optional[Tensor], num_heads: int, g: int):
+    """``q [B, T, H, d_h]``, ``q̃ = q·B_K`` and the latents ``c_K``, ``c_V`` per head, each ``[B, H, T, r]``."""
+    B, T, _ = c.shape
+    d, r = up.shape[1], up.shape[2]
+    dh, gr = d // num_heads, g * r
+    up_q, b_q = layout.projection(up, bias, 0)
+    c_q = _group_to_heads(c[..., :gr], num_heads, g)  # [B, H, T, r]
+    q = torch.einsum("bhtr,hdr->bthd", c_q, up_q.view(num_heads, dh, r))
+    if b_q is not None:
+        q = q + b_q.view(num_heads, dh)
+    q_abs = torch.einsum("bthd,hdr->bhtr", q, up[1].view(num_heads, dh, r))
+    k = _group_to_heads(c[..., gr:2 * gr], num_heads, g)
+    v = _group_to_heads(c[..., 2 * gr:], num_heads, g)
+    return q, q_abs, k, v, c_q
+
+
+def _absorbed_grads(grad_o, c, x, down, up, bias, z, lse, num_heads, g, causal, scale):
+    """``(dx, ddown, dup, dbias)`` of the latent path, from the fused attention's own backward."""
+    B, T, d = x.shape
+    r = up.shape[2]
+    H, dh, hpg = num_heads, d // num_heads, num_heads // g
+    q, q_abs, k, v, c_q = _absorbed_inputs(c, up, bias, H, g)
+    do = grad_o.view(B, T, H, dh)
+    up_v = up[2].view(H, dh, r)
+    dz = torch.einsum("bthd,hdr->bhtr", do, up_v).contiguous()  # dO·B_V, [B, H, T, r]
+    dq_abs, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        dz, q_abs, k, v, z, lse, 0.0, causal, scale=scale,
+    )
+    dup_v = torch.einsum("bthd,bhtr->hdr", do, z)
+    dq = torch.einsum("bhtr,hdr->bthd", dq_abs, up[1].view(H, dh, r))  # [B, T, H, d_h]
+    dup_k = torch.einsum("bthd,bhtr->hdr", q, dq_abs)
+    dup_q = torch.einsum("bthd,bhtr->hdr", dq, c_q)
+    dc_q = torch.einsum("bthd,hdr->bthr", dq, up[0].view(H, dh, r))  # [B, T, H, r]
+
+    def per_group(t: Tensor) -> Tensor:  # [B, T, H, r] -> [B, T, g·r], summed over the heads of a group
+        return t.reshape(B, T, g, hpg, r).sum(3).reshape(B, T, g * r)
+
+    dc = torch.cat([per_group(dc_q), per_group(dk.transpose(1, 2)), per_group(dv.transpose(1, 2))], dim=-1)
+    dc_n = dc.reshape(B * T, 3 * g * r)
+    dx = (dc_n @ down).view(B, T, d)
+    ddown = dc_n.t() @ x.reshape(B * T, d)
+    dup = torch.stack([dup_q.reshape(d, r), dup_k.reshape(d, r), dup_v.reshape(d, r)])
+    dbias = torch.cat([dq.sum((0, 1)).reshape(d), dq.new_zeros(d), do.sum((0, 1)).reshape(d)])
+    return dx, ddown, dup, dbias
+
+
 def _heads(t: Tensor, num_heads: int) -> Tensor:
     """``[B, T, d]`` to ``[B, H, T, d_h]``, token-major (a view)."""
     B, T, d = t.shape
@@ -57,38 +115,53 @@ def mlra_attention_fwd(
     x: Tensor, down: Tensor, up: Tensor, bias: Optional[Tensor], kpm: Optional[Tensor], attn_mask: Optional[Tensor],
     seed: Optional[Tensor], num_heads: int, latent_groups: int, causal: bool, dropout_p: float, scale: float,
     path: str,
-) -> tuple[Tensor, Tensor]:
-    """``(o [B, T, d], lse [B, H, T] fp32)``. ``kpm`` is an additive fp32 ``[B, T]`` key mask."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(o [B, T, d], lse [B, H, T] fp32, aux)``. ``kpm`` is an additive fp32 ``[B, T]`` key mask. ``aux``
+    is what the path's backward needs besides ``o`` and ``lse``: the latent path's attention output
+    ``Z [B, H, T, r]``; an empty tensor for the other paths."""
     seed_i = int(seed.item()) if seed is not None else 0
     c = layout.latents(x, down)
+    none = x.new_empty(0)
     if path in ("triton", "triton-interpreter"):
         from mlra_kernels.ops.mlra import launcher
 
         launcher.check_interpreter_once()
-        return launcher.mlra_fwd(
+        o, lse = launcher.mlra_fwd(
             c, up.contiguous(), bias.contiguous() if bias is not None else None, kpm, num_heads=num_heads,
             latent_groups=latent_groups, causal=causal, scale=scale, dropout_p=dropout_p, seed=seed_i,
         )
+        return o, lse, none
     if path == "torch-cpu":
         q, k, v = layout.heads_token_major(c, up, bias, num_heads, latent_groups)
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
-        return _merge(o), lse.float().contiguous()
+        return _merge(o), lse.float().contiguous(), none
+    if path == "torch-cpu-latent":
+        B, T, d = x.shape
+        r, dh = up.shape[2], d // num_heads
+        _, q_abs, k, v, _ = _absorbed_inputs(c, up, bias, num_heads, latent_groups)
+        z, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q_abs, k, v, 0.0, causal, scale=scale)
+        up_v, b_v = layout.projection(up, bias, 2)
+        o = torch.einsum("bhtr,hdr->bthd", z, up_v.view(num_heads, dh, r)).reshape(B, T, d)
+        if b_v is not None:
+            o = o + b_v
+        return o.contiguous(), lse.float().contiguous(), z
     q, k, v, mask, keep = _torch_inputs(c, up, bias, kpm, attn_mask, seed_i, num_heads, latent_groups, causal,
                                         dropout_p, x)
     o, lse = dense.attention_lse(q, k, v, scale=scale, bias=mask, dropout_p=dropout_p, keep=keep)
-    return _merge(o), lse.contiguous()
+    return _merge(o), lse.contiguous(), none
 
 
 @mlra_attention_fwd.register_fake
 def _(x, down, up, bias, kpm, attn_mask, seed, num_heads, latent_groups, causal, dropout_p, scale, path):
     B, T, d = x.shape
-    return x.new_empty((B, T, d)), x.new_empty((B, num_heads, T), dtype=torch.float32)
+    aux = x.new_empty((B, num_heads, T, up.shape[2])) if path == "torch-cpu-latent" else x.new_empty(0)
+    return x.new_empty((B, T, d)), x.new_empty((B, num_heads, T), dtype=torch.float32), aux
 
 
 @torch.library.custom_op("mlra::mlra_attention_bwd", mutates_args=())
 def mlra_attention_bwd(
     grad_o: Tensor, x: Tensor, down: Tensor, up: Tensor, bias: Optional[Tensor], kpm: Optional[Tensor],
-    attn_mask: Optional[Tensor], seed: Optional[Tensor], o: Tensor, lse: Tensor,
+    attn_mask: Optional[Tensor], seed: Optional[Tensor], o: Tensor, lse: Tensor, aux: Tensor,
     num_heads: int, latent_groups: int, causal: bool, dropout_p: float, scale: float, path: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(dx, ddown, dup, dbias)``; ``dbias`` is ``[3·d]`` even when there is no bias."""
@@ -97,6 +170,8 @@ def mlra_attention_bwd(
     seed_i = int(seed.item()) if seed is not None else 0
     grad_o = grad_o.contiguous()
     c = layout.latents(x, down)
+    if path == "torch-cpu-latent":
+        return _absorbed_grads(grad_o, c, x, down, up, bias, aux, lse, num_heads, g, causal, scale)
     if path in ("triton", "triton-interpreter"):
         from mlra_kernels.ops.mlra import launcher
 
@@ -120,22 +195,23 @@ def mlra_attention_bwd(
 
 
 @mlra_attention_bwd.register_fake
-def _(grad_o, x, down, up, bias, kpm, attn_mask, seed, o, lse, num_heads, latent_groups, causal, dropout_p, scale,
-      path):
+def _(grad_o, x, down, up, bias, kpm, attn_mask, seed, o, lse, aux, num_heads, latent_groups, causal, dropout_p,
+      scale, path):
     return torch.empty_like(x), torch.empty_like(down), torch.empty_like(up), x.new_empty((3 * x.shape[-1],))
 
 
 def _setup_context(ctx, inputs, output):
     x, down, up, bias, kpm, attn_mask, seed, num_heads, latent_groups, causal, dropout_p, scale, path = inputs
-    o, lse = output
-    ctx.save_for_backward(x, down, up, bias, kpm, attn_mask, seed, o, lse)
+    o, lse, aux = output
+    ctx.save_for_backward(x, down, up, bias, kpm, attn_mask, seed, o, lse, aux)
     ctx.args = (num_heads, latent_groups, causal, dropout_p, scale, path)
     ctx.has_bias = bias is not None
 
 
-def _backward(ctx, grad_o, grad_lse):
-    x, down, up, bias, kpm, attn_mask, seed, o, lse = ctx.saved_tensors
-    dx, ddown, dup, dbias = mlra_attention_bwd(grad_o, x, down, up, bias, kpm, attn_mask, seed, o, lse, *ctx.args)
+def _backward(ctx, grad_o, grad_lse, grad_aux):
+    x, down, up, bias, kpm, attn_mask, seed, o, lse, aux = ctx.saved_tensors
+    dx, ddown, dup, dbias = mlra_attention_bwd(grad_o, x, down, up, bias, kpm, attn_mask, seed, o, lse, aux,
+                                               *ctx.args)
     return dx, ddown, dup, (dbias if ctx.has_bias else None), None, None, None, None, None, None, None, None, None
 
 
@@ -236,7 +312,8 @@ def mlra_attention(
     x, down, up, bias = _autocast(x, down, up, bias)
     layout.check_factors(x, down, up, bias, num_heads, latent_groups)
     layout.check_masks(x, num_heads, key_padding_mask, attn_mask)
-    choice = backend.choose(x, key_padding_mask=key_padding_mask, dropout_p=dropout_p, attn_mask=attn_mask)
+    choice = backend.choose(x, key_padding_mask=key_padding_mask, dropout_p=dropout_p, attn_mask=attn_mask,
+                            rank=up.shape[-1], head_dim=x.shape[-1] // num_heads)
     backend.warn_if_slow(choice)
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(x.shape[-1] // num_heads)
     kpm = None
@@ -249,7 +326,7 @@ def mlra_attention(
     if attn_mask is not None:
         attn_mask = attn_mask.detach()
     seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64) if dropout_p > 0.0 else None
-    o, _ = mlra_attention_fwd(
+    o, _, _ = mlra_attention_fwd(
         x, down, up, bias, kpm, attn_mask, seed, num_heads, latent_groups, causal, dropout_p, scale, choice.path
     )
     return o

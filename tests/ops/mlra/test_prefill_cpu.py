@@ -27,6 +27,9 @@ def _run(fn, leaves, go):
 CASES = [
     ("T16-fp32", 2, 16, 2, 1, 8, 32, "fp32", True, {}),
     ("T37-gH-bf16", 1, 37, 4, 4, 8, 48, "bf16", True, {}),
+    ("T40-gH-r16-dh64-fp32", 2, 40, 4, 4, 16, 64, "fp32", True, {}),
+    ("T50-g2-r8-dh32-fp16-noncausal", 1, 50, 4, 2, 8, 32, "fp16", False, {"scale": 0.2}),
+    ("T17-g1-r4-dh32-fp32", 2, 17, 2, 1, 4, 32, "fp32", True, {}),
     ("T64-g2-fp32-noncausal", 2, 64, 4, 2, 16, 32, "fp32", False, {}),
     ("T45-fp16-scale", 1, 45, 2, 1, 24, 80, "fp16", True, {"scale": 0.3}),
     ("T33-bf16-noncausal-r64", 1, 33, 2, 1, 64, 64, "bf16", False, {}),
@@ -37,7 +40,9 @@ CASES = [
 def test_cpu_path_forward_backward_vs_float64(case):
     _, B, T, H, g, r, dh, dt, causal, kw = case
     x, down, up, b, go = make_inputs(B, T, H, g, r, dh, device="cpu")
-    assert kernel_path(x.to(DT[dt])) == "torch-cpu"
+    # A latent at most half a head wide runs attention on the latents (absorbed), the others on the heads.
+    expected = "torch-cpu-latent" if 2 * r <= dh else "torch-cpu"
+    assert kernel_path(x.to(DT[dt]), rank=r, head_dim=dh) == expected
     args = dict(num_heads=H, latent_groups=g, causal=causal, **kw)
     got = _run(lambda *t: mlra_kernels.mlra_attention(*t, **args), [t.to(DT[dt]).requires_grad_() for t in (x, down, up, b)], go)
     low = _run(lambda *t: mlra_attention_reference(*t, **args), [t.to(DT[dt]).requires_grad_() for t in (x, down, up, b)], go)
@@ -61,11 +66,12 @@ def test_cpu_path_opcheck_and_compile():
     x, down, up, b, go = make_inputs(1, 20, 2, 1, 8, 16, device="cpu")
     x, down, up, b = (t.float() for t in (x, down, up, b))
     assert kernel_path(x) == "torch-cpu"
-    fwd_args = (x, down, up, b, None, None, None, 2, 1, True, 0.0, 0.25, "torch-cpu")
-    torch.library.opcheck(torch.ops.mlra.mlra_attention_fwd.default, fwd_args)
-    o, lse = torch.ops.mlra.mlra_attention_fwd(*fwd_args)
-    torch.library.opcheck(torch.ops.mlra.mlra_attention_bwd.default,
-                          (go.float(), x, down, up, b, None, None, None, o, lse, 2, 1, True, 0.0, 0.25, "torch-cpu"))
+    for path in ("torch-cpu", "torch-cpu-latent"):
+        fwd_args = (x, down, up, b, None, None, None, 2, 1, True, 0.0, 0.25, path)
+        torch.library.opcheck(torch.ops.mlra.mlra_attention_fwd.default, fwd_args)
+        o, lse, aux = torch.ops.mlra.mlra_attention_fwd(*fwd_args)
+        torch.library.opcheck(torch.ops.mlra.mlra_attention_bwd.default,
+                              (go.float(), x, down, up, b, None, None, None, o, lse, aux, 2, 1, True, 0.0, 0.25, path))
 
     def f(x, down, up, b):
         return (mlra_kernels.mlra_attention(x, down, up, b, num_heads=2) * go.float()).sum()

@@ -29,16 +29,20 @@ SETTINGS = dict(deadline=None, derandomize=True, database=None, suppress_health_
 
 
 @st.composite
-def cases(draw, max_t=40):
+def cases(draw, max_t=40, fused=False, narrow=False):
+    """``fused``: what torch's fused CPU attention takes (no key padding, T >= 2); ``narrow``: also a
+    latent at most half a head wide."""
     H = draw(st.sampled_from([1, 2, 4]))
     g = draw(st.sampled_from([c for c in (1, 2, 4) if H % c == 0]))
     dh = draw(st.sampled_from([8, 16, 24, 32]))
     d = H * dh
-    r = draw(st.integers(1, min(48, d)))
+    r = draw(st.integers(1, dh // 2 if narrow else min(48, d)))
+    fused = fused or narrow
     return dict(
-        B=draw(st.integers(1, 2)), T=draw(st.integers(1, max_t)), H=H, g=g, dh=dh, r=r,
+        B=draw(st.integers(1, 2)), T=draw(st.integers(2 if fused else 1, max_t)), H=H, g=g, dh=dh, r=r,
         dtype=draw(st.sampled_from(sorted(DTYPES))), causal=draw(st.booleans()), bias=draw(st.booleans()),
-        kpm=draw(st.sampled_from([None, "random", "left", "float"])), seed=draw(st.integers(0, 2**16)),
+        kpm=None if fused else draw(st.sampled_from([None, "random", "left", "float"])),
+        seed=draw(st.integers(0, 2**16)),
         scale=draw(st.sampled_from([None, 0.05, 0.5])),
     )
 
@@ -70,9 +74,15 @@ def test_torch_path_on_random_shapes(case):
 
 
 @settings(max_examples=25, **SETTINGS)
-@given(case=cases().filter(lambda c: c["kpm"] is None and c["T"] >= 2))
+@given(case=cases(fused=True))
 def test_fused_cpu_path_on_random_shapes(case):
     _check(case, "torch-cpu")
+
+
+@settings(max_examples=25, **SETTINGS)
+@given(case=cases(narrow=True))
+def test_latent_cpu_path_on_random_shapes(case):
+    _check(case, "torch-cpu-latent")
 
 
 @pytest.mark.skipif(torch.cuda.is_available() or not backend.triton_available(),
