@@ -42,7 +42,7 @@ ensure_env() {
         "$VENV/bin/python" -m pip install --upgrade pip
         read -r -a extra_reqs <<< "${MLRA_PIP_EXTRA:-}"
         "$VENV/bin/python" -m pip install "${MLRA_TORCH:-torch>=2.4}" ${extra_reqs[@]+"${extra_reqs[@]}"} \
-            setuptools wheel ninja pybind11
+            setuptools wheel ninja pybind11 numpy
         echo "==> building mlra-kernels (TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$(default_arch_list)})"
         TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$(default_arch_list)} MAX_JOBS=${MAX_JOBS:-2} \
             "$VENV/bin/python" -m pip install --no-build-isolation -e ".[test]"

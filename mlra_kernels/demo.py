@@ -349,7 +349,11 @@ def _staging_folder(out: str) -> str:
     """A new folder beside ``out`` (same parent, so the final rename is atomic) for the run to write into."""
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
-    return tempfile.mkdtemp(prefix=os.path.basename(os.path.abspath(out)) + ".incomplete-", dir=parent)
+    staging = tempfile.mkdtemp(prefix=os.path.basename(os.path.abspath(out)) + ".incomplete-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it 0700; the finished run gets the usual permissions
+    return staging
 
 
 def _publish(staging: str, out: str) -> None:

@@ -169,7 +169,7 @@ def time_gpu(fn: Callable[[], object], *, warmup: int = 25, rep: int = 100) -> d
     from triton.testing import do_bench
 
     med, p20, p80 = do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.5, 0.2, 0.8])
-    return {"ms": med, "ms_p20": p20, "ms_p80": p80, "n": rep}
+    return {"ms": med, "ms_p20": p20, "ms_p80": p80, "n": None, "rep_ms": rep}  # do_bench's rep is a time
 
 
 def gbps(nbytes: int, ms: float) -> float:

@@ -68,7 +68,7 @@ def check_decode(device: str) -> None:
         exact = mlra_attention_reference(x, down, up, bias, num_heads=H, latent_groups=g, causal=True)[:, -1:]
         for dt in (torch.float32,) + ((torch.bfloat16,) if device == "cuda" else ()):
             xs, ds, us, bs = (t.to(device=device, dtype=dt) for t in (x, down, up, bias))
-            c_k, c_v = kv_latents(xs, ds, g)
+            c_k, c_v = kv_latents(xs, ds, g, group_major=True)  # the layout the timed step reads
             got, _ = mlra_decode(xs[:, -1:], ds, us, bs, cache_k=c_k, cache_v=c_v, num_heads=H, latent_groups=g)
             err = (got.double().cpu() - exact).abs().max().item()
             bound = 64 * torch.finfo(dt).eps * exact.abs().max().item()

@@ -169,7 +169,10 @@ class MLRAGPT2Attention(modeling_gpt2.GPT2Attention):
         self.embed_dim, self.num_heads, self.head_dim = d, H, d // H
         self.rank, self.latent_groups = rank, latent_groups
         self.scaling = getattr(attn, "scaling", None)
-        if self.scaling is None:  # releases before the attribute: GPT-2's rule, as their attention applied it
+        # Releases before the attribute applied GPT-2's scaling flags in their eager attention only; their
+        # sdpa path used 1/sqrt(d_h) whatever the flags (``_scale`` keeps both).
+        self._flags_only_in_eager = self.scaling is None
+        if self.scaling is None:
             self.scaling = (d // H) ** -0.5 if attn.scale_attn_weights else 1.0
             if attn.scale_attn_by_inverse_layer_idx:
                 self.scaling /= float(attn.layer_idx + 1)
@@ -183,11 +186,17 @@ class MLRAGPT2Attention(modeling_gpt2.GPT2Attention):
         if init == "svd":
             self.qkv.load_dense_(w.detach().t(), b.detach() if b is not None else None)
         self.train(attn.training)
+        self._register_load_state_dict_pre_hook(_rename_flat_factors)
 
     @property
     def svd_error(self) -> Optional[dict[str, float]]:
         """Relative Frobenius error of each projection after ``init="svd"`` (None otherwise)."""
         return self.qkv.svd_error
+
+    def _scale(self) -> float:
+        if self._flags_only_in_eager and self.config._attn_implementation != "eager":
+            return self.head_dim ** -0.5
+        return self.scaling
 
     def _eager_causal(self) -> bool:
         return self._eager_adds_causal and self.config._attn_implementation == "eager"
@@ -233,7 +242,7 @@ class MLRAGPT2Attention(modeling_gpt2.GPT2Attention):
                 out = mlra_attention(
                     hidden_states, qkv.down, qkv.up, qkv.bias, num_heads=self.num_heads,
                     latent_groups=self.latent_groups, causal=True, key_padding_mask=key_padding_mask,
-                    dropout_p=dropout, scale=self.scaling,
+                    dropout_p=dropout, scale=self._scale(),
                 )
                 if cache is not None:
                     # The op keeps its latents on chip; the cache gets c_K, c_V from one more GEMM.
@@ -250,9 +259,16 @@ class MLRAGPT2Attention(modeling_gpt2.GPT2Attention):
             hidden_states, qkv.down, qkv.up, qkv.bias, cache_k=c_k, cache_v=c_v, num_heads=self.num_heads,
             latent_groups=self.latent_groups, causal=attention_mask is None or self._eager_causal(),
             attn_mask=_as_masked(attention_mask),
-            scale=self.scaling, dropout_p=dropout, need_weights=want_weights,
+            scale=self._scale(), dropout_p=dropout, need_weights=want_weights,
         )
         return self.resid_dropout(self.c_proj(out)), weights
+
+
+def _rename_flat_factors(state_dict, prefix, *args) -> None:
+    """Load state dicts saved before the factors moved into ``qkv`` (``down``, ``up``, ``qkv_bias``)."""
+    for old, new in (("down", "qkv.down"), ("up", "qkv.up"), ("qkv_bias", "qkv.bias")):
+        if prefix + old in state_dict and prefix + new not in state_dict:
+            state_dict[prefix + new] = state_dict.pop(prefix + old)
 
 
 def _as_masked(mask: Optional[Tensor]) -> Optional[Tensor]:
@@ -435,7 +451,24 @@ def from_pretrained(path: Any, *args: Any, model_class: Optional[type] = None, *
         model_class = getattr(modeling_gpt2, names[0], None)
         if model_class is None:
             raise ValueError(f"{path}: config.architectures names {names[0]!r}, not a GPT-2 class; pass model_class")
-    return _loader_class(model_class).from_pretrained(path, *args, config=config, **kwargs)
+    want_info = kwargs.pop("output_loading_info", False)
+    loader = _loader_class(model_class)
+
+    def load(**extra):
+        model, info = loader.from_pretrained(path, *args, config=config, output_loading_info=True, **kwargs, **extra)
+        return model, info, [k for k in info.get("missing_keys", ()) if ".attn.qkv." in f".{k}"]
+
+    model, info, missing = load()
+    if missing and "key_mapping" not in kwargs:
+        # Saved before the factors moved into ``attn.qkv``: they are named attn.down / attn.up / attn.qkv_bias.
+        model, info, missing = load(key_mapping={
+            r"attn\.down$": "attn.qkv.down", r"attn\.up$": "attn.qkv.up", r"attn\.qkv_bias$": "attn.qkv.bias",
+        })
+    if missing:
+        raise ValueError(f"{path}: the checkpoint holds no MLRA factors for {', '.join(sorted(missing)[:3])}"
+                         f"{' ...' if len(missing) > 3 else ''}; it was not saved from a model converted with "
+                         "convert_gpt2 at this rank and group count")
+    return (model, info) if want_info else model
 
 
 class TEVTrainerCallback(TrainerCallback):

@@ -150,6 +150,7 @@ class MLRASelfAttention(nn.Module):
                                   prefix="GPT2Config.", names=("n_embd", "n_head"))
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
+        self._register_load_state_dict_pre_hook(_rename_flat_factors)
 
     def forward(self, x: Tensor, cache: Optional[LayerCache] = None, use_cache: bool = False):
         qkv, H, g = self.qkv, self.n_head, self.latent_groups
@@ -164,6 +165,13 @@ class MLRASelfAttention(nn.Module):
             y, _ = mlra_decode(x, qkv.down, qkv.up, qkv.bias, cache_k=c_k, cache_v=c_v, num_heads=H,
                                latent_groups=g, dropout_p=p)
         return self.resid_dropout(self.c_proj(y)), cache
+
+
+def _rename_flat_factors(state_dict, prefix, *args) -> None:
+    """Load state dicts saved before the factors moved into ``qkv`` (``down``, ``up``, ``qkv_bias``)."""
+    for old, new in (("down", "qkv.down"), ("up", "qkv.up"), ("qkv_bias", "qkv.bias")):
+        if prefix + old in state_dict and prefix + new not in state_dict:
+            state_dict[prefix + new] = state_dict.pop(prefix + old)
 
 
 class MLP(nn.Module):
@@ -261,9 +269,11 @@ class GPT2(nn.Module):
     def forward_cached(
         self, idx: Tensor, cache: Optional[KVCache] = None, use_cache: bool = False
     ) -> tuple[Tensor, Optional[KVCache]]:
-        """Run ``idx`` ``[B, t]`` after the ``S`` tokens held in ``cache``; returns logits and the new cache.
+        """Run ``idx`` ``[B, t]`` after the ``S`` tokens held in ``cache``; returns logits and the cache.
 
-        Token ids outside ``[0, vocab_size)`` raise ``ValueError`` (checked with one min/max, which
+        The cache (one preallocated :class:`LayerCache` per layer) is written in place and returned: a
+        later call continues from everything this one appended. To continue one prefix two ways, keep a
+        copy (``copy.deepcopy(cache)``) before the first continuation. Token ids outside ``[0, vocab_size)`` raise ``ValueError`` (checked with one min/max, which
         waits for the device; skipped while ``torch.compile`` traces).
         """
         self._check_idx(idx)

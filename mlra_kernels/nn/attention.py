@@ -20,15 +20,15 @@ from mlra_kernels.ops.mlra.layout import default_rank, factorize
 _UNFUSED_REASONS = {
     "cross-attention": (
         "MLRAttention: cross-attention (query, key and value are not one tensor) runs the unfused "
-        "reference path. The fused MLRA op covers self-attention: call it as attn(x, x, x, ...)."
+        "dense path (mlra_attention_dense). The fused MLRA op covers self-attention: call it as attn(x, x, x, ...)."
     ),
     "need_weights": (
         "MLRAttention was called with need_weights=True (nn.MultiheadAttention's default): the "
-        "attention weights exist only on the unfused reference path, which is slower and keeps a "
+        "attention weights exist only on the unfused dense path (mlra_attention_dense), which is slower and keeps a "
         "[B, H, T, S] matrix. Pass need_weights=False to use the fused MLRA op."
     ),
     "attn_mask": (
-        "MLRAttention: an attn_mask that is not the causal mask runs the unfused reference path "
+        "MLRAttention: an attn_mask that is not the causal mask runs the unfused dense path "
         "([B, H, T, S] scores in memory). The fused MLRA op takes the causal mask (pass is_causal=True "
         "with it) and key_padding_mask; express padding as key_padding_mask to use it."
     ),
@@ -97,7 +97,7 @@ class MLRAttention(nn.Module):
     ``forward`` takes and returns exactly what ``nn.MultiheadAttention.forward`` does. Self-attention
     (``query is key is value``) with ``need_weights=False`` and no mask, a causal mask (given as
     ``is_causal=True`` or detected) or a key padding mask runs the fused ``mlra_attention`` op.
-    Cross-attention, other attention masks and ``need_weights=True`` run the unfused reference, with
+    Cross-attention, other attention masks and ``need_weights=True`` run the unfused ``mlra_attention_dense``, with
     one warning per reason and process. Under ``torch.compile`` a causal ``attn_mask`` is recognised
     only through ``is_causal=True`` (comparing the mask's values would break the graph).
     One difference: a query whose keys are all masked outputs zeros, where
@@ -278,7 +278,7 @@ class MLRAttention(nn.Module):
             query: ``[L, E]`` unbatched, ``[L, N, E]`` or, with ``batch_first``, ``[N, L, E]``.
             key, value: ``[S, E]``, ``[S, N, E]`` or ``[N, S, E]``.
             key_padding_mask: ``[N, S]`` (``[S]`` unbatched), bool (``True`` = ignore) or float (added).
-            need_weights: also return the attention weights (reference path; see the class doc).
+            need_weights: also return the attention weights (dense path; see the class doc).
             attn_mask: ``[L, S]`` or ``[N·H, L, S]``, bool (``True`` = not allowed) or float (added).
             average_attn_weights: average the returned weights over heads.
             is_causal: hint that ``attn_mask`` is the causal mask; ``attn_mask`` is then required.

@@ -370,6 +370,20 @@ def test_transformers_range_matches_the_extras_and_is_enforced():
         integration._check_transformers_version("6.2.0")
 
 
+@pytest.mark.parametrize("attn_impl", ["eager", "sdpa"])
+def test_layer_scaling_flags_match_the_original(attn_impl):
+    """scale_attn_by_inverse_layer_idx / scale_attn_weights mean what they mean to this release's own
+    attention implementation (early 5.x releases applied them in eager only)."""
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=83, n_positions=32, n_embd=D, n_layer=2, n_head=4, resid_pdrop=0.0,
+                                  embd_pdrop=0.0, attn_pdrop=0.0, scale_attn_by_inverse_layer_idx=True)
+    cfg._attn_implementation = attn_impl
+    ref = transformers.GPT2LMHeadModel(cfg).double().eval()
+    mlra = convert_gpt2(_copy(ref), rank=D)
+    ids = torch.randint(0, 83, (2, 9), generator=torch.Generator().manual_seed(17))
+    torch.testing.assert_close(mlra(ids).logits, ref(ids).logits, rtol=1e-9, atol=1e-9)
+
+
 def test_conversion_keeps_evaluation_mode():
     cfg_kw = dict(vocab_size=83, n_positions=32, n_embd=D, n_layer=2, n_head=4, attn_pdrop=0.3, resid_pdrop=0.3)
     torch.manual_seed(0)
@@ -501,6 +515,31 @@ def test_save_and_load_with_from_pretrained(tmp_path):
     _model("sdpa").save_pretrained(tmp_path / "dense")
     with pytest.raises(ValueError, match="not saved from a converted model"):
         from_pretrained(tmp_path / "dense")
+
+
+def test_from_pretrained_reads_checkpoints_with_the_earlier_factor_names(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from mlra_kernels.integrations.transformers import from_pretrained
+
+    model = convert_gpt2(_model("sdpa", dtype=torch.float32), rank=8)
+    model.save_pretrained(tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    old = {k.replace("attn.qkv.down", "attn.down").replace("attn.qkv.up", "attn.up")
+           .replace("attn.qkv.bias", "attn.qkv_bias"): v for k, v in load_file(weights).items()}
+    assert "transformer.h.0.attn.down" in old
+    save_file(old, weights, metadata={"format": "pt"})
+    loaded = from_pretrained(tmp_path / "m")
+    ids = torch.randint(0, 83, (2, 7), generator=torch.Generator().manual_seed(16))
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+    # A checkpoint without the factors is an error, not uninitialised (NaN) attention.
+    save_file({k: v for k, v in old.items() if ".attn.down" not in k}, weights, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="holds no MLRA factors for transformer.h.0.attn.qkv.down"):
+        from_pretrained(tmp_path / "m")
+    # The same hook for load_state_dict.
+    fresh = convert_gpt2(_model("sdpa", dtype=torch.float32), rank=8, init="random")
+    fresh.load_state_dict({k: v for k, v in old.items()} | {"lm_head.weight": model.lm_head.weight}, strict=False)
+    torch.testing.assert_close(fresh(ids).logits, model(ids).logits, rtol=0, atol=0)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():

@@ -107,6 +107,8 @@ def mlra_decode(
     layout.check_types(x, down, up, bias, key_padding_mask, attn_mask)
     layout.check_scalars(num_heads, latent_groups, causal, dropout_p, scale)
     H, g = int(num_heads), int(latent_groups)
+    if isinstance(cache_k, Tensor) and isinstance(cache_v, Tensor):
+        x, down, up, bias, cache_k, cache_v = layout.autocast(x, down, up, bias, cache_k, cache_v)
     layout.check_factors(x, down, up, bias, H, g)
     B, t, d = x.shape
     r, dh = up.shape[2], d // H
@@ -117,8 +119,10 @@ def mlra_decode(
         if not ok:
             raise ValueError(f"{name} must be [B, g, S, r] = [{B}, {g}, S, {r}] or [B, S, g·r] = [{B}, S, {g * r}], "
                              f"got {tuple(c.shape) if isinstance(c, Tensor) else type(c).__name__}")
-        if c.dtype != x.dtype or c.device != x.device:
-            raise TypeError(f"{name} is {c.dtype} on {c.device} but x is {x.dtype} on {x.device}")
+        if c.device != x.device:
+            raise ValueError(f"{name} is on {c.device} but x is on {x.device}")
+        if c.dtype != x.dtype:
+            raise TypeError(f"{name} is {c.dtype} but x is {x.dtype}; they must match (or use autocast)")
         grouped.append(c if c.dim() == 4 else c.view(B, c.shape[1], g, r).transpose(1, 2))  # [B, g, S, r]
     k, v = grouped
     S = k.shape[2]

@@ -78,7 +78,7 @@ def attention_grads(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dq, dk, dv)`` of :func:`attention_lse` for the output gradient ``do`` ``[B, H, T, d_h]``."""
     p, _ = _probabilities(q, k, scale, bias)
-    scale_keep = keep / (1.0 - dropout_p) if dropout_p > 0.0 else None
+    scale_keep = keep.to(p.dtype) / (1.0 - dropout_p) if dropout_p > 0.0 else None
     pd = p * scale_keep if scale_keep is not None else p
     dv = pd.transpose(-1, -2) @ do
     dp = do @ v.transpose(-1, -2)
@@ -123,11 +123,23 @@ def mlra_attention_dense(
     Returns:
         ``(out [B, T, d], weights or None)``: the head outputs, concatenated, before ``W_O``.
     """
+    layout.check_types(query, down, up, bias, key_padding_mask, attn_mask)
+    for name, t in (("key", key), ("value", value)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+    layout.check_scalars(num_heads, latent_groups, causal, dropout_p, scale)
+    H, g = int(num_heads), int(latent_groups)
+    is_self = query is key and key is value
+    query, key, value, down, up, bias = layout.autocast(query, key, value, down, up, bias)
+    layout.check_factors(query, down, up, bias, H, g, x_name="query")
     B, T, d = query.shape
+    if key.shape != value.shape or key.dim() != 3 or key.shape[0] != B or key.shape[2] != d:
+        raise ValueError(f"key and value must both be [B, S, d] = [{B}, S, {d}], got {tuple(key.shape)} and "
+                         f"{tuple(value.shape)}")
     S = key.shape[1]
-    H, g = num_heads, latent_groups
+    layout.check_masks(query, H, key_padding_mask, attn_mask, keys=S)
     s = float(scale) if scale is not None else 1.0 / math.sqrt(d // H)
-    if query is key and key is value:
+    if is_self:
         q, k, v = layout.heads_token_major(layout.latents(query, down), up, bias, H, g)
     else:
         rows = down.shape[0] // 3

@@ -150,6 +150,22 @@ def check_masks(x: Tensor, num_heads: int, key_padding_mask: Optional[Tensor], a
             raise ValueError(f"attn_mask is on {attn_mask.device} but x is on {x.device}")
 
 
+def autocast(x: Tensor, *tensors: Optional[Tensor]) -> tuple:
+    """Cast the floating inputs (not float64, as autocast leaves it) to the autocast dtype when autocast
+    is enabled for ``x``'s device; the caller's fp32 leaves then get fp32 gradients through the cast."""
+    dev = x.device.type
+    if dev not in ("cuda", "cpu") or not torch.is_autocast_enabled(dev):
+        return (x, *tensors)
+    dt = torch.get_autocast_dtype(dev)
+
+    def cast(t):
+        if t is None or not t.is_floating_point() or t.dtype == torch.float64:
+            return t
+        return t.to(dt)
+
+    return tuple(cast(t) for t in (x, *tensors))
+
+
 def latents(x: Tensor, down: Tensor) -> Tensor:
     """``c = x · downᵀ``: ``[B, T, d]`` to the latents ``[B, T, 3·g·r]`` (or one projection's rows)."""
     B, T, d = x.shape

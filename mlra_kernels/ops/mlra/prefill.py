@@ -218,22 +218,6 @@ def _backward(ctx, grad_o, grad_lse, grad_aux):
 mlra_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _autocast(x, down, up, bias):
-    """Cast the floating inputs (not float64, as autocast leaves it) to the autocast dtype when autocast
-    is enabled for ``x``'s device; the caller's fp32 leaves then get fp32 gradients through the cast."""
-    dev = x.device.type
-    if dev not in ("cuda", "cpu") or not torch.is_autocast_enabled(dev):
-        return x, down, up, bias
-    dt = torch.get_autocast_dtype(dev)
-
-    def cast(t):
-        if t is None or not t.is_floating_point() or t.dtype == torch.float64:
-            return t
-        return t.to(dt)
-
-    return cast(x), cast(down), cast(up), cast(bias)
-
-
 def mlra_attention(
     x: Tensor,
     down: Tensor,
@@ -309,9 +293,15 @@ def mlra_attention(
     layout.check_types(x, down, up, bias, key_padding_mask, attn_mask)
     layout.check_scalars(num_heads, latent_groups, causal, dropout_p, scale)
     num_heads, latent_groups, causal, dropout_p = int(num_heads), int(latent_groups), bool(causal), float(dropout_p)
-    x, down, up, bias = _autocast(x, down, up, bias)
+    x, down, up, bias = layout.autocast(x, down, up, bias)
     layout.check_factors(x, down, up, bias, num_heads, latent_groups)
     layout.check_masks(x, num_heads, key_padding_mask, attn_mask)
+    if attn_mask is not None and attn_mask.requires_grad:
+        # A learned mask (a position bias) needs its gradient: the dense variant's autograd gives it.
+        return dense.mlra_attention_dense(
+            x, x, x, down, up, bias, num_heads=num_heads, latent_groups=latent_groups, causal=causal,
+            key_padding_mask=key_padding_mask, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale,
+        )[0]
     choice = backend.choose(x, key_padding_mask=key_padding_mask, dropout_p=dropout_p, attn_mask=attn_mask,
                             rank=up.shape[-1], head_dim=x.shape[-1] // num_heads)
     backend.warn_if_slow(choice)

@@ -82,7 +82,7 @@ def test_decode_rejects_a_bad_cache():
         mlra_decode(x, down, up, bias, cache_k=c_k[..., :8], cache_v=c_v, num_heads=4, latent_groups=2)
     with pytest.raises(ValueError, match="the same S >= t=11"):
         mlra_decode(x, down, up, bias, cache_k=c_k[:, :5], cache_v=c_v[:, :5], num_heads=4, latent_groups=2)
-    with pytest.raises(TypeError, match="cache_v is torch.float32"):
+    with pytest.raises(TypeError, match="cache_v is torch.float32 but x is torch.float64"):
         mlra_decode(x, down, up, bias, cache_k=c_k, cache_v=c_v.float(), num_heads=4, latent_groups=2)
 
 
@@ -178,3 +178,78 @@ def test_mlrattention_loads_a_state_dict_with_the_earlier_flat_names():
 def test_public_names_reach_the_variants():
     assert mlra_kernels.mlra_decode is mlra_decode and mlra_kernels.kernel_path is kernel_path
     assert mlra_kernels.mlra_attention_dense is mlra_attention_dense
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_torch_path_dropout_backward_in_every_dtype(dtype):
+    """The torch path's dropout keep mask takes the probabilities' dtype (a float32 one broke half
+    precision and cost float64 its exactness)."""
+    x, down, up, bias = _inputs(T=20, dtype=dtype)
+    leaves = [t.clone().requires_grad_() for t in (x, down, up, bias)]
+    with use_backend("torch"):
+        torch.manual_seed(3)
+        out = mlra_attention(*leaves, num_heads=4, latent_groups=2, dropout_p=0.2)
+    loss = out.square().sum() if dtype == torch.float64 else out.float().square().sum()
+    grads = torch.autograd.grad(loss, leaves)
+    assert all(g.dtype == dtype and torch.isfinite(g).all() for g in grads)
+    if dtype == torch.float64:  # against autograd through the same dropout mask, drawn again from the seed
+        from mlra_kernels.ops.mlra import prefill
+
+        torch.manual_seed(3)
+        seed = int(torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64).item())
+        keep = prefill._dropout_keep_cpu(2, 4, 20, 0.2, seed)
+        ref_leaves = [t.clone().requires_grad_() for t in (x, down, up, bias)]
+        ref = mlra_attention_reference(*ref_leaves, num_heads=4, latent_groups=2, dropout_p=0.2, dropout_mask=keep)
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+        for g, e in zip(grads, torch.autograd.grad(ref.square().sum(), ref_leaves)):
+            torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+
+
+def test_decode_under_autocast_matches_the_fp32_step():
+    x, down, up, bias = _inputs(T=12, dtype=torch.float32)
+    c_k, c_v = kv_latents(x, down, 2, group_major=True)
+    ref, _ = mlra_decode(x[:, -1:], down, up, bias, cache_k=c_k, cache_v=c_v, num_heads=4, latent_groups=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a_k, a_v = kv_latents(x, down, 2, group_major=True)  # bf16 latents, fp32 weights
+        assert a_k.dtype == torch.bfloat16
+        got, _ = mlra_decode(x[:, -1:], down, up, bias, cache_k=a_k, cache_v=a_v, num_heads=4, latent_groups=2)
+        mixed, _ = mlra_decode(x[:, -1:], down, up, bias, cache_k=c_k, cache_v=c_v, num_heads=4, latent_groups=2)
+    assert got.dtype == mixed.dtype == torch.bfloat16
+    for out in (got, mixed):
+        assert (out.float() - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_generate_under_autocast():
+    from mlra_kernels.models import GPT2, GPT2Config
+
+    torch.manual_seed(0)
+    m = GPT2(GPT2Config(vocab_size=61, block_size=32, n_layer=2, n_head=4, n_embd=32, attention="mlra")).eval()
+    idx = torch.randint(0, 61, (2, 5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m.generate(idx, 4, temperature=0)
+    assert out.shape == (2, 9) and torch.equal(out[:, :5], idx)
+
+
+def test_a_learned_attn_mask_gets_its_gradient():
+    x, down, up, bias = _inputs(T=9)
+    pos_bias = (torch.randn(9, 9, dtype=torch.float64) * 0.1).requires_grad_()
+    leaves = [t.clone().requires_grad_() for t in (x, down, up, bias)]
+    out = mlra_attention(*leaves, num_heads=4, latent_groups=2, causal=True, attn_mask=pos_bias)
+    ref_mask = pos_bias.detach().clone().requires_grad_()
+    ref_leaves = [t.clone().requires_grad_() for t in (x, down, up, bias)]
+    ref = mlra_attention_reference(*ref_leaves, num_heads=4, latent_groups=2, causal=True, attn_mask=ref_mask)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    (g_mask,) = torch.autograd.grad(out.square().sum(), pos_bias)
+    (e_mask,) = torch.autograd.grad(ref.square().sum(), ref_mask)
+    torch.testing.assert_close(g_mask, e_mask, rtol=1e-10, atol=1e-12)
+    assert g_mask.abs().sum() > 0
+
+
+def test_dense_variant_checks_its_arguments():
+    x, down, up, bias = _inputs()
+    with pytest.raises(TypeError, match="key must be a Tensor, got list"):
+        mlra_attention_dense(x, [1], x, down, up, bias, num_heads=4, latent_groups=2)
+    with pytest.raises(ValueError, match=r"key and value must both be \[B, S, d\]"):
+        mlra_attention_dense(x, x[:, :, :8], x, down, up, bias, num_heads=4, latent_groups=2)
+    with pytest.raises(TypeError, match="num_heads must be a positive int"):
+        mlra_attention_dense(x, x, x, down, up, bias, num_heads="4", latent_groups=2)
