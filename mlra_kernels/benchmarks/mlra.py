@@ -155,7 +155,7 @@ def saved_bytes(fn, inputs):
 
 
 def timings(fn, leaves, go, cuda):
-    timer = time_gpu if cuda else (lambda f: time_cpu(f, warmup=1, rep=3))
+    timer = time_gpu if cuda else (lambda f: time_cpu(f, warmup=1, rep=7))
 
     def zero():
         for t in leaves:

@@ -176,15 +176,26 @@ def heads_token_major(c: Tensor, up: Tensor, bias: Optional[Tensor], num_heads: 
     """Per-head ``q, k, v`` from the latents ``c`` ``[B, T, 3·g·r]``, each ``[B, H, T, d_h]`` laid out
     token-major in memory (a transposed view of ``[B, T, H, d_h]``), the layout torch's CPU attention
     returns its output and gradients in; the bias is added inside the batched GEMM."""
+    return heads_of(qkv_buffer(c, up, bias, g), c.shape[0], c.shape[1], num_heads, g)
+
+
+def qkv_buffer(c: Tensor, up: Tensor, bias: Optional[Tensor], g: int) -> Tensor:
+    """The per-head projections of the latents ``c`` ``[B, T, 3·g·r]`` as one ``[3·g, B·T, d/g]`` tensor
+    (one batched GEMM over the (projection, group) blocks, bias included); :func:`heads_of` views it."""
     B, T, _ = c.shape
     d, r = up.shape[1], up.shape[2]
-    P, k, dh = 3 * g, d // g, d // num_heads
+    P, k = 3 * g, d // g
     c_p = c.reshape(B * T, P, r).transpose(0, 1)  # [3·g, N, r]
     up_p = up.reshape(P, k, r).transpose(1, 2)  # [3·g, r, d/g]
     if bias is None:
-        qkv = torch.bmm(c_p, up_p)
-    else:
-        qkv = torch.baddbmm(bias.view(P, 1, k), c_p, up_p)  # [3·g, N, d/g]
+        return torch.bmm(c_p, up_p)
+    return torch.baddbmm(bias.view(P, 1, k), c_p, up_p)  # [3·g, N, d/g]
+
+
+def heads_of(qkv: Tensor, B: int, T: int, num_heads: int, g: int) -> list[Tensor]:
+    """``q, k, v`` ``[B, H, T, d_h]`` (token-major views where g = 1) of a :func:`qkv_buffer`."""
+    k = qkv.shape[-1]
+    dh = k * g // num_heads
     qkv = qkv.view(3, g, B, T, k)
     if g == 1:
         return [qkv[p, 0].view(B, T, num_heads, dh).transpose(1, 2) for p in range(3)]

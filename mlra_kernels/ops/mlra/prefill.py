@@ -11,8 +11,10 @@ break. The path (``mlra_kernels.ops.mlra.backend``) is chosen once per call and 
   fused CPU attention at head width ``r``, where the latent is narrower than a head;
 - ``"torch"``: the ``T×T`` scores in torch (``dense.attention_lse`` and its hand-written backward).
 
-What the forward saves for the backward: ``x``, the weights, ``O`` and the log-sum-exp. The latents
-are recomputed with one GEMM; no ``T×T`` matrix and no per-head q/k/v are kept.
+What the forward saves for the backward: ``x``, the weights, ``O`` and the log-sum-exp, and ``aux``:
+nothing more on the Triton and torch paths (the latents are recomputed with one GEMM; no ``T×T`` matrix
+and no per-head q/k/v are kept), the per-head q/k/v on ``"torch-cpu"`` (a CPU is compute-bound: it keeps
+what unfused attention keeps), the ``r``-wide attention output on ``"torch-cpu-latent"``.
 """
 
 from __future__ import annotations
@@ -118,7 +120,7 @@ def mlra_attention_fwd(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(o [B, T, d], lse [B, H, T] fp32, aux)``. ``kpm`` is an additive fp32 ``[B, T]`` key mask. ``aux``
     is what the path's backward needs besides ``o`` and ``lse``: the latent path's attention output
-    ``Z [B, H, T, r]``; an empty tensor for the other paths."""
+    ``Z [B, H, T, r]``, the fused CPU path's ``q, k, v`` (``layout.qkv_buffer``); empty for the others."""
     seed_i = int(seed.item()) if seed is not None else 0
     c = layout.latents(x, down)
     none = x.new_empty(0)
@@ -132,9 +134,12 @@ def mlra_attention_fwd(
         )
         return o, lse, none
     if path == "torch-cpu":
-        q, k, v = layout.heads_token_major(c, up, bias, num_heads, latent_groups)
+        # q, k, v are kept for the backward (aux), as unfused attention keeps them: on a CPU, compute and not
+        # memory bounds the step, and recomputing them would cost more than it saves.
+        buf = layout.qkv_buffer(c, up, bias, latent_groups)
+        q, k, v = layout.heads_of(buf, x.shape[0], x.shape[1], num_heads, latent_groups)
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
-        return _merge(o), lse.float().contiguous(), none
+        return _merge(o), lse.float().contiguous(), buf
     if path == "torch-cpu-latent":
         B, T, d = x.shape
         r, dh = up.shape[2], d // num_heads
@@ -154,7 +159,12 @@ def mlra_attention_fwd(
 @mlra_attention_fwd.register_fake
 def _(x, down, up, bias, kpm, attn_mask, seed, num_heads, latent_groups, causal, dropout_p, scale, path):
     B, T, d = x.shape
-    aux = x.new_empty((B, num_heads, T, up.shape[2])) if path == "torch-cpu-latent" else x.new_empty(0)
+    if path == "torch-cpu-latent":
+        aux = x.new_empty((B, num_heads, T, up.shape[2]))
+    elif path == "torch-cpu":
+        aux = x.new_empty((3 * latent_groups, B * T, d // latent_groups))
+    else:
+        aux = x.new_empty(0)
     return x.new_empty((B, T, d)), x.new_empty((B, num_heads, T), dtype=torch.float32), aux
 
 
@@ -180,7 +190,7 @@ def mlra_attention_bwd(
             num_heads=num_heads, latent_groups=g, causal=causal, scale=scale, dropout_p=dropout_p, seed=seed_i,
         )
     elif path == "torch-cpu":
-        q, k, v = layout.heads_token_major(c, up, bias, num_heads, g)
+        q, k, v = layout.heads_of(aux, B, T, num_heads, g)
         grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             _heads(grad_o, num_heads), q, k, v, _heads(o.contiguous(), num_heads), lse, 0.0, causal, scale=scale,
         )
