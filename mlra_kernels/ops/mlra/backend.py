@@ -90,11 +90,12 @@ def _interpreter_ready() -> bool:
         return False
     if triton_interpreted():
         return True
-    warn_once(
-        "interpret-late",
-        "TRITON_INTERPRET=1 was set after `triton` was imported; Triton reads it only at import, so "
-        "mlra_attention keeps the torch path on CPU tensors. Set it before importing triton.",
-    )
+    if not torch.compiler.is_compiling():  # a warning would break the graph
+        warn_once(
+            "interpret-late",
+            "TRITON_INTERPRET=1 was set after `triton` was imported; Triton reads it only at import, so "
+            "mlra_attention keeps the torch path on CPU tensors. Set it before importing triton.",
+        )
     return False
 
 

@@ -13,8 +13,8 @@ break. The path (``mlra_kernels.ops.mlra.backend``) is chosen once per call and 
 
 What the forward saves for the backward: ``x``, the weights, ``O`` and the log-sum-exp, and ``aux``:
 nothing more on the Triton and torch paths (the latents are recomputed with one GEMM; no ``T×T`` matrix
-and no per-head q/k/v are kept), the per-head q/k/v on ``"torch-cpu"`` (a CPU is compute-bound: it keeps
-what unfused attention keeps), the ``r``-wide attention output on ``"torch-cpu-latent"``.
+and no per-head q/k/v are kept), the per-head q/k/v and the latents on ``"torch-cpu"`` (a CPU is
+compute-bound: it keeps what unfused attention keeps), the ``r``-wide attention output on ``"torch-cpu-latent"``.
 """
 
 from __future__ import annotations
@@ -120,7 +120,8 @@ def mlra_attention_fwd(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(o [B, T, d], lse [B, H, T] fp32, aux)``. ``kpm`` is an additive fp32 ``[B, T]`` key mask. ``aux``
     is what the path's backward needs besides ``o`` and ``lse``: the latent path's attention output
-    ``Z [B, H, T, r]``, the fused CPU path's ``q, k, v`` (``layout.qkv_buffer``); empty for the others."""
+    ``Z [B, H, T, r]``, the fused CPU path's ``q, k, v`` (``layout.qkv_buffer``) and latents, flattened
+    into one tensor; empty for the others."""
     seed_i = int(seed.item()) if seed is not None else 0
     c = layout.latents(x, down)
     none = x.new_empty(0)
@@ -139,7 +140,7 @@ def mlra_attention_fwd(
         buf = layout.qkv_buffer(c, up, bias, latent_groups)
         q, k, v = layout.heads_of(buf, x.shape[0], x.shape[1], num_heads, latent_groups)
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
-        return _merge(o), lse.float().contiguous(), buf
+        return _merge(o), lse.float().contiguous(), torch.cat([buf.reshape(-1), c.reshape(-1)])
     if path == "torch-cpu-latent":
         B, T, d = x.shape
         r, dh = up.shape[2], d // num_heads
@@ -162,7 +163,7 @@ def _(x, down, up, bias, kpm, attn_mask, seed, num_heads, latent_groups, causal,
     if path == "torch-cpu-latent":
         aux = x.new_empty((B, num_heads, T, up.shape[2]))
     elif path == "torch-cpu":
-        aux = x.new_empty((3 * latent_groups, B * T, d // latent_groups))
+        aux = x.new_empty((B * T * (3 * d + down.shape[0]),))
     else:
         aux = x.new_empty(0)
     return x.new_empty((B, T, d)), x.new_empty((B, num_heads, T), dtype=torch.float32), aux
@@ -179,7 +180,10 @@ def mlra_attention_bwd(
     g = latent_groups
     seed_i = int(seed.item()) if seed is not None else 0
     grad_o = grad_o.contiguous()
-    c = layout.latents(x, down)
+    if path == "torch-cpu":  # q, k, v and the latents, as the forward kept them
+        buf, c = aux[:3 * B * T * d].view(3 * g, B * T, d // g), aux[3 * B * T * d:].view(B, T, down.shape[0])
+    else:
+        c = layout.latents(x, down)
     if path == "torch-cpu-latent":
         return _absorbed_grads(grad_o, c, x, down, up, bias, aux, lse, num_heads, g, causal, scale)
     if path in ("triton", "triton-interpreter"):
@@ -190,7 +194,7 @@ def mlra_attention_bwd(
             num_heads=num_heads, latent_groups=g, causal=causal, scale=scale, dropout_p=dropout_p, seed=seed_i,
         )
     elif path == "torch-cpu":
-        q, k, v = layout.heads_of(aux, B, T, num_heads, g)
+        q, k, v = layout.heads_of(buf, B, T, num_heads, g)
         grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             _heads(grad_o, num_heads), q, k, v, _heads(o.contiguous(), num_heads), lse, 0.0, causal, scale=scale,
         )
