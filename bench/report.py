@@ -58,13 +58,14 @@ def tev_table(data: dict) -> str:
 
 
 def mlra_table(data: dict) -> str:
-    header = ["model", "T", "g", "r", "dtype", "ours fwd+bwd ms", "unfused MLRA ms", "speed-up",
-              "fwd vs MHA", "saved for bwd vs unfused"]
+    header = ["model", "T", "g", "r", "dtype", "path", "ours fwd+bwd ms", "unfused MLRA ms", "MHA ms",
+              "f+b vs unfused", "f+b vs MHA", "fwd vs MHA", "saved for bwd vs unfused"]
     rows = []
     for r in data["rows"]:
         rows.append([
-            r["model"], str(r["T"]), str(r["g"]), str(r["r"]), r["dtype"], f"{r['ours_fwdbwd_ms']:.3f}",
-            f"{r['unfused_fwdbwd_ms']:.3f}", f"{r['speedup_fwdbwd_vs_unfused']:.2f}×",
+            r["model"], str(r["T"]), str(r["g"]), str(r["r"]), r["dtype"], r.get("path", "–"),
+            f"{r['ours_fwdbwd_ms']:.3f}", f"{r['unfused_fwdbwd_ms']:.3f}", f"{r['mha_fwdbwd_ms']:.3f}",
+            f"{r['speedup_fwdbwd_vs_unfused']:.2f}×", f"{r['mha_fwdbwd_ms'] / r['ours_fwdbwd_ms']:.2f}×",
             f"{r['speedup_fwd_vs_mha']:.2f}×", f"{r['saved_ratio_vs_unfused']:.2f}×",
         ])
     return table(header, rows)
