@@ -218,12 +218,15 @@ def _setup_context(ctx, inputs, output):
     x, down, up, bias, kpm, attn_mask, seed, num_heads, latent_groups, causal, dropout_p, scale, path = inputs
     o, lse, aux = output
     ctx.save_for_backward(x, down, up, bias, kpm, attn_mask, seed, o, lse, aux)
+    ctx.set_materialize_grads(False)  # lse and aux get no gradient: do not fill zeros for them
     ctx.args = (num_heads, latent_groups, causal, dropout_p, scale, path)
     ctx.has_bias = bias is not None
 
 
 def _backward(ctx, grad_o, grad_lse, grad_aux):
     x, down, up, bias, kpm, attn_mask, seed, o, lse, aux = ctx.saved_tensors
+    if grad_o is None:
+        grad_o = torch.zeros_like(o)
     dx, ddown, dup, dbias = mlra_attention_bwd(grad_o, x, down, up, bias, kpm, attn_mask, seed, o, lse, aux,
                                                *ctx.args)
     return dx, ddown, dup, (dbias if ctx.has_bias else None), None, None, None, None, None, None, None, None, None
