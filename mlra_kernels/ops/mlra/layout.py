@@ -166,9 +166,13 @@ def autocast(x: Tensor, *tensors: Optional[Tensor]) -> tuple:
     return tuple(cast(t) for t in (x, *tensors))
 
 
-def latents(x: Tensor, down: Tensor) -> Tensor:
-    """``c = x · downᵀ``: ``[B, T, d]`` to the latents ``[B, T, 3·g·r]`` (or one projection's rows)."""
+def latents(x: Tensor, down: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """``c = x · downᵀ``: ``[B, T, d]`` to the latents ``[B, T, 3·g·r]`` (or one projection's rows);
+    ``out``: a contiguous ``[B, T, 3·g·r]`` tensor to write them into."""
     B, T, d = x.shape
+    if out is not None:
+        torch.mm(x.reshape(B * T, d), down.t(), out=out.view(B * T, down.shape[0]))
+        return out
     return (x.reshape(B * T, d) @ down.t()).view(B, T, down.shape[0])
 
 
@@ -179,17 +183,18 @@ def heads_token_major(c: Tensor, up: Tensor, bias: Optional[Tensor], num_heads: 
     return heads_of(qkv_buffer(c, up, bias, g), c.shape[0], c.shape[1], num_heads, g)
 
 
-def qkv_buffer(c: Tensor, up: Tensor, bias: Optional[Tensor], g: int) -> Tensor:
+def qkv_buffer(c: Tensor, up: Tensor, bias: Optional[Tensor], g: int, out: Optional[Tensor] = None) -> Tensor:
     """The per-head projections of the latents ``c`` ``[B, T, 3·g·r]`` as one ``[3·g, B·T, d/g]`` tensor
-    (one batched GEMM over the (projection, group) blocks, bias included); :func:`heads_of` views it."""
+    (one batched GEMM over the (projection, group) blocks, bias included; written into ``out`` when
+    given); :func:`heads_of` views it."""
     B, T, _ = c.shape
     d, r = up.shape[1], up.shape[2]
     P, k = 3 * g, d // g
     c_p = c.reshape(B * T, P, r).transpose(0, 1)  # [3·g, N, r]
     up_p = up.reshape(P, k, r).transpose(1, 2)  # [3·g, r, d/g]
     if bias is None:
-        return torch.bmm(c_p, up_p)
-    return torch.baddbmm(bias.view(P, 1, k), c_p, up_p)  # [3·g, N, d/g]
+        return torch.bmm(c_p, up_p, out=out)
+    return torch.baddbmm(bias.view(P, 1, k), c_p, up_p, out=out)  # [3·g, N, d/g]
 
 
 def heads_of(qkv: Tensor, B: int, T: int, num_heads: int, g: int) -> list[Tensor]:

@@ -123,8 +123,19 @@ def mlra_attention_fwd(
     ``Z [B, H, T, r]``, the fused CPU path's ``q, k, v`` (``layout.qkv_buffer``) and latents, flattened
     into one tensor; empty for the others."""
     seed_i = int(seed.item()) if seed is not None else 0
-    c = layout.latents(x, down)
     none = x.new_empty(0)
+    if path == "torch-cpu":
+        # q, k, v and the latents are kept for the backward (aux), as unfused attention keeps them: on a CPU,
+        # compute and not memory bounds the step, and recomputing them would cost more than it saves.
+        B, T, d = x.shape
+        n_qkv = 3 * B * T * d
+        aux = x.new_empty(n_qkv + B * T * down.shape[0])
+        c = layout.latents(x, down, out=aux[n_qkv:].view(B, T, down.shape[0]))
+        buf = layout.qkv_buffer(c, up, bias, latent_groups, out=aux[:n_qkv].view(3 * latent_groups, B * T, -1))
+        q, k, v = layout.heads_of(buf, B, T, num_heads, latent_groups)
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+        return _merge(o), lse.float().contiguous(), aux
+    c = layout.latents(x, down)
     if path in ("triton", "triton-interpreter"):
         from mlra_kernels.ops.mlra import launcher
 
@@ -134,13 +145,6 @@ def mlra_attention_fwd(
             latent_groups=latent_groups, causal=causal, scale=scale, dropout_p=dropout_p, seed=seed_i,
         )
         return o, lse, none
-    if path == "torch-cpu":
-        # q, k, v are kept for the backward (aux), as unfused attention keeps them: on a CPU, compute and not
-        # memory bounds the step, and recomputing them would cost more than it saves.
-        buf = layout.qkv_buffer(c, up, bias, latent_groups)
-        q, k, v = layout.heads_of(buf, x.shape[0], x.shape[1], num_heads, latent_groups)
-        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
-        return _merge(o), lse.float().contiguous(), torch.cat([buf.reshape(-1), c.reshape(-1)])
     if path == "torch-cpu-latent":
         B, T, d = x.shape
         r, dh = up.shape[2], d // num_heads
