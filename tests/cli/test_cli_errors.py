@@ -207,7 +207,7 @@ def test_bench_child_killed_by_a_signal_is_a_failure(capsys, monkeypatch):
     monkeypatch.setattr(cli.subprocess, "call", lambda cmd: -9)
     assert main(["bench", "tev"]) == 137
     assert "killed by signal 9" in capsys.readouterr().err
-    codes = iter([3, 0])
+    codes = iter([3, 0, 0])  # tev, mlra, decode
     monkeypatch.setattr(cli.subprocess, "call", lambda cmd: next(codes))
     assert main(["bench"]) == 3
 
