@@ -138,10 +138,13 @@ def test_generate_with_cache_matches_without(attention):
     assert torch.equal(s1, s2)
 
 
-def test_mlra_training_step_through_the_fused_op_matches_float64():
+def test_mlra_training_step_through_the_fused_op_matches_float64(monkeypatch):
     """float32 through mlra_attention's kernels (GPU, or the Triton interpreter) against float64."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     from mlra_kernels.ops.mlra import kernel_path
+
+    if device == "cuda":
+        monkeypatch.setenv("MLRA_BACKEND", "triton")  # the CUDA default is SDPA's composition
 
     if not kernel_path(torch.zeros(1, 1, 1, device=device)).startswith("triton"):
         pytest.skip("the Triton kernels are not active (no GPU, and TRITON_INTERPRET=1 was not set before import)")

@@ -396,8 +396,10 @@ def _kernels_active(x):
 
 
 @pytest.mark.parametrize("mask", ["none", "causal_hint", "causal_kpm", "kpm_bool"])
-def test_fused_kernel_path_matches_mha(mask):
+def test_fused_kernel_path_matches_mha(mask, monkeypatch):
     """float32 through the Triton kernels (GPU, or the interpreter with TRITON_INTERPRET=1 on CPU)."""
+    if KERNEL_DEVICE == "cuda":
+        monkeypatch.setenv("MLRA_BACKEND", "triton")  # the CUDA default is SDPA's composition
     x = torch.randn(2, 12, D, device=KERNEL_DEVICE)
     if not _kernels_active(x):
         pytest.skip("the Triton kernels are not active (no GPU, and TRITON_INTERPRET=1 was not set before import)")

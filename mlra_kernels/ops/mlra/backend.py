@@ -5,7 +5,13 @@ tensors), :func:`kernel_path` and the one-time "not the fast path" warnings all 
 
 Paths:
 
-- ``"triton"``: the fused Triton kernels on CUDA tensors.
+- ``"sdpa"``: the latent and up-projection GEMMs, then torch's ``scaled_dot_product_attention`` on its
+  fastest backend (on the latents where they are at most half a head wide), differentiated by
+  autograd: the default on CUDA without key padding. The fused Triton forward+backward measured 0.53×
+  of this composition on an H100 at GPT-2 small, g = 1 (PERF.md), so it is not the default until a GPU
+  run shows it ahead; the cost is memory (q, k, v are kept for the backward, as unfused attention does).
+- ``"triton"``: the fused Triton kernels on CUDA tensors: key padding (a query whose keys are all
+  padding outputs zeros), and on request.
 - ``"triton-interpreter"``: the same kernels on CPU tensors under the Triton interpreter
   (``TRITON_INTERPRET=1`` set before ``triton`` was imported): how the CPU tests check the kernels.
 - ``"torch-cpu"``: CPU tensors; the latent GEMMs, then torch's fused CPU attention (no ``T×T`` scores).
@@ -35,7 +41,7 @@ from torch import Tensor
 from mlra_kernels._warnings import warn_once
 from mlra_kernels.ops.mlra import config
 
-PATHS = ("triton", "triton-interpreter", "torch-cpu", "torch-cpu-latent", "torch")
+PATHS = ("sdpa", "triton", "triton-interpreter", "torch-cpu", "torch-cpu-latent", "torch")
 
 # torch's fused CPU attention needs this many tokens to beat the T×T path (which is also the more exact:
 # at T = 1 the fused backward leaves fp32 noise in dq and dk, whose exact value is 0).
@@ -114,9 +120,12 @@ def _auto(x: Tensor, key_padding_mask: Optional[Tensor], dropout_p: float, attn_
             "are materialised", slow=True,
         )
     if x.is_cuda:
+        if key_padding_mask is None:
+            return Choice("sdpa", "CUDA tensors: cuBLAS GEMMs and SDPA's fastest backend" + (
+                " on the latents" if _latent_is_narrow(rank, head_dim) else ""))
         if not triton_available():
-            raise RuntimeError("mlra_attention on CUDA tensors needs Triton: pip install triton")
-        return Choice("triton", "CUDA tensors run the fused Triton kernels")
+            raise RuntimeError("mlra_attention on CUDA tensors with key padding needs Triton: pip install triton")
+        return Choice("triton", "CUDA tensors with key padding: the fused Triton kernels")
     if x.device.type == "cpu" and _interpreter_ready():
         return Choice("triton-interpreter", "TRITON_INTERPRET=1: the Triton kernels under the interpreter")
     if key_padding_mask is not None:
@@ -141,6 +150,10 @@ def _can_run(path: str, x: Tensor, key_padding_mask, dropout_p: float, attn_mask
     """None when ``path`` can run this call, else why not."""
     if path == "torch":
         return None
+    if attn_mask is not None:
+        return "a general attn_mask runs only on the torch path"
+    if path == "sdpa":
+        return "key padding runs on the triton and torch paths" if key_padding_mask is not None else None
     if attn_mask is not None:
         return "a general attn_mask runs only on the torch path"
     if x.dtype == torch.float64:

@@ -5,6 +5,8 @@ Two ``torch.library`` custom ops, ``mlra::mlra_attention_fwd`` and ``mlra::mlra_
 a fake (meta) implementation, so that ``torch.compile(fullgraph=True)`` traces through without a graph
 break. The path (``mlra_kernels.ops.mlra.backend``) is chosen once per call and passed to both ops:
 
+- ``"sdpa"`` (not through the custom ops: plain torch, differentiated by autograd): the GEMMs and torch's
+  ``scaled_dot_product_attention`` on its fastest backend, the default on CUDA without key padding;
 - ``"triton"`` / ``"triton-interpreter"``: the fused Triton kernels (``launcher``, ``kernels``);
 - ``"torch-cpu"``: the latent GEMMs, then torch's fused CPU attention;
 - ``"torch-cpu-latent"``: attention on the latents (absorbed scores and values, DESIGN.md) with torch's
@@ -23,6 +25,7 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from mlra_kernels.ops.mlra import backend, dense, layout
@@ -239,6 +242,23 @@ def _backward(ctx, grad_o, grad_lse, grad_aux):
 mlra_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _sdpa_composition(x, down, up, bias, num_heads: int, g: int, causal: bool, dropout_p: float, scale: float):
+    """The ``"sdpa"`` path: the latent and up-projection GEMMs, then ``scaled_dot_product_attention`` (on
+    the latents where ``2·r <= d_h``), all differentiated by autograd."""
+    B, T, d = x.shape
+    r, dh = up.shape[2], d // num_heads
+    c = layout.latents(x, down)
+    if 2 * r <= dh:
+        _, q_abs, k, v, _ = _absorbed_inputs(c, up, bias, num_heads, g)
+        z = F.scaled_dot_product_attention(q_abs, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale)
+        up_v, b_v = layout.projection(up, bias, 2)
+        o = torch.einsum("bhtr,hdr->bthd", z, up_v.view(num_heads, dh, r)).reshape(B, T, d)
+        return o + b_v if b_v is not None else o
+    q, k, v = layout.heads_token_major(c, up, bias, num_heads, g)
+    o = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale)
+    return o.transpose(1, 2).reshape(B, T, d)
+
+
 def mlra_attention(
     x: Tensor,
     down: Tensor,
@@ -257,7 +277,7 @@ def mlra_attention(
 
     For each projection ``P`` in (q, k, v): the latent ``c_P = x · A_Pᵀ`` (``g·r`` wide), then per head
     ``P_h = c_P[group(h)] · B_{P,h}ᵀ + b_{P,h}``, then softmax attention with scale ``1/sqrt(d_h)``. The
-    output projection ``W_O`` is not applied. On CUDA the per-head q, k, v never reach memory.
+    output projection ``W_O`` is not applied. On the Triton path the per-head q, k, v never reach memory.
 
     Args:
         x: ``[B, T, d]`` input (float32, float16 or bfloat16; float64 runs the exact torch path). ``x``,
@@ -294,7 +314,8 @@ def mlra_attention(
     (``mlra_kernels.ops.mlra.layout.factorize``) builds ``down`` and ``up`` from ``W`` by truncated SVD, exact when ``r = d``.
 
     Paths (``mlra_kernels.ops.mlra.backend``, which ``kernel_path()`` reports with its reason): CUDA
-    tensors run the Triton kernels. CPU tensors run plain torch: the GEMMs, then torch's fused CPU
+    tensors run cuBLAS GEMMs and SDPA's fastest backend (``"sdpa"``), the Triton kernels with key padding
+    or when forced. CPU tensors run plain torch: the GEMMs, then torch's fused CPU
     attention (``"torch-cpu"``); the ``"torch"`` path with the ``T×T`` scores for key padding, dropout,
     float64 or T < 16; or the Triton kernels under the interpreter when ``TRITON_INTERPRET=1`` was set
     before ``triton`` was imported. A mode that keeps a call off the fast path warns once, saying why.
@@ -327,6 +348,8 @@ def mlra_attention(
                             rank=up.shape[-1], head_dim=x.shape[-1] // num_heads)
     backend.warn_if_slow(choice)
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(x.shape[-1] // num_heads)
+    if choice.path == "sdpa":
+        return _sdpa_composition(x, down, up, bias, num_heads, latent_groups, causal, dropout_p, scale)
     kpm = None
     if key_padding_mask is not None:
         if key_padding_mask.dtype == torch.bool:

@@ -28,13 +28,16 @@ from tests.helpers import DEVICE, DTYPES, assert_close_rel, key_padding, make_in
 
 
 @pytest.fixture(autouse=True)
-def _poison():
+def _poison(monkeypatch):
+    monkeypatch.delenv("MLRA_BACKEND", raising=False)  # and restored after the test (see _require_kernels)
     config.POISON_OUTPUTS = True
     yield
     config.POISON_OUTPUTS = False
 
 
 def _require_kernels(x):
+    if x.is_cuda:  # the default on CUDA is SDPA's composition; these tests are about the kernels
+        os.environ["MLRA_BACKEND"] = "triton"
     path = kernel_path(x)
     assert path.startswith("triton"), (
         "the Triton kernels are not active: on a CPU machine set TRITON_INTERPRET=1 before triton is imported"

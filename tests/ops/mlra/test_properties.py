@@ -85,6 +85,12 @@ def test_latent_cpu_path_on_random_shapes(case):
     _check(case, "torch-cpu-latent")
 
 
+@settings(max_examples=25, **SETTINGS)
+@given(case=cases(fused=True))
+def test_sdpa_path_on_random_shapes(case):
+    _check(case, "sdpa")
+
+
 @pytest.mark.skipif(torch.cuda.is_available() or not backend.triton_available(),
                     reason="the Triton interpreter runs the kernels on CPU machines only")
 @settings(max_examples=8, **SETTINGS)

@@ -115,7 +115,7 @@ def test_backend_override_is_public_and_the_backward_keeps_the_forward_path(monk
     monkeypatch.setenv("MLRA_BACKEND", "torch")
     assert kernel_path(x) == "torch"
     monkeypatch.setenv("MLRA_BACKEND", "fast")
-    with pytest.raises(ValueError, match="MLRA_BACKEND must be one of auto, triton, .*; got 'fast'"):
+    with pytest.raises(ValueError, match="MLRA_BACKEND must be one of auto, sdpa, triton, .*; got 'fast'"):
         kernel_path(x)
     monkeypatch.delenv("MLRA_BACKEND")
     with use_backend("triton"), pytest.raises(RuntimeError, match="'triton' was forced .* needs CUDA tensors"):
@@ -253,3 +253,44 @@ def test_dense_variant_checks_its_arguments():
         mlra_attention_dense(x, x[:, :, :8], x, down, up, bias, num_heads=4, latent_groups=2)
     with pytest.raises(TypeError, match="num_heads must be a positive int"):
         mlra_attention_dense(x, x, x, down, up, bias, num_heads="4", latent_groups=2)
+
+
+def test_cuda_choice_without_a_gpu():
+    """What a CUDA call picks, from the tensor's metadata alone: SDPA's composition unless key padding
+    asks for the kernels' zero output on fully masked queries."""
+    from types import SimpleNamespace
+
+    from mlra_kernels.ops.mlra import backend
+
+    x = SimpleNamespace(dtype=torch.bfloat16, is_cuda=True, device=torch.device("cuda"), shape=(2, 1024, 768))
+    wide = backend._auto(x, None, 0.0, None, 192, 64)
+    narrow = backend._auto(x, None, 0.1, None, 16, 64)
+    assert wide.path == narrow.path == "sdpa" and "on the latents" in narrow.reason and "latents" not in wide.reason
+    if backend.triton_available():
+        assert backend._auto(x, torch.zeros(2, 1024), 0.0, None, 192, 64).path == "triton"
+
+
+@pytest.mark.parametrize("r", [4, 16], ids=["latent", "heads"])
+def test_sdpa_path_dropout_and_compile(r):
+    x, down, up, bias = _inputs(T=24, r=r, dtype=torch.float32)
+    leaves = [t.clone().requires_grad_() for t in (x, down, up, bias)]
+
+    def f(*t):
+        return mlra_attention(*t, num_heads=4, latent_groups=2).square().sum()
+
+    with use_backend("sdpa"):
+        f(*leaves).backward()
+        eager = [t.grad.clone() for t in leaves]
+        for t in leaves:
+            t.grad = None
+        torch._dynamo.reset()
+        torch.compile(f, fullgraph=True, backend="aot_eager")(*leaves).backward()
+        for a, e in zip((t.grad for t in leaves), eager):
+            torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+        torch.manual_seed(5)
+        a = mlra_attention(x, down, up, bias, num_heads=4, latent_groups=2, dropout_p=0.3)
+        torch.manual_seed(5)
+        b = mlra_attention(x, down, up, bias, num_heads=4, latent_groups=2, dropout_p=0.3)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)  # the same seed, the same dropout
+    plain = mlra_attention(x, down, up, bias, num_heads=4, latent_groups=2)
+    assert not torch.allclose(a, plain)
