@@ -78,16 +78,25 @@ def use_backend(path: str) -> Iterator[None]:
         _forced.pop()
 
 
+# Both facts are fixed for the life of a process (Triton's mode once it is imported), and are kept as plain
+# values so that ``torch.compile`` traces the choice without calling importlib (older dynamo refuses it).
+_TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+_TRITON_INTERPRETED: list[bool] = []
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_AVAILABLE
 
 
 def triton_interpreted() -> bool:
-    """True when ``triton`` was imported under ``TRITON_INTERPRET=1`` (its kernels then run on CPU)."""
-    import triton.language as tl
-    from triton.runtime.interpreter import InterpretedFunction
+    """True when ``triton`` was imported under ``TRITON_INTERPRET=1`` (its kernels then run on CPU);
+    imports triton on the first call, which fixes its mode."""
+    if not _TRITON_INTERPRETED:
+        import triton.language as tl
+        from triton.runtime.interpreter import InterpretedFunction
 
-    return isinstance(tl.zeros, InterpretedFunction)
+        _TRITON_INTERPRETED.append(isinstance(tl.zeros, InterpretedFunction))
+    return _TRITON_INTERPRETED[0]
 
 
 def _interpreter_ready() -> bool:
