@@ -27,6 +27,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from mlra_kernels._argtypes import positive_float, positive_int
 from mlra_kernels.models import GPT2, GPT2Config
 from mlra_kernels.monitor import TEVMonitor
 
@@ -185,26 +186,6 @@ def format_table(results: Sequence[RunResult]) -> str:
     return "\n".join([fmt(head), line] + [fmt(r) for r in rows])
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return value
-
-
 def _seed(text: str) -> int:
     try:
         value = int(text)
@@ -225,18 +206,18 @@ def _device_flag(text: str) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=_positive_int, default=300, help="training steps per model (default 300)")
-    p.add_argument("--layers", type=_positive_int, default=4, help="depth (default 4)")
-    p.add_argument("--width", type=_positive_int, default=128, help="model width d (default 128)")
-    p.add_argument("--heads", type=_positive_int, default=4, help="attention heads (default 4)")
-    p.add_argument("--context", type=_positive_int, default=128, help="context length T (default 128)")
-    p.add_argument("--batch", type=_positive_int, default=8, help="sequences per step (default 8)")
-    p.add_argument("--rank", type=_positive_int, default=None, help="MLRA rank per group (default width // 4)")
-    p.add_argument("--groups", type=_positive_int, default=1, help="MLRA latent groups (default 1)")
-    p.add_argument("--lr", type=_positive_float, default=2e-3, help="peak learning rate (default 2e-3)")
-    p.add_argument("--log-every", type=_positive_int, default=10,
+    p.add_argument("--steps", type=positive_int, default=300, help="training steps per model (default 300)")
+    p.add_argument("--layers", type=positive_int, default=4, help="depth (default 4)")
+    p.add_argument("--width", type=positive_int, default=128, help="model width d (default 128)")
+    p.add_argument("--heads", type=positive_int, default=4, help="attention heads (default 4)")
+    p.add_argument("--context", type=positive_int, default=128, help="context length T (default 128)")
+    p.add_argument("--batch", type=positive_int, default=8, help="sequences per step (default 8)")
+    p.add_argument("--rank", type=positive_int, default=None, help="MLRA rank per group (default width // 4)")
+    p.add_argument("--groups", type=positive_int, default=1, help="MLRA latent groups (default 1)")
+    p.add_argument("--lr", type=positive_float, default=2e-3, help="peak learning rate (default 2e-3)")
+    p.add_argument("--log-every", type=positive_int, default=10,
                    help="TEV/loss record interval in steps (default 10)")
-    p.add_argument("--eval-batches", type=_positive_int, default=8, help="validation batches at the end (default 8)")
+    p.add_argument("--eval-batches", type=positive_int, default=8, help="validation batches at the end (default 8)")
     p.add_argument("--device", type=_device_flag, default=None, metavar="DEVICE",
                    help=f"{_DEVICE_CHOICES} (default: cuda if available, else cpu)")
     p.add_argument("--out", default=None,
@@ -245,7 +226,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="let --out name the folder of an earlier demo run: it is replaced once the new run completes")
     p.add_argument("--data", nargs="+", default=None, metavar="PATH",
                    help="your own text files or folders (default: the Python standard library sources)")
-    p.add_argument("--max-bytes", type=_positive_int, default=4_000_000,
+    p.add_argument("--max-bytes", type=positive_int, default=4_000_000,
                    help="cap on the text read (default 4 MB)")
     p.add_argument("--seed", type=_seed, default=0, help="seed for init and data order (default 0)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")

@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import math
 import os
 import sys
 import pathlib
@@ -52,6 +51,8 @@ import time
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
+
+from mlra_kernels._argtypes import positive_float, positive_int  # noqa: F401  (the benchmarks' flag types)
 
 _CHECKOUT = pathlib.Path(__file__).resolve().parents[2]
 # The source checkout this package runs from (an editable install), or None for an installed wheel.
@@ -320,28 +321,6 @@ class BenchParser(argparse.ArgumentParser):
 
     def error(self, message):  # noqa: D102 - argparse API
         self.exit(2, f"{self.prog}: error: {one_line(message)} (--help lists the options)\n")
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer > 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """argparse type: a finite number > 0 (``1e8`` and ``100000000`` alike)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
-    return value
 
 
 def comma_list(allowed: Sequence[str]) -> Callable[[str], list]:
