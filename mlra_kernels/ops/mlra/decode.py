@@ -142,12 +142,9 @@ def mlra_decode(
     hpg = H // g
     up_q, b_q = layout.projection(up, bias, 0)
     up_v, b_v = layout.projection(up, bias, 2)
-    c_q = layout.latents(x, down[:g * r]).view(B * t, g, 1, r)
-    q = torch.matmul(c_q, up_q.view(g, hpg * dh, r).transpose(1, 2))  # [B·t, g, 1, (H/g)·d_h]
-    if b_q is not None:
-        q = q + b_q.view(g, 1, hpg * dh)
-    q_abs = torch.matmul(q.view(B * t, H, 1, dh), up[1].view(H, dh, r))  # q̃ = q · B_K, [B·t, H, 1, r]
-    q_abs = q_abs.view(B, t, g, hpg, r).permute(0, 2, 3, 1, 4).reshape(B, g, hpg * t, r)
+    q = layout.expand(layout.latents(x, down[:g * r]), up_q, b_q, H, g)  # [B, H, t, d_h]
+    q_abs = torch.matmul(q, up[1].view(H, dh, r))  # q̃ = q · B_K, [B, H, t, r]
+    q_abs = q_abs.reshape(B, g, hpg * t, r)
     mask = _decode_mask(B, H, g, t, S, causal=causal, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
                         dtype=q_abs.dtype, device=x.device)
     weights = None

@@ -212,11 +212,13 @@ def expand(c: Tensor, up_p: Tensor, bias_p: Optional[Tensor], num_heads: int, g:
     ``up_p`` ``[d, r]`` and bias ``bias_p`` ``[d]`` (or None)."""
     B, S, gr = c.shape
     d, r = up_p.shape
-    H, dh = num_heads, d // num_heads
-    out = torch.einsum("bsgr,ghdr->bghsd", c.view(B, S, g, r), up_p.view(g, H // g, dh, r)).reshape(B, H, S, dh)
+    H, dh, hpg = num_heads, d // num_heads, num_heads // g
+    out = torch.matmul(c.view(B, S, g, r).transpose(1, 2), up_p.view(g, hpg * dh, r).transpose(1, 2))  # [B, g, S, ·]
     if bias_p is not None:
-        out = out + bias_p.view(1, H, 1, dh)
-    return out
+        out = out + bias_p.view(g, 1, hpg * dh)
+    if hpg == 1:
+        return out
+    return out.view(B, g, S, hpg, dh).transpose(2, 3).reshape(B, H, S, dh)
 
 
 def projection(up: Tensor, bias: Optional[Tensor], p: int) -> tuple[Tensor, Optional[Tensor]]:
