@@ -216,10 +216,14 @@ setup(
     ],
     extras_require={
         # accelerate: transformers' Trainer needs it (tests/integrations/test_transformers.py);
-        # lightning: the Lightning callback is tested in a real Trainer; hypothesis: the property tests.
-        "test": ["pytest", "pytest-benchmark", "hypothesis", TRANSFORMERS, "safetensors", "accelerate", "lightning"],
+        # lightning: the Lightning callback is tested in a real Trainer; hypothesis: the property tests;
+        # tokenizers: the BPE vocabulary of the experiment.
+        "test": ["pytest", "pytest-benchmark", "hypothesis", TRANSFORMERS, "safetensors", "accelerate", "lightning",
+                 "tokenizers"],
         "transformers": [TRANSFORMERS, "safetensors"],
         "lightning": ["lightning"],
+        # experiments/tev_repro.py: the byte-level BPE vocabulary (mlra_kernels.data)
+        "experiments": ["tokenizers"],
         "hf": [TRANSFORMERS, "safetensors"],  # alias of "transformers"
     },
     entry_points={"console_scripts": ["mlra = mlra_kernels.cli:main"]},
