@@ -50,7 +50,7 @@ from mlra_kernels.monitor import TEVMonitor, compute_tev
 
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": dict(depths=[6, 12, 24, 48], width=64, heads=4, context=64, batch=16, steps=400, lr=3e-3,
-                lrs=[1e-3, 3e-3, 1e-2, 3e-2, 1e-1], lr_depth=12, seeds=3, vocab_size=4096, eval_batches=16,
+                lrs=[1e-3, 3e-3, 1e-2, 3e-2], lr_depth=12, seeds=3, vocab_size=4096, eval_batches=16,
                 checkpoints=5, gvar_batches=8),
     "gpu": dict(depths=[6, 12, 24, 48], width=256, heads=8, context=256, batch=32, steps=3000, lr=2e-3,
                 lrs=[5e-4, 2e-3, 6e-3, 2e-2], lr_depth=24, seeds=3, vocab_size=16384, eval_batches=50,
