@@ -58,8 +58,10 @@ def _configs(interpret=INTERPRET):
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in grid]
 
 
-# The sequence length is not a key (nor specialised); the dtype is added by the autotuner itself.
-_KEY = ["DH", "R", "CAUSAL", "HAS_BIAS", "HAS_KPM", "DROPOUT"]
+# The best tiles change with the sequence length, but keying on T itself would retune every new length:
+# the key holds T's power-of-two bucket (``T_BUCKET``, from the launcher), an int the kernels never read.
+# Neither is specialised, so a new T or bucket never recompiles. The autotuner adds the dtypes itself.
+_KEY = ["T_BUCKET", "DH", "R", "CAUSAL", "HAS_BIAS", "HAS_KPM", "DROPOUT"]
 
 
 @triton.jit
@@ -106,11 +108,11 @@ def _dropout_keep(seed, i_bh, o_m, o_n, T, dropout_p):
 
 
 @triton.autotune(configs=_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune})
-@triton.jit(do_not_specialize=["T", "seed"])
+@triton.jit(do_not_specialize=["T", "T_BUCKET", "seed"])
 def _mlra_fwd_kernel(
     C, UP, BIAS, KPM, O, LSE,
     stride_cb, stride_ct, stride_ob, stride_ot,
-    T, H, HPG, R, DH, D, GR,
+    T, T_BUCKET, H, HPG, R, DH, D, GR,
     scale, seed, dropout_p,
     CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -190,11 +192,11 @@ def _prune_absorbed(configs, named_args, **kwargs):
 
 
 @triton.autotune(configs=_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune_absorbed})
-@triton.jit(do_not_specialize=["T", "seed"])
+@triton.jit(do_not_specialize=["T", "T_BUCKET", "seed"])
 def _mlra_fwd_absorbed_kernel(
     C, UP, BIAS, KPM, O, LSE,
     stride_cb, stride_ct, stride_ob, stride_ot,
-    T, H, HPG, R, DH, D, GR,
+    T, T_BUCKET, H, HPG, R, DH, D, GR,
     scale, seed, dropout_p,
     CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_RF: tl.constexpr,
@@ -294,11 +296,11 @@ def _mlra_bwd_preprocess_kernel(
 
 
 @triton.autotune(configs=_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune})
-@triton.jit(do_not_specialize=["T", "seed"])
+@triton.jit(do_not_specialize=["T", "T_BUCKET", "seed"])
 def _mlra_bwd_dkdv_kernel(
     C, UP, BIAS, KPM, DO, LSE, DELTA, DQKV,
     stride_cb, stride_ct, stride_ob, stride_ot, stride_gb, stride_gt,
-    T, H, HPG, R, DH, D, GR,
+    T, T_BUCKET, H, HPG, R, DH, D, GR,
     scale, seed, dropout_p,
     CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -371,11 +373,11 @@ def _mlra_bwd_dkdv_kernel(
 
 
 @triton.autotune(configs=_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune})
-@triton.jit(do_not_specialize=["T", "seed"])
+@triton.jit(do_not_specialize=["T", "T_BUCKET", "seed"])
 def _mlra_bwd_dq_kernel(
     C, UP, BIAS, KPM, DO, LSE, DELTA, DQKV,
     stride_cb, stride_ct, stride_ob, stride_ot, stride_gb, stride_gt,
-    T, H, HPG, R, DH, D, GR,
+    T, T_BUCKET, H, HPG, R, DH, D, GR,
     scale, seed, dropout_p,
     CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
