@@ -13,7 +13,7 @@ pytest.importorskip("triton")
 
 import triton  # noqa: E402
 
-from mlra_kernels.ops.mlra import launcher  # noqa: E402
+from mlra_kernels.ops.mlra import launcher, tuning  # noqa: E402
 
 AUTOTUNED = ("_mlra_fwd_kernel", "_mlra_fwd_absorbed_kernel", "_mlra_bwd_dkdv_kernel", "_mlra_bwd_dq_kernel")
 
@@ -65,3 +65,61 @@ def test_each_length_bucket_is_tuned_once(monkeypatch):
     assert [run["T_BUCKET"] for run in launches] == [64, 64, 256, 64, 256, 1024]
     assert seen == [1, 1, 2, 2, 2, 3], "one tuning per bucket, reused by later lengths of the same bucket"
     assert sorted(key[0] for key in kern.cache) == [64, 256, 1024]
+
+
+GRID = tuning.configs(interpret=False)
+# GPT-2 small (d_h = 64) with r = 96, g = 1: the absorbed forward's constexprs (BLOCK_D, BLOCK_R, BLOCK_RF).
+ABSORBED_R96 = dict(block_d=64, block_r=64, block_rf=128)
+
+
+def _tiles(cfgs):
+    return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in cfgs]
+
+
+@pytest.mark.parametrize("capability, kib", [((8, 0), 163), ((8, 6), 99), ((8, 9), 99), ((9, 0), 227)])
+def test_shared_memory_table(capability, kib):
+    assert tuning.arch_for(capability) == tuning.Arch(capability, kib * 1024)
+
+
+def test_an_untabled_architecture_is_named_in_the_error():
+    with pytest.raises(KeyError, match=r"sm_75 .*tabled: sm_80, sm_86"):
+        tuning.arch_for((7, 5))
+
+
+def test_a_launch_reads_its_own_device(monkeypatch):
+    props = {1: types.SimpleNamespace(major=8, minor=6, shared_memory_per_block_optin=101376)}
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props[index])
+    tuning.device_arch.cache_clear()
+    try:
+        on_gpu = types.SimpleNamespace(device=torch.device("cuda", 1))
+        assert tuning.launch_arch(on_gpu) == tuning.Arch((8, 6), 101376)
+        assert tuning.launch_arch(torch.empty(1)) is None, "CPU tensors (the interpreter) have no limit"
+    finally:
+        tuning.device_arch.cache_clear()
+
+
+def test_each_architecture_keeps_what_fits_its_shared_memory():
+    kept = {cap: tuning.prune("absorbed", GRID, **ABSORBED_R96, arch=tuning.arch_for(cap))
+            for cap in ((8, 6), (8, 0), (9, 0))}
+    for cap, cfgs in kept.items():
+        assert all(tuning.smem_bytes(c, **ABSORBED_R96) <= tuning.SMEM_OPTIN[cap] for c in cfgs), cap
+    assert set(_tiles(kept[(8, 6)])) < set(_tiles(kept[(8, 0)])) <= set(_tiles(kept[(9, 0)]))
+    assert _tiles(kept[(8, 6)]) == [(64, 64, 4, 2), (64, 32, 4, 3), (128, 32, 8, 2)]
+    assert (128, 64, 8, 3) in _tiles(kept[(9, 0)]), "the old fixed 160 KB limit dropped it on every GPU"
+
+
+def test_when_nothing_fits_the_smallest_config_is_kept():
+    tiny = tuning.Arch((8, 6), 1024)
+    smallest = min(GRID, key=lambda c: tuning.smem_bytes(c, **ABSORBED_R96))
+    assert tuning.prune("absorbed", GRID, **ABSORBED_R96, arch=tiny) == [smallest]
+
+
+def test_the_hook_reads_positional_and_keyword_arguments():
+    """The launcher passes BLOCK_D/BLOCK_R/BLOCK_RF as keywords; the autotuner hands those to the hook
+    apart from the positional arguments."""
+    c = torch.empty(1, dtype=torch.bfloat16)
+    kept = tuning.pruner("rebuild")(GRID, {"C": c, "T": 100}, BLOCK_D=128, BLOCK_R=64, CAUSAL=True)
+    assert kept and all(bm * bn <= 128 * 64 for bm, bn, _, _ in _tiles(kept))
+    kept = tuning.pruner("absorbed")(GRID, {"C": c, "BLOCK_D": 64}, BLOCK_R=64, BLOCK_RF=256)
+    assert kept and all(bm <= 64 for bm, _, _, _ in _tiles(kept))
+    assert tuning.pruner("bwd").kernel == "bwd", "the compile gate reads which rules a kernel's hook applies"
