@@ -80,26 +80,33 @@ def configs(interpret: bool) -> list:
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in grid]
 
 
-def smem_bytes(cfg, block_d: int, block_r: int, block_rf: int = 0, elem: int = 2) -> int:
+def smem_bytes(kernel: str, cfg, block_d: int, block_r: int, block_rf: int = 0, elem: int = 2) -> int:
     """An upper bound on one program's shared memory; the compile gate checks it against the compiler.
 
     A pipelined loop keeps ``num_stages`` copies of what one step loads: a latent chunk and its
-    up-projection chunk (``[rows, BR]`` and ``[BR, BD]``), or the absorbed kernel's c_K and c_V rows
-    (``2 × [BN, RF]``). On top of that come the tiles kept as dot operands: q, dO, k and v for the
-    rebuild kernels, q and q·B_K (``[BM, BD + RF]``) for the absorbed one (``block_rf > 0``).
+    up-projection chunk (``[rows, BR]`` and ``[BR, BD]``), the backward's dO tile (``[BM, BD]``), or the
+    absorbed kernel's c_K and c_V rows (``2 × [BN, RF]``). On top of that come the tiles kept as dot
+    operands: q, dO, k and v for the rebuild kernels, q and q·B_K (``[BM, BD + RF]``) for the absorbed one.
     """
     bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
     step = max(max(bm, bn) * block_r + block_r * block_d, 2 * bn * block_rf)
-    kept = bm * (block_d + block_rf) if block_rf else 2 * (bm + bn) * block_d
+    if kernel == "bwd":
+        step += bm * block_d
+    kept = bm * (block_d + block_rf) if kernel == "absorbed" else 2 * (bm + bn) * block_d
     return elem * (cfg.num_stages * step + kept)
 
 
-def _fits_registers(kernel: str, cfg, block_d: int, block_rf: int) -> bool:
+def _fits_registers(kernel: str, cfg, block_d: int, block_r: int, block_rf: int, arch: Optional[Arch]) -> bool:
     bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
     if block_d >= 128 and bm * bn > 128 * 64:
         return False  # large head dims with large tiles spill registers on every current GPU
     if kernel == "absorbed" and bm * block_rf > 64 * 256:
         return False  # its [BM, r] accumulator and q·B_K tile live in registers: a small BM when r is large
+    if kernel != "rebuild" and arch is not None and arch.capability < (9, 0) and max(block_r, block_rf) >= 64:
+        # Before Hopper the dot operands sit in registers too (mma.sync, no wgmma reading shared memory).
+        # The compile gate found sm_80 spills in the backward and the absorbed forward at d_h = 64, r = 96
+        # (28 to 356 bytes) for every tile over 16 fp32 scores per thread, and none at or below.
+        return bm * bn <= 16 * 32 * cfg.num_warps
     return True
 
 
@@ -111,10 +118,13 @@ def prune(kernel: str, cfgs: list, block_d: int, block_r: int, block_rf: int = 0
     smallest is kept, since the estimate is an upper bound and Triton reports a real overflow at launch.
     Register rules go next, but never drop the last config that fits.
     """
-    fit = [c for c in cfgs if arch is None or smem_bytes(c, block_d, block_r, block_rf, elem) <= arch.smem_optin]
+    def smem(c):
+        return smem_bytes(kernel, c, block_d, block_r, block_rf, elem)
+
+    fit = [c for c in cfgs if arch is None or smem(c) <= arch.smem_optin]
     if not fit:
-        return [min(cfgs, key=lambda c: smem_bytes(c, block_d, block_r, block_rf, elem))]
-    return [c for c in fit if _fits_registers(kernel, c, block_d, block_rf)] or fit[:1]
+        return [min(cfgs, key=smem)]
+    return [c for c in fit if _fits_registers(kernel, c, block_d, block_r, block_rf, arch)] or fit[:1]
 
 
 def pruner(kernel: str):

@@ -70,6 +70,7 @@ def test_each_length_bucket_is_tuned_once(monkeypatch):
 GRID = tuning.configs(interpret=False)
 # GPT-2 small (d_h = 64) with r = 96, g = 1: the absorbed forward's constexprs (BLOCK_D, BLOCK_R, BLOCK_RF).
 ABSORBED_R96 = dict(block_d=64, block_r=64, block_rf=128)
+BWD_R96 = dict(block_d=64, block_r=64)
 
 
 def _tiles(cfgs):
@@ -99,18 +100,28 @@ def test_a_launch_reads_its_own_device(monkeypatch):
 
 
 def test_each_architecture_keeps_what_fits_its_shared_memory():
-    kept = {cap: tuning.prune("absorbed", GRID, **ABSORBED_R96, arch=tuning.arch_for(cap))
-            for cap in ((8, 6), (8, 0), (9, 0))}
+    kept = {cap: tuning.prune("bwd", GRID, **BWD_R96, arch=tuning.arch_for(cap)) for cap in ((8, 6), (8, 0), (9, 0))}
     for cap, cfgs in kept.items():
-        assert all(tuning.smem_bytes(c, **ABSORBED_R96) <= tuning.SMEM_OPTIN[cap] for c in cfgs), cap
-    assert set(_tiles(kept[(8, 6)])) < set(_tiles(kept[(8, 0)])) <= set(_tiles(kept[(9, 0)]))
-    assert _tiles(kept[(8, 6)]) == [(64, 64, 4, 2), (64, 32, 4, 3), (128, 32, 8, 2)]
-    assert (128, 64, 8, 3) in _tiles(kept[(9, 0)]), "the old fixed 160 KB limit dropped it on every GPU"
+        assert all(tuning.smem_bytes("bwd", c, **BWD_R96) <= tuning.SMEM_OPTIN[cap] for c in cfgs), cap
+    assert _tiles(kept[(9, 0)]) == _tiles(GRID), "the old fixed 160 KB dropped (128, 64, 8, 3) on every GPU"
+    assert _tiles(kept[(8, 0)]) == [(64, 32, 4, 3), (128, 32, 8, 2)]
+    assert _tiles(kept[(8, 6)]) == [(64, 32, 4, 3)]
+
+
+def test_before_hopper_wide_latents_keep_small_score_tiles():
+    """The compile gate's sm_80 spills (backward and absorbed forward at r = 96) pruned; the rebuild
+    forward at r = 192 and every kernel at r = 16 compiled without spills, and keep their large tiles."""
+    a100 = tuning.arch_for((8, 0))
+    assert (128, 64, 8, 2) not in _tiles(tuning.prune("bwd", GRID, **BWD_R96, arch=a100))
+    assert (128, 64, 8, 2) not in _tiles(tuning.prune("absorbed", GRID, **ABSORBED_R96, arch=a100))
+    assert (128, 64, 8, 2) in _tiles(tuning.prune("rebuild", GRID, **BWD_R96, arch=a100))
+    assert (128, 64, 8, 2) in _tiles(tuning.prune("bwd", GRID, block_d=64, block_r=16, arch=a100))
+    assert (128, 64, 8, 2) in _tiles(tuning.prune("bwd", GRID, **BWD_R96, arch=tuning.arch_for((9, 0))))
 
 
 def test_when_nothing_fits_the_smallest_config_is_kept():
     tiny = tuning.Arch((8, 6), 1024)
-    smallest = min(GRID, key=lambda c: tuning.smem_bytes(c, **ABSORBED_R96))
+    smallest = min(GRID, key=lambda c: tuning.smem_bytes("absorbed", c, **ABSORBED_R96))
     assert tuning.prune("absorbed", GRID, **ABSORBED_R96, arch=tiny) == [smallest]
 
 
