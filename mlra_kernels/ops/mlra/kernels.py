@@ -26,10 +26,9 @@ LN2 = 0.6931471805599453
 
 
 def _autotuned(kernel):
-    """Autotuning over ``tuning.configs``, keyed by ``tuning.KEY``, pruned by ``kernel``'s rules (``tuning.prune``)."""
-    return triton.autotune(
-        configs=tuning.configs(INTERPRET), key=tuning.KEY, prune_configs_by={"early_config_prune": tuning.pruner(kernel)},
-    )
+    """Autotuning over ``tuning.configs``, keyed by ``tuning.KEY``, pruned by ``kernel``'s ``tuning.prune`` rules."""
+    prune = {"early_config_prune": tuning.pruner(kernel)}
+    return triton.autotune(configs=tuning.configs(INTERPRET), key=tuning.KEY, prune_configs_by=prune)
 
 
 @triton.jit

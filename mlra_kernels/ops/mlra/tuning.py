@@ -102,10 +102,12 @@ def _fits_registers(kernel: str, cfg, block_d: int, block_r: int, block_rf: int,
         return False  # large head dims with large tiles spill registers on every current GPU
     if kernel == "absorbed" and bm * block_rf > 64 * 256:
         return False  # its [BM, r] accumulator and q·B_K tile live in registers: a small BM when r is large
-    if kernel != "rebuild" and arch is not None and arch.capability < (9, 0) and max(block_r, block_rf) >= 64:
+    wide = kernel == "bwd" or (kernel == "absorbed" and max(block_r, block_rf) >= 64)
+    if wide and arch is not None and arch.capability < (9, 0):
         # Before Hopper the dot operands sit in registers too (mma.sync, no wgmma reading shared memory).
-        # The compile gate found sm_80 spills in the backward and the absorbed forward at d_h = 64, r = 96
-        # (28 to 356 bytes) for every tile over 16 fp32 scores per thread, and none at or below.
+        # The compile gate found sm_80 spills in the backward (r = 96 and, with Triton 3.6, r = 16) and the
+        # absorbed forward at r = 96 (d_h = 64; 8 to 356 bytes) for tiles over 16 fp32 scores per thread,
+        # and none at or below.
         return bm * bn <= 16 * 32 * cfg.num_warps
     return True
 

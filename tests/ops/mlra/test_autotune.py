@@ -109,13 +109,14 @@ def test_each_architecture_keeps_what_fits_its_shared_memory():
 
 
 def test_before_hopper_wide_latents_keep_small_score_tiles():
-    """The compile gate's sm_80 spills (backward and absorbed forward at r = 96) pruned; the rebuild
-    forward at r = 192 and every kernel at r = 16 compiled without spills, and keep their large tiles."""
+    """The compile gate's sm_80 spills (the backward, the absorbed forward at r = 96) pruned; the rebuild
+    forward at r = 192 and the absorbed one at r = 16 compiled without spills, and keep their large tiles."""
     a100 = tuning.arch_for((8, 0))
     assert (128, 64, 8, 2) not in _tiles(tuning.prune("bwd", GRID, **BWD_R96, arch=a100))
     assert (128, 64, 8, 2) not in _tiles(tuning.prune("absorbed", GRID, **ABSORBED_R96, arch=a100))
     assert (128, 64, 8, 2) in _tiles(tuning.prune("rebuild", GRID, **BWD_R96, arch=a100))
-    assert (128, 64, 8, 2) in _tiles(tuning.prune("bwd", GRID, block_d=64, block_r=16, arch=a100))
+    assert (128, 64, 8, 2) not in _tiles(tuning.prune("bwd", GRID, block_d=64, block_r=16, arch=a100))
+    assert (128, 64, 8, 2) in _tiles(tuning.prune("absorbed", GRID, block_d=64, block_r=16, block_rf=16, arch=a100))
     assert (128, 64, 8, 2) in _tiles(tuning.prune("bwd", GRID, **BWD_R96, arch=tuning.arch_for((9, 0))))
 
 
