@@ -17,7 +17,7 @@ import os
 import triton
 import triton.language as tl
 
-from mlra_kernels.ops.mlra import config
+from mlra_kernels.ops.mlra import tuning
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -25,41 +25,10 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
 
-def _smem_bytes(block_m, block_n, block_d, block_r, elem=2):
-    """Rough shared-memory need of one program: the q/k/v/dO tiles and one latent chunk pair."""
-    return elem * (2 * block_m * block_d + 2 * block_n * block_d + (block_m + block_n + block_d) * block_r)
-
-
-def _arg(name, named_args, kwargs):
-    # The autotuner passes positional arguments in `named_args` and keyword arguments separately.
-    return kwargs[name] if name in kwargs else named_args[name]
-
-
-def _prune(configs, named_args, **kwargs):
-    block_d = _arg("BLOCK_D", named_args, kwargs)
-    block_r = _arg("BLOCK_R", named_args, kwargs)
-    kept = [
-        c for c in configs
-        if _smem_bytes(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], block_d, block_r) * c.num_stages <= 160 * 1024
-        # Large head dims with large tiles spill registers on every current GPU.
-        and not (block_d >= 128 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 128 * 64)
-    ]
-    return kept or configs[:1]
-
-
-def _configs(interpret=INTERPRET):
-    if interpret:
-        # One fixed config: autotuning under the interpreter only costs time.
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
-    # (BLOCK_M, BLOCK_N, warps, stages). A short list: every new key compiles each of them once.
-    grid = [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2), (64, 32, 4, 3), (128, 32, 8, 2)]
-    if not config.autotune():
-        grid = grid[:1]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in grid]
-
-
-# The sequence length is not a key (nor specialised); the dtype is added by the autotuner itself.
-_KEY = ["DH", "R", "CAUSAL", "HAS_BIAS", "HAS_KPM", "DROPOUT"]
+def _autotuned(kernel):
+    """Autotuning over ``tuning.configs``, keyed by ``tuning.KEY``, pruned by ``kernel``'s ``tuning.prune`` rules."""
+    prune = {"early_config_prune": tuning.pruner(kernel)}
+    return triton.autotune(configs=tuning.configs(INTERPRET), key=tuning.KEY, prune_configs_by=prune)
 
 
 @triton.jit
@@ -105,12 +74,12 @@ def _dropout_keep(seed, i_bh, o_m, o_n, T, dropout_p):
     return tl.rand(seed, o_rng) >= dropout_p
 
 
-@triton.autotune(configs=_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune})
-@triton.jit(do_not_specialize=["T", "seed"])
+@_autotuned("rebuild")
+@triton.jit(do_not_specialize=["T", "T_BUCKET", "seed"])
 def _mlra_fwd_kernel(
     C, UP, BIAS, KPM, O, LSE,
     stride_cb, stride_ct, stride_ob, stride_ot,
-    T, H, HPG, R, DH, D, GR,
+    T, T_BUCKET, H, HPG, R, DH, D, GR,
     scale, seed, dropout_p,
     CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -182,19 +151,12 @@ def _mlra_fwd_kernel(
     tl.store(LSE + i_bh * T + o_m, b_lse, mask=m_m)
 
 
-def _prune_absorbed(configs, named_args, **kwargs):
-    # The [BM, r] accumulator and q·B_K tile live in registers: keep BM small when r is large.
-    block_rf = _arg("BLOCK_RF", named_args, kwargs)
-    kept = [c for c in _prune(configs, named_args, **kwargs) if c.kwargs["BLOCK_M"] * block_rf <= 64 * 256]
-    return kept or configs[:1]
-
-
-@triton.autotune(configs=_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune_absorbed})
-@triton.jit(do_not_specialize=["T", "seed"])
+@_autotuned("absorbed")
+@triton.jit(do_not_specialize=["T", "T_BUCKET", "seed"])
 def _mlra_fwd_absorbed_kernel(
     C, UP, BIAS, KPM, O, LSE,
     stride_cb, stride_ct, stride_ob, stride_ot,
-    T, H, HPG, R, DH, D, GR,
+    T, T_BUCKET, H, HPG, R, DH, D, GR,
     scale, seed, dropout_p,
     CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_RF: tl.constexpr,
@@ -293,12 +255,12 @@ def _mlra_bwd_preprocess_kernel(
     tl.store(DELTA + i_bh * T + o_m, tl.sum(b_o * b_do, 1), mask=m_m)
 
 
-@triton.autotune(configs=_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune})
-@triton.jit(do_not_specialize=["T", "seed"])
+@_autotuned("bwd")
+@triton.jit(do_not_specialize=["T", "T_BUCKET", "seed"])
 def _mlra_bwd_dkdv_kernel(
     C, UP, BIAS, KPM, DO, LSE, DELTA, DQKV,
     stride_cb, stride_ct, stride_ob, stride_ot, stride_gb, stride_gt,
-    T, H, HPG, R, DH, D, GR,
+    T, T_BUCKET, H, HPG, R, DH, D, GR,
     scale, seed, dropout_p,
     CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -370,12 +332,12 @@ def _mlra_bwd_dkdv_kernel(
     tl.store(p_g + 2 * D, b_dv.to(dtype), mask=m_g)
 
 
-@triton.autotune(configs=_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune})
-@triton.jit(do_not_specialize=["T", "seed"])
+@_autotuned("bwd")
+@triton.jit(do_not_specialize=["T", "T_BUCKET", "seed"])
 def _mlra_bwd_dq_kernel(
     C, UP, BIAS, KPM, DO, LSE, DELTA, DQKV,
     stride_cb, stride_ct, stride_ob, stride_ot, stride_gb, stride_gt,
-    T, H, HPG, R, DH, D, GR,
+    T, T_BUCKET, H, HPG, R, DH, D, GR,
     scale, seed, dropout_p,
     CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,

@@ -84,6 +84,12 @@ def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, 1 << (int(n) - 1).bit_length())
 
 
+def seq_bucket(T: int) -> int:
+    """The autotuning bucket of a sequence length: the next power of two, at least 64. Lengths in one
+    bucket share a tuned config; shorter ones all share the first bucket, where launch overhead dominates."""
+    return _pow2(T, lo=64)
+
+
 def _meta(c: Tensor, r: int, dh: int, causal: bool, has_bias: bool, has_kpm: bool, dropout_p: float) -> dict:
     return dict(
         CAUSAL=causal,
@@ -142,7 +148,7 @@ def mlra_fwd(
     kernel[grid](
         c, up, bias if bias is not None else dummy, kpm if kpm is not None else dummy, o, lse,
         c.stride(0), c.stride(1), o.stride(0), o.stride(1),
-        T, H, hpg, r, dh, d, latent_groups * r,
+        T, seq_bucket(T), H, hpg, r, dh, d, latent_groups * r,
         scale, seed, dropout_p,
         **meta,
     )
@@ -168,7 +174,7 @@ def mlra_bwd_qkv(
     args = (
         c, up, bias if bias is not None else dummy, kpm if kpm is not None else dummy, do, lse, delta, dqkv,
         c.stride(0), c.stride(1), do.stride(0), do.stride(1), dqkv.stride(0), dqkv.stride(1),
-        T, H, hpg, r, dh, d, latent_groups * r,
+        T, seq_bucket(T), H, hpg, r, dh, d, latent_groups * r,
         scale, seed, dropout_p,
     )
     meta = _meta(c, r, dh, causal, bias is not None, kpm is not None, dropout_p)

@@ -412,18 +412,6 @@ def test_fwd_variant_choice(monkeypatch):
         launcher.fwd_variant(8, 64)
 
 
-def test_autotune_pruning_reads_keyword_arguments():
-    """The launcher passes BLOCK_D/BLOCK_R/BLOCK_RF as keywords; the autotuner hands those to the
-    prune hook apart from the positional arguments."""
-    k = launcher.kernels()
-    configs = k._configs(interpret=False)
-    assert len(configs) > 1
-    kept = k._prune(configs, {"C": None, "T": 100}, BLOCK_D=128, BLOCK_R=64, CAUSAL=True)
-    assert kept and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 64 for c in kept)
-    kept = k._prune_absorbed(configs, {"C": None}, BLOCK_D=64, BLOCK_R=64, BLOCK_RF=256)
-    assert kept and all(c.kwargs["BLOCK_M"] <= 64 for c in kept)
-
-
 def test_factors_from_dense_exact_at_full_rank():
     d, H = 32, 4
     gen = torch.Generator().manual_seed(3)
