@@ -284,3 +284,19 @@ def test_cache_seqlens_is_checked():
         mlra_decode(x, down, up, bias, cache_seqlens=torch.ones(B), **kw)
     with pytest.raises(ValueError, match=r"cache_seqlens must be \[B\] = \[2\]"):
         mlra_decode(x, down, up, bias, cache_seqlens=torch.ones(3, dtype=torch.int64), **kw)
+
+
+def test_kernel_path_compiles_fullgraph(monkeypatch):
+    """The kernel is a torch.library custom op: a decode step compiles without a graph break."""
+    monkeypatch.setenv("MLRA_BACKEND", KERNEL)
+    B, t, S, H, g, r, dh = 2, 1, 40, 2, 1, 8, 16
+    x, down, up, bias, c_k, c_v = (a.to(DEVICE, torch.float32) for a in decode_case(B, t, S, H, g, r, dh))
+    lengths = torch.tensor([40, 13], device=DEVICE)
+
+    def step(x, c_k, c_v, lengths):
+        return mlra_decode(x, down, up, bias, cache_k=c_k, cache_v=c_v, num_heads=H, cache_seqlens=lengths)[0]
+
+    with torch.no_grad():
+        eager = step(x, c_k, c_v, lengths)
+        compiled = torch.compile(step, fullgraph=True)(x, c_k, c_v, lengths)
+    torch.testing.assert_close(compiled, eager)
