@@ -199,13 +199,15 @@ def block_sizes(M: int, r: int) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def _sm_count(index: Optional[int]) -> int:
-    return torch.cuda.get_device_properties(index if index is not None else torch.cuda.current_device()).multi_processor_count
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def sm_count(device: torch.device) -> int:
-    """SMs of ``device``; a CPU (the interpreter) counts as 8, so that the CPU tests see several splits."""
-    return _sm_count(device.index) if device.type == "cuda" else 8
+    """SMs of ``device`` (read once per device); a CPU (the interpreter) counts as 8."""
+    if device.type != "cuda":
+        return 8
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def plan(B: int, g: int, M: int, S: int, r: int, n_sm: int, num_splits: Optional[int] = None) -> dict:

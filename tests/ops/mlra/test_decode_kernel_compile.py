@@ -91,9 +91,9 @@ SCRIPT = textwrap.dedent(
     for arch, dtype, H, g, r, t, masks in cases:
         M = H // g * t
         b = K.block_sizes(M, r)
-        ints = dict(stride_qb=g * M * r, stride_qg=M * r, stride_qm=r, stride_kb=g * S * r, stride_kg=S * r, stride_ks=r,
-                    stride_vb=g * S * r, stride_vg=S * r, stride_vs=r, stride_pb=S, stride_zb=g * M * r,
-                    stride_zg=M * r, stride_zm=r, G=g, M=M, R=r, S=S, SPLIT_LEN=256)
+        ints = dict(stride_qb=g * M * r, stride_qg=M * r, stride_qm=r, stride_kb=g * S * r, stride_kg=S * r,
+                    stride_ks=r, stride_vb=g * S * r, stride_vg=S * r, stride_vs=r, stride_pb=S,
+                    stride_zb=g * M * r, stride_zg=M * r, stride_zm=r, G=g, M=M, R=r, S=S, SPLIT_LEN=256)
         for direct in (True, False):
             consts = dict(CAUSAL=masks and t > 1, HAS_KPM=masks, HAS_LENS=masks, DIRECT=direct,
                           PREC="ieee" if dtype == "fp32" else "tf32", UPCAST=False,

@@ -17,7 +17,8 @@ import torch
 pytest.importorskip("triton", reason="the decode kernel needs triton")
 
 from mlra_kernels import _warnings  # noqa: E402
-from mlra_kernels.ops.mlra import backend, config, kernel_path, explain, kv_latents, launcher, mlra_decode, use_backend  # noqa: E402
+from mlra_kernels.ops.mlra import backend, config, explain, kernel_path, kv_latents, launcher  # noqa: E402
+from mlra_kernels.ops.mlra import mlra_decode, use_backend  # noqa: E402
 from mlra_kernels.ops.mlra.decode import _additive_kpm, _torch_attention  # noqa: E402
 from mlra_kernels.ops.mlra.reference import mlra_attention_reference  # noqa: E402
 from tests.helpers import DEVICE, DTYPES, assert_within_torch_error  # noqa: E402
