@@ -103,13 +103,14 @@ def _(q, k, v, kpm, lengths, t_new, causal, scale):
 
 
 def _additive_kpm(key_padding_mask: Optional[Tensor]) -> Optional[Tensor]:
-    """The kernel's key padding: fp32, added to the scores (-inf where a bool mask says padding)."""
+    """The kernel's key padding: fp32, added to the scores (-inf where a bool mask says padding), with
+    its key dimension contiguous (the kernel reads one row per sequence with unit stride)."""
     if key_padding_mask is None:
         return None
     if key_padding_mask.dtype == torch.bool:
         return torch.zeros(key_padding_mask.shape, dtype=torch.float32, device=key_padding_mask.device).masked_fill(
             key_padding_mask, float("-inf"))
-    return key_padding_mask.detach().to(torch.float32)
+    return key_padding_mask.detach().to(torch.float32).contiguous()
 
 
 def _check_lengths(cache_seqlens: Optional[Tensor], B: int, device: torch.device) -> None:

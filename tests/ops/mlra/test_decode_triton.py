@@ -117,6 +117,15 @@ def test_key_padding(kind, dtype):
     check(DTYPES[dtype], decode_case(B, t, S, H, g, r, dh), H=H, g=g, kpm=padding(B, S, kind))
 
 
+def test_non_contiguous_float_key_padding():
+    """A float mask sliced out of a wider one (key stride 2) is read as the values it shows."""
+    B, t, S, H, g, r, dh = 2, 1, 40, 4, 2, 16, 16
+    wide = padding(B, 2 * S, "float")
+    kpm = wide[:, ::2]
+    assert not kpm.is_contiguous()
+    check(torch.float32, decode_case(B, t, S, H, g, r, dh), H=H, g=g, kpm=kpm)
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
 @pytest.mark.parametrize("t", [1, 2])
 def test_unequal_lengths_with_padding(t, dtype):
