@@ -9,7 +9,10 @@ layers of ``mlra_kernels.models.GPT2`` (projections, cache write, attention and 
   torch's SDPA over the cached ``S + 1`` keys;
 - ``mlra-g1`` (``g = 1``, ``r = d/4``) and ``mlra-gH`` (``g = H``, ``g·r = d/4``): the latents ``c_K, c_V``
   written into a preallocated group-major ``[B, g, S_max, r]`` cache and ``mlra_decode`` over them
-  (absorbed form: no K or V is built).
+  (absorbed form: no K or V is built). On CUDA ``mlra_decode`` runs the split-KV Triton decode kernel;
+- ``mlra-g1-torch``, ``mlra-gH-torch`` (CUDA only, default there): the same layers with decode's torch
+  path forced (GEMMs and SDPA on the latents), the baseline of the kernel in the same run. Each row
+  records the ``decode_path`` it ran.
 
 Bytes per step are the cache read (``2·B·(S+1)`` times the per-token width: ``d`` for MHA, ``g·r`` for
 MLRA) plus the layer's weights; ``fraction_of_read_bw`` compares the achieved rate with a plain
@@ -28,6 +31,7 @@ stops the run before any time is reported.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 
@@ -40,10 +44,12 @@ from mlra_kernels.benchmarks.common import (
 )
 from mlra_kernels.models import GPT2, GPT2Config
 from mlra_kernels.models.gpt2 import LayerCache, MHASelfAttention, MLRASelfAttention
-from mlra_kernels.ops.mlra import kv_latents, mlra_decode
+from mlra_kernels.ops.mlra import kernel_path, kv_latents, mlra_decode, use_backend
 from mlra_kernels.ops.mlra.reference import mlra_attention_reference
 
 VARIANTS = ("mha", "mlra-g1", "mlra-gH")
+# The MLRA layers with decode's torch path forced: on CUDA, the baseline of the Triton decode kernel.
+TORCH_PATH_VARIANTS = ("mlra-g1-torch", "mlra-gH-torch")
 
 
 def variant_config(name: str, d: int, H: int, capacity: int) -> GPT2Config:
@@ -57,7 +63,9 @@ def variant_config(name: str, d: int, H: int, capacity: int) -> GPT2Config:
 
 
 def check_decode(device: str) -> None:
-    """``mlra_decode`` against the float64 oracle for the last tokens of a sequence; raises on a miss."""
+    """``mlra_decode`` against the float64 oracle for the last tokens of a sequence, on each decode path
+    the run times (on CUDA the Triton kernel and the forced torch path); raises on a miss."""
+    paths = ("auto", "torch") if device == "cuda" else ("auto",)
     gen = torch.Generator().manual_seed(0)
     for B, T, H, g, r in ((2, 37, 4, 1, 16), (3, 20, 4, 4, 8)):
         d = 64
@@ -69,12 +77,15 @@ def check_decode(device: str) -> None:
         for dt in (torch.float32,) + ((torch.bfloat16,) if device == "cuda" else ()):
             xs, ds, us, bs = (t.to(device=device, dtype=dt) for t in (x, down, up, bias))
             c_k, c_v = kv_latents(xs, ds, g, group_major=True)  # the layout the timed step reads
-            got, _ = mlra_decode(xs[:, -1:], ds, us, bs, cache_k=c_k, cache_v=c_v, num_heads=H, latent_groups=g)
-            err = (got.double().cpu() - exact).abs().max().item()
-            bound = 64 * torch.finfo(dt).eps * exact.abs().max().item()
-            if not err <= bound:
-                raise BenchError(f"correctness check failed: mlra_decode ({device}, {dt}, g={g}) error {err:.3e} "
-                                 f"> {bound:.3e} against the float64 oracle")
+            for path in paths:
+                with use_backend(path), torch.no_grad():
+                    got, _ = mlra_decode(xs[:, -1:], ds, us, bs, cache_k=c_k, cache_v=c_v, num_heads=H,
+                                         latent_groups=g)
+                err = (got.double().cpu() - exact).abs().max().item()
+                bound = 64 * torch.finfo(dt).eps * exact.abs().max().item()
+                if not err <= bound:
+                    raise BenchError(f"correctness check failed: mlra_decode ({device}, {dt}, g={g}, path {path}) "
+                                     f"error {err:.3e} > {bound:.3e} against the float64 oracle")
 
 
 def _layer(name: str, cfg: GPT2Config, device, dtype):
@@ -126,6 +137,16 @@ def time_cold_cpu(fn, rep: int) -> dict:
 
 
 def bench_step(name: str, B: int, S: int, d: int, H: int, device: str, dtype, rep: int, bw: float) -> dict:
+    forced = name in TORCH_PATH_VARIANTS
+    with use_backend("torch") if forced else contextlib.nullcontext():
+        row = _bench_step(name.removesuffix("-torch"), B, S, d, H, device, dtype, rep, bw)
+        row["decode_path"] = None if name == "mha" else kernel_path(
+            torch.empty(B, 1, d, device=device, dtype=dtype), op="decode", requires_grad=False)
+    row["variant"] = name
+    return row
+
+
+def _bench_step(name: str, B: int, S: int, d: int, H: int, device: str, dtype, rep: int, bw: float) -> dict:
     cfg = variant_config(name, d, H, S + 1)
     layer = _layer(name, cfg, device, dtype)
     cache, width = _filled_cache(name, cfg, B, S, device, dtype)
@@ -212,8 +233,9 @@ def build_parser(prog: str = "mlra bench decode") -> argparse.ArgumentParser:
                    help="comma list of batch sizes (default 1,4,16 on CPU; 1,8,32 on CUDA)")
     p.add_argument("--lengths", type=lambda s: [positive_int(v) for v in s.split(",")], default=None,
                    help="comma list of cached lengths S (default 512,2048,8192)")
-    p.add_argument("--variants", type=comma_list(VARIANTS), default=list(VARIANTS),
-                   help=f"comma list of {', '.join(VARIANTS)} (default all)")
+    p.add_argument("--variants", type=comma_list(VARIANTS + TORCH_PATH_VARIANTS), default=None,
+                   help=f"comma list of {', '.join(VARIANTS + TORCH_PATH_VARIANTS)} (default: all on CUDA; "
+                        f"{', '.join(VARIANTS)} on CPU, where decode runs the torch path anyway)")
     p.add_argument("--width", type=positive_int, default=512, help="model width d (default 512)")
     p.add_argument("--heads", type=positive_int, default=8, help="heads H (default 8)")
     p.add_argument("--rep", type=positive_int, default=20, help="CPU repetitions per measurement (default 20)")
@@ -241,7 +263,8 @@ def run(args: argparse.Namespace) -> int:
     bw = read_bandwidth(args.device, args.rep)
     print(f"read bandwidth (sum of 256 MB): {bw:.1f} GB/s", flush=True)
     rows = []
-    cases = [(B, S, v) for B in batches for S in lengths for v in args.variants]
+    variants = args.variants or list(VARIANTS + (TORCH_PATH_VARIANTS if args.device == "cuda" else ()))
+    cases = [(B, S, v) for B in batches for S in lengths for v in variants]
     for B, S, v in tqdm(cases, desc="decode bench", unit="step", file=sys.stderr):
         row = bench_step(v, B, S, d, H, args.device, dtype, args.rep, bw)
         rows.append(row)

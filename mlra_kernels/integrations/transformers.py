@@ -15,8 +15,11 @@ What the converted attention supports:
   latents are still written to the cache. A padding query whose keys are all padding then outputs zeros,
   where the dense path outputs an arbitrary average; real tokens are unaffected. Decode steps (tokens
   already cached) and any other mask run ``mlra_decode`` on the cached latents in the absorbed form
-  (no per-head K or V is ever built), with the mask ``GPT2Model`` built applied as given; a general
-  mask in a prefill warns once that the fused op is not used;
+  (no per-head K or V is ever built). A one-token step's mask (``[B | 1, 1, 1, S]``: causal, left
+  padding, a ``StaticCache``'s unwritten slots) goes in as ``key_padding_mask``, which the decode kernel
+  fuses (on its path with ``cache_seqlens`` read on the device, so the unwritten slots are skipped); any
+  other mask is applied as given (decode's torch path); a general mask in a prefill warns once that the
+  fused op is not used;
 - the cache as a ``DynamicCache`` (the default of ``generate()``) or a ``StaticCache``
   (``cache_implementation="static"``): each layer stores the latents ``c_K, c_V`` as ``[B, g, S, r]``
   (``g`` "heads" of width ``r``) in the cache's key/value slots, so the cache holds ``2·g·r`` numbers
@@ -48,7 +51,7 @@ from torch import Tensor, nn
 from mlra_kernels._mask_memo import memo_by_tensor
 from mlra_kernels._warnings import warn_once
 from mlra_kernels.nn.projection import MLRAProjection
-from mlra_kernels.ops.mlra import kv_latents, mlra_attention, mlra_decode
+from mlra_kernels.ops.mlra import kernel_path, kv_latents, mlra_attention, mlra_decode
 from mlra_kernels.ops.mlra.layout import check_config, default_rank
 
 try:
@@ -255,13 +258,27 @@ class MLRAGPT2Attention(modeling_gpt2.GPT2Attention):
         c_k, c_v = kv_latents(hidden_states, qkv.down, self.latent_groups, group_major=True)  # 2 × [B, g, T, r]
         if cache is not None:
             c_k, c_v = _cache_update(cache, c_k, c_v, self.layer_idx, cache_position)
+        attn_mask, key_padding_mask, lengths = _as_masked(attention_mask), None, None
+        if _is_one_row_per_sequence(attention_mask, B, T):
+            # A decode step's mask is key padding: the form the decode kernel fuses (a general mask is not).
+            key_padding_mask, lengths = _step_padding(attention_mask, B, self._decode_runs_kernel(
+                hidden_states, dropout, want_weights))
+            attn_mask = None
         out, weights = mlra_decode(
             hidden_states, qkv.down, qkv.up, qkv.bias, cache_k=c_k, cache_v=c_v, num_heads=self.num_heads,
             latent_groups=self.latent_groups, causal=attention_mask is None or self._eager_causal(),
-            attn_mask=_as_masked(attention_mask),
+            attn_mask=attn_mask, key_padding_mask=key_padding_mask, cache_seqlens=lengths,
             scale=self._scale(), dropout_p=dropout, need_weights=want_weights,
         )
         return self.resid_dropout(self.c_proj(out)), weights
+
+    def _decode_runs_kernel(self, x: Tensor, dropout_p: float, need_weights: bool) -> bool:
+        """Whether ``mlra_decode`` takes its Triton kernel for this step (the choice it will make itself)."""
+        qkv = self.qkv
+        grad = torch.is_grad_enabled() and (
+            x.requires_grad or any(t.requires_grad for t in (qkv.down, qkv.up, qkv.bias) if t is not None))
+        path = kernel_path(x, dropout_p=dropout_p, op="decode", need_weights=need_weights, requires_grad=grad)
+        return path in ("triton", "triton-interpreter")
 
 
 def _rename_flat_factors(state_dict, prefix, *args) -> None:
@@ -277,6 +294,42 @@ def _as_masked(mask: Optional[Tensor]) -> Optional[Tensor]:
     if isinstance(mask, Tensor) and mask.dtype == torch.bool:
         return ~mask
     return mask
+
+
+def _is_one_row_per_sequence(mask: Any, batch: int, length: int) -> bool:
+    """Whether ``mask`` is ``[B | 1, 1, 1, S]`` (bool or float) for one new token. Added to that token's scores,
+    such a mask is key padding, whatever its values: the causal mask, left padding and a ``StaticCache``'s
+    unwritten slots of a decode step all are. Decided from the shape alone, so no host read and no
+    data-dependent branch under ``torch.compile``."""
+    return (
+        isinstance(mask, Tensor) and length == 1 and mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == 1
+        and mask.shape[0] in (1, batch) and (mask.dtype == torch.bool or mask.is_floating_point())
+    )
+
+
+def _step_padding(mask: Tensor, batch: int, with_lengths: bool) -> tuple[Tensor, Optional[Tensor]]:
+    """``(key_padding_mask [B, S], cache_seqlens [B] or None)`` of a decode step's one-row mask, memoised per
+    mask outside compile (every layer gets the same one). ``with_lengths``: for the kernel, which then
+    skips the keys after the last one the token sees (a ``StaticCache``'s unwritten slots); the torch path
+    would mask them all the same, so it is not given the extra work."""
+    def compute():
+        kpm = _as_masked(mask[:, 0, 0, :]).expand(batch, mask.shape[-1])
+        return kpm, (_seen_lengths(kpm) if with_lengths else None)
+
+    if torch.compiler.is_compiling():
+        return compute()
+    return memo_by_tensor(("gpt2-step-padding", batch, with_lengths), mask, compute)
+
+
+def _seen_lengths(key_padding_mask: Tensor) -> Tensor:
+    """int32 ``[B]``: one past the last key each sequence's new token sees, read on the device. The keys
+    after it are masked, so leaving them out changes nothing; a row that sees no key keeps all ``S``
+    (its output, the average of every value, is defined over them)."""
+    kpm = key_padding_mask
+    S = kpm.shape[-1]
+    seen = ~kpm if kpm.dtype == torch.bool else kpm > torch.finfo(kpm.dtype).min / 2
+    last = (seen * torch.arange(1, S + 1, device=kpm.device)).amax(dim=-1)  # 0: no key seen
+    return torch.where(last > 0, last, S).to(torch.int32)
 
 
 # Plain attributes of GPT2Attention that transformers reads.

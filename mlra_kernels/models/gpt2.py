@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mlra_kernels.nn.projection import MLRAProjection
-from mlra_kernels.ops.mlra import kv_latents, mlra_attention, mlra_decode
+from mlra_kernels.ops.mlra import kernel_path, kv_latents, mlra_attention, mlra_decode
 from mlra_kernels.ops.mlra.layout import check_config, positive_int
 
 @dataclass
@@ -61,32 +61,54 @@ class LayerCache:
 
     MHA layers store ``k, v`` ``[B, H, S, d_h]``; MLRA layers store the latents ``c_K, c_V`` group-major,
     ``[B, g, S, r]`` (both: sequence dim 2). ``cache[0]`` / ``cache[1]`` are views of the filled
-    part. A step appends by writing into the buffers, never by concatenation, so a decode step costs
-    the new tokens' writes, not a copy of everything cached.
+    part; :meth:`buffers` are the whole preallocated tensors and ``seqlens`` (int32 ``[B]``, on the
+    cache's device) how much of them is filled. A step appends by writing into the buffers, never by
+    concatenation, so a decode step costs the new tokens' writes, not a copy of everything cached.
     """
 
     def __init__(self, capacity: int, seq_dim: int) -> None:
-        self.capacity, self.seq_dim, self.length = capacity, seq_dim, 0
+        self.capacity, self.seq_dim, self._length = capacity, seq_dim, 0
         self._k: Optional[Tensor] = None
         self._v: Optional[Tensor] = None
+        # The filled length again, on the device and updated in place: a decode kernel reads it there, so
+        # a step needs no host sync and hands the kernel tensors of the same shapes at every length.
+        self.seqlens: Optional[Tensor] = None
+
+    @property
+    def length(self) -> int:
+        """Positions filled (the same for every sequence of the batch)."""
+        return self._length
+
+    @length.setter
+    def length(self, n: int) -> None:
+        # Rewinding (the decode benchmark does) keeps the device copy in step; fill_ does not sync.
+        self._length = n
+        if self.seqlens is not None:
+            self.seqlens.fill_(n)
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write ``k``, ``v`` after what is cached; returns views of everything cached."""
         t = k.shape[self.seq_dim]
-        if self.length + t > self.capacity:
-            raise ValueError(f"the cache holds {self.capacity} positions; {self.length} + {t} do not fit")
+        if self._length + t > self.capacity:
+            raise ValueError(f"the cache holds {self.capacity} positions; {self._length} + {t} do not fit")
         if self._k is None:
             shape = list(k.shape)
             shape[self.seq_dim] = self.capacity
             self._k, self._v = k.new_empty(shape), v.new_empty(shape)
-        self._k.narrow(self.seq_dim, self.length, t).copy_(k)
-        self._v.narrow(self.seq_dim, self.length, t).copy_(v)
-        self.length += t
+            self.seqlens = torch.zeros(k.shape[0], dtype=torch.int32, device=k.device)
+        self._k.narrow(self.seq_dim, self._length, t).copy_(k)
+        self._v.narrow(self.seq_dim, self._length, t).copy_(v)
+        self._length += t
+        self.seqlens.add_(t)
         return self[0], self[1]
+
+    def buffers(self) -> tuple[Tensor, Tensor]:
+        """The whole preallocated buffers, ``capacity`` positions each, of which ``seqlens`` are filled."""
+        return self._k, self._v
 
     def __getitem__(self, i: int) -> Tensor:
         buf = (self._k, self._v)[i]
-        return buf.narrow(self.seq_dim, 0, self.length)
+        return buf.narrow(self.seq_dim, 0, self._length)
 
     def __len__(self) -> int:
         return 2
@@ -162,9 +184,23 @@ class MLRASelfAttention(nn.Module):
                 cache.append(*kv_latents(x, qkv.down, g, group_major=True))
         else:
             c_k, c_v = cache.append(*kv_latents(x, qkv.down, g, group_major=True))
+            lengths = None
+            if self._decode_runs_kernel(x, p):
+                # The kernel's grid follows the cache's shape, so the whole buffer (lengths on the device)
+                # keeps every step's launch the same: a step can be captured in a CUDA graph.
+                (c_k, c_v), lengths = cache.buffers(), cache.seqlens
             y, _ = mlra_decode(x, qkv.down, qkv.up, qkv.bias, cache_k=c_k, cache_v=c_v, num_heads=H,
-                               latent_groups=g, dropout_p=p)
+                               latent_groups=g, dropout_p=p, cache_seqlens=lengths)
         return self.resid_dropout(self.c_proj(y)), cache
+
+    def _decode_runs_kernel(self, x: Tensor, dropout_p: float) -> bool:
+        """Whether ``mlra_decode`` will take its Triton kernel for this step (the same choice it makes).
+        Its torch path gets views of the filled part instead: it would attend (and mask) every position
+        of a whole buffer, the unwritten ones included."""
+        qkv = self.qkv
+        grad = torch.is_grad_enabled() and (
+            x.requires_grad or any(t.requires_grad for t in (qkv.down, qkv.up, qkv.bias) if t is not None))
+        return kernel_path(x, dropout_p=dropout_p, op="decode", requires_grad=grad) in ("triton", "triton-interpreter")
 
 
 def _rename_flat_factors(state_dict, prefix, *args) -> None:

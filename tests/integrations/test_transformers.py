@@ -448,6 +448,19 @@ def _decode_kwargs(model, cache, position):
 
 @pytest.mark.usefixtures("reference_path")
 def test_compiled_decode_step_on_a_static_cache_has_no_graph_break():
+    _check_compiled_static_step()
+
+
+def test_compiled_decode_step_on_the_kernel_has_no_graph_break(monkeypatch, decode_calls):
+    """The step's mask becomes key padding and lengths on the device, without a host read: the kernel
+    path compiles with fullgraph=True too."""
+    monkeypatch.setenv("MLRA_BACKEND", _kernel_or_skip())
+    with torch.no_grad():  # the kernel is forward only
+        _check_compiled_static_step()
+    assert decode_calls[1], "the decode kernel did not run"
+
+
+def _check_compiled_static_step():
     from transformers import StaticCache
 
     model = convert_gpt2(_model("sdpa", dtype=torch.float32), rank=D, latent_groups=2)
@@ -574,3 +587,88 @@ def test_static_cache_prefill_mask_is_read_as_causal():
     assert _inspect_mask(leaked, 2, T) == (False, None)
     additive = torch.zeros(2, 1, T, S).masked_fill(~allowed, torch.finfo(torch.float32).min)
     assert _inspect_mask(additive, 2, T) == (True, None)
+
+
+def _kernel_or_skip():
+    from mlra_kernels.ops.mlra import backend
+
+    if torch.cuda.is_available():
+        return "triton"
+    if not backend.triton_available() or not backend.triton_interpreted():
+        pytest.skip("the decode kernel needs a GPU, or triton imported under TRITON_INTERPRET=1")
+    return "triton-interpreter"
+
+
+@pytest.fixture
+def decode_calls(monkeypatch):
+    """Record what the converted attention hands mlra_decode, and count the decode kernel's launches."""
+    import mlra_kernels.integrations.transformers as integration
+    import mlra_kernels.ops.mlra.decode as decode
+
+    calls, kernel = [], []
+    real_decode, real_op = integration.mlra_decode, decode.mlra_decode_attn
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real_decode(*args, **kwargs)
+
+    def op(*args):
+        kernel.append(args[0].shape)
+        return real_op(*args)
+
+    monkeypatch.setattr(integration, "mlra_decode", spy)
+    monkeypatch.setattr(decode, "mlra_decode_attn", op)
+    return calls, kernel
+
+
+@pytest.mark.parametrize("attn_impl,static", [("eager", False), ("sdpa", False), ("sdpa", True)])
+def test_left_padded_decode_steps_run_the_kernel(attn_impl, static, decode_calls):
+    """The decode step's mask (causal, left padding, a StaticCache's unwritten slots) reaches mlra_decode as
+    key padding, which the kernel fuses: forced, it runs every step (a general attn_mask would make it
+    refuse), and the tokens are those of the default path."""
+    from mlra_kernels.ops.mlra import use_backend
+
+    kernel = _kernel_or_skip()
+    mlra = convert_gpt2(_model(attn_impl, dtype=torch.float32), rank=D, latent_groups=2)
+    prompt = torch.randint(1, 83, (3, 6), generator=torch.Generator().manual_seed(17))
+    mask = torch.ones(3, 6, dtype=torch.long)
+    mask[0, :3] = 0
+    mask[2, :1] = 0
+    prompt = prompt.masked_fill(mask == 0, 0)
+    kw = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    if static:
+        kw["cache_implementation"] = "static"
+    expected = mlra.generate(prompt, **kw)
+    calls, launches = decode_calls
+    calls.clear()
+    with use_backend(kernel):
+        got = mlra.generate(prompt, **kw)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    steps = [c for c in calls if c["key_padding_mask"] is not None]
+    assert len(steps) == len(calls) == len(launches) == 3 * 2  # 3 decode steps, 2 layers
+    assert all(c["attn_mask"] is None for c in steps)
+    lengths = [c["cache_seqlens"] for c in steps[::2]]  # layer 0 of each step
+    if static:  # the unwritten slots are left out: each step sees the prompt and what it generated
+        assert [n.tolist() for n in lengths] == [[7] * 3, [8] * 3, [9] * 3]
+        assert len({c["key_padding_mask"].shape for c in steps}) == 1  # the whole preallocated cache, every step
+    else:
+        assert all(n.tolist() == [c["key_padding_mask"].shape[-1]] * 3 for n, c in zip(lengths, steps[::2]))
+
+
+def test_step_padding_of_one_row_masks():
+    from mlra_kernels.integrations.transformers import _is_one_row_per_sequence, _step_padding
+
+    allowed = torch.tensor([[False, False, True, True, False, False], [True, True, True, True, True, False]])
+    bool_mask = allowed[:, None, None, :]  # True = attend: left padding, then two unwritten slots / one
+    additive = torch.zeros(2, 1, 1, 6).masked_fill(~bool_mask, torch.finfo(torch.float32).min)
+    for mask in (bool_mask, additive):
+        assert _is_one_row_per_sequence(mask, 2, 1)
+        kpm, lengths = _step_padding(mask, 2, with_lengths=True)
+        assert kpm.shape == (2, 6) and lengths.tolist() == [4, 5] and lengths.dtype == torch.int32
+        assert _step_padding(mask, 2, with_lengths=False)[1] is None
+    assert torch.equal(_step_padding(bool_mask, 2, True)[0], ~allowed)
+    _, lengths = _step_padding(torch.zeros(1, 1, 1, 6, dtype=torch.bool), 2, True)  # no key seen, broadcast
+    assert lengths.tolist() == [6, 6]
+    for other, B, t in ((bool_mask.expand(2, 4, 1, 6), 2, 1), (bool_mask, 2, 2), (bool_mask.long(), 2, 1),
+                        (bool_mask[:, 0], 2, 1), (None, 2, 1)):
+        assert not _is_one_row_per_sequence(other, B, t)

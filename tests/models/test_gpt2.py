@@ -203,3 +203,99 @@ def test_token_id_check_compiles_without_a_graph_break():
     idx = torch.randint(0, 61, (2, 8))
     compiled = torch.compile(m, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(idx)[0], m(idx)[0])
+
+
+def _decode_spy(monkeypatch):
+    """Record the shapes of what each MLRA decode step hands ``mlra_decode``."""
+    import mlra_kernels.models.gpt2 as gpt2
+
+    calls = []
+    real = gpt2.mlra_decode
+
+    def spy(x, *args, cache_k, cache_v, cache_seqlens=None, **kw):
+        lens = None if cache_seqlens is None else (tuple(cache_seqlens.shape), cache_seqlens.tolist())
+        calls.append(dict(x=tuple(x.shape), k=tuple(cache_k.shape), v=tuple(cache_v.shape), lens=lens))
+        return real(x, *args, cache_k=cache_k, cache_v=cache_v, cache_seqlens=cache_seqlens, **kw)
+
+    monkeypatch.setattr(gpt2, "mlra_decode", spy)
+    return calls
+
+
+def _kernel_or_skip():
+    from mlra_kernels.ops.mlra import backend
+
+    if torch.cuda.is_available():
+        return "cuda", "triton"
+    if not backend.triton_available() or not backend.triton_interpreted():
+        pytest.skip("the decode kernel needs a GPU, or triton imported under TRITON_INTERPRET=1")
+    return "cpu", "triton-interpreter"
+
+
+def test_decode_kernel_gets_the_whole_cache_at_every_length(monkeypatch):
+    """On the kernel path each step hands mlra_decode the preallocated buffers and the device lengths, so
+    its arguments, and the kernel's grid, are the same at every length (a step fits a CUDA graph); the
+    tokens decoded one by one still match the full forward."""
+    from mlra_kernels.ops.mlra import launcher, use_backend
+
+    device, kernel = _kernel_or_skip()
+    torch.manual_seed(0)
+    m = GPT2(_cfg("mlra", latent_groups=2, n_layer=1)).to(device).eval()
+    idx = torch.randint(0, 61, (2, 9), device=device)
+    calls = _decode_spy(monkeypatch)
+    mod = launcher.kernels("decode_kernels")
+    grids, real_plan = [], mod.plan
+
+    def plan(*args, **kw):
+        p = real_plan(*args, **kw)
+        grids.append(p["grid"])
+        return p
+
+    monkeypatch.setattr(mod, "plan", plan)
+    with torch.no_grad():
+        full, _ = m(idx)
+        with use_backend(kernel):
+            logits, cache = m.forward_cached(idx[:, :6], use_cache=True)
+            steps = [logits] + [m.forward_cached(idx[:, t:t + 1], cache)[0] for t in (6, 7, 8)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-5)
+    assert [c["lens"] for c in calls] == [((2,), [7, 7]), ((2,), [8, 8]), ((2,), [9, 9])]
+    assert all(c["k"] == c["v"] == (2, 2, 16, 8) for c in calls)  # the capacity, block_size=16
+    assert len(grids) == 3 and grids[0] == grids[1] == grids[2]
+
+
+def test_generate_on_the_decode_kernel_gives_the_same_tokens():
+    """Greedy tokens through the kernel path equal those of the default path, across the sliding window."""
+    from mlra_kernels.ops.mlra import use_backend
+
+    device, kernel = _kernel_or_skip()
+    torch.manual_seed(0)
+    m = GPT2(_cfg("mlra", n_layer=1)).to(device).eval()
+    prompt = torch.randint(0, 61, (3, 5), device=device)
+    expected = m.generate(prompt, 14, temperature=0, use_cache=False)
+    with use_backend(kernel):
+        got = m.generate(prompt, 14, temperature=0)
+    assert torch.equal(got, expected)
+
+
+def test_decode_torch_path_gets_views_of_the_filled_part(monkeypatch):
+    """The torch path would attend every position it is given: it gets the filled part only."""
+    torch.manual_seed(0)
+    m = GPT2(_cfg("mlra", n_layer=1)).double().eval()
+    idx = torch.randint(0, 61, (2, 7))
+    calls = _decode_spy(monkeypatch)
+    with torch.no_grad():
+        _, cache = m.forward_cached(idx[:, :5], use_cache=True)
+        for t in (5, 6):
+            m.forward_cached(idx[:, t:t + 1], cache)
+    assert [(c["k"], c["lens"]) for c in calls] == [((2, 1, 6, 8), None), ((2, 1, 7, 8), None)]
+    assert cache[0].seqlens.tolist() == [7, 7] and cache[0].seqlens.dtype == torch.int32
+
+
+def test_cache_rewind_keeps_the_device_lengths():
+    from mlra_kernels.models.gpt2 import LayerCache
+
+    cache = LayerCache(8, seq_dim=2)
+    cache.append(torch.zeros(3, 1, 5, 2), torch.zeros(3, 1, 5, 2))
+    assert cache.seqlens.tolist() == [5, 5, 5] and cache.buffers()[0].shape == (3, 1, 8, 2)
+    cache.length = 2
+    cache.append(torch.ones(3, 1, 1, 2), torch.ones(3, 1, 1, 2))
+    assert cache.length == 3 and cache.seqlens.tolist() == [3, 3, 3] and cache[0].shape == (3, 1, 3, 2)

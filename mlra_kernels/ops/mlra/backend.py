@@ -21,6 +21,12 @@ Paths:
 - ``"torch"``: plain torch with the ``T×T`` scores in memory and a hand-written backward: float64, a
   general ``attn_mask``, and on the CPU key padding, dropout and fewer than 16 tokens.
 
+Decode (``mlra_decode``) has its own choice, :func:`choose_decode`, over three of these paths:
+``"triton"`` (the split-KV decode kernel, the default on CUDA), ``"triton-interpreter"`` (that kernel on
+CPU tensors, only when forced: it is how the CPU tests check it) and ``"torch"`` (the GEMMs and torch's
+SDPA on the latents, CPU and GPU). Forcing ``"sdpa"``, ``"torch-cpu"`` or ``"torch-cpu-latent"`` gives
+decode its torch path, which is that same composition.
+
 A newcomer's path (say, a sliding-window kernel) is one more name in :data:`PATHS`, one more rule in
 :func:`choose`, and its launch in the variant file.
 
@@ -197,28 +203,92 @@ def choose(
     return Choice(forced, "forced by MLRA_BACKEND / use_backend")
 
 
-def warn_if_slow(choice: Choice) -> None:
+DECODE_PATHS = ("triton", "triton-interpreter", "torch")
+
+
+def _decode_cannot_fuse(x: Tensor, attn_mask, dropout_p: float, need_weights: bool, needs_grad: bool) -> Optional[str]:
+    """Why the decode kernel cannot run this call (None when it can)."""
+    if x.dtype == torch.float64:
+        return "float64 runs the exact torch path (the kernel computes in fp32)"
+    if attn_mask is not None:
+        return "a general attn_mask is not fused (causal, key_padding_mask and cache_seqlens are)"
+    if dropout_p > 0.0:
+        return "attention dropout is not fused in the decode kernel"
+    if need_weights:
+        return "need_weights: the decode kernel never forms the attention weights"
+    if needs_grad:
+        return "an input requires grad: the decode kernel is forward only (autograd runs the torch path)"
+    return None
+
+
+def choose_decode(
+    x: Tensor, *, attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0, need_weights: bool = False,
+    needs_grad: bool = False,
+) -> Choice:
+    """The path of an ``mlra_decode`` call on new tokens ``x`` ``[B, t, d]`` with these modes;
+    ``needs_grad``: some input requires grad and grad mode is on."""
+    forced = _forced[-1] if _forced else config.backend()
+    why_not = _decode_cannot_fuse(x, attn_mask, dropout_p, need_weights, needs_grad)
+    if forced in ("triton", "triton-interpreter"):
+        if why_not is None:
+            why_not = _can_run(forced, x, None, 0.0, None)
+        if why_not is not None:
+            raise RuntimeError(f"the MLRA backend {forced!r} was forced (MLRA_BACKEND / use_backend) but cannot run "
+                               f"this decode call: {why_not}")
+        return Choice(forced, "forced by MLRA_BACKEND / use_backend: the split-KV Triton decode kernel")
+    if forced != "auto":
+        return Choice("torch", f"{forced!r} forced by MLRA_BACKEND / use_backend: decode's torch path (GEMMs and "
+                      "torch's SDPA on the latents)")
+    if not x.is_cuda:
+        # The kernel runs on CPU tensors only when forced: the interpreter is a checker, far slower than torch.
+        return Choice("torch", "CPU tensors: GEMMs and torch's fused attention on the latents")
+    if why_not is not None:
+        return Choice("torch", why_not, slow=x.dtype != torch.float64)
+    if not triton_available():
+        return Choice("torch", "Triton is not installed (pip install triton): decode runs GEMMs and SDPA", slow=True)
+    return Choice("triton", "CUDA tensors: the split-KV Triton decode kernel (each latent tile read once for all "
+                  "heads of a group; a fixed grid, so a step can be captured in a CUDA graph)")
+
+
+def warn_if_slow(choice: Choice, op: str = "mlra_attention") -> None:
     """Warn once per reason when a mode of the call keeps it off the fast path (not under compile,
     where a warning would break the graph)."""
     if choice.slow and not torch.compiler.is_compiling():
-        warn_once(f"mlra-path:{choice.reason}", f"mlra_attention runs the {choice.path!r} path: {choice.reason}.")
+        warn_once(f"mlra-path:{op}:{choice.reason}", f"{op} runs the {choice.path!r} path: {choice.reason}.")
+
+
+def _choice_of(op: str, x: Tensor, key_padding_mask, dropout_p, attn_mask, rank, head_dim, need_weights,
+               requires_grad) -> Choice:
+    if op == "decode":
+        needs_grad = (x.requires_grad if requires_grad is None else bool(requires_grad)) and torch.is_grad_enabled()
+        return choose_decode(x, attn_mask=attn_mask, dropout_p=dropout_p, need_weights=need_weights,
+                             needs_grad=needs_grad)
+    if op != "attention":
+        raise ValueError(f"op must be 'attention' (mlra_attention) or 'decode' (mlra_decode), got {op!r}")
+    return choose(x, key_padding_mask=key_padding_mask, dropout_p=dropout_p, attn_mask=attn_mask, rank=rank,
+                  head_dim=head_dim)
 
 
 def kernel_path(
     x: Tensor, key_padding_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
     attn_mask: Optional[Tensor] = None, *, rank: Optional[int] = None, head_dim: Optional[int] = None,
+    op: str = "attention", need_weights: bool = False, requires_grad: Optional[bool] = None,
 ) -> str:
     """Which path an ``mlra_attention`` call on ``x`` ``[B, T, d]`` takes (:data:`PATHS`); pass ``rank``
-    (``up.shape[-1]``) and ``head_dim`` as the call has them. :func:`explain` gives the reason."""
-    return choose(x, key_padding_mask=key_padding_mask, dropout_p=dropout_p, attn_mask=attn_mask, rank=rank,
-                  head_dim=head_dim).path
+    (``up.shape[-1]``) and ``head_dim`` as the call has them. :func:`explain` gives the reason.
+
+    ``op="decode"``: the path of an ``mlra_decode`` call on the new tokens ``x`` (:data:`DECODE_PATHS`),
+    with its ``need_weights`` and whether any input ``requires_grad`` (default: ``x.requires_grad``)."""
+    return _choice_of(op, x, key_padding_mask, dropout_p, attn_mask, rank, head_dim, need_weights,
+                      requires_grad).path
 
 
 def explain(
     x: Tensor, key_padding_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
     attn_mask: Optional[Tensor] = None, *, rank: Optional[int] = None, head_dim: Optional[int] = None,
+    op: str = "attention", need_weights: bool = False, requires_grad: Optional[bool] = None,
 ) -> str:
-    """``"<path>: <reason>"`` for an ``mlra_attention`` call on ``x`` with these modes."""
-    c = choose(x, key_padding_mask=key_padding_mask, dropout_p=dropout_p, attn_mask=attn_mask, rank=rank,
-               head_dim=head_dim)
+    """``"<path>: <reason>"`` for an ``mlra_attention`` (or, with ``op="decode"``, ``mlra_decode``) call on
+    ``x`` with these modes."""
+    c = _choice_of(op, x, key_padding_mask, dropout_p, attn_mask, rank, head_dim, need_weights, requires_grad)
     return f"{c.path}: {c.reason}"

@@ -8,7 +8,18 @@ cached latents as one batched product, so each cached number is read once per st
 The caller keeps the cache: it stores :func:`~mlra_kernels.ops.mlra.layout.kv_latents` of the new
 tokens, then passes everything cached (the new tokens included) to :func:`mlra_decode`. A group-major
 cache (``[B, g, S, r]``) is read in place; a token-major one (``[B, S, g·r]``) is read through a
-strided view, which torch's attention may copy first. This is the torch implementation (CPU and GPU).
+strided view, which torch's attention may copy first.
+
+Two implementations of the attention on the latents, chosen per call by
+:func:`mlra_kernels.ops.mlra.backend.choose_decode` (``kernel_path(x, op="decode")`` says which and why):
+
+- ``"triton"`` (CUDA, the default there) / ``"triton-interpreter"`` (CPU, when forced): the split-KV
+  kernel of ``decode_kernels``, through the ``mlra::mlra_decode_attn`` custom op (so ``torch.compile``
+  traces it). Its grid depends on the cache capacity, not on ``cache_seqlens``: with a preallocated cache
+  and ``cache_seqlens`` a step can be captured in a CUDA graph. Forward only; causal, key padding and
+  ``cache_seqlens`` are fused.
+- ``"torch"``: torch's SDPA on the latents with one additive mask (CPU and GPU): a general ``attn_mask``,
+  dropout, ``need_weights``, gradients and float64 run here.
 """
 
 from __future__ import annotations
@@ -20,15 +31,26 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mlra_kernels.ops.mlra import layout
+from mlra_kernels.ops.mlra import backend, layout
+
+
+def _causal_masked(t: int, S: int, lengths: Optional[Tensor], device: torch.device) -> Tensor:
+    """Bool ``[B | 1, 1, t, S]``: True where key ``j`` is after new token ``i``, at position ``L - t + i``
+    (``L``: the sequence's length, ``S`` without ``lengths``)."""
+    i, j = torch.arange(t, device=device), torch.arange(S, device=device)
+    if lengths is None:
+        return (j[None, :] > (S - t + i)[:, None]).view(1, 1, t, S)
+    pos = lengths.view(-1, 1).to(torch.int64) - t + i.view(1, t)  # [B, t]
+    return (j.view(1, 1, S) > pos.unsqueeze(-1)).unsqueeze(1)
 
 
 def _decode_mask(
     B: int, H: int, g: int, t: int, S: int, *, causal: bool, key_padding_mask: Optional[Tensor],
-    attn_mask: Optional[Tensor], dtype: torch.dtype, device: torch.device,
+    attn_mask: Optional[Tensor], dtype: torch.dtype, device: torch.device, lengths: Optional[Tensor] = None,
 ) -> Optional[Tensor]:
-    """One additive mask ``[B | 1, g | 1, (H/g)·t, S]`` for the grouped queries, finite (a query with no
-    key left averages the values instead of giving NaN)."""
+    """One additive mask ``[B | 1, g | 1, (H/g)·t, S]`` for the grouped queries, finite on the keys in use
+    (a query with no key left averages the values instead of giving NaN); with ``lengths`` the positions
+    at or past a sequence's length are -inf: they are not part of it, and not averaged."""
     lowest = torch.finfo(dtype).min
     mask = None
 
@@ -41,19 +63,67 @@ def _decode_mask(
             return torch.zeros(m.shape, dtype=dtype, device=device).masked_fill(m, lowest)
         return m.to(dtype).clamp(min=lowest)
 
-    if causal and t > 1:
-        add(additive(torch.ones(t, S, dtype=torch.bool, device=device).triu(S - t + 1)).view(1, 1, t, S))
+    if causal and (t > 1 or lengths is not None):
+        add(additive(_causal_masked(t, S, lengths, device)))
     if key_padding_mask is not None:
         add(additive(key_padding_mask).view(B, 1, 1, S))
     if attn_mask is not None:
         add(additive(attn_mask if attn_mask.dim() == 4 else attn_mask.view(1, 1, t, S)))
+    if mask is not None:
+        mask = mask.clamp(min=lowest)
+    if lengths is not None:
+        unused = torch.arange(S, device=device).view(1, S) >= lengths.view(B, 1)  # [B, S]
+        out = torch.zeros((B, 1, 1, S), dtype=dtype, device=device).masked_fill(unused.view(B, 1, 1, S), float("-inf"))
+        mask = out if mask is None else mask + out
     if mask is None:
         return None
-    mask = mask.clamp(min=lowest)
     b, h = mask.shape[0], mask.shape[1]
     if h == 1:  # the same mask for every head: repeat it over the heads of a group
         return mask.view(b, 1, 1, t, S).expand(b, 1, H // g, t, S).reshape(b, 1, H // g * t, S)
     return mask.expand(b, H, t, S).reshape(b, g, H // g * t, S)
+
+
+@torch.library.custom_op("mlra::mlra_decode_attn", mutates_args=())
+def mlra_decode_attn(
+    q: Tensor, k: Tensor, v: Tensor, kpm: Optional[Tensor], lengths: Optional[Tensor], t_new: int, causal: bool,
+    scale: float,
+) -> Tensor:
+    """``Z [B, g, M, r]`` from ``q̃ [B, g, M, r]`` and the caches ``[B, g, S, r]`` by the split-KV kernel;
+    ``kpm``: additive fp32 ``[B, S]``; ``lengths``: int ``[B]``."""
+    from mlra_kernels.ops.mlra import launcher
+
+    launcher.check_interpreter_once()
+    return launcher.kernels("decode_kernels").mlra_decode_attention(
+        q, k, v, kpm, lengths, t_new=t_new, causal=causal, scale=scale)
+
+
+@mlra_decode_attn.register_fake
+def _(q, k, v, kpm, lengths, t_new, causal, scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def _additive_kpm(key_padding_mask: Optional[Tensor]) -> Optional[Tensor]:
+    """The kernel's key padding: fp32, added to the scores (-inf where a bool mask says padding), with
+    its key dimension contiguous (the kernel reads one row per sequence with unit stride)."""
+    if key_padding_mask is None:
+        return None
+    if key_padding_mask.dtype == torch.bool:
+        return torch.zeros(key_padding_mask.shape, dtype=torch.float32, device=key_padding_mask.device).masked_fill(
+            key_padding_mask, float("-inf"))
+    return key_padding_mask.detach().to(torch.float32).contiguous()
+
+
+def _check_lengths(cache_seqlens: Optional[Tensor], B: int, device: torch.device) -> None:
+    if cache_seqlens is None:
+        return
+    if not isinstance(cache_seqlens, Tensor):
+        raise TypeError(f"cache_seqlens must be an integer Tensor [B] or None, got {type(cache_seqlens).__name__}")
+    if cache_seqlens.dtype == torch.bool or cache_seqlens.is_floating_point() or cache_seqlens.is_complex():
+        raise TypeError(f"cache_seqlens must be an integer Tensor, got {cache_seqlens.dtype}")
+    if cache_seqlens.shape != (B,):
+        raise ValueError(f"cache_seqlens must be [B] = [{B}], got {tuple(cache_seqlens.shape)}")
+    if cache_seqlens.device != device:
+        raise ValueError(f"cache_seqlens is on {cache_seqlens.device} but x is on {device}")
 
 
 def mlra_decode(
@@ -72,6 +142,7 @@ def mlra_decode(
     scale: Optional[float] = None,
     dropout_p: float = 0.0,
     need_weights: bool = False,
+    cache_seqlens: Optional[Tensor] = None,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """Attention of the new tokens ``x`` over the latent cache: ``(out [B, t, d], weights or None)``.
 
@@ -83,13 +154,24 @@ def mlra_decode(
             (group-major, read as they are: ``kv_latents(..., group_major=True)`` gives this layout) or
             ``[B, S, g·r]``. Any strides: a view of a preallocated cache works.
         num_heads, latent_groups: ``H`` and ``g``.
-        causal: the new tokens are the last ``t`` of the ``S`` positions and see only the keys up to
-            their own (default True). Pass False when ``attn_mask`` says it all.
+        causal: the new tokens are the last ``t`` of the ``S`` positions (of ``cache_seqlens[b]`` when
+            given) and see only the keys up to their own (default True). Pass False when ``attn_mask``
+            says it all.
         key_padding_mask: ``[B, S]``, bool (True = padding) or float (added).
         attn_mask: ``[t, S]`` or ``[B | 1, 1 | H, t, S]``, bool (True = masked) or float (added).
         scale: score scale; default ``1/sqrt(d_h)``.
         dropout_p: dropout on the attention probabilities (torch's default generator).
         need_weights: also return the attention weights ``[B, H, t, S]`` (after dropout).
+        cache_seqlens: ``[B]`` integer tensor or None: how many of the ``S`` cached positions each sequence
+            uses, the new tokens included (``t <= cache_seqlens[b] <= S``, not checked: that would read the
+            device). The new tokens are the last ``t`` of them; later positions are ignored. With it the
+            caches can be the whole preallocated buffers, sequences can have unequal lengths, and on CUDA
+            the kernel's grid stays the same from step to step (CUDA graphs).
+
+    Paths (``kernel_path(x, op="decode")`` and ``explain`` say which and why): on CUDA the split-KV
+    Triton kernel, unless a general ``attn_mask``, dropout, ``need_weights`` or gradients ask for the
+    torch path (warned once); on CPU the torch path (the kernel runs there under ``TRITON_INTERPRET=1``
+    with ``use_backend("triton-interpreter")``). ``MLRA_BACKEND=torch`` forces the torch path.
 
     Returns the head outputs, concatenated, before ``W_O``. A query with every key masked averages the
     values (no NaN), as the dense attention of Hugging Face models does. Differentiable (autograd).
@@ -137,7 +219,13 @@ def mlra_decode(
     ):
         raise ValueError(f"attn_mask must be [t, S] or [B | 1, 1 | H, t, S] with t={t}, S={S}, "
                          f"got {tuple(attn_mask.shape)}")
+    _check_lengths(cache_seqlens, B, x.device)
     s = float(scale) if scale is not None else 1.0 / math.sqrt(dh)
+    needs_grad = torch.is_grad_enabled() and any(
+        t_.requires_grad for t_ in (x, down, up, bias, k, v, key_padding_mask) if t_ is not None)
+    choice = backend.choose_decode(x, attn_mask=attn_mask, dropout_p=float(dropout_p), need_weights=need_weights,
+                                   needs_grad=needs_grad)
+    backend.warn_if_slow(choice, "mlra_decode")
 
     hpg = H // g
     up_q, b_q = layout.projection(up, bias, 0)
@@ -145,8 +233,25 @@ def mlra_decode(
     q = layout.expand(layout.latents(x, down[:g * r]), up_q, b_q, H, g)  # [B, H, t, d_h]
     q_abs = torch.matmul(q, up[1].view(H, dh, r))  # q̃ = q · B_K, [B, H, t, r]
     q_abs = q_abs.reshape(B, g, hpg * t, r)
+    weights = None
+    if choice.path in ("triton", "triton-interpreter"):
+        z = mlra_decode_attn(q_abs, k, v, _additive_kpm(key_padding_mask), cache_seqlens, t, bool(causal), s)
+    else:
+        z, weights = _torch_attention(q_abs, k, v, s, B=B, H=H, g=g, t=t, causal=causal,
+                                      key_padding_mask=key_padding_mask, attn_mask=attn_mask, lengths=cache_seqlens,
+                                      dropout_p=dropout_p, need_weights=need_weights)
+    out = torch.matmul(z.view(B, g, hpg, t, r), up_v.view(g, hpg, dh, r).transpose(-1, -2))  # [B, g, H/g, t, d_h]
+    out = out.permute(0, 3, 1, 2, 4).reshape(B, t, d)
+    return (out + b_v if b_v is not None else out), weights
+
+
+def _torch_attention(q_abs, k, v, s, *, B, H, g, t, causal, key_padding_mask, attn_mask, lengths, dropout_p,
+                     need_weights):
+    """The ``"torch"`` path's ``(Z [B, g, (H/g)·t, r], weights or None)``: SDPA on the latents with one
+    additive mask, or the scores in memory for dropout and the weights."""
+    S = k.shape[2]
     mask = _decode_mask(B, H, g, t, S, causal=causal, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
-                        dtype=q_abs.dtype, device=x.device)
+                        dtype=q_abs.dtype, device=q_abs.device, lengths=lengths)
     weights = None
     if need_weights or dropout_p > 0.0:
         scores = (q_abs @ k.transpose(-1, -2)) * s  # [B, g, (H/g)·t, S]
@@ -157,6 +262,4 @@ def mlra_decode(
         weights = p.view(B, H, t, S) if need_weights else None
     else:
         z = F.scaled_dot_product_attention(q_abs, k, v, attn_mask=mask, scale=s)  # [B, g, (H/g)·t, r]
-    out = torch.matmul(z.view(B, g, hpg, t, r), up_v.view(g, hpg, dh, r).transpose(-1, -2))  # [B, g, H/g, t, d_h]
-    out = out.permute(0, 3, 1, 2, 4).reshape(B, t, d)
-    return (out + b_v if b_v is not None else out), weights
+    return z, weights

@@ -60,13 +60,14 @@ def check_interpreter_once() -> None:
         check_interpreter()
 
 
-def kernels():
-    """The kernel module, decorated in the same mode as Triton's own library."""
+def kernels(name: str = "kernels"):
+    """The kernel module ``mlra_kernels.ops.mlra.<name>`` (``kernels``, ``decode_kernels``), decorated in
+    the same mode as Triton's own library."""
     interpreted = triton_interpreted()
     saved = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1" if interpreted else "0"
     try:
-        return importlib.import_module("mlra_kernels.ops.mlra.kernels")
+        return importlib.import_module(f"mlra_kernels.ops.mlra.{name}")
     finally:
         if saved is None:
             del os.environ["TRITON_INTERPRET"]
