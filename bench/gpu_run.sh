@@ -29,7 +29,9 @@ step() {  # step NAME SECONDS COMMAND...
 step device 20 nvidia-smi --query-gpu=name,compute_cap,memory.total,clocks.max.sm --format=csv
 step build 180 env TORCH_CUDA_ARCH_LIST="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -n 1)" \
     python -m pip install --no-build-isolation --no-deps -e .
+# The compile gates are CPU-side checks (cubins without a GPU); here the kernels run for real.
 step gpu-tests 100 python -m pytest -q -x -p no:cacheprovider tests/ops tests/nn tests/models/test_gpt2.py \
+    --ignore=tests/ops/mlra/test_kernel_compile.py --ignore=tests/ops/mlra/test_decode_kernel_compile.py \
     --junitxml="$OUT/gpu-tests.xml"
 step bench-tev 45 python bench/bench_tev.py --device cuda --max-elems 1e9 --out "$OUT"
 step bench-decode 60 python bench/bench_decode.py --device cuda --out "$OUT"
