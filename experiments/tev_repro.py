@@ -102,6 +102,14 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         p.error("--gvar-batches must be at least 2 (a variance across mini-batches)")
     if any(lr <= 0 or not math.isfinite(lr) for lr in [args.lr] + args.lrs):
         p.error("learning rates must be positive and finite")
+    if args.tokenizer == "bpe" and args.vocab_size <= 256:
+        p.error(f"--vocab-size must be above 256 (the byte alphabet), got {args.vocab_size}")
+    if any(L <= 0 for L in args.depths) or args.lr_depth <= 0:
+        p.error("--depths and --lr-depth must be positive layer counts")
+    if args.rank is not None and not 0 < args.rank <= args.width:
+        p.error(f"--rank must be in 1..--width ({args.width}), got {args.rank}")
+    if args.max_bytes <= 0:
+        p.error(f"--max-bytes must be positive, got {args.max_bytes}")
     if args.width % args.heads:
         p.error(f"--width {args.width} must be a multiple of --heads {args.heads}")
     return args
@@ -170,6 +178,27 @@ def evaluate(model: GPT2, data, starts, T: int, device) -> float:
     return loss
 
 
+DIVERGE_NATS = 1.0  # a run whose last 50 steps lost this much against its best 50 steps has diverged
+
+
+def best_window_loss(losses: list[float], window: int = 50) -> float:
+    """The lowest mean training loss over ``window`` consecutive steps (of the whole run if shorter)."""
+    if len(losses) <= window:
+        return sum(losses) / len(losses)
+    t = torch.tensor(losses, dtype=torch.float64)
+    return t.unfold(0, window, 1).mean(1).min().item()
+
+
+def is_diverged(losses: list[float], val_loss: float, vocab: int, diverged_at: Optional[int]) -> bool:
+    """A non-finite loss; a final training loss (last 50 steps) above a uniform guess's (ln V); or one
+    more than ``DIVERGE_NATS`` above the run's best 50 steps (it trained, then lost what it had learnt)."""
+    if diverged_at is not None or not math.isfinite(val_loss) or not losses:
+        return True
+    tail = losses[-50:]
+    final = sum(tail) / len(tail)
+    return final > math.log(vocab) or final > best_window_loss(losses) + DIVERGE_NATS
+
+
 def spikes(values: list[float], factor: float, window: int = 20) -> int:
     """Steps whose value exceeds ``factor`` × the median of the previous ``window`` steps."""
     count = 0
@@ -234,7 +263,7 @@ def train_run(spec: dict[str, Any], args, train, val, vocab: int, device, out: s
     val_loss = evaluate(model, val, val_starts, T, device) if diverged_at is None else math.inf
     tail = losses[-50:]
     train_loss = sum(tail) / len(tail)
-    diverged = diverged_at is not None or not math.isfinite(val_loss) or train_loss > math.log(vocab)
+    diverged = is_diverged(losses, val_loss, vocab, diverged_at)
     return {
         **{k: v for k, v in spec.items() if k != "model"}, "config": cfg.to_dict(), "params": model.num_parameters(),
         "tokens": len(losses) * args.batch * T, "trained_rows": len(rows), "vocab_size": vocab, "seconds": seconds,
@@ -340,11 +369,15 @@ def mean_sd(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
 
 
-def sign_agreement(diffs: list[float]) -> str:
-    """``lower`` / ``higher`` when every seed's paired difference has that sign, else ``mixed``."""
-    if diffs and all(d < 0 for d in diffs):
+def sign_agreement(diffs: list[float], seeds: int) -> str:
+    """``lower`` / ``higher`` when every one of ``seeds`` (at least 2) paired differences has that sign,
+    ``mixed`` when they disagree, ``n/a (k of n)`` when a seed diverged on either side, so there are
+    fewer pairs than seeds: a verdict never rests on the seeds that happened to survive."""
+    if len(diffs) < max(2, seeds):
+        return f"n/a ({len(diffs)} of {seeds})"
+    if all(d < 0 for d in diffs):
         return "lower"
-    if diffs and all(d > 0 for d in diffs):
+    if all(d > 0 for d in diffs):
         return "higher"
     return "mixed"
 
@@ -460,9 +493,9 @@ def summarize(out: str, runs: list[dict[str, Any]], meta: dict[str, Any]) -> tup
             cells, v = [], {}
             for m, spec in (("val_ppl", ".2f"), ("tev_mean", ".4f"), ("tev_mean_trained", ".4f")):
                 d = paired(runs, a["config_name"], b["config_name"], m)
-                agree = sign_agreement(d)
+                agree = sign_agreement(d, max(a["n"], b["n"]))
                 v[m] = {"diffs": d, "agree": agree}
-                cells += [fmt_ms(mean_sd(d), "+" + spec), f"{agree} ({len(d)})"]
+                cells += [fmt_ms(mean_sd(d), "+" + spec), agree]
             verdicts[sweep][k] = v
             out_lines.append(f"| {k:g} | " + " | ".join(cells) + " |")
         return out_lines
@@ -470,7 +503,8 @@ def summarize(out: str, runs: list[dict[str, Any]], meta: dict[str, Any]) -> tup
     depth = [e for e in table.values() if "depth" in e["sweeps"]]
     depth.sort(key=lambda e: (e["depth"], e["attention"]))
     lines += ["## Depth sweep", "", f"Peak learning rate {args['lr']:g}.", "", head] + [row(e) for e in depth]
-    lines += ["", "Paired differences over seeds; *lower* / *higher* only when every seed agrees, else *mixed*:", ""]
+    lines += ["", "Paired differences over seeds (MLRA − MHA, same seed): *lower* / *higher* only when every seed "
+              "agrees, *mixed* when they disagree, *n/a* when a seed diverged on either side:", ""]
     lines += diff_table("depth", "depth", "layers")
 
     lr_rows = [e for e in table.values() if "lr" in e["sweeps"]]
@@ -499,12 +533,17 @@ def summarize(out: str, runs: list[dict[str, Any]], meta: dict[str, Any]) -> tup
                   f"Spearman rank correlation with a 95% bootstrap interval ({BOOTSTRAP} resamples), over the "
                   f"{corr['runs']} runs that did not diverge:", "",
                   "| pair | across runs (last checkpoint) | within runs (across checkpoints, mean) |", "|---|---|---|"]
+        caveats = ["", "Read with care: the embedding is tied to the output layer, so every row gets a gradient at "
+                   "every step through the softmax; *trained rows* are the rows that are also inputs in the run's "
+                   "batches. Across runs, depth and learning rate move both quantities. Within a run, both drift with "
+                   "training and the learning-rate schedule, so a within-run correlation says little about cause."]
         for label in sorted(corr["across_runs"].keys() | corr["within_runs"].keys()):
             a = corr["across_runs"].get(label)
             w = corr["within_runs"].get(label)
             a_txt = f"{a['rho']:+.2f} [{a['ci95'][0]:+.2f}, {a['ci95'][1]:+.2f}]" if a else "—"
             w_txt = f"{w['mean_rho']:+.2f} [{w['ci95'][0]:+.2f}, {w['ci95'][1]:+.2f}] ({w['runs']} runs)" if w else "—"
             lines.append(f"| {label} | {a_txt} | {w_txt} |")
+        lines += caveats
     meta["verdicts"] = verdicts
     text = "\n".join(lines) + "\n"
     _write(os.path.join(out, "summary.md"), text)
@@ -638,7 +677,7 @@ def plot(out: str, runs: list[dict[str, Any]], summary: dict[str, Any]) -> list[
 # ---------------------------------------------------------------------------------------------
 
 
-def environment(device: torch.device) -> dict[str, Any]:
+def environment(device: torch.device, argv: Optional[list[str]] = None) -> dict[str, Any]:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 check=True).stdout.strip()
@@ -648,45 +687,91 @@ def environment(device: torch.device) -> dict[str, Any]:
             else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads")
     return {"device": name, "torch": torch.__version__, "python": platform.python_version(), "commit": commit,
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            "command": " ".join(["python"] + [os.path.relpath(sys.argv[0])] + sys.argv[1:])}
+            "command": " ".join(["python", os.path.relpath(__file__)] + (sys.argv[1:] if argv is None else list(argv)))}
 
 
-def read_runs(path: str) -> list[dict[str, Any]]:
+def read_runs(path: str) -> tuple[list[dict[str, Any]], int]:
+    """The finished runs in ``path`` and the number of unreadable lines (a write torn by an interruption:
+    that run is trained again). The divergence rule is applied afresh to every run, so a summary always
+    uses this file's rule."""
     if not os.path.exists(path):
-        return []
-    runs = []
+        return [], 0
+    runs, torn = [], 0
     with open(path) as f:
         for line in f:
+            if not line.strip():
+                continue
             try:
-                runs.append(json.loads(line))
+                run = json.loads(line)
             except json.JSONDecodeError:
-                pass  # a line torn by an interrupted write: that run is trained again
-    return runs
+                torn += 1
+                continue
+            if "losses" in run:
+                run["diverged"] = is_diverged(run["losses"], run["val_loss"], run["vocab_size"], run.get("diverged_at"))
+            runs.append(run)
+    return runs, torn
+
+
+# What each run's numbers depend on: a resumed sweep must agree on all of them. The plan's own flags
+# (depths, lrs, lr_depth, seeds, the sweeps) may change: they only add or leave out runs.
+RUN_ARGS = ("width", "heads", "context", "batch", "steps", "lr", "rank", "tokenizer", "vocab_size", "eval_batches",
+            "checkpoints", "gvar_batches", "data", "max_bytes")
+
+
+def resume_meta(meta_path: str, args, env: dict[str, Any]) -> dict[str, Any]:
+    """The stored ``meta.json`` of the sweep being resumed, with this resume added to its history;
+    refuses a resume whose settings would change what a run means."""
+    with open(meta_path) as f:
+        meta = json.load(f)
+    stored = meta["args"]
+    differ = [k for k in RUN_ARGS if json.dumps(stored.get(k), default=str) != json.dumps(getattr(args, k), default=str)]
+    if differ:
+        flags = ", ".join(f"--{k.replace('_', '-')} (sweep {stored.get(k)!r}, now {getattr(args, k)!r})" for k in differ)
+        raise SystemExit(f"--resume: these settings differ from the sweep in {os.path.dirname(meta_path) or '.'}: {flags}; "
+                         f"resume with the sweep's settings, or choose another --out")
+    meta.setdefault("resumes", []).append(env)
+    meta["plan_args"] = {k: v for k, v in vars(args).items() if k not in RUN_ARGS}  # the plan now trained
+    return meta
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args = parse_args(argv)
     out = args.out
     runs_path, meta_path = os.path.join(out, "runs.jsonl"), os.path.join(out, "meta.json")
+    if args.readme and not os.path.isfile(args.readme):
+        raise SystemExit(f"--readme: {args.readme} is not a file")
     if args.only_plots:
         if not os.path.exists(meta_path):
             raise SystemExit(f"--only-plots: {meta_path} does not exist; run the sweep into --out first")
         with open(meta_path) as f:
             meta = json.load(f)
-        runs = read_runs(runs_path)
+        runs, _ = read_runs(runs_path)
     else:
         if os.path.exists(runs_path) and not args.resume:
             raise SystemExit(f"--out {out} already holds a sweep ({runs_path}); pass --resume to continue it, "
                              f"--only-plots to re-make its summary, or choose another --out")
         os.makedirs(out, exist_ok=True)
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        env = environment(device, argv)
+        resuming = args.resume and os.path.exists(meta_path)
+        meta = resume_meta(meta_path, args, env) if resuming else {"args": vars(args), "env": env}
         train, val, vocab, data = load_tokens(args)
-        meta = {"args": vars(args), "env": environment(device), "data": data}
+        if min(len(train), len(val)) < args.context + 2:
+            raise SystemExit(f"--max-bytes {args.max_bytes}: the text gives {len(train):,} training and {len(val):,} "
+                             f"validation tokens, too few for --context {args.context}; read more text")
+        if resuming and meta.get("data", {}).get("train_tokens") not in (None, data["train_tokens"]):
+            raise SystemExit(f"--resume: the training text now has {data['train_tokens']:,} tokens, the sweep's had "
+                             f"{meta['data']['train_tokens']:,}; resume with the sweep's --data, or choose another --out")
+        meta["data"] = data
         _write(meta_path, json.dumps(meta, indent=1, default=str))
-        runs = read_runs(runs_path)
+        runs, torn = read_runs(runs_path)
+        if torn:
+            # Rewrite the file without the torn lines, so that the next result starts on a line of its own.
+            _write(runs_path, "".join(json.dumps(r) + "\n" for r in runs))
+            print(f"note: {torn} unreadable line(s) in {runs_path} (an interrupted write) dropped; those runs train again")
         done = {r["name"] for r in runs}
         plan = [s for s in run_plan(args) if s["name"] not in done]
-        print(f"{len(plan)} runs to train ({len(done)} already in {out}) on {meta['env']['device']}; "
+        print(f"{len(plan)} runs to train ({len(done)} already in {out}) on {env['device']}; "
               f"data: {data['source']}, {data['tokenizer']} vocabulary {vocab}", flush=True)
         from tqdm.auto import tqdm
 

@@ -19,6 +19,9 @@ import torch
 
 __all__ = ["default_cache_dir", "bpe_tokens", "encode_bpe", "train_bpe"]
 
+MIN_FREQUENCY = 2
+# Bump when the training or encoding changes, so that a cached vocabulary of the old rule is not reused.
+FORMAT = 1
 # Chunks that the tokenizer encodes in parallel; a boundary may split a word, which costs nothing
 # that matters here (a few tokens per 64 KB differ from a whole-text encoding).
 _CHUNK = 1 << 16
@@ -59,7 +62,7 @@ def train_bpe(blob: bytes, vocab_size: int):
     tokenizer = tk.Tokenizer(tk.models.BPE())
     tokenizer.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = tk.decoders.ByteLevel()
-    trainer = tk.trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
+    trainer = tk.trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=MIN_FREQUENCY, show_progress=False,
                                      initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
     tokenizer.train_from_iterator(_chunks(_text(blob)), trainer=trainer, length=None)
     return tokenizer
@@ -93,11 +96,13 @@ def bpe_tokens(
 
     Returns the train and validation ids (int64) and a description: vocabulary size, tokens per
     split, bytes per token, the cache file. The cache key is the SHA-256 of both splits, the
-    vocabulary size and the ``tokenizers`` version, so a change to any of them trains anew.
+    vocabulary size, the ``tokenizers`` version and this module's settings, so a change to any of them
+    trains anew.
     """
     tk = _tokenizers()
     h = hashlib.sha256()
-    for part in (train, b"\0split\0", val, f"\0{vocab_size}\0{tk.__version__}".encode()):
+    settings = f"\0{vocab_size}\0{tk.__version__}\0format {FORMAT}, min_frequency {MIN_FREQUENCY}, chunk {_CHUNK}"
+    for part in (train, b"\0split\0", val, settings.encode()):
         h.update(part)
     key = h.hexdigest()[:20]
     folder = os.path.join(os.fspath(cache_dir) if cache_dir is not None else default_cache_dir(), "bpe")

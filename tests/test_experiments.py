@@ -62,10 +62,12 @@ def test_mean_sd_and_sign_agreement(exp):
     mean, sd = exp.mean_sd([1.0, 2.0, 3.0])
     assert mean == 2.0 and sd == pytest.approx(1.0)
     assert math.isnan(exp.mean_sd([4.0])[1])
-    assert exp.sign_agreement([-1.0, -0.5]) == "lower"
-    assert exp.sign_agreement([1.0, 0.1]) == "higher"
-    assert exp.sign_agreement([1.0, -0.1]) == "mixed"
-    assert exp.sign_agreement([]) == "mixed"
+    assert exp.sign_agreement([-1.0, -0.5], 2) == "lower"
+    assert exp.sign_agreement([1.0, 0.1, 0.2], 3) == "higher"
+    assert exp.sign_agreement([1.0, -0.1], 2) == "mixed"
+    # A diverged seed leaves fewer pairs than seeds: no verdict from the survivors.
+    assert exp.sign_agreement([-1.0, -0.5], 3) == "n/a (2 of 3)"
+    assert exp.sign_agreement([-1.0], 1) == "n/a (1 of 1)"
 
 
 def test_plan_trains_a_configuration_shared_by_both_sweeps_once(exp):
@@ -85,6 +87,10 @@ def test_plan_trains_a_configuration_shared_by_both_sweeps_once(exp):
     (["--gvar-batches", "1"], "at least 2"),
     (["--lrs", "0"], "positive and finite"),
     (["--width", "30", "--heads", "4"], "multiple of --heads"),
+    (["--vocab-size", "200"], "--vocab-size must be above 256"),
+    (["--depths", "0"], "positive layer counts"),
+    (["--rank", "0"], "--rank must be in"),
+    (["--max-bytes", "0"], "--max-bytes must be positive"),
 ])
 def test_bad_flags_are_refused_by_name(exp, argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -138,3 +144,29 @@ def test_resume_trains_only_the_missing_runs(exp, tmp_path):
     (out / "runs.jsonl").write_text("\n".join(lines[:2]) + "\n" + lines[3][:40])
     summary = exp.main(argv + ["--resume"])
     assert sorted(r["name"] for r in summary["runs"]) == sorted(json.loads(x)["name"] for x in lines)
+    # The torn line is gone from the file and every result is on a line of its own.
+    again = [json.loads(x) for x in (out / "runs.jsonl").read_text().splitlines()]
+    assert sorted(r["name"] for r in again) == sorted(r["name"] for r in summary["runs"])
+    meta = json.loads((out / "meta.json").read_text())
+    assert len(meta["resumes"]) == 1 and meta["env"]["command"] != meta["resumes"][0]["command"]
+
+
+def test_resume_refuses_other_settings(exp, tmp_path):
+    out = tmp_path / "exp"
+    argv = ["--depths", "1", "--no-lr-sweep", "--steps", "3", "--width", "16", "--heads", "2", "--context", "8",
+            "--batch", "2", "--seeds", "1", "--tokenizer", "bytes", "--eval-batches", "1", "--checkpoints", "1",
+            "--gvar-batches", "2", "--max-bytes", "20000", "--out", str(out)]
+    exp.main(argv)
+    with pytest.raises(SystemExit, match=r"--steps \(sweep 3, now 4\)"):
+        exp.main(argv + ["--resume", "--steps", "4"])
+    with pytest.raises(SystemExit, match="--max-bytes 15: the text gives"):
+        exp.main(argv[:-2] + ["--out", str(tmp_path / "small"), "--max-bytes", "15"])
+
+
+def test_divergence_rule(exp):
+    trained = [8.0 - 0.01 * i for i in range(300)]  # steadily learning
+    assert not exp.is_diverged(trained, 5.0, 4096, None)
+    lost = trained[:200] + [8.0] * 100  # learnt, then back to where it started
+    assert exp.is_diverged(lost, 5.0, 4096, None)
+    assert exp.is_diverged(trained, math.inf, 4096, None)
+    assert exp.is_diverged(trained[:10], 5.0, 4096, 9)

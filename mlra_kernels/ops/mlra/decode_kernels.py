@@ -251,6 +251,8 @@ def mlra_decode_attention(
     B, g, M, r = q.shape
     S = k.shape[2]
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    if lengths is not None and lengths.dtype != torch.int32:
+        lengths = lengths.to(torch.int32)  # one compiled variant (the one GPT2's cache and the HF layer pass)
     p = plan(B, g, M, S, r, sm_count(q.device), num_splits)
     z = _alloc((B, g, M, r), q.dtype, q.device)
     direct = p["splits"] == 1

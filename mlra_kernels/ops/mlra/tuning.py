@@ -55,7 +55,10 @@ def device_arch(index: int) -> Arch:
     import torch
 
     props = torch.cuda.get_device_properties(index)
-    return Arch((props.major, props.minor), props.shared_memory_per_block_optin)
+    cap = (props.major, props.minor)
+    # Older torch releases do not expose the opt-in limit; the table (or the default 48 KB) stands in.
+    optin = getattr(props, "shared_memory_per_block_optin", None) or SMEM_OPTIN.get(cap) or getattr(props, "shared_memory_per_block", 48 * 1024)
+    return Arch(cap, optin)
 
 
 def launch_arch(tensor) -> Optional[Arch]:

@@ -63,7 +63,7 @@ SCRIPT = textwrap.dedent(
             elif name in POINTERS_FP32:
                 sig[name] = "*fp32"
             elif name == "LENS":
-                sig[name] = "*i64"
+                sig[name] = "*i32"  # the launcher passes int32 lengths
             elif name == "qk_scale":
                 sig[name] = "fp32"
             else:
@@ -102,6 +102,9 @@ SCRIPT = textwrap.dedent(
                 consts["T_NEW"] = 1  # the JIT makes an integer argument equal to 1 a constant
             else:
                 ints["T_NEW"] = t
+            if g == 1:
+                consts["G"] = 1
+                ints.pop("G", None)
             compile_kernel(K._mlra_decode_fwd_kernel, arch, dtype, ints, consts, b["num_warps"], b["num_stages"])
         consts = dict(BLOCK_M=b["BLOCK_M"], BLOCK_R=b["BLOCK_R"])
         compile_kernel(K._mlra_decode_merge_kernel, arch, dtype, dict(ints, N_SPLITS=4), consts, 4, 2)
