@@ -230,9 +230,11 @@ def mlra_decode(
     hpg = H // g
     up_q, b_q = layout.projection(up, bias, 0)
     up_v, b_v = layout.projection(up, bias, 2)
-    q = layout.expand(layout.latents(x, down[:g * r]), up_q, b_q, H, g)  # [B, H, t, d_h]
-    q_abs = torch.matmul(q, up[1].view(H, dh, r))  # q̃ = q · B_K, [B, H, t, r]
-    q_abs = q_abs.reshape(B, g, hpg * t, r)
+    # Heads first with the batch in the rows, so that no weight is copied once per sequence (a matmul
+    # broadcast over B would copy each head's B_Q, B_K and B_V: megabytes per step at GPT-2 widths).
+    q = layout.expand_rows(layout.latents(x, down[:g * r]).reshape(B * t, g * r), up_q, b_q, H, g)  # [H, B·t, d_h]
+    q_abs = torch.bmm(q, up[1].view(H, dh, r))  # q̃ = q · B_K, [H, B·t, r]
+    q_abs = q_abs.view(g, hpg, B, t, r).permute(2, 0, 1, 3, 4).reshape(B, g, hpg * t, r)
     weights = None
     if choice.path in ("triton", "triton-interpreter"):
         z = mlra_decode_attn(q_abs, k, v, _additive_kpm(key_padding_mask), cache_seqlens, t, bool(causal), s)
@@ -240,8 +242,10 @@ def mlra_decode(
         z, weights = _torch_attention(q_abs, k, v, s, B=B, H=H, g=g, t=t, causal=causal,
                                       key_padding_mask=key_padding_mask, attn_mask=attn_mask, lengths=cache_seqlens,
                                       dropout_p=dropout_p, need_weights=need_weights)
-    out = torch.matmul(z.view(B, g, hpg, t, r), up_v.view(g, hpg, dh, r).transpose(-1, -2))  # [B, g, H/g, t, d_h]
-    out = out.permute(0, 3, 1, 2, 4).reshape(B, t, d)
+    # Z · B_Vᵀ per head, the batch in the rows again: [H, B·t, r] · [H, r, d_h].
+    z_h = z.reshape(B, H, t, r).transpose(0, 1).reshape(H, B * t, r)
+    out = torch.bmm(z_h, up_v.view(H, dh, r).transpose(1, 2))  # [H, B·t, d_h]
+    out = out.view(H, B, t, dh).permute(1, 2, 0, 3).reshape(B, t, d)
     return (out + b_v if b_v is not None else out), weights
 
 

@@ -221,6 +221,20 @@ def expand(c: Tensor, up_p: Tensor, bias_p: Optional[Tensor], num_heads: int, g:
     return out.view(B, g, S, hpg, dh).transpose(2, 3).reshape(B, H, S, dh)
 
 
+def expand_rows(c: Tensor, up_p: Tensor, bias_p: Optional[Tensor], num_heads: int, g: int) -> Tensor:
+    """:func:`expand` for a few tokens, heads first: latents ``c`` ``[N, g·r]`` (N rows of any batch) to
+    ``[H, N, d_h]``, by one batched GEMM over the groups with the rows stacked. A matmul broadcast over
+    the batch would copy the up-projection once per sequence, which costs more than a decode step's
+    tokens do."""
+    N = c.shape[0]
+    d, r = up_p.shape
+    H, dh, hpg = num_heads, d // num_heads, num_heads // g
+    out = torch.bmm(c.view(N, g, r).transpose(0, 1), up_p.view(g, hpg * dh, r).transpose(1, 2))  # [g, N, hpg·d_h]
+    if bias_p is not None:
+        out = out + bias_p.view(g, 1, hpg * dh)
+    return out.view(g, N, hpg, dh).transpose(1, 2).reshape(H, N, dh)
+
+
 def projection(up: Tensor, bias: Optional[Tensor], p: int) -> tuple[Tensor, Optional[Tensor]]:
     """``(up[p] [d, r], bias[p·d:(p+1)·d] or None)`` of projection ``p`` (0 = q, 1 = k, 2 = v)."""
     d = up.shape[1]
