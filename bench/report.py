@@ -1,7 +1,10 @@
 """Markdown tables from the committed benchmark results (bench/results/*.json).
 
     python bench/report.py                    # print the tables
-    python bench/report.py --readme README.md # rewrite the README's benchmark and experiment blocks
+    python bench/report.py --readme README.md # rewrite the README's benchmark block
+
+The README's experiment block has its own generator, the one that writes its results:
+`python experiments/tev_repro.py --only-plots --out experiments/results/cpu --readme README.md`.
 
 Every table is preceded by the line that produced it: command, device, versions, commit and date, all
 read from the result file's metadata. Nothing here measures anything. A result file that is not JSON or
@@ -24,9 +27,7 @@ class ReportError(Exception):
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-EXPERIMENT = ROOT / "experiments" / "results" / "cpu"
 BEGIN, END = "<!-- bench-tables:begin -->", "<!-- bench-tables:end -->"
-EXP_BEGIN, EXP_END = "<!-- experiment:begin -->", "<!-- experiment:end -->"
 
 
 def provenance(meta: dict, path: pathlib.Path) -> str:
@@ -150,21 +151,6 @@ def render(results: pathlib.Path = RESULTS) -> str:
     return "\n\n".join(parts)
 
 
-def render_experiment(folder: pathlib.Path = EXPERIMENT) -> str:
-    """The setup lines and the depth-sweep tables of an experiment's summary.md, and its depth plot."""
-    summary = folder / "summary.md"
-    if not summary.exists():
-        return "_No experiment results are committed yet._"
-    text = summary.read_text()
-    body = text.split("## Rank and latent-group sweep")[0].split("\n", 1)[1].strip()
-    body = re.sub(r"\n{3,}", "\n\n", body.replace("## Depth sweep (MHA against MLRA)", ""))
-    rel = folder.relative_to(ROOT).as_posix()
-    return (
-        f"From `{rel}/summary.md` (full tables, rank sweep and correlations there):\n\n{body}\n\n"
-        f"![validation perplexity and final µ_TEV against depth]({rel}/ppl_tev_vs_depth.png)"
-    )
-
-
 def _replace_block(doc: str, begin: str, end: str, text: str, name: str) -> str:
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
     if not pattern.search(doc):
@@ -202,12 +188,11 @@ def run(args: argparse.Namespace) -> None:
     except (OSError, UnicodeDecodeError) as err:
         raise ReportError(f"--readme {readme}: cannot read it ({getattr(err, 'strerror', None) or err})") from None
     doc = _replace_block(doc, BEGIN, END, text, str(readme))
-    doc = _replace_block(doc, EXP_BEGIN, EXP_END, render_experiment(), str(readme))
     try:
         _write_atomic(readme, doc)
     except OSError as err:
         raise ReportError(f"--readme {readme}: cannot write it ({err.strerror or err}); it was left as it was") from None
-    print(f"rewrote the benchmark and experiment blocks of {readme}")
+    print(f"rewrote the benchmark block of {readme}")
 
 
 def main(argv=None) -> int:
