@@ -44,6 +44,7 @@ from typing import Any, Optional
 
 import torch
 
+from mlra_kernels._fileio import write_atomic
 from mlra_kernels.demo import load_bytes
 from mlra_kernels.models import GPT2, GPT2Config
 from mlra_kernels.monitor import TEVMonitor, compute_tev
@@ -546,18 +547,11 @@ def summarize(out: str, runs: list[dict[str, Any]], meta: dict[str, Any]) -> tup
         lines += caveats
     meta["verdicts"] = verdicts
     text = "\n".join(lines) + "\n"
-    _write(os.path.join(out, "summary.md"), text)
+    write_atomic(os.path.join(out, "summary.md"), text)
     summary = {"meta": meta, "configs": table,
                "runs": [{k: v for k, v in r.items() if k not in ("grad_norms", "losses")} for r in runs]}
-    _write(os.path.join(out, "summary.json"), json.dumps(summary, indent=1, default=str))
+    write_atomic(os.path.join(out, "summary.json"), json.dumps(summary, indent=1, default=str))
     return text, summary
-
-
-def _write(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 README_BEGIN, README_END = "<!-- experiment:begin -->", "<!-- experiment:end -->"
@@ -580,7 +574,7 @@ def update_readme(path: str, block: str) -> None:
         raise SystemExit(f"--readme: {path} has no {README_BEGIN} … {README_END} block to replace")
     start = text.index(README_BEGIN)
     end = text.index(README_END) + len(README_END)
-    _write(path, text[:start] + block + text[end:])
+    write_atomic(path, text[:start] + block + text[end:])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -763,11 +757,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             raise SystemExit(f"--resume: the training text now has {data['train_tokens']:,} tokens, the sweep's had "
                              f"{meta['data']['train_tokens']:,}; resume with the sweep's --data, or choose another --out")
         meta["data"] = data
-        _write(meta_path, json.dumps(meta, indent=1, default=str))
+        write_atomic(meta_path, json.dumps(meta, indent=1, default=str))
         runs, torn = read_runs(runs_path)
         if torn:
             # Rewrite the file without the torn lines, so that the next result starts on a line of its own.
-            _write(runs_path, "".join(json.dumps(r) + "\n" for r in runs))
+            write_atomic(runs_path, "".join(json.dumps(r) + "\n" for r in runs))
             print(f"note: {torn} unreadable line(s) in {runs_path} (an interrupted write) dropped; those runs train again")
         done = {r["name"] for r in runs}
         plan = [s for s in run_plan(args) if s["name"] not in done]

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
+import io
 from typing import Optional, Union
 
 import numpy as np
 import torch
+
+from mlra_kernels._fileio import write_atomic
 
 __all__ = ["default_cache_dir", "bpe_tokens", "encode_bpe", "train_bpe"]
 
@@ -75,20 +77,6 @@ def encode_bpe(tokenizer, blob: bytes) -> torch.Tensor:
     return torch.from_numpy(ids)
 
 
-def _atomic_write(path: str, write) -> None:
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def bpe_tokens(
     train: bytes, val: bytes, vocab_size: int, cache_dir: Optional[Union[str, os.PathLike]] = None
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -120,9 +108,11 @@ def bpe_tokens(
     if not cached:
         tokenizer = train_bpe(train, vocab_size)
         train_ids, val_ids = encode_bpe(tokenizer, train), encode_bpe(tokenizer, val)
-        _atomic_write(tok_path, lambda f: f.write(tokenizer.to_str().encode()))
-        _atomic_write(ids_path, lambda f: np.savez(f, train=train_ids.numpy().astype(np.int32),
-                                                   val=val_ids.numpy().astype(np.int32)))
+        os.makedirs(folder, exist_ok=True)
+        ids = io.BytesIO()
+        np.savez(ids, train=train_ids.numpy().astype(np.int32), val=val_ids.numpy().astype(np.int32))
+        write_atomic(tok_path, tokenizer.to_str())
+        write_atomic(ids_path, ids.getvalue())
     V = tokenizer.get_vocab_size()
     info = {"tokenizer": "byte-level BPE", "vocab_size": V, "train_tokens": len(train_ids), "val_tokens": len(val_ids),
             "bytes_per_token": round(len(train) / max(1, len(train_ids)), 3), "cache": tok_path, "from_cache": cached}

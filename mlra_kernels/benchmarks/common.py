@@ -53,6 +53,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 
 from mlra_kernels._argtypes import positive_float, positive_int  # noqa: F401  (the benchmarks' flag types)
+from mlra_kernels._fileio import write_atomic
 
 _CHECKOUT = pathlib.Path(__file__).resolve().parents[2]
 # The source checkout this package runs from (an editable install), or None for an installed wheel.
@@ -257,25 +258,6 @@ def remove_created_folders() -> None:
             pass
 
 
-def _write_atomic(path: pathlib.Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file in the same folder, renamed over `path` only
-    once complete: a failure (disk full, interrupt) leaves any earlier file as it was."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # mode as for any new file (umask)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def write_results(
     name: str, rows: Iterable[dict], out_dir: str | os.PathLike | None = None, device: str | torch.device = "cpu"
 ) -> pathlib.Path:
@@ -299,7 +281,7 @@ def write_results(
     text = json.dumps({"meta": meta, "rows": full_rows}, indent=2) + "\n"
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.json"
-    _write_atomic(path, text)
+    write_atomic(path, text)
     return path
 
 
