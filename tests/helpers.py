@@ -12,7 +12,10 @@ so that rounding becomes a relative error of P that torch's softmax backward, wh
 """
 
 import math
+import os
 import pathlib
+import subprocess
+import sys
 
 import torch
 
@@ -90,3 +93,21 @@ def assert_within_torch_error(got, low, exact, what="error"):
     torch_err = (low.double() - exact.double()).abs().max().item()
     bound = 3.0 * torch_err + ulp * exact.abs().max().item()
     assert err <= bound, f"{what} {err:.3e} > bound {bound:.3e} (torch's own {torch_err:.3e})"
+
+
+def run_compiler_subprocess(args: list, timeout: int = 900) -> subprocess.CompletedProcess:
+    """``python ARGS`` in a subprocess with Triton's real compiler (``TRITON_INTERPRET`` unset) and the
+    repository on the path, for the compile gates: skips when Triton or its NVIDIA backend is missing;
+    fails with the output's tail when the script does."""
+    import pytest
+
+    pytest.importorskip("triton")
+    try:
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+    except Exception as exc:  # pragma: no cover - depends on the Triton build
+        pytest.skip(f"Triton has no NVIDIA backend here: {exc}")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, *map(str, args)], env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc

@@ -7,15 +7,12 @@ integer arguments divisible by 16 marked so, ``t = 1`` a constant), then runs th
 ``-v`` on the PTX to read the spill bytes, which the compiled kernel reports only once a GPU loads it.
 """
 
-import os
-import pathlib
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[3]
+from tests.helpers import run_compiler_subprocess
+
 
 SCRIPT = textwrap.dedent(
     """
@@ -113,13 +110,5 @@ SCRIPT = textwrap.dedent(
 
 
 def test_decode_kernels_compile_without_spills():
-    pytest.importorskip("triton")
-    try:
-        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
-    except Exception as exc:  # pragma: no cover - depends on the Triton build
-        pytest.skip(f"Triton has no NVIDIA backend here: {exc}")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    proc = run_compiler_subprocess(["-c", SCRIPT])
     assert proc.stdout.count("compiled") == 18, proc.stdout

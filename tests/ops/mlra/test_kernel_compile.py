@@ -11,13 +11,12 @@ Without those hints Triton pipelines no load and ptxas reports spills that real 
 so only the gate's figures are judged.
 """
 
-import os
 import pathlib
-import subprocess
-import sys
 import textwrap
 
 import pytest
+
+from tests.helpers import run_compiler_subprocess
 
 ROOT = pathlib.Path(__file__).resolve().parents[3]
 
@@ -81,15 +80,7 @@ SCRIPT = textwrap.dedent(
 
 
 def test_kernels_compile_to_cubin():
-    pytest.importorskip("triton")
-    try:
-        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
-    except Exception as exc:  # pragma: no cover - depends on the Triton build
-        pytest.skip(f"Triton has no NVIDIA backend here: {exc}")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    proc = run_compiler_subprocess(["-c", SCRIPT])
     assert proc.stdout.count("compiled") == 10
 
 
@@ -106,15 +97,7 @@ def _major_minor(version):
 @pytest.fixture(scope="module")
 def gate():
     """The compile gate's rows (one per compiled kernel and config), its first line the versions."""
-    pytest.importorskip("triton")
-    try:
-        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
-    except Exception as exc:  # pragma: no cover - depends on the Triton build
-        pytest.skip(f"Triton has no NVIDIA backend here: {exc}")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, str(GATE)], env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    proc = run_compiler_subprocess([str(GATE)])
     import json
 
     versions, *rows = [json.loads(line) for line in proc.stdout.splitlines()]
