@@ -15,9 +15,10 @@ Paths:
 - ``"triton-interpreter"``: the same kernels on CPU tensors under the Triton interpreter
   (``TRITON_INTERPRET=1`` set before ``triton`` was imported): how the CPU tests check the kernels.
 - ``"torch-cpu"``: CPU tensors; the latent GEMMs, then torch's fused CPU attention (no ``T×T`` scores).
-- ``"torch-cpu-latent"``: CPU tensors whose latent is at most half a head wide (``r <= d_h / 2``,
+- ``"torch-cpu-latent"``: CPU tensors whose latent is at most half a head wide (``max(16, r) <= d_h / 2``,
   typically ``g = H``): attention on the latents (absorbed scores and values) with torch's fused CPU
-  attention at head width ``r``, a fraction of the per-head work.
+  attention at head width ``max(16, r)`` (narrower latents padded with zeros), a fraction of the
+  per-head work.
 - ``"torch"``: plain torch with the ``T×T`` scores in memory and a hand-written backward: float64, a
   general ``attn_mask``, and on the CPU key padding, dropout and fewer than 16 tokens.
 
@@ -120,9 +121,11 @@ def _interpreter_ready() -> bool:
     return False
 
 
-def _latent_is_narrow(rank: Optional[int], head_dim: Optional[int]) -> bool:
-    """Attention on the latents does less work than on the heads when the latent is at most half a head."""
-    return rank is not None and head_dim is not None and 2 * rank <= head_dim
+def latent_is_narrow(rank: Optional[int], head_dim: Optional[int]) -> bool:
+    """Attention on the latents does less work than on the heads when the latent is at most half a head;
+    a latent narrower than 16 counts as 16 (attention kernels run narrower heads no faster, and the CPU
+    path pads them to 16)."""
+    return rank is not None and head_dim is not None and 2 * max(rank, 16) <= head_dim
 
 
 def _auto(x: Tensor, key_padding_mask: Optional[Tensor], dropout_p: float, attn_mask: Optional[Tensor],
@@ -137,7 +140,7 @@ def _auto(x: Tensor, key_padding_mask: Optional[Tensor], dropout_p: float, attn_
     if x.is_cuda:
         if key_padding_mask is None:
             return Choice("sdpa", "CUDA tensors: cuBLAS GEMMs and SDPA's fastest backend" + (
-                " on the latents" if _latent_is_narrow(rank, head_dim) else ""))
+                " on the latents" if latent_is_narrow(rank, head_dim) else ""))
         if not triton_available():
             raise RuntimeError("mlra_attention on CUDA tensors with key padding needs Triton: pip install triton")
         return Choice("triton", "CUDA tensors with key padding: the fused Triton kernels")
@@ -155,7 +158,7 @@ def _auto(x: Tensor, key_padding_mask: Optional[Tensor], dropout_p: float, attn_
         )
     if x.shape[1] < CPU_FUSED_MIN_TOKENS:
         return Choice("torch", f"fewer than {CPU_FUSED_MIN_TOKENS} tokens: the T×T path is cheaper and exact")
-    if _latent_is_narrow(rank, head_dim):
+    if latent_is_narrow(rank, head_dim):
         return Choice("torch-cpu-latent", f"CPU tensors, latent r={rank} at most half a head (d_h={head_dim}): "
                       "torch's fused CPU attention on the latents")
     return Choice("torch-cpu", "CPU tensors: latent GEMMs and torch's fused CPU attention")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -242,20 +242,26 @@ def projection(up: Tensor, bias: Optional[Tensor], p: int) -> tuple[Tensor, Opti
 
 
 def factor_grads(
-    dqkv: Tensor, c: Tensor, x: Tensor, down: Tensor, up: Tensor, g: int
+    dqkv: Sequence[Tensor], c: Tensor, x: Tensor, down: Tensor, up: Tensor, g: int
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """From the per-head gradients ``dqkv [N, 3, d]`` back to ``(dx, ddown, dup, dbias)``: batched GEMMs
-    over the ``3·g`` (projection, group) blocks."""
+    """From the per-head gradients of q, k and v (three ``[N, d]`` tensors whose rows may be strided) back
+    to ``(dx, ddown, dup, dbias)``: per projection, batched GEMMs over its ``g`` groups, then one GEMM
+    each for ``dx`` and ``ddown`` over all ``3·g·r`` latent columns."""
     B, T, d = x.shape
-    N, P, r, k = B * T, 3 * g, up.shape[-1], d // g
-    dq_p = dqkv.view(N, P, k).transpose(0, 1)  # [3·g, N, d/g], a view
-    dc = torch.bmm(dq_p, up.reshape(P, k, r))  # [3·g, N, r]
-    dup = torch.bmm(dq_p.transpose(1, 2), c.reshape(N, P, r).transpose(0, 1)).view(3, d, r)
-    dbias = dq_p.sum(1).reshape(3 * d)
-    dc_n = dc.transpose(0, 1).reshape(N, P * r)  # [N, 3·g·r]
+    N, r, k = B * T, up.shape[-1], d // g
+    c_n = c.reshape(N, 3, g, r)
+    dc = c.new_empty(N, 3, g, r)
+    dup = c.new_empty(3, d, r)
+    dbias = c.new_empty(3, d)
+    for p, dq in enumerate(dqkv):
+        dq_g = dq.view(N, g, k).transpose(0, 1)  # [g, N, d/g], a view
+        dc[:, p] = torch.bmm(dq_g, up[p].view(g, k, r)).transpose(0, 1)
+        torch.bmm(dq_g.transpose(1, 2), c_n[:, p].transpose(0, 1), out=dup[p].view(g, k, r))
+        torch.sum(dq, 0, out=dbias[p])
+    dc_n = dc.view(N, 3 * g * r)
     dx = (dc_n @ down).view(B, T, d)
     ddown = dc_n.t() @ x.reshape(N, d)
-    return dx, ddown, dup, dbias
+    return dx, ddown, dup, dbias.view(3 * d)
 
 
 def dense_from_factors(down: Tensor, up: Tensor, num_heads: int, latent_groups: int) -> Tensor:

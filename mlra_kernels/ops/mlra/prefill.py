@@ -10,13 +10,16 @@ break. The path (``mlra_kernels.ops.mlra.backend``) is chosen once per call and 
 - ``"triton"`` / ``"triton-interpreter"``: the fused Triton kernels (``launcher``, ``kernels``);
 - ``"torch-cpu"``: the latent GEMMs, then torch's fused CPU attention;
 - ``"torch-cpu-latent"``: attention on the latents (absorbed scores and values, DESIGN.md) with torch's
-  fused CPU attention at head width ``r``, where the latent is narrower than a head;
+  fused CPU attention at head width ``max(16, r)``, where the latent is at most half a head: each head's
+  query is ``q̃_h = c_Q·M_h + β_h`` with ``M_h = B_Q,hᵀ·B_K,h``, its keys and values its group's latents,
+  and ``O_h = Z_h·B_V,hᵀ + b_V,h``;
 - ``"torch"``: the ``T×T`` scores in torch (``dense.attention_lse`` and its hand-written backward).
 
 What the forward saves for the backward: ``x``, the weights, ``O`` and the log-sum-exp, and ``aux``:
 nothing more on the Triton and torch paths (the latents are recomputed with one GEMM; no ``T×T`` matrix
 and no per-head q/k/v are kept), the per-head q/k/v and the latents on ``"torch-cpu"`` (a CPU is
-compute-bound: it keeps what unfused attention keeps), the ``r``-wide attention output on ``"torch-cpu-latent"``.
+compute-bound: it keeps what unfused attention keeps), the latents and the latent-wide attention output
+``Z`` on ``"torch-cpu-latent"``.
 """
 
 from __future__ import annotations
@@ -47,59 +50,132 @@ def _torch_inputs(c, up, bias, kpm, attn_mask, seed, num_heads, g, causal, dropo
     return q, k, v, mask, keep
 
 
-def _group_to_heads(c: Tensor, num_heads: int, g: int) -> Tensor:
-    """One projection's latents ``[B, T, g·r]`` as ``[B, H, T, r]``: each head sees its group's latent."""
-    B, T, gr = c.shape
-    r, hpg = gr // g, num_heads // g
-    c = c.view(B, T, g, 1, r)
-    if hpg > 1:
-        c = c.expand(B, T, g, hpg, r)
-    return c.reshape(B, T, num_heads, r).transpose(1, 2)
+# torch's fused CPU attention runs heads narrower than 16 slower than 16-wide ones (fp32, B = 2, H = 12,
+# T = 1024: width 8 takes 19 ms forward and 61–68 ms backward, width 16 12–14 and 33–34 ms), so the CPU
+# path pads narrower latents with zero columns, which change neither the scores nor Z.
+CPU_LATENT_MIN_WIDTH = 16
 
 
-def _absorbed_inputs(c: Tensor, up: Tensor, bias: Optional[Tensor], num_heads: int, g: int):
-    """``q [B, T, H, d_h]``, ``q̃ = q·B_K`` and the latents ``c_K``, ``c_V`` per head, each ``[B, H, T, r]``."""
+def latent_width(r: int, device: torch.device) -> int:
+    """The head width at which the latent attention runs: ``r``, padded up to 16 on the CPU."""
+    return max(r, CPU_LATENT_MIN_WIDTH) if device.type == "cpu" else r
+
+
+def _absorbed_weights(up: Tensor, bias: Optional[Tensor], num_heads: int) -> tuple[Tensor, Optional[Tensor]]:
+    """``M_h = B_Q,hᵀ·B_K,h`` ``[H, r, r]`` and ``β_h = b_Q,hᵀ·B_K,h`` ``[H, r]`` (None without a bias), so
+    that each head's absorbed query is ``q̃_h = c_Q·M_h + β_h`` and its score ``q̃_h·c_K``."""
+    H, r = num_heads, up.shape[2]
+    dh = up.shape[1] // H
+    up_q, up_k = up[0].view(H, dh, r), up[1].view(H, dh, r)
+    m = torch.bmm(up_q.transpose(1, 2), up_k)
+    beta = torch.bmm(bias[:H * dh].view(H, 1, dh), up_k).view(H, r) if bias is not None else None
+    return m, beta
+
+
+def _per_group(t: Tensor, g: int) -> Tensor:
+    """Head-indexed ``[H, ...]`` to ``[g, H/g, ...]``, the heads of a group together."""
+    return t.view(g, t.shape[0] // g, *t.shape[1:])
+
+
+def _absorbed_query(c: Tensor, m: Tensor, beta: Optional[Tensor], g: int, width: int) -> Tensor:
+    """``q̃`` ``[B, H, T, width]`` (token-major in memory, zero beyond ``r``) from the latents ``c``
+    ``[B, T, 3·g·r]``: one batched GEMM over the groups, every head of a group in its columns."""
     B, T, _ = c.shape
-    d, r = up.shape[1], up.shape[2]
-    dh, gr = d // num_heads, g * r
-    up_q, b_q = layout.projection(up, bias, 0)
-    c_q = _group_to_heads(c[..., :gr], num_heads, g)  # [B, H, T, r]
-    q = torch.einsum("bhtr,hdr->bthd", c_q, up_q.view(num_heads, dh, r))
-    if b_q is not None:
-        q = q + b_q.view(num_heads, dh)
-    q_abs = torch.einsum("bthd,hdr->bhtr", q, up[1].view(num_heads, dh, r))
-    k = _group_to_heads(c[..., gr:2 * gr], num_heads, g)
-    v = _group_to_heads(c[..., 2 * gr:], num_heads, g)
-    return q, q_abs, k, v, c_q
+    H, r = m.shape[0], m.shape[1]
+    hpg, N = H // g, B * T
+    c_q = c.reshape(N, 3, g, r)[:, 0].transpose(0, 1)  # [g, N, r]
+    m_g = _per_group(m, g).permute(0, 2, 1, 3).reshape(g, r, hpg * r)  # [g, r, (head, r)]
+    if beta is None:
+        q = torch.bmm(c_q, m_g)
+    else:
+        q = torch.baddbmm(beta.reshape(g, 1, hpg * r), c_q, m_g)  # [g, N, (head, r)]
+    q = q.transpose(0, 1).reshape(N, H, r)
+    if width == r:
+        return q.view(B, T, H, r).transpose(1, 2)
+    out = c.new_zeros(N, H, width)
+    out[..., :r] = q
+    return out.view(B, T, H, width).transpose(1, 2)
+
+
+def _latent_heads(c: Tensor, p: int, num_heads: int, g: int, width: int) -> Tensor:
+    """Projection ``p``'s latents (1 = K, 2 = V) as each head's ``[B, H, T, width]`` (its group's latent,
+    zero beyond ``r``): a view of ``c`` when every head has its own group and no padding is needed."""
+    B, T, w3 = c.shape
+    r = w3 // (3 * g)
+    hpg = num_heads // g
+    lat = c.view(B, T, 3, g, 1, r)[:, :, p]  # [B, T, g, 1, r]
+    if hpg == 1 and width == r:
+        return lat.reshape(B, T, num_heads, r).transpose(1, 2)
+    out = c.new_zeros(B, T, g, hpg, width)
+    out[..., :r] = lat
+    return out.view(B, T, num_heads, width).transpose(1, 2)
+
+
+def _lift(z: Tensor, up: Tensor, bias: Optional[Tensor], r: int) -> Tensor:
+    """``O [B, T, d]``: each head's ``Z_h`` ``[B, H, T, ≥r]`` lifted by ``B_V,hᵀ``, plus the V bias."""
+    B, H, T, _ = z.shape
+    d = up.shape[1]
+    dh = d // H
+    z_h = z[..., :r].permute(1, 0, 2, 3).reshape(H, B * T, r)
+    up_v = up[2].view(H, dh, r).transpose(1, 2)  # [H, r, d_h]
+    if bias is None:
+        o = torch.bmm(z_h, up_v)
+    else:
+        o = torch.baddbmm(bias[2 * d:].view(H, 1, dh), z_h, up_v)  # [H, N, d_h]
+    return o.transpose(0, 1).reshape(B, T, d)
+
+
+def _absorbed_attention(c: Tensor, up: Tensor, bias: Optional[Tensor], num_heads: int, g: int, width: int):
+    """``(q̃, k, v)`` of attention on the latents, each ``[B, H, T, width]``."""
+    m, beta = _absorbed_weights(up, bias, num_heads)
+    k, v = (_latent_heads(c, p, num_heads, g, width) for p in (1, 2))
+    return _absorbed_query(c, m, beta, g, width), k, v
 
 
 def _absorbed_grads(grad_o, c, x, down, up, bias, z, lse, num_heads, g, causal, scale):
-    """``(dx, ddown, dup, dbias)`` of the latent path, from the fused attention's own backward."""
+    """``(dx, ddown, dup, dbias)`` of the latent path, from torch's fused CPU attention's own backward.
+    ``z`` is the forward's ``Z`` ``[B, H, T, width]``; ``q̃``, ``k``, ``v`` are rebuilt from ``c``."""
     B, T, d = x.shape
-    r = up.shape[2]
-    H, dh, hpg = num_heads, d // num_heads, num_heads // g
-    q, q_abs, k, v, c_q = _absorbed_inputs(c, up, bias, H, g)
-    do = grad_o.view(B, T, H, dh)
-    up_v = up[2].view(H, dh, r)
-    dz = torch.einsum("bthd,hdr->bhtr", do, up_v).contiguous()  # dO·B_V, [B, H, T, r]
+    H, r, width = num_heads, up.shape[2], z.shape[-1]
+    dh, hpg, N = d // H, H // g, B * T
+    m, beta = _absorbed_weights(up, bias, H)
+    q_abs = _absorbed_query(c, m, beta, g, width)
+    k, v = (_latent_heads(c, p, H, g, width) for p in (1, 2))
+    do_h = grad_o.view(N, H, dh).transpose(0, 1)  # [H, N, d_h]
+    up_q, up_k, up_v = (up[p].view(H, dh, r) for p in range(3))
+    dz = torch.bmm(do_h, up_v)  # dO·B_V, [H, N, r]
+    if width > r:
+        dz_full = grad_o.new_zeros(N, H, width)
+        dz_full[..., :r] = dz.transpose(0, 1)
+        dz = dz_full.view(B, T, H, width).transpose(1, 2)
+    else:
+        dz = dz.transpose(0, 1).reshape(B, T, H, r).transpose(1, 2)
     dq_abs, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
         dz, q_abs, k, v, z, lse, 0.0, causal, scale=scale,
     )
-    dup_v = torch.einsum("bthd,bhtr->hdr", do, z)
-    dq = torch.einsum("bhtr,hdr->bthd", dq_abs, up[1].view(H, dh, r))  # [B, T, H, d_h]
-    dup_k = torch.einsum("bthd,bhtr->hdr", q, dq_abs)
-    dup_q = torch.einsum("bthd,bhtr->hdr", dq, c_q)
-    dc_q = torch.einsum("bthd,hdr->bthr", dq, up[0].view(H, dh, r))  # [B, T, H, r]
-
-    def per_group(t: Tensor) -> Tensor:  # [B, T, H, r] -> [B, T, g·r], summed over the heads of a group
-        return t.reshape(B, T, g, hpg, r).sum(3).reshape(B, T, g * r)
-
-    dc = torch.cat([per_group(dc_q), per_group(dk.transpose(1, 2)), per_group(dv.transpose(1, 2))], dim=-1)
-    dc_n = dc.reshape(B * T, 3 * g * r)
+    # The torch path's gradients come token-major ([B, T, H, width] in memory); these are views.
+    dq_abs, dk, dv = (t.transpose(1, 2).reshape(N, H, width)[..., :r] for t in (dq_abs, dk, dv))
+    z_h = z[..., :r].permute(1, 0, 2, 3).reshape(H, N, r)
+    dup_v = torch.bmm(do_h.transpose(1, 2), z_h)  # [H, d_h, r]
+    dq_g = dq_abs.reshape(N, g, hpg * r).transpose(0, 1)  # [g, N, (head, r)]
+    c_q = c.reshape(N, 3, g, r)[:, 0].transpose(0, 1)  # [g, N, r]
+    dm = torch.bmm(c_q.transpose(1, 2), dq_g).view(g, r, hpg, r).transpose(1, 2).reshape(H, r, r)
+    dup_q = torch.bmm(up_k, dm.transpose(1, 2))  # d/dB_Q of M = B_Qᵀ·B_K
+    dup_k = torch.bmm(up_q, dm)
+    dbeta = dq_abs.sum(0)  # [H, r]
+    db_q = torch.bmm(up_k, dbeta.unsqueeze(-1)).view(d)
+    if bias is not None:
+        dup_k = dup_k + bias[:d].view(H, dh, 1) * dbeta.view(H, 1, r)
+    m_g = _per_group(m, g).permute(0, 2, 1, 3).reshape(g, r, hpg * r)
+    dc = grad_o.new_empty(N, 3, g, r)
+    dc[:, 0] = torch.bmm(dq_g, m_g.transpose(1, 2)).transpose(0, 1)
+    dc[:, 1] = dk.reshape(N, g, hpg, r).sum(2)
+    dc[:, 2] = dv.reshape(N, g, hpg, r).sum(2)
+    dc_n = dc.view(N, 3 * g * r)
     dx = (dc_n @ down).view(B, T, d)
-    ddown = dc_n.t() @ x.reshape(B * T, d)
+    ddown = dc_n.t() @ x.reshape(N, d)
     dup = torch.stack([dup_q.reshape(d, r), dup_k.reshape(d, r), dup_v.reshape(d, r)])
-    dbias = torch.cat([dq.sum((0, 1)).reshape(d), dq.new_zeros(d), do.sum((0, 1)).reshape(d)])
+    dbias = torch.cat([db_q, db_q.new_zeros(d), grad_o.reshape(N, d).sum(0)])
     return dx, ddown, dup, dbias
 
 
@@ -122,8 +198,8 @@ def mlra_attention_fwd(
     path: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(o [B, T, d], lse [B, H, T] fp32, aux)``. ``kpm`` is an additive fp32 ``[B, T]`` key mask. ``aux``
-    is what the path's backward needs besides ``o`` and ``lse``: the latent path's attention output
-    ``Z [B, H, T, r]``, the fused CPU path's ``q, k, v`` (``layout.qkv_buffer``) and latents, flattened
+    is what the path's backward needs besides ``o`` and ``lse``: the latent path's latents and attention
+    output ``Z`` (``[B, T, H, max(16, r)]``), the fused CPU path's ``q, k, v`` (``layout.qkv_buffer``) and latents, flattened
     into one tensor; empty for the others."""
     seed_i = int(seed.item()) if seed is not None else 0
     none = x.new_empty(0)
@@ -138,6 +214,18 @@ def mlra_attention_fwd(
         q, k, v = layout.heads_of(buf, B, T, num_heads, latent_groups)
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
         return _merge(o), lse.float().contiguous(), aux
+    if path == "torch-cpu-latent":
+        # The latents and Z are kept (aux): recomputing c would be one more GEMM as large as the forward's.
+        B, T, d = x.shape
+        r = up.shape[2]
+        width = latent_width(r, x.device)
+        n_c = B * T * down.shape[0]
+        aux = x.new_empty(n_c + B * T * num_heads * width)
+        c = layout.latents(x, down, out=aux[:n_c].view(B, T, down.shape[0]))
+        q_abs, k, v = _absorbed_attention(c, up, bias, num_heads, latent_groups, width)
+        z, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q_abs, k, v, 0.0, causal, scale=scale)
+        aux[n_c:].view(B, T, num_heads, width).copy_(z.transpose(1, 2))
+        return _lift(z, up, bias, r).contiguous(), lse.float().contiguous(), aux
     c = layout.latents(x, down)
     if path in ("triton", "triton-interpreter"):
         from mlra_kernels.ops.mlra import launcher
@@ -148,16 +236,6 @@ def mlra_attention_fwd(
             latent_groups=latent_groups, causal=causal, scale=scale, dropout_p=dropout_p, seed=seed_i,
         )
         return o, lse, none
-    if path == "torch-cpu-latent":
-        B, T, d = x.shape
-        r, dh = up.shape[2], d // num_heads
-        _, q_abs, k, v, _ = _absorbed_inputs(c, up, bias, num_heads, latent_groups)
-        z, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q_abs, k, v, 0.0, causal, scale=scale)
-        up_v, b_v = layout.projection(up, bias, 2)
-        o = torch.einsum("bhtr,hdr->bthd", z, up_v.view(num_heads, dh, r)).reshape(B, T, d)
-        if b_v is not None:
-            o = o + b_v
-        return o.contiguous(), lse.float().contiguous(), z
     q, k, v, mask, keep = _torch_inputs(c, up, bias, kpm, attn_mask, seed_i, num_heads, latent_groups, causal,
                                         dropout_p, x)
     o, lse = dense.attention_lse(q, k, v, scale=scale, bias=mask, dropout_p=dropout_p, keep=keep)
@@ -168,7 +246,7 @@ def mlra_attention_fwd(
 def _(x, down, up, bias, kpm, attn_mask, seed, num_heads, latent_groups, causal, dropout_p, scale, path):
     B, T, d = x.shape
     if path == "torch-cpu-latent":
-        aux = x.new_empty((B, num_heads, T, up.shape[2]))
+        aux = x.new_empty((B * T * (down.shape[0] + num_heads * latent_width(up.shape[2], x.device)),))
     elif path == "torch-cpu":
         aux = x.new_empty((B * T * (3 * d + down.shape[0]),))
     else:
@@ -189,10 +267,12 @@ def mlra_attention_bwd(
     grad_o = grad_o.contiguous()
     if path == "torch-cpu":  # q, k, v and the latents, as the forward kept them
         buf, c = aux[:3 * B * T * d].view(3 * g, B * T, d // g), aux[3 * B * T * d:].view(B, T, down.shape[0])
+    elif path == "torch-cpu-latent":  # the latents and Z, as the forward kept them
+        n_c = B * T * down.shape[0]
+        c, z = aux[:n_c].view(B, T, down.shape[0]), aux[n_c:].view(B, T, num_heads, -1).transpose(1, 2)
+        return _absorbed_grads(grad_o, c, x, down, up, bias, z, lse, num_heads, g, causal, scale)
     else:
         c = layout.latents(x, down)
-    if path == "torch-cpu-latent":
-        return _absorbed_grads(grad_o, c, x, down, up, bias, aux, lse, num_heads, g, causal, scale)
     if path in ("triton", "triton-interpreter"):
         from mlra_kernels.ops.mlra import launcher
 
@@ -200,19 +280,20 @@ def mlra_attention_bwd(
             c, up.contiguous(), bias.contiguous() if bias is not None else None, kpm, o, lse, grad_o,
             num_heads=num_heads, latent_groups=g, causal=causal, scale=scale, dropout_p=dropout_p, seed=seed_i,
         )
+        dqkv = dqkv.view(B * T, 3, d).unbind(1)
     elif path == "torch-cpu":
         q, k, v = layout.heads_of(buf, B, T, num_heads, g)
         grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             _heads(grad_o, num_heads), q, k, v, _heads(o.contiguous(), num_heads), lse, 0.0, causal, scale=scale,
         )
-        dqkv = torch.stack([t.transpose(1, 2).reshape(B * T, d) for t in grads], dim=1)  # [N, 3, d]
+        dqkv = [t.transpose(1, 2).reshape(B * T, d) for t in grads]  # token-major: views, no copy
     else:
         q, k, v, mask, keep = _torch_inputs(c, up, bias, kpm, attn_mask, seed_i, num_heads, g, causal,
                                             dropout_p, x)
         grads = dense.attention_grads(_heads(grad_o, num_heads), q, k, v, scale=scale, bias=mask,
                                       dropout_p=dropout_p, keep=keep)
-        dqkv = torch.stack([t.transpose(1, 2).reshape(B * T, d) for t in grads], dim=1)  # [N, 3, d]
-    return layout.factor_grads(dqkv.reshape(B * T, 3, d), c, x, down, up, g)
+        dqkv = [t.transpose(1, 2).reshape(B * T, d) for t in grads]
+    return layout.factor_grads(dqkv, c, x, down, up, g)
 
 
 @mlra_attention_bwd.register_fake
@@ -244,16 +325,14 @@ mlra_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def _sdpa_composition(x, down, up, bias, num_heads: int, g: int, causal: bool, dropout_p: float, scale: float):
     """The ``"sdpa"`` path: the latent and up-projection GEMMs, then ``scaled_dot_product_attention`` (on
-    the latents where ``2·r <= d_h``), all differentiated by autograd."""
+    the latents where they are at most half a head wide), all differentiated by autograd."""
     B, T, d = x.shape
     r, dh = up.shape[2], d // num_heads
     c = layout.latents(x, down)
-    if 2 * r <= dh:
-        _, q_abs, k, v, _ = _absorbed_inputs(c, up, bias, num_heads, g)
+    if backend.latent_is_narrow(r, dh):
+        q_abs, k, v = _absorbed_attention(c, up, bias, num_heads, g, latent_width(r, x.device))
         z = F.scaled_dot_product_attention(q_abs, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale)
-        up_v, b_v = layout.projection(up, bias, 2)
-        o = torch.einsum("bhtr,hdr->bthd", z, up_v.view(num_heads, dh, r)).reshape(B, T, d)
-        return o + b_v if b_v is not None else o
+        return _lift(z, up, bias, r)
     q, k, v = layout.heads_token_major(c, up, bias, num_heads, g)
     o = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale)
     return o.transpose(1, 2).reshape(B, T, d)

@@ -33,20 +33,30 @@ CASES = [
     ("T64-g2-fp32-noncausal", 2, 64, 4, 2, 16, 32, "fp32", False, {}),
     ("T45-fp16-scale", 1, 45, 2, 1, 24, 80, "fp16", True, {"scale": 0.3}),
     ("T33-bf16-noncausal-r64", 1, 33, 2, 1, 64, 64, "bf16", False, {}),
+    # The latent path pads latents narrower than 16 with zeros; a group of several heads with and without it.
+    ("T70-g2-r16-dh64-fp32", 2, 70, 4, 2, 16, 64, "fp32", True, {}),
+    ("T30-g3-r12-dh32-nobias-fp32", 1, 30, 6, 3, 12, 32, "fp32", True, {"bias": False}),
+    ("T25-gH-r4-dh48-bf16-noncausal", 2, 25, 3, 3, 4, 48, "bf16", False, {}),
+    # A latent of 4 in a head of 16 counts as 16 wide: not narrower than the head's own attention.
+    ("T20-gH-r4-dh16-fp32", 1, 20, 4, 4, 4, 16, "fp32", True, {}),
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_cpu_path_forward_backward_vs_float64(case):
     _, B, T, H, g, r, dh, dt, causal, kw = case
-    x, down, up, b, go = make_inputs(B, T, H, g, r, dh, device="cpu")
-    # A latent at most half a head wide runs attention on the latents (absorbed), the others on the heads.
-    expected = "torch-cpu-latent" if 2 * r <= dh else "torch-cpu"
+    kw = dict(kw)
+    bias = kw.pop("bias", True)
+    x, down, up, b, go = make_inputs(B, T, H, g, r, dh, device="cpu", bias=bias)
+    # A latent at most half a head wide (16 at least) runs attention on the latents (absorbed), the others
+    # on the heads.
+    expected = "torch-cpu-latent" if 2 * max(r, 16) <= dh else "torch-cpu"
     assert kernel_path(x.to(DT[dt]), rank=r, head_dim=dh) == expected
     args = dict(num_heads=H, latent_groups=g, causal=causal, **kw)
-    got = _run(lambda *t: mlra_kernels.mlra_attention(*t, **args), [t.to(DT[dt]).requires_grad_() for t in (x, down, up, b)], go)
-    low = _run(lambda *t: mlra_attention_reference(*t, **args), [t.to(DT[dt]).requires_grad_() for t in (x, down, up, b)], go)
-    exact = _run(lambda *t: mlra_attention_reference(*t, **args), [t.clone().requires_grad_() for t in (x, down, up, b)], go)
+    leaves = [t for t in (x, down, up, b) if t is not None]
+    got = _run(lambda *t: mlra_kernels.mlra_attention(*t, **args), [t.to(DT[dt]).requires_grad_() for t in leaves], go)
+    low = _run(lambda *t: mlra_attention_reference(*t, **args), [t.to(DT[dt]).requires_grad_() for t in leaves], go)
+    exact = _run(lambda *t: mlra_attention_reference(*t, **args), [t.clone().requires_grad_() for t in leaves], go)
     for name, a, lo, ex in zip(("out", "dx", "ddown", "dup", "dbias"), got, low, exact):
         assert a.dtype == DT[dt]
         assert_close_rel(name, a, lo, ex)
