@@ -8,7 +8,8 @@ Every row measures, in the same process and on the same inputs:
   (b) ``mha``: standard attention: one QKV GEMM plus SDPA (fastest backend);
   (c) ``ours``: ``mlra_kernels.mlra_attention``.
 
-For each: forward, backward and forward+backward time (``do_bench`` median with 20/80% quantiles),
+For each: forward, backward and forward+backward time (``do_bench`` median with 20/80% quantiles; on the
+CPU the median of 9 rounds in which the three candidates run by turns, see ``interleaved_cpu_timings``),
 TFLOP/s, peak memory of forward+backward, and the memory saved for backward (unique storages the
 autograd graph holds, with and without the inputs and weights).
 
@@ -46,6 +47,7 @@ import math
 import os
 import re
 import sys
+import time
 
 import torch
 
@@ -56,7 +58,7 @@ import torch.nn.functional as F  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from mlra_kernels.benchmarks.common import (  # noqa: E402
-    BenchError, BenchParser, check_output, positive_int, run_main, time_cpu, time_gpu, write_results,
+    BenchError, BenchParser, _summary, check_output, positive_int, run_main, time_cpu, time_gpu, write_results,
 )
 from mlra_kernels.ops.mlra import mlra_attention  # noqa: E402
 from mlra_kernels.ops.mlra import kernel_path  # noqa: E402
@@ -154,8 +156,9 @@ def saved_bytes(fn, inputs):
     return total, excl
 
 
-def timings(fn, leaves, go, cuda):
-    timer = time_gpu if cuda else (lambda f: time_cpu(f, warmup=1, rep=7))
+def _phases(fn, leaves, go):
+    """The three timed callables of one candidate: forward (no grad), backward of a kept graph, and
+    forward+backward; the kept graph's output is returned too, for the caller to drop."""
 
     def zero():
         for t in leaves:
@@ -175,33 +178,51 @@ def timings(fn, leaves, go, cuda):
         zero()
         fn().backward(go)
 
-    res = {"fwd": timer(fwd), "bwd": timer(bwd), "fwdbwd": timer(fwdbwd)}
+    return {"fwd": fwd, "bwd": bwd, "fwdbwd": fwdbwd}, out
+
+
+def timings(fn, leaves, go, cuda):
+    """One candidate's times on the GPU (``do_bench``) with its peak memory of forward+backward."""
+    phases, out = _phases(fn, leaves, go)
+    res = {name: time_gpu(f) if cuda else time_cpu(f, warmup=1, rep=7) for name, f in phases.items()}
     del out
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        fwdbwd()
+        phases["fwdbwd"]()
         torch.cuda.synchronize()
         res["peak_mem_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
     return res
 
 
-def best_backend(make, leaves, go, cuda):
-    """Time every SDPA backend that runs; return (name, timings) of the fastest forward+backward."""
-    if not cuda:
-        return "default", timings(lambda: make(None), leaves, go, cuda)
-    best = None
-    for name in ("flash", "cudnn", "efficient"):
-        try:
-            make(name).backward(go)
-        except RuntimeError:
-            continue
-        t = timings(lambda: make(name), leaves, go, cuda)
-        if best is None or t["fwdbwd"]["ms"] < best[1]["fwdbwd"]["ms"]:
-            best = (name, t)
-    return best
+CPU_ROUNDS = 9
+
+
+def interleaved_cpu_timings(candidates: dict, go, rounds: int = CPU_ROUNDS) -> dict:
+    """CPU times of several candidates ``{name: (fn, leaves)}``, measured round by round: each round runs
+    every candidate's phase once, in an order that rotates from round to round, so that a slow stretch
+    of a shared 2-core machine falls on all of them alike instead of on whichever ran then. Median and
+    20/80% quantiles per candidate and phase, after one warm-up round."""
+    names = list(candidates)
+    phases = {}
+    for name, (fn, leaves) in candidates.items():
+        phases[name] = _phases(fn, leaves, go)
+    res = {name: {} for name in names}
+    for phase in ("fwd", "bwd", "fwdbwd"):
+        times = {name: [] for name in names}
+        for k in range(rounds + 1):
+            order = names[k % len(names):] + names[:k % len(names)]
+            for name in order:
+                t0 = time.perf_counter()
+                phases[name][0][phase]()
+                if k:  # round 0 warms up
+                    times[name].append((time.perf_counter() - t0) * 1e3)
+        for name in names:
+            res[name][phase] = _summary(times[name])
+    del phases
+    return res
 
 
 def close_enough(got, low, exact):
@@ -264,9 +285,16 @@ def bench_row(model, d, H, T, B, g, r, dtype_name, device):
         raise BenchError(f"row check failed for {model} T={T} g={g} r={r} {dtype_name}: {err:.3e} vs {base_err:.3e}")
 
     mlra_leaves, mha_leaves = [x, down, up, bias], [x, w, bias]
-    name_a, t_a = best_backend(lambda be: unfused_mlra(x, down, up, bias, H, g, be), mlra_leaves, go, cuda)
-    name_b, t_b = best_backend(lambda be: mha(x, w, bias, H, be), mha_leaves, go, cuda)
-    t_c = timings(ours, mlra_leaves, go, cuda)
+    if cuda:
+        name_a, t_a = best_backend(lambda be: unfused_mlra(x, down, up, bias, H, g, be), mlra_leaves, go, cuda)
+        name_b, t_b = best_backend(lambda be: mha(x, w, bias, H, be), mha_leaves, go, cuda)
+        t_c = timings(ours, mlra_leaves, go, cuda)
+    else:  # one SDPA backend on the CPU; the three candidates measured round by round
+        name_a = name_b = "default"
+        t = interleaved_cpu_timings({"unfused": (lambda: unfused_mlra(x, down, up, bias, H, g), mlra_leaves),
+                                     "mha": (lambda: mha(x, w, bias, H), mha_leaves),
+                                     "ours": (ours, mlra_leaves)}, go)
+        t_a, t_b, t_c = t["unfused"], t["mha"], t["ours"]
     saved = {
         "unfused": saved_bytes(lambda: unfused_mlra(x, down, up, bias, H, g, None if not cuda else name_a), mlra_leaves),
         "mha": saved_bytes(lambda: mha(x, w, bias, H, None if not cuda else name_b), mha_leaves),
