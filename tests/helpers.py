@@ -19,6 +19,7 @@ import sys
 
 import torch
 
+from mlra_kernels.ops.mlra.layout import kv_latents
 from mlra_kernels.ops.mlra.reference import mlra_qkv_reference
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -111,3 +112,31 @@ def run_compiler_subprocess(args: list, timeout: int = 900) -> subprocess.Comple
     proc = subprocess.run([sys.executable, *map(str, args)], env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
+
+
+def decode_case(B, t, S, H, g, r, dh, *, lengths=None, seed=0):
+    """float64 ``(x [B, t, d], down, up, bias, c_K, c_V [B, g, S, r])``: the caches hold the latents of a
+    random sequence of ``S`` tokens; ``x`` are its tokens at ``L_b - t .. L_b - 1``."""
+    gen = torch.Generator().manual_seed(seed)
+    d = H * dh
+    seq = torch.randn(B, S, d, generator=gen, dtype=torch.float64)
+    down = torch.randn(3 * g * r, d, generator=gen, dtype=torch.float64) / math.sqrt(d)
+    up = torch.randn(3, d, r, generator=gen, dtype=torch.float64) / math.sqrt(r)
+    bias = torch.randn(3 * d, generator=gen, dtype=torch.float64) * 0.2
+    c_k, c_v = kv_latents(seq, down, g, group_major=True)
+    ends = lengths.tolist() if lengths is not None else [S] * B
+    x = torch.stack([seq[b, e - t:e] for b, e in enumerate(ends)])
+    return x, down, up, bias, c_k.contiguous(), c_v.contiguous()
+
+
+def padding(B, S, kind, lengths=None, seed=1):
+    """Decode tests' key padding ``[B, S]``, leaving each sequence's last position (its newest token) unmasked."""
+    if kind is None:
+        return None
+    gen = torch.Generator().manual_seed(seed)
+    hit = torch.rand(B, S, generator=gen) < 0.3
+    last = (lengths if lengths is not None else torch.full((B,), S)) - 1
+    hit[torch.arange(B), last] = False
+    if kind == "bool":
+        return hit
+    return torch.randn(B, S, generator=gen, dtype=torch.float64).masked_fill(hit, float("-inf"))

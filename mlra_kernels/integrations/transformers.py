@@ -52,6 +52,7 @@ from mlra_kernels._mask_memo import memo_by_tensor
 from mlra_kernels._warnings import warn_once
 from mlra_kernels.nn.projection import MLRAProjection
 from mlra_kernels.ops.mlra import kernel_path, kv_latents, mlra_attention, mlra_decode
+from mlra_kernels.ops.mlra.backend import DECODE_KERNELS
 from mlra_kernels.ops.mlra.layout import check_config, default_rank
 
 try:
@@ -273,12 +274,13 @@ class MLRAGPT2Attention(modeling_gpt2.GPT2Attention):
         return self.resid_dropout(self.c_proj(out)), weights
 
     def _decode_runs_kernel(self, x: Tensor, dropout_p: float, need_weights: bool) -> bool:
-        """Whether ``mlra_decode`` takes its Triton kernel for this step (the choice it will make itself)."""
+        """Whether ``mlra_decode`` takes one of its kernels (Triton, or C++ on the CPU) for this step (the choice
+        it will make itself)."""
         qkv = self.qkv
         grad = torch.is_grad_enabled() and (
             x.requires_grad or any(t.requires_grad for t in (qkv.down, qkv.up, qkv.bias) if t is not None))
         path = kernel_path(x, dropout_p=dropout_p, op="decode", need_weights=need_weights, requires_grad=grad)
-        return path in ("triton", "triton-interpreter")
+        return path in DECODE_KERNELS
 
 
 def _rename_flat_factors(state_dict, prefix, *args) -> None:

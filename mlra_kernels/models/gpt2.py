@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from mlra_kernels.nn.projection import MLRAProjection
 from mlra_kernels.ops.mlra import kernel_path, kv_latents, mlra_attention, mlra_decode
+from mlra_kernels.ops.mlra.backend import DECODE_KERNELS
 from mlra_kernels.ops.mlra.layout import check_config, positive_int
 
 @dataclass
@@ -186,21 +187,23 @@ class MLRASelfAttention(nn.Module):
             c_k, c_v = cache.append(*kv_latents(x, qkv.down, g, group_major=True))
             lengths = None
             if self._decode_runs_kernel(x, p):
-                # The kernel's grid follows the cache's shape, so the whole buffer (lengths on the device)
-                # keeps every step's launch the same: a step can be captured in a CUDA graph.
+                # The CUDA kernel's grid follows the cache's shape, so the whole buffer (lengths on the device)
+                # keeps every step's launch the same: a step can be captured in a CUDA graph. The CPU kernel
+                # splits the positions in use across threads, whatever the buffer's size.
                 (c_k, c_v), lengths = cache.buffers(), cache.seqlens
             y, _ = mlra_decode(x, qkv.down, qkv.up, qkv.bias, cache_k=c_k, cache_v=c_v, num_heads=H,
                                latent_groups=g, dropout_p=p, cache_seqlens=lengths)
         return self.resid_dropout(self.c_proj(y)), cache
 
     def _decode_runs_kernel(self, x: Tensor, dropout_p: float) -> bool:
-        """Whether ``mlra_decode`` will take its Triton kernel for this step (the same choice it makes).
+        """Whether ``mlra_decode`` will take one of its kernels (Triton, or C++ on the CPU) for this step (the
+        same choice it makes).
         Its torch path gets views of the filled part instead: it would attend (and mask) every position
         of a whole buffer, the unwritten ones included."""
         qkv = self.qkv
         grad = torch.is_grad_enabled() and (
             x.requires_grad or any(t.requires_grad for t in (qkv.down, qkv.up, qkv.bias) if t is not None))
-        return kernel_path(x, dropout_p=dropout_p, op="decode", requires_grad=grad) in ("triton", "triton-interpreter")
+        return kernel_path(x, dropout_p=dropout_p, op="decode", requires_grad=grad) in DECODE_KERNELS
 
 
 def _rename_flat_factors(state_dict, prefix, *args) -> None:

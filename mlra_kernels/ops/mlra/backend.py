@@ -22,10 +22,11 @@ Paths:
 - ``"torch"``: plain torch with the ``T×T`` scores in memory and a hand-written backward: float64, a
   general ``attn_mask``, and on the CPU key padding, dropout and fewer than 16 tokens.
 
-Decode (``mlra_decode``) has its own choice, :func:`choose_decode`, over three of these paths:
+Decode (``mlra_decode``) has its own choice, :func:`choose_decode`, over :data:`DECODE_PATHS`:
 ``"triton"`` (the split-KV decode kernel, the default on CUDA), ``"triton-interpreter"`` (that kernel on
-CPU tensors, only when forced: it is how the CPU tests check it) and ``"torch"`` (the GEMMs and torch's
-SDPA on the latents, CPU and GPU). Forcing ``"sdpa"``, ``"torch-cpu"`` or ``"torch-cpu-latent"`` gives
+CPU tensors, only when forced: it is how the CPU tests check it), ``"cpu-kernel"`` (the C++ split-KV
+kernel of the compiled extension, the default for float32 CPU tensors) and ``"torch"`` (the GEMMs and
+torch's SDPA on the latents, CPU and GPU). Forcing ``"sdpa"``, ``"torch-cpu"`` or ``"torch-cpu-latent"`` gives
 decode its torch path, which is that same composition.
 
 A newcomer's path (say, a sliding-window kernel) is one more name in :data:`PATHS`, one more rule in
@@ -206,7 +207,13 @@ def choose(
     return Choice(forced, "forced by MLRA_BACKEND / use_backend")
 
 
-DECODE_PATHS = ("triton", "triton-interpreter", "torch")
+DECODE_PATHS = ("triton", "triton-interpreter", "cpu-kernel", "torch")
+# The decode paths that take a whole preallocated cache with ``cache_seqlens`` (they skip the unused
+# positions themselves); the torch path is given views of the filled part instead.
+DECODE_KERNELS = ("triton", "triton-interpreter", "cpu-kernel")
+# Whether the compiled extension (whose CPU decode kernel is the CPU default) is there: found, not loaded,
+# so that nothing is loaded at import; a present but unloadable build warns once at the first decode call.
+_EXTENSION_BUILT = importlib.util.find_spec("mlra_kernels._C") is not None
 
 
 def _decode_cannot_fuse(x: Tensor, attn_mask, dropout_p: float, need_weights: bool, needs_grad: bool) -> Optional[str]:
@@ -243,8 +250,17 @@ def choose_decode(
         return Choice("torch", f"{forced!r} forced by MLRA_BACKEND / use_backend: decode's torch path (GEMMs and "
                       "torch's SDPA on the latents)")
     if not x.is_cuda:
-        # The kernel runs on CPU tensors only when forced: the interpreter is a checker, far slower than torch.
-        return Choice("torch", "CPU tensors: GEMMs and torch's fused attention on the latents")
+        # The Triton kernel runs on CPU tensors only when forced: the interpreter is a checker, not a path.
+        if why_not is not None:
+            return Choice("torch", why_not, slow=x.dtype != torch.float64)
+        if x.dtype != torch.float32:
+            return Choice("torch", f"{str(x.dtype).replace('torch.', '')} on the CPU: the C++ decode kernel takes "
+                          "float32; GEMMs and torch's fused attention on the latents")
+        if not _EXTENSION_BUILT:
+            return Choice("torch", "mlra_kernels._C is not built (pip install --no-build-isolation -e .): GEMMs and "
+                          "torch's fused attention on the latents instead of the C++ decode kernel", slow=True)
+        return Choice("cpu-kernel", "CPU float32 tensors: the C++ split-KV decode kernel (each cached latent read "
+                      "once for all heads of a group, the positions split across threads)")
     if why_not is not None:
         return Choice("torch", why_not, slow=x.dtype != torch.float64)
     if not triton_available():

@@ -18,8 +18,13 @@ Two implementations of the attention on the latents, chosen per call by
   traces it). Its grid depends on the cache capacity, not on ``cache_seqlens``: with a preallocated cache
   and ``cache_seqlens`` a step can be captured in a CUDA graph. Forward only; causal, key padding and
   ``cache_seqlens`` are fused.
+- ``"cpu-kernel"`` (CPU fp32 tensors, the default there): the C++ split-KV kernel of the compiled
+  extension (``csrc/decode/decode_cpu.cpp``), through the ``mlra::mlra_decode_attn_cpu`` custom op. It
+  scores every row of a group against each cached latent while that latent is in the core's cache, splits
+  the positions across threads (one sequence still uses every core) and fuses causal masking, key padding
+  and ``cache_seqlens``, like the CUDA kernel.
 - ``"torch"``: torch's SDPA on the latents with one additive mask (CPU and GPU): a general ``attn_mask``,
-  dropout, ``need_weights``, gradients and float64 run here.
+  dropout, ``need_weights``, gradients, float64, and on the CPU float16 / bfloat16 run here.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mlra_kernels._warnings import warn_once
 from mlra_kernels.ops.mlra import backend, layout
 
 
@@ -102,6 +108,34 @@ def _(q, k, v, kpm, lengths, t_new, causal, scale):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
+@torch.library.custom_op("mlra::mlra_decode_attn_cpu", mutates_args=())
+def mlra_decode_attn_cpu(
+    q: Tensor, k: Tensor, v: Tensor, kpm: Optional[Tensor], lengths: Optional[Tensor], t_new: int, causal: bool,
+    scale: float,
+) -> Tensor:
+    """``Z [B, g, M, r]`` from ``q̃ [B, g, M, r]`` and the caches ``[B, g, S, r]`` (fp32 CPU tensors, unit
+    stride in ``r``) by the C++ split-KV kernel ``mlra::latent_decode_cpu`` of the compiled extension;
+    ``kpm``: additive fp32 ``[B, S]``; ``lengths``: int ``[B]``. Without a loadable extension it warns once
+    and computes the same with torch's SDPA."""
+    from mlra_kernels import _ext
+
+    try:
+        _ext.load()
+    except _ext.ExtensionNotAvailableError as err:
+        warn_once("decode-cpu-kernel-missing", f"mlra_decode: the C++ decode kernel is not available ({err}); "
+                  "running torch's SDPA on the latents instead, which is slower.")
+        B, g, M, _ = q.shape
+        mask = _decode_mask(B, M // t_new * g, g, t_new, k.shape[2], causal=causal, key_padding_mask=kpm,
+                            attn_mask=None, dtype=q.dtype, device=q.device, lengths=lengths)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).contiguous()
+    return torch.ops.mlra.latent_decode_cpu(q, k, v, kpm, lengths, t_new, causal, scale)
+
+
+@mlra_decode_attn_cpu.register_fake
+def _(q, k, v, kpm, lengths, t_new, causal, scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
 def _additive_kpm(key_padding_mask: Optional[Tensor]) -> Optional[Tensor]:
     """The kernel's key padding: fp32, added to the scores (-inf where a bool mask says padding), with
     its key dimension contiguous (the kernel reads one row per sequence with unit stride)."""
@@ -169,9 +203,10 @@ def mlra_decode(
             the kernel's grid stays the same from step to step (CUDA graphs).
 
     Paths (``kernel_path(x, op="decode")`` and ``explain`` say which and why): on CUDA the split-KV
-    Triton kernel, unless a general ``attn_mask``, dropout, ``need_weights`` or gradients ask for the
-    torch path (warned once); on CPU the torch path (the kernel runs there under ``TRITON_INTERPRET=1``
-    with ``use_backend("triton-interpreter")``). ``MLRA_BACKEND=torch`` forces the torch path.
+    Triton kernel, on CPU float32 tensors the C++ split-KV kernel, unless a general ``attn_mask``,
+    dropout, ``need_weights`` or gradients ask for the torch path (warned once); float16 / bfloat16 on the
+    CPU run the torch path (the Triton kernel runs on CPU tensors under ``TRITON_INTERPRET=1`` with
+    ``use_backend("triton-interpreter")``). ``MLRA_BACKEND=torch`` forces the torch path.
 
     Returns the head outputs, concatenated, before ``W_O``. A query with every key masked averages the
     values (no NaN), as the dense attention of Hugging Face models does. Differentiable (autograd).
@@ -238,6 +273,10 @@ def mlra_decode(
     weights = None
     if choice.path in ("triton", "triton-interpreter"):
         z = mlra_decode_attn(q_abs, k, v, _additive_kpm(key_padding_mask), cache_seqlens, t, bool(causal), s)
+    elif choice.path == "cpu-kernel":
+        if k.stride(-1) != 1 or v.stride(-1) != 1:  # a token-major cache of one latent column per group
+            k, v = k.contiguous(), v.contiguous()
+        z = mlra_decode_attn_cpu(q_abs, k, v, _additive_kpm(key_padding_mask), cache_seqlens, t, bool(causal), s)
     else:
         z, weights = _torch_attention(q_abs, k, v, s, B=B, H=H, g=g, t=t, causal=causal,
                                       key_padding_mask=key_padding_mask, attn_mask=attn_mask, lengths=cache_seqlens,

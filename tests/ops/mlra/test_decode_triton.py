@@ -7,7 +7,6 @@ The caches hold the latents of a real sequence (``kv_latents``), the new tokens 
 against float64 within 3x the torch path's own in the same dtype.
 """
 
-import math
 import types
 import warnings
 
@@ -17,11 +16,11 @@ import torch
 pytest.importorskip("triton", reason="the decode kernel needs triton")
 
 from mlra_kernels import _warnings  # noqa: E402
-from mlra_kernels.ops.mlra import backend, config, explain, kernel_path, kv_latents, launcher  # noqa: E402
+from mlra_kernels.ops.mlra import backend, config, explain, kernel_path, launcher  # noqa: E402
 from mlra_kernels.ops.mlra import mlra_decode, use_backend  # noqa: E402
 from mlra_kernels.ops.mlra.decode import _additive_kpm, _torch_attention  # noqa: E402
 from mlra_kernels.ops.mlra.reference import mlra_attention_reference  # noqa: E402
-from tests.helpers import DEVICE, DTYPES, assert_within_torch_error  # noqa: E402
+from tests.helpers import DEVICE, DTYPES, assert_within_torch_error, decode_case, padding  # noqa: E402
 
 if DEVICE == "cuda":
     KERNEL = "triton"
@@ -34,34 +33,6 @@ else:  # pragma: no cover - conftest sets TRITON_INTERPRET before triton's impor
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
     monkeypatch.setattr(config, "POISON_OUTPUTS", True)  # an output element never written shows as NaN
-
-
-def decode_case(B, t, S, H, g, r, dh, *, lengths=None, seed=0):
-    """float64 ``(x [B, t, d], down, up, bias, c_K, c_V [B, g, S, r])``: the caches hold the latents of a
-    random sequence of ``S`` tokens; ``x`` are its tokens at ``L_b - t .. L_b - 1``."""
-    gen = torch.Generator().manual_seed(seed)
-    d = H * dh
-    seq = torch.randn(B, S, d, generator=gen, dtype=torch.float64)
-    down = torch.randn(3 * g * r, d, generator=gen, dtype=torch.float64) / math.sqrt(d)
-    up = torch.randn(3, d, r, generator=gen, dtype=torch.float64) / math.sqrt(r)
-    bias = torch.randn(3 * d, generator=gen, dtype=torch.float64) * 0.2
-    c_k, c_v = kv_latents(seq, down, g, group_major=True)
-    ends = lengths.tolist() if lengths is not None else [S] * B
-    x = torch.stack([seq[b, e - t:e] for b, e in enumerate(ends)])
-    return x, down, up, bias, c_k.contiguous(), c_v.contiguous()
-
-
-def padding(B, S, kind, lengths=None, seed=1):
-    """Key padding ``[B, S]`` that leaves each sequence's last position (its newest token) unmasked."""
-    if kind is None:
-        return None
-    gen = torch.Generator().manual_seed(seed)
-    hit = torch.rand(B, S, generator=gen) < 0.3
-    last = (lengths if lengths is not None else torch.full((B,), S)) - 1
-    hit[torch.arange(B), last] = False
-    if kind == "bool":
-        return hit
-    return torch.randn(B, S, generator=gen, dtype=torch.float64).masked_fill(hit, float("-inf"))
 
 
 def decode(path, dtype, case, *, H, g, kpm=None, lengths=None, token_major=False, causal=True):
@@ -265,8 +236,8 @@ def test_fallback_warns_once(monkeypatch):
 def test_kernel_path_and_explain_for_decode(monkeypatch):
     x = torch.randn(2, 1, 16)
     if DEVICE == "cpu":
-        assert kernel_path(x, op="decode") == "torch"
-        assert explain(x, op="decode").startswith("torch: CPU tensors")
+        assert kernel_path(x, op="decode") == "cpu-kernel"  # the C++ kernel (tests/ops/mlra/test_decode_cpu.py)
+        assert explain(x, op="decode").startswith("cpu-kernel: CPU float32 tensors")
         with use_backend("triton-interpreter"):
             assert kernel_path(x, op="decode") == "triton-interpreter"
     monkeypatch.setenv("MLRA_BACKEND", "torch")

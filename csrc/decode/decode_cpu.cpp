@@ -1,0 +1,461 @@
+// mlra::latent_decode_cpu: a decode step's attention on the latent cache, on the CPU (fp32).
+//
+// The absorbed form of shared/DESIGN.md: the queries q̃ [B, g, M, r] (M = (H/g)·t rows, every head of a
+// latent group and every new token) attend the group's cached latents c_K, c_V [B, g, S, r] and give
+// Z [B, g, M, r]. Every row of a group is scored against each cached latent while it is in cache, so
+// each cached number is read once per step for all heads (a GEMM with M = H/g rows would first copy
+// the cache into its packed panels). The cache positions are split across tasks (at::parallel_for) so
+// that one sequence's step still fills every core; each task keeps a running max and sum per row, and
+// the tasks of one (sequence, group) are merged by their log-sum-exp, in a fixed order.
+//
+// Masks: positions at or past a sequence's length (lengths [B], or S) are not attended; with causal,
+// new token i (of t) at position L - t + i sees the keys up to its own; key padding kpm [B, S] is added
+// to the scores, clamped at fp32's lowest value, so that a row whose keys are all padding averages their
+// values (as decode's torch path and the CUDA kernel do). A row with no key at all gets zeros.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define MLRA_DECODE_AVX2 1
+#define MLRA_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#endif
+
+#if defined(__GNUC__)
+#define MLRA_INLINE inline __attribute__((always_inline))
+#else
+#define MLRA_INLINE inline
+#endif
+
+namespace mlra::decode {
+namespace {
+
+constexpr int64_t kKeyBlock = 64;     // keys scored per step of the online softmax
+constexpr int64_t kMinSplit = 256;    // the fewest keys a task is given
+
+struct Problem {
+  const float* q;
+  const float* k;
+  const float* v;
+  float* z;
+  int64_t B, G, M, S, R;
+  int64_t q_sb, q_sg, q_sm;
+  int64_t k_sb, k_sg, k_ss;
+  int64_t v_sb, v_sg, v_ss;
+  const float* kpm;  // additive [B, S] (row stride kpm_sb), or null
+  int64_t kpm_sb;
+  const int32_t* len32;
+  const int64_t* len64;
+  int64_t t_new;
+  bool causal;
+  float scale;
+  int64_t splits, split_len;
+};
+
+int64_t length_of(const Problem& p, int64_t b) {
+  int64_t L = p.S;
+  if (p.len32 != nullptr) L = p.len32[b];
+  if (p.len64 != nullptr) L = p.len64[b];
+  return std::min<int64_t>(std::max<int64_t>(L, 0), p.S);
+}
+
+// How many cached positions row m of sequence b attends: the first n of them.
+MLRA_INLINE int64_t keys_of_row(const Problem& p, int64_t L, int64_t m) {
+  if (!p.causal) return L;
+  const int64_t i = m % p.t_new;
+  return std::min<int64_t>(std::max<int64_t>(L - p.t_new + i + 1, 0), L);
+}
+
+// Eight floats as one value (GCC/Clang vector extensions): AVX2 registers where the caller is compiled for
+// AVX2 (run_tasks_avx2), two SSE registers otherwise; FMAs come from the compiler's contraction.
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef float v8f_u __attribute__((vector_size(32), aligned(4)));
+
+MLRA_INLINE v8f load8(const float* p) { return *reinterpret_cast<const v8f_u*>(p); }
+MLRA_INLINE void store8(float* p, v8f x) { *reinterpret_cast<v8f_u*>(p) = x; }
+MLRA_INLINE float hsum8(v8f x) { return ((x[0] + x[4]) + (x[1] + x[5])) + ((x[2] + x[6]) + (x[3] + x[7])); }
+
+// exp(x) for x <= 0 (scores minus their running max), eight at a time: 2^n · 2^f with n = round(x·log2 e),
+// f in [-1/2, 1/2] and 2^f by its Taylor series to degree 7 (relative error below 1e-8, under one fp32 ulp).
+// Below 2^-126 it returns 2^-126·2^f instead of 0; callers zero the positions that are not attended.
+MLRA_INLINE v8f exp8(v8f x) {
+  const v8f log2e = v8f{} + 1.44269504088896341f, magic = v8f{} + 12582912.f, lo = v8f{} - 126.f;
+  v8f t = x * log2e;
+  t = t < lo ? lo : t;
+  const v8f u = t + magic;  // round to nearest: the integer sits in u's low mantissa bits
+  const v8f n = u - magic;
+  const v8f f = (t - n) * 0.693147180559945309f;  // 2^(t - n) = e^f, |f| <= ln2 / 2
+  v8f p = v8f{} + (1.f / 5040.f);
+  p = p * f + (1.f / 720.f);
+  p = p * f + (1.f / 120.f);
+  p = p * f + (1.f / 24.f);
+  p = p * f + (1.f / 6.f);
+  p = p * f + 0.5f;
+  p = p * f + 1.f;
+  p = p * f + 1.f;
+  const v8i e = ((reinterpret_cast<const v8i&>(u) - reinterpret_cast<const v8i&>(magic)) + 127) << 23;
+  return p * reinterpret_cast<const v8f&>(e);
+}
+
+MLRA_INLINE float exp1(float x) {
+  v8f v = v8f{} + x;
+  return exp8(v)[0];
+}
+
+// Scores of rows m and m + 1 (m1 = false: row m only) against four keys, eight columns at a time.
+template <bool kTwo>
+MLRA_INLINE void scores_4x(const float* q0, const float* q1, const float* k0, int64_t ks, int64_t R, float scale,
+                           float* s0, float* s1) {
+  const float* k1 = k0 + ks;
+  const float* k2 = k1 + ks;
+  const float* k3 = k2 + ks;
+  v8f a0{}, a1{}, a2{}, a3{}, b0{}, b1{}, b2{}, b3{};
+  int64_t l = 0;
+  for (; l + 8 <= R; l += 8) {
+    const v8f x0 = load8(q0 + l), y0 = load8(k0 + l), y1 = load8(k1 + l), y2 = load8(k2 + l), y3 = load8(k3 + l);
+    a0 += x0 * y0;
+    a1 += x0 * y1;
+    a2 += x0 * y2;
+    a3 += x0 * y3;
+    if constexpr (kTwo) {
+      const v8f x1 = load8(q1 + l);
+      b0 += x1 * y0;
+      b1 += x1 * y1;
+      b2 += x1 * y2;
+      b3 += x1 * y3;
+    }
+  }
+  float r0 = hsum8(a0), r1 = hsum8(a1), r2 = hsum8(a2), r3 = hsum8(a3);
+  float t0 = 0.f, t1 = 0.f, t2 = 0.f, t3 = 0.f;
+  if constexpr (kTwo) {
+    t0 = hsum8(b0);
+    t1 = hsum8(b1);
+    t2 = hsum8(b2);
+    t3 = hsum8(b3);
+  }
+  for (; l < R; ++l) {
+    r0 += q0[l] * k0[l];
+    r1 += q0[l] * k1[l];
+    r2 += q0[l] * k2[l];
+    r3 += q0[l] * k3[l];
+    if constexpr (kTwo) {
+      t0 += q1[l] * k0[l];
+      t1 += q1[l] * k1[l];
+      t2 += q1[l] * k2[l];
+      t3 += q1[l] * k3[l];
+    }
+  }
+  s0[0] = r0 * scale;
+  s0[1] = r1 * scale;
+  s0[2] = r2 * scale;
+  s0[3] = r3 * scale;
+  if constexpr (kTwo) {
+    s1[0] = t0 * scale;
+    s1[1] = t1 * scale;
+    s1[2] = t2 * scale;
+    s1[3] = t3 * scale;
+  }
+}
+
+MLRA_INLINE float dot(const float* a, const float* b, int64_t R) {
+  v8f acc{};
+  int64_t l = 0;
+  for (; l + 8 <= R; l += 8) acc += load8(a + l) * load8(b + l);
+  float r = hsum8(acc);
+  for (; l < R; ++l) r += a[l] * b[l];
+  return r;
+}
+
+// acc[m, c0 : c0 + 8·C] += Σ_jj p[m][jj] · v[jj, c0 : c0 + 8·C] for every row m, four rows at a time; past M
+// the last row stands in for the missing ones (its copies hold the same value, whichever is stored last).
+template <int C>
+MLRA_INLINE void accumulate_pv(float* __restrict acc, const float* __restrict s_buf, const float* vc, int64_t vs,
+                               int64_t M, int64_t R, int64_t nb, int64_t c0) {
+  for (int64_t m = 0; m < M; m += 4) {
+    float* a_ptr[4];
+    const float* p_ptr[4];
+    for (int64_t i = 0; i < 4; ++i) {
+      const int64_t mi = std::min<int64_t>(m + i, M - 1);
+      a_ptr[i] = acc + mi * R + c0;
+      p_ptr[i] = s_buf + mi * kKeyBlock;
+    }
+    v8f a[4][C];
+    for (int i = 0; i < 4; ++i)
+      for (int c = 0; c < C; ++c) a[i][c] = load8(a_ptr[i] + 8 * c);
+    for (int64_t jj = 0; jj < nb; ++jj) {
+      v8f vj[C];
+      for (int c = 0; c < C; ++c) vj[c] = load8(vc + jj * vs + 8 * c);
+      for (int i = 0; i < 4; ++i) {
+        const float w = p_ptr[i][jj];
+        for (int c = 0; c < C; ++c) a[i][c] += w * vj[c];
+      }
+    }
+    for (int i = 3; i >= 0; --i)
+      for (int c = 0; c < C; ++c) store8(a_ptr[i] + 8 * c, a[i][c]);
+  }
+}
+
+// One task: rows [0, M) of (b, grp) against the keys [j0, j1). Writes the unnormalised accumulator
+// acc [M, R], the running max mx [M] and sum sm [M] (mx = -inf, sm = 0 for a row that saw no key).
+MLRA_INLINE void run_task(const Problem& p, int64_t b, int64_t grp, int64_t j0, int64_t j1, float* __restrict acc,
+                          float* __restrict mx, float* __restrict sm, float* __restrict s_buf) {
+  const int64_t M = p.M, R = p.R;
+  const float* q = p.q + b * p.q_sb + grp * p.q_sg;
+  const float* k = p.k + b * p.k_sb + grp * p.k_sg;
+  const float* v = p.v + b * p.v_sb + grp * p.v_sg;
+  const int64_t L = length_of(p, b);
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  for (int64_t m = 0; m < M; ++m) {
+    mx[m] = neg_inf;
+    sm[m] = 0.f;
+  }
+  std::fill(acc, acc + M * R, 0.f);
+  j1 = std::min(j1, L);
+  for (int64_t jb = j0; jb < j1; jb += kKeyBlock) {
+    const int64_t nb = std::min(kKeyBlock, j1 - jb);
+    // Ask for the next block's cache lines now: they arrive while this block is computed.
+    const int64_t nxt = std::min(kKeyBlock, j1 - jb - nb);
+    for (int64_t jj = 0; jj < nxt; ++jj) {
+      const char* kr = reinterpret_cast<const char*>(k + (jb + nb + jj) * p.k_ss);
+      const char* vr = reinterpret_cast<const char*>(v + (jb + nb + jj) * p.v_ss);
+      for (int64_t off = 0; off < R * 4; off += 64) {
+        __builtin_prefetch(kr + off);
+        __builtin_prefetch(vr + off);
+      }
+    }
+    // Scores s[m][jj] of the block: two rows by four keys at a time.
+    int64_t m = 0;
+    for (; m + 2 <= M; m += 2) {
+      const float* q0 = q + m * p.q_sm;
+      int64_t jj = 0;
+      for (; jj + 4 <= nb; jj += 4)
+        scores_4x<true>(q0, q0 + p.q_sm, k + (jb + jj) * p.k_ss, p.k_ss, R, p.scale, s_buf + m * kKeyBlock + jj,
+                        s_buf + (m + 1) * kKeyBlock + jj);
+      for (; jj < nb; ++jj) {
+        const float* kj = k + (jb + jj) * p.k_ss;
+        s_buf[m * kKeyBlock + jj] = dot(q0, kj, R) * p.scale;
+        s_buf[(m + 1) * kKeyBlock + jj] = dot(q0 + p.q_sm, kj, R) * p.scale;
+      }
+    }
+    if (m < M) {
+      const float* q0 = q + m * p.q_sm;
+      int64_t jj = 0;
+      for (; jj + 4 <= nb; jj += 4)
+        scores_4x<false>(q0, nullptr, k + (jb + jj) * p.k_ss, p.k_ss, R, p.scale, s_buf + m * kKeyBlock + jj, nullptr);
+      for (; jj < nb; ++jj) s_buf[m * kKeyBlock + jj] = dot(q0, k + (jb + jj) * p.k_ss, R) * p.scale;
+    }
+    if (p.kpm != nullptr) {
+      const float* pad = p.kpm + b * p.kpm_sb + jb;
+      const float lowest = std::numeric_limits<float>::lowest();
+      for (m = 0; m < M; ++m) {
+        float* s = s_buf + m * kKeyBlock;
+        for (int64_t jj = 0; jj < nb; ++jj) s[jj] = std::max(s[jj] + std::max(pad[jj], lowest), lowest);
+      }
+    }
+    // Online softmax per row: keys at or past the row's limit are not part of it (their p is 0).
+    for (m = 0; m < M; ++m) {
+      float* s = s_buf + m * kKeyBlock;
+      const int64_t valid = std::min<int64_t>(std::max<int64_t>(keys_of_row(p, L, m) - jb, 0), nb);
+      float bmax = neg_inf;
+      for (int64_t jj = 0; jj < valid; ++jj) bmax = std::max(bmax, s[jj]);
+      if (valid == 0 || bmax == neg_inf) {
+        std::fill(s, s + nb, 0.f);
+        continue;
+      }
+      const float new_max = std::max(mx[m], bmax);
+      const float corr = mx[m] == neg_inf ? 0.f : exp1(mx[m] - new_max);
+      v8f vsum{};
+      int64_t jj = 0;
+      for (; jj + 8 <= valid; jj += 8) {
+        const v8f e = exp8(load8(s + jj) - new_max);
+        store8(s + jj, e);
+        vsum += e;
+      }
+      float sum = hsum8(vsum);
+      for (; jj < valid; ++jj) {
+        s[jj] = exp1(s[jj] - new_max);
+        sum += s[jj];
+      }
+      for (; jj < nb; ++jj) s[jj] = 0.f;
+      sm[m] = sm[m] * corr + sum;
+      mx[m] = new_max;
+      if (corr != 1.f) {
+        float* am = acc + m * R;
+        for (int64_t l = 0; l < R; ++l) am[l] *= corr;
+      }
+    }
+    // acc[m] += Σ_j p[m][j] · v[j]: four rows by 24 columns held in registers over the block's keys (twelve
+    // FMAs per seven loads), then the columns left in steps of eight.
+    int64_t c0 = 0;
+    for (; c0 + 24 <= R; c0 += 24) accumulate_pv<3>(acc, s_buf, v + jb * p.v_ss + c0, p.v_ss, M, R, nb, c0);
+    for (; c0 + 8 <= R; c0 += 8) accumulate_pv<1>(acc, s_buf, v + jb * p.v_ss + c0, p.v_ss, M, R, nb, c0);
+    for (; c0 < R; ++c0) {
+      for (m = 0; m < M; ++m) {
+        const float* pm = s_buf + m * kKeyBlock;
+        float a = acc[m * R + c0];
+        for (int64_t jj = 0; jj < nb; ++jj) a += pm[jj] * v[(jb + jj) * p.v_ss + c0];
+        acc[m * R + c0] = a;
+      }
+    }
+  }
+}
+
+void run_tasks_default(const Problem& p, int64_t t0, int64_t t1, float* acc, float* mx, float* sm, float* s_buf) {
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t split = t % p.splits, bg = t / p.splits;
+    const int64_t j0 = split * p.split_len;
+    run_task(p, bg / p.G, bg % p.G, j0, j0 + p.split_len, acc + t * p.M * p.R, mx + t * p.M, sm + t * p.M, s_buf);
+  }
+}
+
+#if defined(MLRA_DECODE_AVX2)
+MLRA_TARGET_AVX2 __attribute__((noinline)) void run_tasks_avx2(const Problem& p, int64_t t0, int64_t t1, float* acc,
+                                                                float* mx, float* sm, float* s_buf) {
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t split = t % p.splits, bg = t / p.splits;
+    const int64_t j0 = split * p.split_len;
+    run_task(p, bg / p.G, bg % p.G, j0, j0 + p.split_len, acc + t * p.M * p.R, mx + t * p.M, sm + t * p.M, s_buf);
+  }
+}
+
+bool has_avx2() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+#endif
+
+void check_operand(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "mlra::latent_decode_cpu: ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "mlra::latent_decode_cpu: ", name, " must be float32, got ",
+              t.scalar_type());
+  TORCH_CHECK(t.dim() == 4, "mlra::latent_decode_cpu: ", name, " must be 4-D [B, g, ·, r], got shape ", t.sizes());
+  TORCH_CHECK(t.stride(3) == 1 || t.size(3) == 1, "mlra::latent_decode_cpu: ", name,
+              " must have a contiguous last dimension, got strides ", t.strides());
+}
+
+}  // namespace
+
+at::Tensor latent_decode_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                             const std::optional<at::Tensor>& kpm, const std::optional<at::Tensor>& lengths,
+                             int64_t t_new, bool causal, double scale) {
+  check_operand(q, "q");
+  check_operand(k, "k");
+  check_operand(v, "v");
+  const int64_t B = q.size(0), G = q.size(1), M = q.size(2), R = q.size(3), S = k.size(2);
+  TORCH_CHECK(k.size(0) == B && k.size(1) == G && k.size(3) == R && v.sizes() == k.sizes(),
+              "mlra::latent_decode_cpu: k and v must be [B, g, S, r] = [", B, ", ", G, ", S, ", R,
+              "] alike, got ", k.sizes(), " and ", v.sizes());
+  TORCH_CHECK(t_new >= 1 && M % t_new == 0, "mlra::latent_decode_cpu: t_new=", t_new, " must divide the ", M,
+              " query rows");
+  Problem p{};
+  p.q = q.data_ptr<float>();
+  p.k = k.data_ptr<float>();
+  p.v = v.data_ptr<float>();
+  p.B = B;
+  p.G = G;
+  p.M = M;
+  p.S = S;
+  p.R = R;
+  p.q_sb = q.stride(0);
+  p.q_sg = q.stride(1);
+  p.q_sm = q.stride(2);
+  p.k_sb = k.stride(0);
+  p.k_sg = k.stride(1);
+  p.k_ss = k.stride(2);
+  p.v_sb = v.stride(0);
+  p.v_sg = v.stride(1);
+  p.v_ss = v.stride(2);
+  p.t_new = t_new;
+  p.causal = causal;
+  p.scale = static_cast<float>(scale);
+  if (kpm.has_value()) {
+    const at::Tensor& pad = *kpm;
+    TORCH_CHECK(pad.device().is_cpu() && pad.scalar_type() == at::kFloat && pad.dim() == 2 && pad.size(0) == B &&
+                    pad.size(1) == S && (pad.stride(1) == 1 || S == 1),
+                "mlra::latent_decode_cpu: kpm must be a float32 CPU [B, S] = [", B, ", ", S,
+                "] tensor with a contiguous key dimension, got ", pad.scalar_type(), " ", pad.sizes(), " strides ",
+                pad.strides(), " on ", pad.device());
+    p.kpm = pad.data_ptr<float>();
+    p.kpm_sb = pad.stride(0);
+  }
+  at::Tensor len;
+  if (lengths.has_value()) {
+    len = lengths->contiguous();
+    TORCH_CHECK(len.device().is_cpu() && len.dim() == 1 && len.size(0) == B,
+                "mlra::latent_decode_cpu: lengths must be a CPU [B] = [", B, "] tensor, got ", len.sizes(), " on ",
+                len.device());
+    if (len.scalar_type() == at::kInt) {
+      p.len32 = len.data_ptr<int32_t>();
+    } else {
+      TORCH_CHECK(len.scalar_type() == at::kLong, "mlra::latent_decode_cpu: lengths must be int32 or int64, got ",
+                  len.scalar_type());
+      p.len64 = len.data_ptr<int64_t>();
+    }
+  }
+  auto z = at::empty({B, G, M, R}, q.options());
+  if (B == 0 || G == 0 || M == 0 || R == 0) return z;
+  // Enough tasks for every thread (a few each, for balance), none shorter than kMinSplit keys, over the
+  // positions in use (a preallocated cache is mostly empty early in a generation).
+  int64_t used = 0;
+  for (int64_t b = 0; b < B; ++b) used = std::max(used, length_of(p, b));
+  const int64_t threads = at::get_num_threads();
+  const int64_t want = std::max<int64_t>(1, (4 * threads + B * G - 1) / (B * G));
+  p.splits = std::max<int64_t>(1, std::min(want, (used + kMinSplit - 1) / kMinSplit));
+  p.split_len = std::max<int64_t>(1, (used + p.splits - 1) / p.splits);
+  const int64_t tasks = B * G * p.splits;
+  std::vector<float> acc(static_cast<size_t>(tasks * M * R)), mx(static_cast<size_t>(tasks * M)),
+      sm(static_cast<size_t>(tasks * M));
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> s_buf(static_cast<size_t>(M * kKeyBlock));
+#if defined(MLRA_DECODE_AVX2)
+    if (has_avx2()) {
+      run_tasks_avx2(p, t0, t1, acc.data(), mx.data(), sm.data(), s_buf.data());
+      return;
+    }
+#endif
+    run_tasks_default(p, t0, t1, acc.data(), mx.data(), sm.data(), s_buf.data());
+  });
+  // Merge the splits of each (sequence, group) by their log-sum-exp, in split order.
+  float* zp = z.data_ptr<float>();
+  const int64_t splits = p.splits;
+  at::parallel_for(0, B * G, 1, [&](int64_t bg0, int64_t bg1) {
+    for (int64_t bg = bg0; bg < bg1; ++bg) {
+      for (int64_t m = 0; m < M; ++m) {
+        float gmax = -std::numeric_limits<float>::infinity();
+        for (int64_t s = 0; s < splits; ++s) gmax = std::max(gmax, mx[(bg * splits + s) * M + m]);
+        float* out = zp + bg * M * R + m * R;
+        std::fill(out, out + R, 0.f);
+        if (gmax == -std::numeric_limits<float>::infinity()) continue;  // no key: zeros
+        float total = 0.f;
+        for (int64_t s = 0; s < splits; ++s) {
+          const int64_t t = bg * splits + s;
+          const float w = std::exp(mx[t * M + m] - gmax);  // 0 for a split that saw no key
+          if (w == 0.f) continue;
+          total += w * sm[t * M + m];
+          const float* a = acc.data() + (t * M + m) * R;
+          for (int64_t l = 0; l < R; ++l) out[l] += w * a[l];
+        }
+        const float inv = 1.f / total;
+        for (int64_t l = 0; l < R; ++l) out[l] *= inv;
+      }
+    }
+  });
+  return z;
+}
+
+}  // namespace mlra::decode
+
+TORCH_LIBRARY_FRAGMENT(mlra, m) {
+  m.def(
+      "latent_decode_cpu(Tensor q, Tensor k, Tensor v, Tensor? kpm, Tensor? lengths, int t_new, bool causal, "
+      "float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(mlra, CPU, m) { m.impl("latent_decode_cpu", &mlra::decode::latent_decode_cpu); }

@@ -1,0 +1,200 @@
+"""The C++ split-KV decode kernel (``"cpu-kernel"``, the default of ``mlra_decode`` on float32 CPU tensors)
+against decode's torch path and float64.
+
+The caches hold the latents of a real sequence (``tests.helpers.decode_case``), the new tokens being its
+last ``t`` (of ``cache_seqlens[b]`` where given). Tolerance: ``helpers.assert_within_torch_error``, the
+kernel's error against float64 within 3x the fp32 torch path's own.
+"""
+
+import warnings
+
+import pytest
+import torch
+
+from mlra_kernels import _ext, _warnings
+from mlra_kernels.ops.mlra import backend, explain, kernel_path, mlra_decode, use_backend
+from mlra_kernels.ops.mlra.decode import _additive_kpm, _torch_attention, mlra_decode_attn_cpu
+from tests.helpers import assert_within_torch_error, decode_case, padding
+
+try:
+    _ext.load()
+except _ext.ExtensionNotAvailableError as err:  # pragma: no cover - the test command builds it
+    pytest.skip(f"the compiled extension is not available: {err}", allow_module_level=True)
+
+
+def decode(path, dtype, case, *, H, g, kpm=None, lengths=None, token_major=False, causal=True):
+    x, down, up, bias, c_k, c_v = (t.to(dtype) for t in case)
+    if token_major:  # [B, S, g·r], read through a strided view
+        B, _, S, r = c_k.shape
+        c_k, c_v = (c.transpose(1, 2).reshape(B, S, g * r) for c in (c_k, c_v))
+    if kpm is not None and kpm.dtype != torch.bool:
+        kpm = kpm.to(dtype)
+    with use_backend(path), torch.no_grad():
+        out, _ = mlra_decode(x, down, up, bias, cache_k=c_k, cache_v=c_v, num_heads=H, latent_groups=g,
+                             key_padding_mask=kpm, cache_seqlens=lengths, causal=causal)
+    return out
+
+
+def check(case, **kw):
+    assert kernel_path(case[0].float(), op="decode", requires_grad=False) == "cpu-kernel"
+    exact = decode("torch", torch.float64, case, **kw)
+    low = decode("torch", torch.float32, case, **kw)
+    got = decode("auto", torch.float32, case, **kw)
+    assert torch.isfinite(got).all()
+    assert_within_torch_error(got, low, exact, what="C++ decode kernel error")
+
+
+# (B, t, S, H, g, r, d_h): g = 1 and g = H, S = 1, widths that are not a multiple of 8, odd row counts
+# (H/g·t not a multiple of 4), S across several key blocks and splits.
+SHAPES = {
+    "g1-B1-S1": (1, 1, 1, 4, 1, 16, 16),
+    "g1-B2-S37-r24": (2, 1, 37, 4, 1, 24, 16),
+    "gH-B3-S70-r8": (3, 1, 70, 4, 4, 8, 16),
+    "g1-H12-S130-r48": (2, 1, 130, 12, 1, 48, 8),
+    "g2-t3-S45": (2, 3, 45, 4, 2, 16, 16),
+    "gH-t2-S33": (1, 2, 33, 2, 2, 16, 32),
+    "g1-H6-S300-r20": (1, 1, 300, 6, 1, 20, 16),
+    "g3-t1-S1500-r7": (2, 1, 1500, 6, 3, 7, 8),
+    "g1-B1-S3000-r128": (1, 1, 3000, 8, 1, 128, 16),
+}
+
+
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+def test_matches_torch_path(shape):
+    B, t, S, H, g, r, dh = shape
+    check(decode_case(B, t, S, H, g, r, dh), H=H, g=g)
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_key_padding(kind):
+    B, t, S, H, g, r, dh = 3, 1, 650, 4, 2, 16, 16
+    check(decode_case(B, t, S, H, g, r, dh), H=H, g=g, kpm=padding(B, S, kind))
+
+
+def test_non_contiguous_float_key_padding():
+    B, t, S, H, g, r, dh = 2, 1, 40, 4, 2, 16, 16
+    kpm = padding(B, 2 * S, "float").to(torch.float32)[:, ::2]
+    assert not kpm.is_contiguous()
+    check(decode_case(B, t, S, H, g, r, dh), H=H, g=g, kpm=kpm)
+
+
+@pytest.mark.parametrize("t", [1, 2])
+def test_unequal_lengths_with_padding(t):
+    """Batched generation: each sequence uses its own prefix of one preallocated cache."""
+    B, S, H, g, r, dh = 3, 900, 4, 1, 16, 16
+    lengths = torch.tensor([900, 7, 410], dtype=torch.int32)
+    case = decode_case(B, t, S, H, g, r, dh, lengths=lengths)
+    check(case, H=H, g=g, lengths=lengths, kpm=padding(B, S, "bool", lengths))
+    check(case, H=H, g=g, lengths=lengths.long())
+
+
+def test_token_major_cache_and_no_causal():
+    B, t, S, H, g, r, dh = 2, 2, 40, 4, 2, 16, 16
+    case = decode_case(B, t, S, H, g, r, dh)
+    check(case, H=H, g=g, token_major=True)
+    check(case, H=H, g=g, causal=False)
+
+
+def test_fully_masked_query_averages_its_values():
+    B, t, S, H, g, r, dh = 2, 1, 30, 4, 1, 16, 16
+    lengths = torch.tensor([20, 30])
+    kpm = torch.zeros(B, S, dtype=torch.bool)
+    kpm[0] = True
+    check(decode_case(B, t, S, H, g, r, dh, lengths=lengths), H=H, g=g, lengths=lengths, kpm=kpm)
+
+
+def test_a_row_with_no_key_gives_zeros():
+    """cache_seqlens 0 leaves a sequence no position: its rows are zeros, the others are unaffected."""
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(shape, generator=gen) for shape in ((2, 1, 4, 16), (2, 1, 50, 16), (2, 1, 50, 16)))
+    lengths = torch.tensor([0, 50], dtype=torch.int32)
+    z = mlra_decode_attn_cpu(q, k, v, None, lengths, 1, False, 0.25)
+    assert (z[0] == 0).all()
+    exact, _ = _torch_attention(q[1:].double(), k[1:].double(), v[1:].double(), 0.25, B=1, H=4, g=1, t=1,
+                                causal=False, key_padding_mask=None, attn_mask=None, lengths=None, dropout_p=0.0,
+                                need_weights=False)
+    assert (z[1:].double() - exact).abs().max().item() < 1e-5
+
+
+def test_the_splits_of_one_sequence_merge_exactly_enough():
+    """One sequence, 2,000 positions and several threads' worth of splits: within fp32 rounding of float64."""
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(shape, generator=gen) for shape in ((1, 1, 8, 32), (1, 1, 2000, 32), (1, 1, 2000, 32)))
+    got = mlra_decode_attn_cpu(q, k, v, None, None, 1, True, 0.2).double()
+    exact, _ = _torch_attention(q.double(), k.double(), v.double(), 0.2, B=1, H=8, g=1, t=1, causal=True,
+                                key_padding_mask=None, attn_mask=None, lengths=None, dropout_p=0.0,
+                                need_weights=False)
+    assert (got - exact).abs().max().item() <= 16 * torch.finfo(torch.float32).eps * exact.abs().max().item()
+
+
+def test_choice_and_its_reasons():
+    x = torch.randn(2, 1, 64)
+    assert kernel_path(x, op="decode") == "cpu-kernel" and "C++" in explain(x, op="decode")
+    assert kernel_path(x.bfloat16(), op="decode") == "torch" and "float32" in explain(x.bfloat16(), op="decode")
+    assert kernel_path(x.double(), op="decode") == "torch"
+    assert kernel_path(x, op="decode", need_weights=True) == "torch"
+    assert kernel_path(x, op="decode", requires_grad=True) == "torch"
+    with use_backend("torch"):
+        assert kernel_path(x, op="decode") == "torch"
+
+
+def test_gradients_take_the_torch_path_with_one_warning(monkeypatch):
+    monkeypatch.setattr(_warnings, "_WARNED", set())
+    B, t, S, H, g, r, dh = 2, 1, 20, 4, 1, 16, 16
+    x, down, up, bias, c_k, c_v = (a.float() for a in decode_case(B, t, S, H, g, r, dh))
+    x.requires_grad_()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out, _ = mlra_decode(x, down, up, bias, cache_k=c_k, cache_v=c_v, num_heads=H, latent_groups=g)
+    out.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert sum("requires grad" in str(w.message) for w in caught) == 1
+
+
+def test_without_a_loadable_extension_it_warns_and_computes_the_same(monkeypatch):
+    B, t, S, H, g, r, dh = 2, 1, 60, 4, 2, 16, 16
+    case = decode_case(B, t, S, H, g, r, dh)
+    kpm = padding(B, S, "bool")
+    expected = decode("auto", torch.float32, case, H=H, g=g, kpm=kpm)
+
+    def missing():
+        raise _ext.ExtensionNotAvailableError("mlra_kernels._C is stale")
+
+    monkeypatch.setattr(_ext, "load", missing)
+    monkeypatch.setattr(_warnings, "_WARNED", set())
+    with pytest.warns(UserWarning, match="C\\+\\+ decode kernel is not available.*stale"):
+        got = decode("auto", torch.float32, case, H=H, g=g, kpm=kpm)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_op_rejects_what_it_cannot_read():
+    q, k = torch.randn(1, 1, 4, 16), torch.randn(1, 1, 10, 16)
+    with pytest.raises(RuntimeError, match="k must be float32"):
+        torch.ops.mlra.latent_decode_cpu(q, k.double(), k, None, None, 1, True, 0.25)
+    strided = torch.randn(1, 1, 10, 32)[..., ::2]  # every other column: stride 2 in r
+    with pytest.raises(RuntimeError, match="k must have a contiguous last dimension"):
+        torch.ops.mlra.latent_decode_cpu(q, strided, k, None, None, 1, True, 0.25)
+    with pytest.raises(RuntimeError, match="kpm must be a float32 CPU"):
+        torch.ops.mlra.latent_decode_cpu(q, k, k, torch.zeros(1, 9), None, 1, True, 0.25)
+    with pytest.raises(RuntimeError, match="t_new=3 must divide"):
+        torch.ops.mlra.latent_decode_cpu(q, k, k, None, None, 3, True, 0.25)
+
+
+def test_opcheck_and_compile():
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(shape, generator=gen) for shape in ((2, 2, 3, 16), (2, 2, 40, 16), (2, 2, 40, 16)))
+    kpm = _additive_kpm(padding(2, 40, "bool"))
+    lengths = torch.tensor([40, 25], dtype=torch.int32)
+    torch.library.opcheck(torch.ops.mlra.mlra_decode_attn_cpu.default, (q, k, v, kpm, lengths, 1, True, 0.25))
+
+    B, t, S, H, g, r, dh = 2, 1, 30, 4, 1, 16, 16
+    x, down, up, bias, c_k, c_v = (a.float() for a in decode_case(B, t, S, H, g, r, dh))
+
+    def step(x, c_k, c_v):
+        return mlra_decode(x, down, up, bias, cache_k=c_k, cache_v=c_v, num_heads=H, latent_groups=g)[0]
+
+    with torch.no_grad():
+        eager = step(x, c_k, c_v)
+        compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(x, c_k, c_v)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    assert backend.DECODE_KERNELS[-1] == "cpu-kernel"
