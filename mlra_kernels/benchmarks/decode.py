@@ -9,17 +9,20 @@ layers of ``mlra_kernels.models.GPT2`` (projections, cache write, attention and 
   torch's SDPA over the cached ``S + 1`` keys;
 - ``mlra-g1`` (``g = 1``, ``r = d/4``) and ``mlra-gH`` (``g = H``, ``g·r = d/4``): the latents ``c_K, c_V``
   written into a preallocated group-major ``[B, g, S_max, r]`` cache and ``mlra_decode`` over them
-  (absorbed form: no K or V is built). On CUDA ``mlra_decode`` runs the split-KV Triton decode kernel;
-- ``mlra-g1-torch``, ``mlra-gH-torch`` (CUDA only, default there): the same layers with decode's torch
-  path forced (GEMMs and SDPA on the latents), the baseline of the kernel in the same run. Each row
-  records the ``decode_path`` it ran.
+  (absorbed form: no K or V is built). ``mlra_decode`` runs the split-KV Triton kernel on CUDA and the
+  C++ split-KV kernel on the CPU;
+- ``mlra-g1-torch``, ``mlra-gH-torch``: the same layers with decode's torch path forced (GEMMs and SDPA on
+  the latents), the baseline of the kernels in the same run. Each row records the ``decode_path`` it ran.
 
 Bytes per step are the cache read (``2·B·(S+1)`` times the per-token width: ``d`` for MHA, ``g·r`` for
 MLRA) plus the layer's weights; ``fraction_of_read_bw`` compares the achieved rate with a plain
 ``buffer.sum()`` of 256 MB measured in the same run. The cache is filled with random values (the
 values do not change the time), and the step is timed with its length rewound, so every repetition
-appends at position ``S``, and with the CPU caches flushed before each repetition, as they are in a
-model whose other layers run in between (on GPU ``do_bench`` flushes L2).
+appends at position ``S``. On the CPU a pass runs through a stack of copies of the layer, each with its
+own weights and cache, holding at least 96 MB together (``STACK_BYTES``), and the time per layer is the
+pass's over the stack's depth: as in a model, each layer finds its data evicted by the layers before it,
+while code and framework state stay warm (``stack_depth`` in each row). The variants of one (B, S) are
+timed round by round, in a rotating order. On the GPU ``do_bench`` times one layer and flushes L2.
 
 It also times ``GPT2.generate()`` end to end (MLRA against MHA), and a Hugging Face GPT-2 converted with
 ``convert_gpt2`` against the original (when transformers is installed).
@@ -34,6 +37,7 @@ import argparse
 import contextlib
 import sys
 import time
+from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -116,62 +120,101 @@ def read_bandwidth(device: str, rep: int) -> float:
     return rate
 
 
-_FLUSH: list[torch.Tensor] = []
+# The CPU timing runs a stack of copies of the layer, each with its own weights and cache, and divides a
+# pass over the stack by its depth: as in a model, every layer finds its data evicted by the layers before
+# it, while the code and the framework's own state stay warm. The stack holds at least this many bytes,
+# three times this machine's 32 MB last-level cache (a layer that alone holds more is timed by itself).
+STACK_BYTES = 96 * 2**20
+MAX_STACK = 32
+CPU_ROUNDS_DEFAULT = 20
 
 
-def time_cold_cpu(fn, rep: int) -> dict:
-    """``time_cpu`` with the CPU caches flushed before each repetition (128 MB written), as they are in a
-    model whose other layers read their own caches between two steps of this one; without it a small
-    cache stays in L3 and its step looks faster than it is in a model (``do_bench`` does the same on GPU)."""
-    if not _FLUSH:
-        _FLUSH.append(torch.empty(32 * 2**20))
-    scratch = _FLUSH[0]
-    times = []
-    fn()
-    for _ in range(rep):
-        scratch.fill_(1.0)
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return _summary(times)
+class _LayerStack:
+    """``depth`` copies of one variant's layer with their filled caches, for one (B, S)."""
+
+    def __init__(self, variant: str, B: int, S: int, d: int, H: int, device: str, dtype) -> None:
+        # "-torch": the same layers with decode's torch path forced, the baseline of the decode kernels.
+        self.forced = variant in TORCH_PATH_VARIANTS
+        self.name, self.S = variant.removesuffix("-torch"), S
+        self.cfg = variant_config(self.name, d, H, S + 1)
+        self.layers, self.caches = [], []
+        self.x = torch.randn(B, 1, d, device=device, dtype=dtype)
+        self._add(device, dtype)
+        elem = torch.finfo(dtype).bits // 8
+        self.cache_bytes = 2 * B * (S + 1) * self.width * elem
+        self.weight_bytes = sum(p.numel() for p in self.layers[0].parameters()) * elem
+        per_layer = self.cache_bytes + self.weight_bytes
+        depth = 1 if device == "cuda" else min(MAX_STACK, max(1, -(-STACK_BYTES // per_layer)))
+        while len(self.layers) < depth:
+            self._add(device, dtype)
+
+    def _add(self, device, dtype) -> None:
+        self.layers.append(_layer(self.name, self.cfg, device, dtype))
+        cache, self.width = _filled_cache(self.name, self.cfg, self.x.shape[0], self.S, device, dtype)
+        self.caches.append(cache)
+
+    def step(self) -> None:
+        """One decode step through every layer of the stack (each appends at position ``S``)."""
+        with use_backend("torch") if self.forced else contextlib.nullcontext():
+            for layer, cache in zip(self.layers, self.caches):
+                cache.length = self.S  # rewind: every repetition appends at position S
+                layer(self.x, cache)
+
+    def decode_path(self) -> Optional[str]:
+        if self.name == "mha":
+            return None
+        x = self.x.new_empty(self.x.shape)
+        with use_backend("torch") if self.forced else contextlib.nullcontext():
+            return kernel_path(x, op="decode", requires_grad=False)
 
 
-def bench_step(name: str, B: int, S: int, d: int, H: int, device: str, dtype, rep: int, bw: float) -> dict:
-    forced = name in TORCH_PATH_VARIANTS
-    with use_backend("torch") if forced else contextlib.nullcontext():
-        row = _bench_step(name.removesuffix("-torch"), B, S, d, H, device, dtype, rep, bw)
-        row["decode_path"] = None if name == "mha" else kernel_path(
-            torch.empty(B, 1, d, device=device, dtype=dtype), op="decode", requires_grad=False)
-    row["variant"] = name
-    return row
-
-
-def _bench_step(name: str, B: int, S: int, d: int, H: int, device: str, dtype, rep: int, bw: float) -> dict:
-    cfg = variant_config(name, d, H, S + 1)
-    layer = _layer(name, cfg, device, dtype)
-    cache, width = _filled_cache(name, cfg, B, S, device, dtype)
-    x = torch.randn(B, 1, d, device=device, dtype=dtype)
-
-    def step():
-        cache.length = S  # rewind: every repetition appends at position S
-        return layer(x, cache)
-
-    with torch.no_grad():
-        t = time_gpu(step) if device == "cuda" else time_cold_cpu(step, rep)
-    elem = torch.finfo(dtype).bits // 8
-    cache_bytes = 2 * B * (S + 1) * width * elem
-    weight_bytes = sum(p.numel() for p in layer.parameters()) * elem
-    nbytes = cache_bytes + weight_bytes
-    del cache
+def _row(stack: _LayerStack, name: str, t: dict, device: str, dtype, bw: float) -> dict:
+    B, S, cfg = stack.x.shape[0], stack.S, stack.cfg
+    nbytes = stack.cache_bytes + stack.weight_bytes
     return {
         "op": "decode_step", "variant": name, "device_type": device, "dtype": str(dtype).replace("torch.", ""),
-        "B": B, "S": S, "d": d, "H": H, "g": getattr(cfg, "latent_groups", 1) if name != "mha" else None,
-        "r": cfg.rank if name != "mha" else None, "cache_numbers_per_token": 2 * width,
+        "B": B, "S": S, "d": cfg.n_embd, "H": cfg.n_head,
+        "g": getattr(cfg, "latent_groups", 1) if stack.name != "mha" else None,
+        "r": cfg.rank if stack.name != "mha" else None, "cache_numbers_per_token": 2 * stack.width,
+        "stack_depth": len(stack.layers),
         "ms": t["ms"], "ms_p20": t["ms_p20"], "ms_p80": t["ms_p80"],
-        "bytes": nbytes, "cache_bytes": cache_bytes, "gbps": gbps(nbytes, t["ms"]),
+        "bytes": nbytes, "cache_bytes": stack.cache_bytes, "gbps": gbps(nbytes, t["ms"]),
         "read_bw_gbps": bw, "fraction_of_read_bw": gbps(nbytes, t["ms"]) / bw,
         "tokens_per_s": B / (t["ms"] / 1e3),
     }
+
+
+def bench_point_cpu(names: list[str], B: int, S: int, d: int, H: int, dtype, rounds: int, bw: float) -> list[dict]:
+    """Every variant's step at one (B, S) on the CPU, per layer of its stack, measured round by round: each
+    round times one pass of every variant's stack, in an order that rotates from round to round, so that
+    a slow stretch of a shared machine falls on all of them alike. Median and 20/80% quantiles."""
+    stacks = {name: _LayerStack(name, B, S, d, H, "cpu", dtype) for name in names}
+    times: dict[str, list[float]] = {name: [] for name in names}
+    with torch.no_grad():
+        for name in names:
+            stacks[name].step()  # warm-up
+        for k in range(rounds):
+            order = names[k % len(names):] + names[:k % len(names)]
+            for name in order:
+                t0 = time.perf_counter()
+                stacks[name].step()
+                times[name].append((time.perf_counter() - t0) * 1e3 / len(stacks[name].layers))
+    rows = []
+    for name in names:
+        row = _row(stacks[name], name, _summary(times[name]), "cpu", dtype, bw)
+        row["decode_path"] = stacks[name].decode_path()
+        rows.append(row)
+    return rows
+
+
+def bench_step(name: str, B: int, S: int, d: int, H: int, device: str, dtype, bw: float) -> dict:
+    """One variant's step on the GPU (``do_bench``, which flushes L2 between repetitions)."""
+    stack = _LayerStack(name, B, S, d, H, device, dtype)
+    with torch.no_grad():
+        t = time_gpu(stack.step)
+    row = _row(stack, name, t, device, dtype, bw)
+    row["decode_path"] = stack.decode_path()
+    return row
 
 
 def bench_generate(device: str, dtype, B: int, prompt: int, new: int) -> list[dict]:
@@ -234,11 +277,11 @@ def build_parser(prog: str = "mlra bench decode") -> argparse.ArgumentParser:
     p.add_argument("--lengths", type=lambda s: [positive_int(v) for v in s.split(",")], default=None,
                    help="comma list of cached lengths S (default 512,2048,8192)")
     p.add_argument("--variants", type=comma_list(VARIANTS + TORCH_PATH_VARIANTS), default=None,
-                   help=f"comma list of {', '.join(VARIANTS + TORCH_PATH_VARIANTS)} (default: all on CUDA; "
-                        f"{', '.join(VARIANTS)} on CPU, where decode runs the torch path anyway)")
+                   help=f"comma list of {', '.join(VARIANTS + TORCH_PATH_VARIANTS)} (default: all)")
     p.add_argument("--width", type=positive_int, default=512, help="model width d (default 512)")
     p.add_argument("--heads", type=positive_int, default=8, help="heads H (default 8)")
-    p.add_argument("--rep", type=positive_int, default=20, help="CPU repetitions per measurement (default 20)")
+    p.add_argument("--rep", type=positive_int, default=CPU_ROUNDS_DEFAULT,
+                   help=f"CPU rounds per (B, S) point (default {CPU_ROUNDS_DEFAULT}), each timing every variant once")
     p.add_argument("--no-generate", action="store_true", help="skip the end-to-end generate() rows")
     p.add_argument("--out", default=None,
                    help="folder for decode_<device>.json, relative to the current folder (default: bench/results "
@@ -263,11 +306,13 @@ def run(args: argparse.Namespace) -> int:
     bw = read_bandwidth(args.device, args.rep)
     print(f"read bandwidth (sum of 256 MB): {bw:.1f} GB/s", flush=True)
     rows = []
-    variants = args.variants or list(VARIANTS + (TORCH_PATH_VARIANTS if args.device == "cuda" else ()))
-    cases = [(B, S, v) for B in batches for S in lengths for v in variants]
-    for B, S, v in tqdm(cases, desc="decode bench", unit="step", file=sys.stderr):
-        row = bench_step(v, B, S, d, H, args.device, dtype, args.rep, bw)
-        rows.append(row)
+    variants = args.variants or list(VARIANTS + TORCH_PATH_VARIANTS)
+    points = [(B, S) for B in batches for S in lengths]
+    for B, S in tqdm(points, desc="decode bench", unit="point", file=sys.stderr):
+        if args.device == "cpu":
+            rows += bench_point_cpu(variants, B, S, d, H, dtype, args.rep, bw)
+        else:
+            rows += [bench_step(v, B, S, d, H, args.device, dtype, bw) for v in variants]
     by_key = {(r["B"], r["S"], r["variant"]): r for r in rows}
     for r in rows:
         mha = by_key.get((r["B"], r["S"], "mha"))

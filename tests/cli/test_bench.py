@@ -346,10 +346,15 @@ def test_decode_benchmark_tiny_run_writes_rows_with_speedups(tmp_path):
     assert rc == 0
     data = json.loads((tmp_path / "decode_cpu.json").read_text())
     rows = data["rows"]
-    assert {(r["S"], r["variant"]) for r in rows} == {(S, v) for S in (16, 40) for v in decode.VARIANTS}
+    variants = decode.VARIANTS + decode.TORCH_PATH_VARIANTS
+    assert {(r["S"], r["variant"]) for r in rows} == {(S, v) for S in (16, 40) for v in variants}
     for r in rows:
         assert r["ms"] > 0 and r["bytes"] > r["cache_bytes"] > 0 and r["speedup_vs_mha"] > 0
         assert r["cache_numbers_per_token"] == (2 * 64 if r["variant"] == "mha" else 2 * 16)
+        # Tiny layers: the stack is as deep as it may be, so each layer's data has left the caches.
+        assert r["stack_depth"] == decode.MAX_STACK
+        expected_path = None if r["variant"] == "mha" else "torch" if r["variant"].endswith("-torch") else "cpu-kernel"
+        assert r["decode_path"] == expected_path
 
 
 def test_decode_benchmark_refuses_bad_flags(tmp_path, capsys):
