@@ -27,6 +27,10 @@
 #define MLRA_TARGET_AVX2 __attribute__((target("avx2,fma")))
 #endif
 
+#ifndef MLRA_DECODE_PREFETCH
+#define MLRA_DECODE_PREFETCH 1
+#endif
+
 #if defined(__GNUC__)
 #define MLRA_INLINE inline __attribute__((always_inline))
 #else
@@ -38,6 +42,7 @@ namespace {
 
 constexpr int64_t kKeyBlock = 64;     // keys scored per step of the online softmax
 constexpr int64_t kMinSplit = 256;    // the fewest keys a task is given
+constexpr float kLog2e = 1.44269504088896341f;
 
 struct Problem {
   const float* q;
@@ -82,16 +87,34 @@ MLRA_INLINE v8f load8(const float* p) { return *reinterpret_cast<const v8f_u*>(p
 MLRA_INLINE void store8(float* p, v8f x) { *reinterpret_cast<v8f_u*>(p) = x; }
 MLRA_INLINE float hsum8(v8f x) { return ((x[0] + x[4]) + (x[1] + x[5])) + ((x[2] + x[6]) + (x[3] + x[7])); }
 
-// exp(x) for x <= 0 (scores minus their running max), eight at a time: 2^n · 2^f with n = round(x·log2 e),
-// f in [-1/2, 1/2] and 2^f by its Taylor series to degree 7 (relative error below 1e-8, under one fp32 ulp).
-// Below 2^-126 it returns 2^-126·2^f instead of 0; callers zero the positions that are not attended.
-MLRA_INLINE v8f exp8(v8f x) {
-  const v8f log2e = v8f{} + 1.44269504088896341f, magic = v8f{} + 12582912.f, lo = v8f{} - 126.f;
-  v8f t = x * log2e;
+#if defined(__clang__)
+#define MLRA_SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define MLRA_SHUFFLE(a, b, ...) __builtin_shuffle(a, b, v8i{__VA_ARGS__})
+#endif
+
+// The eight sums of eight vectors, as one vector: three rounds of pairwise adds (21 shuffles and adds
+// where eight separate horizontal sums take 56).
+MLRA_INLINE v8f hsum8x8(v8f v0, v8f v1, v8f v2, v8f v3, v8f v4, v8f v5, v8f v6, v8f v7) {
+  const v8f x01 = MLRA_SHUFFLE(v0, v1, 0, 8, 2, 10, 4, 12, 6, 14) + MLRA_SHUFFLE(v0, v1, 1, 9, 3, 11, 5, 13, 7, 15);
+  const v8f x23 = MLRA_SHUFFLE(v2, v3, 0, 8, 2, 10, 4, 12, 6, 14) + MLRA_SHUFFLE(v2, v3, 1, 9, 3, 11, 5, 13, 7, 15);
+  const v8f x45 = MLRA_SHUFFLE(v4, v5, 0, 8, 2, 10, 4, 12, 6, 14) + MLRA_SHUFFLE(v4, v5, 1, 9, 3, 11, 5, 13, 7, 15);
+  const v8f x67 = MLRA_SHUFFLE(v6, v7, 0, 8, 2, 10, 4, 12, 6, 14) + MLRA_SHUFFLE(v6, v7, 1, 9, 3, 11, 5, 13, 7, 15);
+  const v8f y03 = MLRA_SHUFFLE(x01, x23, 0, 1, 8, 9, 4, 5, 12, 13) + MLRA_SHUFFLE(x01, x23, 2, 3, 10, 11, 6, 7, 14, 15);
+  const v8f y47 = MLRA_SHUFFLE(x45, x67, 0, 1, 8, 9, 4, 5, 12, 13) + MLRA_SHUFFLE(x45, x67, 2, 3, 10, 11, 6, 7, 14, 15);
+  return MLRA_SHUFFLE(y03, y47, 0, 1, 2, 3, 8, 9, 10, 11) + MLRA_SHUFFLE(y03, y47, 4, 5, 6, 7, 12, 13, 14, 15);
+}
+
+// 2^t for t <= 0 (scores minus their running max, in base 2), eight at a time: 2^n · 2^f with
+// n = round(t), f in [-1/2, 1/2] and 2^f = e^(f·ln 2) by its Taylor series to degree 7 (relative error
+// below 1e-8, under one fp32 ulp). Below 2^-126 it returns 2^-126·2^f instead of 0; callers zero the
+// positions that are not attended.
+MLRA_INLINE v8f exp2_8(v8f t) {
+  const v8f magic = v8f{} + 12582912.f, lo = v8f{} - 126.f;
   t = t < lo ? lo : t;
   const v8f u = t + magic;  // round to nearest: the integer sits in u's low mantissa bits
   const v8f n = u - magic;
-  const v8f f = (t - n) * 0.693147180559945309f;  // 2^(t - n) = e^f, |f| <= ln2 / 2
+  const v8f f = (t - n) * 0.693147180559945309f;
   v8f p = v8f{} + (1.f / 5040.f);
   p = p * f + (1.f / 720.f);
   p = p * f + (1.f / 120.f);
@@ -104,15 +127,16 @@ MLRA_INLINE v8f exp8(v8f x) {
   return p * reinterpret_cast<const v8f&>(e);
 }
 
-MLRA_INLINE float exp1(float x) {
-  v8f v = v8f{} + x;
-  return exp8(v)[0];
+MLRA_INLINE float exp2_1(float t) {
+  v8f v = v8f{} + t;
+  return exp2_8(v)[0];
 }
 
-// Scores of rows m and m + 1 (m1 = false: row m only) against four keys, eight columns at a time.
+// Scores of rows m and m + 1 (kTwo = false: row m only) against four keys, eight columns at a time; the
+// rows come scaled, so these are the scores in base-2 units.
 template <bool kTwo>
-MLRA_INLINE void scores_4x(const float* q0, const float* q1, const float* k0, int64_t ks, int64_t R, float scale,
-                           float* s0, float* s1) {
+MLRA_INLINE void scores_4x(const float* q0, const float* q1, const float* k0, int64_t ks, int64_t R, float* s0,
+                           float* s1) {
   const float* k1 = k0 + ks;
   const float* k2 = k1 + ks;
   const float* k3 = k2 + ks;
@@ -132,35 +156,19 @@ MLRA_INLINE void scores_4x(const float* q0, const float* q1, const float* k0, in
       b3 += x1 * y3;
     }
   }
-  float r0 = hsum8(a0), r1 = hsum8(a1), r2 = hsum8(a2), r3 = hsum8(a3);
-  float t0 = 0.f, t1 = 0.f, t2 = 0.f, t3 = 0.f;
-  if constexpr (kTwo) {
-    t0 = hsum8(b0);
-    t1 = hsum8(b1);
-    t2 = hsum8(b2);
-    t3 = hsum8(b3);
-  }
+  const v8f sums = hsum8x8(a0, a1, a2, a3, b0, b1, b2, b3);  // [row m: keys 0-3, row m + 1: keys 0-3]
+  float r[8];
+  store8(r, sums);
   for (; l < R; ++l) {
-    r0 += q0[l] * k0[l];
-    r1 += q0[l] * k1[l];
-    r2 += q0[l] * k2[l];
-    r3 += q0[l] * k3[l];
-    if constexpr (kTwo) {
-      t0 += q1[l] * k0[l];
-      t1 += q1[l] * k1[l];
-      t2 += q1[l] * k2[l];
-      t3 += q1[l] * k3[l];
+    for (int j = 0; j < 4; ++j) {
+      const float kv = (k0 + j * ks)[l];
+      r[j] += q0[l] * kv;
+      if constexpr (kTwo) r[4 + j] += q1[l] * kv;
     }
   }
-  s0[0] = r0 * scale;
-  s0[1] = r1 * scale;
-  s0[2] = r2 * scale;
-  s0[3] = r3 * scale;
-  if constexpr (kTwo) {
-    s1[0] = t0 * scale;
-    s1[1] = t1 * scale;
-    s1[2] = t2 * scale;
-    s1[3] = t3 * scale;
+  for (int j = 0; j < 4; ++j) {
+    s0[j] = r[j];
+    if constexpr (kTwo) s1[j] = r[4 + j];
   }
 }
 
@@ -203,16 +211,22 @@ MLRA_INLINE void accumulate_pv(float* __restrict acc, const float* __restrict s_
 }
 
 // One task: rows [0, M) of (b, grp) against the keys [j0, j1). Writes the unnormalised accumulator
-// acc [M, R], the running max mx [M] and sum sm [M] (mx = -inf, sm = 0 for a row that saw no key).
+// acc [M, R], the running max mx [M] and sum sm [M] of the base-2 scores (mx = -inf, sm = 0 for a row
+// that saw no key). scratch: M·(kKeyBlock + R) floats.
 MLRA_INLINE void run_task(const Problem& p, int64_t b, int64_t grp, int64_t j0, int64_t j1, float* __restrict acc,
-                          float* __restrict mx, float* __restrict sm, float* __restrict s_buf) {
+                          float* __restrict mx, float* __restrict sm, float* __restrict scratch) {
   const int64_t M = p.M, R = p.R;
-  const float* q = p.q + b * p.q_sb + grp * p.q_sg;
   const float* k = p.k + b * p.k_sb + grp * p.k_sg;
   const float* v = p.v + b * p.v_sb + grp * p.v_sg;
   const int64_t L = length_of(p, b);
   const float neg_inf = -std::numeric_limits<float>::infinity();
+  float* s_buf = scratch;
+  // The rows scaled by scale·log2(e) once: scores come out in base 2, for exp2.
+  float* q = scratch + M * kKeyBlock;
+  const float qscale = p.scale * kLog2e;
   for (int64_t m = 0; m < M; ++m) {
+    const float* src = p.q + b * p.q_sb + grp * p.q_sg + m * p.q_sm;
+    for (int64_t l = 0; l < R; ++l) q[m * R + l] = src[l] * qscale;
     mx[m] = neg_inf;
     sm[m] = 0.f;
   }
@@ -220,6 +234,7 @@ MLRA_INLINE void run_task(const Problem& p, int64_t b, int64_t grp, int64_t j0, 
   j1 = std::min(j1, L);
   for (int64_t jb = j0; jb < j1; jb += kKeyBlock) {
     const int64_t nb = std::min(kKeyBlock, j1 - jb);
+#if MLRA_DECODE_PREFETCH
     // Ask for the next block's cache lines now: they arrive while this block is computed.
     const int64_t nxt = std::min(kKeyBlock, j1 - jb - nb);
     for (int64_t jj = 0; jj < nxt; ++jj) {
@@ -230,57 +245,68 @@ MLRA_INLINE void run_task(const Problem& p, int64_t b, int64_t grp, int64_t j0, 
         __builtin_prefetch(vr + off);
       }
     }
+#endif
     // Scores s[m][jj] of the block: two rows by four keys at a time.
     int64_t m = 0;
     for (; m + 2 <= M; m += 2) {
-      const float* q0 = q + m * p.q_sm;
+      const float* q0 = q + m * R;
       int64_t jj = 0;
       for (; jj + 4 <= nb; jj += 4)
-        scores_4x<true>(q0, q0 + p.q_sm, k + (jb + jj) * p.k_ss, p.k_ss, R, p.scale, s_buf + m * kKeyBlock + jj,
+        scores_4x<true>(q0, q0 + R, k + (jb + jj) * p.k_ss, p.k_ss, R, s_buf + m * kKeyBlock + jj,
                         s_buf + (m + 1) * kKeyBlock + jj);
       for (; jj < nb; ++jj) {
         const float* kj = k + (jb + jj) * p.k_ss;
-        s_buf[m * kKeyBlock + jj] = dot(q0, kj, R) * p.scale;
-        s_buf[(m + 1) * kKeyBlock + jj] = dot(q0 + p.q_sm, kj, R) * p.scale;
+        s_buf[m * kKeyBlock + jj] = dot(q0, kj, R);
+        s_buf[(m + 1) * kKeyBlock + jj] = dot(q0 + R, kj, R);
       }
     }
     if (m < M) {
-      const float* q0 = q + m * p.q_sm;
+      const float* q0 = q + m * R;
       int64_t jj = 0;
       for (; jj + 4 <= nb; jj += 4)
-        scores_4x<false>(q0, nullptr, k + (jb + jj) * p.k_ss, p.k_ss, R, p.scale, s_buf + m * kKeyBlock + jj, nullptr);
-      for (; jj < nb; ++jj) s_buf[m * kKeyBlock + jj] = dot(q0, k + (jb + jj) * p.k_ss, R) * p.scale;
+        scores_4x<false>(q0, nullptr, k + (jb + jj) * p.k_ss, p.k_ss, R, s_buf + m * kKeyBlock + jj, nullptr);
+      for (; jj < nb; ++jj) s_buf[m * kKeyBlock + jj] = dot(q0, k + (jb + jj) * p.k_ss, R);
     }
-    if (p.kpm != nullptr) {
+    if (p.kpm != nullptr) {  // padding, in base 2 too, with the sum clamped at fp32's lowest value
       const float* pad = p.kpm + b * p.kpm_sb + jb;
       const float lowest = std::numeric_limits<float>::lowest();
       for (m = 0; m < M; ++m) {
         float* s = s_buf + m * kKeyBlock;
-        for (int64_t jj = 0; jj < nb; ++jj) s[jj] = std::max(s[jj] + std::max(pad[jj], lowest), lowest);
+        for (int64_t jj = 0; jj < nb; ++jj) s[jj] = std::max(s[jj] + pad[jj] * kLog2e, lowest);
       }
     }
     // Online softmax per row: keys at or past the row's limit are not part of it (their p is 0).
     for (m = 0; m < M; ++m) {
       float* s = s_buf + m * kKeyBlock;
       const int64_t valid = std::min<int64_t>(std::max<int64_t>(keys_of_row(p, L, m) - jb, 0), nb);
-      float bmax = neg_inf;
-      for (int64_t jj = 0; jj < valid; ++jj) bmax = std::max(bmax, s[jj]);
-      if (valid == 0 || bmax == neg_inf) {
+      if (valid == 0) {
+        std::fill(s, s + nb, 0.f);
+        continue;
+      }
+      v8f vmax = v8f{} + neg_inf;
+      int64_t jj = 0;
+      for (; jj + 8 <= valid; jj += 8) {
+        const v8f x = load8(s + jj);
+        vmax = x > vmax ? x : vmax;
+      }
+      float bmax = std::max(std::max(std::max(vmax[0], vmax[1]), std::max(vmax[2], vmax[3])),
+                            std::max(std::max(vmax[4], vmax[5]), std::max(vmax[6], vmax[7])));
+      for (; jj < valid; ++jj) bmax = std::max(bmax, s[jj]);
+      if (bmax == neg_inf) {
         std::fill(s, s + nb, 0.f);
         continue;
       }
       const float new_max = std::max(mx[m], bmax);
-      const float corr = mx[m] == neg_inf ? 0.f : exp1(mx[m] - new_max);
+      const float corr = mx[m] == neg_inf ? 0.f : exp2_1(mx[m] - new_max);
       v8f vsum{};
-      int64_t jj = 0;
-      for (; jj + 8 <= valid; jj += 8) {
-        const v8f e = exp8(load8(s + jj) - new_max);
+      for (jj = 0; jj + 8 <= valid; jj += 8) {
+        const v8f e = exp2_8(load8(s + jj) - new_max);
         store8(s + jj, e);
         vsum += e;
       }
       float sum = hsum8(vsum);
       for (; jj < valid; ++jj) {
-        s[jj] = exp1(s[jj] - new_max);
+        s[jj] = exp2_1(s[jj] - new_max);
         sum += s[jj];
       }
       for (; jj < nb; ++jj) s[jj] = 0.f;
@@ -413,7 +439,7 @@ at::Tensor latent_decode_cpu(const at::Tensor& q, const at::Tensor& k, const at:
   std::vector<float> acc(static_cast<size_t>(tasks * M * R)), mx(static_cast<size_t>(tasks * M)),
       sm(static_cast<size_t>(tasks * M));
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> s_buf(static_cast<size_t>(M * kKeyBlock));
+    std::vector<float> s_buf(static_cast<size_t>(M * (kKeyBlock + R)));
 #if defined(MLRA_DECODE_AVX2)
     if (has_avx2()) {
       run_tasks_avx2(p, t0, t1, acc.data(), mx.data(), sm.data(), s_buf.data());
@@ -436,7 +462,7 @@ at::Tensor latent_decode_cpu(const at::Tensor& q, const at::Tensor& k, const at:
         float total = 0.f;
         for (int64_t s = 0; s < splits; ++s) {
           const int64_t t = bg * splits + s;
-          const float w = std::exp(mx[t * M + m] - gmax);  // 0 for a split that saw no key
+          const float w = std::exp2(mx[t * M + m] - gmax);  // 0 for a split that saw no key
           if (w == 0.f) continue;
           total += w * sm[t * M + m];
           const float* a = acc.data() + (t * M + m) * R;

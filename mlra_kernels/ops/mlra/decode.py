@@ -136,6 +136,28 @@ def _(q, k, v, kpm, lengths, t_new, causal, scale):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
+# The C++ op once the extension has loaded (empty before the first eager call, [None] when it cannot load).
+_CPU_KERNEL: list = []
+
+
+def _cpu_decode_attention(q, k, v, kpm, lengths, t_new: int, causal: bool, scale: float) -> Tensor:
+    """The ``"cpu-kernel"`` path's ``Z``: in eager mode the C++ op itself (a decode step is short, and the
+    custom op's Python dispatch costs about as much as a small layer's attention), under
+    ``torch.compile`` the custom op, which the compiler sees as one opaque call."""
+    if not torch.compiler.is_compiling():
+        if not _CPU_KERNEL:
+            from mlra_kernels import _ext
+
+            try:
+                _ext.load()
+                _CPU_KERNEL.append(torch.ops.mlra.latent_decode_cpu)
+            except _ext.ExtensionNotAvailableError:
+                _CPU_KERNEL.append(None)  # the custom op warns once and computes the same with SDPA
+        if _CPU_KERNEL[0] is not None:
+            return _CPU_KERNEL[0](q, k, v, kpm, lengths, t_new, causal, scale)
+    return mlra_decode_attn_cpu(q, k, v, kpm, lengths, t_new, causal, scale)
+
+
 def _additive_kpm(key_padding_mask: Optional[Tensor]) -> Optional[Tensor]:
     """The kernel's key padding: fp32, added to the scores (-inf where a bool mask says padding), with
     its key dimension contiguous (the kernel reads one row per sequence with unit stride)."""
@@ -276,16 +298,19 @@ def mlra_decode(
     elif choice.path == "cpu-kernel":
         if k.stride(-1) != 1 or v.stride(-1) != 1:  # a token-major cache of one latent column per group
             k, v = k.contiguous(), v.contiguous()
-        z = mlra_decode_attn_cpu(q_abs, k, v, _additive_kpm(key_padding_mask), cache_seqlens, t, bool(causal), s)
+        z = _cpu_decode_attention(q_abs, k, v, _additive_kpm(key_padding_mask), cache_seqlens, t, bool(causal), s)
     else:
         z, weights = _torch_attention(q_abs, k, v, s, B=B, H=H, g=g, t=t, causal=causal,
                                       key_padding_mask=key_padding_mask, attn_mask=attn_mask, lengths=cache_seqlens,
                                       dropout_p=dropout_p, need_weights=need_weights)
     # Z · B_Vᵀ per head, the batch in the rows again: [H, B·t, r] · [H, r, d_h].
     z_h = z.reshape(B, H, t, r).transpose(0, 1).reshape(H, B * t, r)
-    out = torch.bmm(z_h, up_v.view(H, dh, r).transpose(1, 2))  # [H, B·t, d_h]
-    out = out.view(H, B, t, dh).permute(1, 2, 0, 3).reshape(B, t, d)
-    return (out + b_v if b_v is not None else out), weights
+    up_vt = up_v.view(H, dh, r).transpose(1, 2)
+    if b_v is None:
+        out = torch.bmm(z_h, up_vt)  # [H, B·t, d_h]
+    else:
+        out = torch.baddbmm(b_v.view(H, 1, dh), z_h, up_vt)
+    return out.view(H, B, t, dh).permute(1, 2, 0, 3).reshape(B, t, d), weights
 
 
 def _torch_attention(q_abs, k, v, s, *, B, H, g, t, causal, key_padding_mask, attn_mask, lengths, dropout_p,

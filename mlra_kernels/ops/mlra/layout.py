@@ -229,9 +229,13 @@ def expand_rows(c: Tensor, up_p: Tensor, bias_p: Optional[Tensor], num_heads: in
     N = c.shape[0]
     d, r = up_p.shape
     H, dh, hpg = num_heads, d // num_heads, num_heads // g
-    out = torch.bmm(c.view(N, g, r).transpose(0, 1), up_p.view(g, hpg * dh, r).transpose(1, 2))  # [g, N, hpg·d_h]
-    if bias_p is not None:
-        out = out + bias_p.view(g, 1, hpg * dh)
+    c_g, up_g = c.view(N, g, r).transpose(0, 1), up_p.view(g, hpg * dh, r).transpose(1, 2)
+    if bias_p is None:
+        out = torch.bmm(c_g, up_g)  # [g, N, hpg·d_h]
+    else:
+        out = torch.baddbmm(bias_p.view(g, 1, hpg * dh), c_g, up_g)
+    if hpg == 1:
+        return out
     return out.view(g, N, hpg, dh).transpose(1, 2).reshape(H, N, dh)
 
 

@@ -13,6 +13,7 @@ import torch
 
 from mlra_kernels import _ext, _warnings
 from mlra_kernels.ops.mlra import backend, explain, kernel_path, mlra_decode, use_backend
+from mlra_kernels.ops.mlra import decode as decode_mod
 from mlra_kernels.ops.mlra.decode import _additive_kpm, _torch_attention, mlra_decode_attn_cpu
 from tests.helpers import assert_within_torch_error, decode_case, padding
 
@@ -161,6 +162,7 @@ def test_without_a_loadable_extension_it_warns_and_computes_the_same(monkeypatch
         raise _ext.ExtensionNotAvailableError("mlra_kernels._C is stale")
 
     monkeypatch.setattr(_ext, "load", missing)
+    monkeypatch.setattr(decode_mod, "_CPU_KERNEL", [])  # forget that it loaded before
     monkeypatch.setattr(_warnings, "_WARNED", set())
     with pytest.warns(UserWarning, match="C\\+\\+ decode kernel is not available.*stale"):
         got = decode("auto", torch.float32, case, H=H, g=g, kpm=kpm)
