@@ -72,6 +72,43 @@ def mlra_table(data: dict) -> str:
     return table(header, rows)
 
 
+def _span(values: list[float]) -> str:
+    lo, hi = min(values), max(values)
+    return f"{lo:.2f}×" if f"{lo:.2f}" == f"{hi:.2f}" else f"{lo:.2f}–{hi:.2f}×"
+
+
+def mlra_headline(data: dict) -> str:
+    """The ratios the targets are stated in, by shape class: wide latents (g = 1) and narrow ones (attention
+    on the latents: ``2·max(16, r) <= d_h``)."""
+    rows = data["rows"]
+    parts = []
+    for label, pick in (("g = 1", lambda r: r["g"] == 1),
+                        ("narrow latents", lambda r: 2 * max(16, r["r"]) <= r["d_h"])):
+        sel = [r for r in rows if pick(r)]
+        if not sel:
+            continue
+        parts.append(
+            f"{label} ({len(sel)} rows): forward+backward {_span([r['speedup_fwdbwd_vs_unfused'] for r in sel])} "
+            f"unfused MLRA and {_span([r['mha_fwdbwd_ms'] / r['ours_fwdbwd_ms'] for r in sel])} MHA, forward "
+            f"{_span([r['speedup_fwd_vs_mha'] for r in sel])} MHA, saved for backward "
+            f"{_span([r['saved_ratio_vs_unfused'] for r in sel])} unfused"
+        )
+    return "; ".join(parts) + "." if parts else ""
+
+
+def decode_headline(data: dict) -> str:
+    """MLRA's decode speed-up over MHA at 2,048 cached tokens and more, per variant, with its batch range."""
+    steps = [r for r in data["rows"] if r["op"] == "decode_step" and r["S"] >= 2048 and r.get("speedup_vs_mha")]
+    parts = []
+    for v in dict.fromkeys(r["variant"] for r in steps):
+        if v == "mha":
+            continue
+        sel = [r for r in steps if r["variant"] == v]
+        worst = min(sel, key=lambda r: r["speedup_vs_mha"])
+        parts.append(f"{v} {_span([r['speedup_vs_mha'] for r in sel])} (lowest at B = {worst['B']}, S = {worst['S']:,})")
+    return ("At 2,048 cached tokens and more, step speed-up over MHA: " + "; ".join(parts) + ".") if parts else ""
+
+
 def decode_table(data: dict) -> str:
     """One line per (B, S): the step time of each variant and MLRA's speed-up over MHA; then generate()."""
     steps = [r for r in data["rows"] if r["op"] == "decode_step"]
@@ -121,7 +158,9 @@ def pytest_benchmark_table(data: dict, path: pathlib.Path) -> str:
 
 def render(results: pathlib.Path = RESULTS) -> str:
     parts = []
-    for path in sorted(results.glob("*.json")):
+    # The training benchmark first, then decoding, then the rest: the README leads with the MLRA ratios.
+    order = {"mlra": 0, "decode": 1}
+    for path in sorted(results.glob("*.json"), key=lambda p: (order.get(p.name.split("_")[0], 2), p.name)):
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, ValueError) as err:
@@ -137,9 +176,16 @@ def render(results: pathlib.Path = RESULTS) -> str:
             if path.name.startswith("tev_"):
                 title, body = f"TEV reduction, {data['meta']['device_type'].upper()}", tev_table(data)
             elif path.name.startswith("decode_"):
-                title, body = f"Decode step on the KV cache, {data['meta']['device_type'].upper()}", decode_table(data)
+                title = f"Decode step on the KV cache, {data['meta']['device_type'].upper()}"
+                body = decode_table(data)
+                headline = decode_headline(data)
+                body = f"{headline}\n\n{body}" if headline else body
             elif path.name.startswith("mlra_"):
-                title, body = "MLRA attention" + (" (smoke shapes, not a speed result)" if "smoke" in path.name else ""), mlra_table(data)
+                smoke = "smoke" in path.name
+                title = "MLRA attention, training and prefill" + (" (smoke shapes, not a speed result)" if smoke else "")
+                body = mlra_table(data)
+                headline = "" if smoke else mlra_headline(data)
+                body = f"{headline}\n\n{body}" if headline else body
             else:
                 continue
             parts.append(f"**{title}.** {provenance(data['meta'], path)}\n\n{body}")

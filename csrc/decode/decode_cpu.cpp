@@ -27,10 +27,6 @@
 #define MLRA_TARGET_AVX2 __attribute__((target("avx2,fma")))
 #endif
 
-#ifndef MLRA_DECODE_PREFETCH
-#define MLRA_DECODE_PREFETCH 1
-#endif
-
 #if defined(__GNUC__)
 #define MLRA_INLINE inline __attribute__((always_inline))
 #else
@@ -234,18 +230,6 @@ MLRA_INLINE void run_task(const Problem& p, int64_t b, int64_t grp, int64_t j0, 
   j1 = std::min(j1, L);
   for (int64_t jb = j0; jb < j1; jb += kKeyBlock) {
     const int64_t nb = std::min(kKeyBlock, j1 - jb);
-#if MLRA_DECODE_PREFETCH
-    // Ask for the next block's cache lines now: they arrive while this block is computed.
-    const int64_t nxt = std::min(kKeyBlock, j1 - jb - nb);
-    for (int64_t jj = 0; jj < nxt; ++jj) {
-      const char* kr = reinterpret_cast<const char*>(k + (jb + nb + jj) * p.k_ss);
-      const char* vr = reinterpret_cast<const char*>(v + (jb + nb + jj) * p.v_ss);
-      for (int64_t off = 0; off < R * 4; off += 64) {
-        __builtin_prefetch(kr + off);
-        __builtin_prefetch(vr + off);
-      }
-    }
-#endif
     // Scores s[m][jj] of the block: two rows by four keys at a time.
     int64_t m = 0;
     for (; m + 2 <= M; m += 2) {
