@@ -8,10 +8,11 @@
 // that one sequence's step still fills every core; each task keeps a running max and sum per row, and
 // the tasks of one (sequence, group) are merged by their log-sum-exp, in a fixed order.
 //
-// Masks: positions at or past a sequence's length (lengths [B], or S) are not attended; with causal,
-// new token i (of t) at position L - t + i sees the keys up to its own; key padding kpm [B, S] is added
-// to the scores, clamped at fp32's lowest value, so that a row whose keys are all padding averages their
-// values (as decode's torch path and the CUDA kernel do). A row with no key at all gets zeros.
+// Masks, as decode's torch path and the CUDA kernel apply them: positions at or past a sequence's length
+// (lengths [B], or S) are not attended; key padding kpm [B, S] is added to the scores, and with causal the
+// keys after new token i (of t, at position L - t + i) score fp32's lowest value, the sums clamped there,
+// so that a row whose keys are all masked averages the values of all L positions. A sequence of length 0
+// gets zeros.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -66,7 +67,7 @@ int64_t length_of(const Problem& p, int64_t b) {
   return std::min<int64_t>(std::max<int64_t>(L, 0), p.S);
 }
 
-// How many cached positions row m of sequence b attends: the first n of them.
+// How many of the L positions row m sees under causal masking: the first n of them.
 MLRA_INLINE int64_t keys_of_row(const Problem& p, int64_t L, int64_t m) {
   if (!p.causal) return L;
   const int64_t i = m % p.t_new;
@@ -119,8 +120,8 @@ MLRA_INLINE v8f exp2_8(v8f t) {
   p = p * f + 0.5f;
   p = p * f + 1.f;
   p = p * f + 1.f;
-  const v8i e = ((reinterpret_cast<const v8i&>(u) - reinterpret_cast<const v8i&>(magic)) + 127) << 23;
-  return p * reinterpret_cast<const v8f&>(e);
+  const v8i e = (((v8i)u - (v8i)magic) + 127) << 23;  // vector casts keep the bits
+  return p * (v8f)e;
 }
 
 MLRA_INLINE float exp2_1(float t) {
@@ -251,49 +252,49 @@ MLRA_INLINE void run_task(const Problem& p, int64_t b, int64_t grp, int64_t j0, 
         scores_4x<false>(q0, nullptr, k + (jb + jj) * p.k_ss, p.k_ss, R, s_buf + m * kKeyBlock + jj, nullptr);
       for (; jj < nb; ++jj) s_buf[m * kKeyBlock + jj] = dot(q0, k + (jb + jj) * p.k_ss, R);
     }
+    const float lowest = std::numeric_limits<float>::lowest();
     if (p.kpm != nullptr) {  // padding, in base 2 too, with the sum clamped at fp32's lowest value
       const float* pad = p.kpm + b * p.kpm_sb + jb;
-      const float lowest = std::numeric_limits<float>::lowest();
       for (m = 0; m < M; ++m) {
         float* s = s_buf + m * kKeyBlock;
         for (int64_t jj = 0; jj < nb; ++jj) s[jj] = std::max(s[jj] + pad[jj] * kLog2e, lowest);
       }
     }
-    // Online softmax per row: keys at or past the row's limit are not part of it (their p is 0).
+    if (p.causal) {  // the keys after a row's token score the lowest value
+      for (m = 0; m < M; ++m) {
+        float* s = s_buf + m * kKeyBlock;
+        for (int64_t jj = std::max<int64_t>(keys_of_row(p, L, m) - jb, 0); jj < nb; ++jj) s[jj] = lowest;
+      }
+    }
+    // Online softmax per row over the block's keys (all of them below the length L).
     for (m = 0; m < M; ++m) {
       float* s = s_buf + m * kKeyBlock;
-      const int64_t valid = std::min<int64_t>(std::max<int64_t>(keys_of_row(p, L, m) - jb, 0), nb);
-      if (valid == 0) {
-        std::fill(s, s + nb, 0.f);
-        continue;
-      }
       v8f vmax = v8f{} + neg_inf;
       int64_t jj = 0;
-      for (; jj + 8 <= valid; jj += 8) {
+      for (; jj + 8 <= nb; jj += 8) {
         const v8f x = load8(s + jj);
         vmax = x > vmax ? x : vmax;
       }
       float bmax = std::max(std::max(std::max(vmax[0], vmax[1]), std::max(vmax[2], vmax[3])),
                             std::max(std::max(vmax[4], vmax[5]), std::max(vmax[6], vmax[7])));
-      for (; jj < valid; ++jj) bmax = std::max(bmax, s[jj]);
-      if (bmax == neg_inf) {
+      for (; jj < nb; ++jj) bmax = std::max(bmax, s[jj]);
+      if (bmax == neg_inf) {  // only for non-finite inputs: masked scores are at least fp32's lowest
         std::fill(s, s + nb, 0.f);
         continue;
       }
       const float new_max = std::max(mx[m], bmax);
       const float corr = mx[m] == neg_inf ? 0.f : exp2_1(mx[m] - new_max);
       v8f vsum{};
-      for (jj = 0; jj + 8 <= valid; jj += 8) {
+      for (jj = 0; jj + 8 <= nb; jj += 8) {
         const v8f e = exp2_8(load8(s + jj) - new_max);
         store8(s + jj, e);
         vsum += e;
       }
       float sum = hsum8(vsum);
-      for (; jj < valid; ++jj) {
+      for (; jj < nb; ++jj) {
         s[jj] = exp2_1(s[jj] - new_max);
         sum += s[jj];
       }
-      for (; jj < nb; ++jj) s[jj] = 0.f;
       sm[m] = sm[m] * corr + sum;
       mx[m] = new_max;
       if (corr != 1.f) {

@@ -225,6 +225,22 @@ def interleaved_cpu_timings(candidates: dict, go, rounds: int = CPU_ROUNDS) -> d
     return res
 
 
+def best_backend(make, leaves, go, cuda):
+    """Time every SDPA backend that runs on the GPU; return (name, timings) of the fastest forward+backward."""
+    best = None
+    for name in ("flash", "cudnn", "efficient"):
+        try:
+            make(name).backward(go)
+        except RuntimeError:
+            continue
+        t = timings(lambda: make(name), leaves, go, cuda)
+        if best is None or t["fwdbwd"]["ms"] < best[1]["fwdbwd"]["ms"]:
+            best = (name, t)
+    if best is None:
+        raise BenchError("no SDPA backend (flash, cudnn, efficient) runs this row's shapes")
+    return best
+
+
 def close_enough(got, low, exact):
     """The test-suite rule: error ≤ 3 × the low-precision baseline's error + one ulp of the largest value."""
     ulp = torch.finfo(low.dtype).eps

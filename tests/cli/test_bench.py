@@ -145,6 +145,29 @@ def test_mlra_cpu_benchmark_default_grid(monkeypatch):
     assert sorted((g, r) for *_, g, r, _ in rows) == [(1, 96), (1, 192), (1, 384), (12, 8), (12, 16), (12, 32)]
 
 
+def test_gpu_rows_keep_the_fastest_sdpa_backend(monkeypatch):
+    """The GPU branch of a row times every SDPA backend that runs and keeps the fastest (timers stubbed:
+    no GPU here); a backend that raises is skipped, and a row no backend can run is an error."""
+    torch = __import__("torch")
+    leaf = torch.ones(2, requires_grad=True)
+    speed = {"flash": 3.0, "efficient": 2.0}
+
+    def make(name):
+        if name not in speed:
+            raise RuntimeError(f"{name} does not run here")
+        return (leaf * speed[name]).sum()
+
+    monkeypatch.setattr(mlra_bench, "timings", lambda fn, leaves, go, cuda: {"fwdbwd": {"ms": fn().item()}})
+    name, t = mlra_bench.best_backend(make, [leaf], torch.tensor(1.0), True)
+    assert name == "efficient" and t["fwdbwd"]["ms"] == 4.0
+
+    def none_runs(name):
+        raise RuntimeError("no kernel")
+
+    with pytest.raises(mlra_bench.BenchError, match="no SDPA backend"):
+        mlra_bench.best_backend(none_runs, [leaf], torch.tensor(1.0), True)
+
+
 def test_bad_flags_through_mlra_bench_in_a_subprocess(tmp_path):
     """The real commands: exactly one stderr line, status != 0, nothing in the current folder."""
     for argv, flag in ((["tev", "--rep", "0"], "--rep"), (["mlra", "--smoke", "--T", "-5"], "--T")):

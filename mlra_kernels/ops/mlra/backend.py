@@ -122,11 +122,13 @@ def _interpreter_ready() -> bool:
     return False
 
 
-def latent_is_narrow(rank: Optional[int], head_dim: Optional[int]) -> bool:
-    """Attention on the latents does less work than on the heads when the latent is at most half a head;
-    a latent narrower than 16 counts as 16 (attention kernels run narrower heads no faster, and the CPU
-    path pads them to 16)."""
-    return rank is not None and head_dim is not None and 2 * max(rank, 16) <= head_dim
+def latent_is_narrow(rank: Optional[int], head_dim: Optional[int], device_type: str = "cpu") -> bool:
+    """Attention on the latents does less work than on the heads when the latent is at most half a head.
+    On the CPU a latent narrower than 16 counts as 16: torch's CPU attention runs narrower heads no
+    faster, so the CPU path pads them to 16 (no GPU measurement says the same of SDPA's CUDA backends)."""
+    if rank is None or head_dim is None:
+        return False
+    return 2 * (max(rank, 16) if device_type == "cpu" else rank) <= head_dim
 
 
 def _auto(x: Tensor, key_padding_mask: Optional[Tensor], dropout_p: float, attn_mask: Optional[Tensor],
@@ -141,7 +143,7 @@ def _auto(x: Tensor, key_padding_mask: Optional[Tensor], dropout_p: float, attn_
     if x.is_cuda:
         if key_padding_mask is None:
             return Choice("sdpa", "CUDA tensors: cuBLAS GEMMs and SDPA's fastest backend" + (
-                " on the latents" if latent_is_narrow(rank, head_dim) else ""))
+                " on the latents" if latent_is_narrow(rank, head_dim, "cuda") else ""))
         if not triton_available():
             raise RuntimeError("mlra_attention on CUDA tensors with key padding needs Triton: pip install triton")
         return Choice("triton", "CUDA tensors with key padding: the fused Triton kernels")
@@ -249,7 +251,7 @@ def choose_decode(
     if forced != "auto":
         return Choice("torch", f"{forced!r} forced by MLRA_BACKEND / use_backend: decode's torch path (GEMMs and "
                       "torch's SDPA on the latents)")
-    if not x.is_cuda:
+    if x.device.type == "cpu":
         # The Triton kernel runs on CPU tensors only when forced: the interpreter is a checker, not a path.
         if why_not is not None:
             return Choice("torch", why_not, slow=x.dtype != torch.float64)
@@ -261,6 +263,9 @@ def choose_decode(
                           "torch's fused attention on the latents instead of the C++ decode kernel", slow=True)
         return Choice("cpu-kernel", "CPU float32 tensors: the C++ split-KV decode kernel (each cached latent read "
                       "once for all heads of a group, the positions split across threads)")
+    if not x.is_cuda:
+        return Choice("torch", f"{x.device.type} tensors: GEMMs and torch's SDPA on the latents (the decode kernels "
+                      "are for CUDA and CPU tensors)")
     if why_not is not None:
         return Choice("torch", why_not, slow=x.dtype != torch.float64)
     if not triton_available():

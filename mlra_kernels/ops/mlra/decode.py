@@ -108,6 +108,25 @@ def _(q, k, v, kpm, lengths, t_new, causal, scale):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
+# Whether the compiled extension loaded: empty before the first try, then [True] or [False] (a build that
+# is present but cannot load is tried once, not at every step).
+_EXTENSION_LOADS: list = []
+
+
+def _extension_loads() -> bool:
+    if not _EXTENSION_LOADS:
+        from mlra_kernels import _ext
+
+        try:
+            _ext.load()
+            _EXTENSION_LOADS.append(True)
+        except _ext.ExtensionNotAvailableError as err:
+            _EXTENSION_LOADS.append(False)
+            warn_once("decode-cpu-kernel-missing", f"mlra_decode: the C++ decode kernel is not available ({err}); "
+                      "running torch's SDPA on the latents instead, which is slower.")
+    return _EXTENSION_LOADS[0]
+
+
 @torch.library.custom_op("mlra::mlra_decode_attn_cpu", mutates_args=())
 def mlra_decode_attn_cpu(
     q: Tensor, k: Tensor, v: Tensor, kpm: Optional[Tensor], lengths: Optional[Tensor], t_new: int, causal: bool,
@@ -115,20 +134,14 @@ def mlra_decode_attn_cpu(
 ) -> Tensor:
     """``Z [B, g, M, r]`` from ``q̃ [B, g, M, r]`` and the caches ``[B, g, S, r]`` (fp32 CPU tensors, unit
     stride in ``r``) by the C++ split-KV kernel ``mlra::latent_decode_cpu`` of the compiled extension;
-    ``kpm``: additive fp32 ``[B, S]``; ``lengths``: int ``[B]``. Without a loadable extension it warns once
-    and computes the same with torch's SDPA."""
-    from mlra_kernels import _ext
-
-    try:
-        _ext.load()
-    except _ext.ExtensionNotAvailableError as err:
-        warn_once("decode-cpu-kernel-missing", f"mlra_decode: the C++ decode kernel is not available ({err}); "
-                  "running torch's SDPA on the latents instead, which is slower.")
-        B, g, M, _ = q.shape
-        mask = _decode_mask(B, M // t_new * g, g, t_new, k.shape[2], causal=causal, key_padding_mask=kpm,
-                            attn_mask=None, dtype=q.dtype, device=q.device, lengths=lengths)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).contiguous()
-    return torch.ops.mlra.latent_decode_cpu(q, k, v, kpm, lengths, t_new, causal, scale)
+    ``kpm``: additive fp32 ``[B, S]``; ``lengths``: int32 or int64 ``[B]``. Without a loadable extension
+    it warns once and computes the same with torch's SDPA and decode's masks."""
+    if _extension_loads():
+        return torch.ops.mlra.latent_decode_cpu(q, k, v, kpm, lengths, t_new, causal, scale)
+    B, g, M, _ = q.shape
+    mask = _decode_mask(B, M // t_new * g, g, t_new, k.shape[2], causal=causal, key_padding_mask=kpm,
+                        attn_mask=None, dtype=q.dtype, device=q.device, lengths=lengths)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).contiguous()
 
 
 @mlra_decode_attn_cpu.register_fake
@@ -136,25 +149,14 @@ def _(q, k, v, kpm, lengths, t_new, causal, scale):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
-# The C++ op once the extension has loaded (empty before the first eager call, [None] when it cannot load).
-_CPU_KERNEL: list = []
-
-
 def _cpu_decode_attention(q, k, v, kpm, lengths, t_new: int, causal: bool, scale: float) -> Tensor:
     """The ``"cpu-kernel"`` path's ``Z``: in eager mode the C++ op itself (a decode step is short, and the
     custom op's Python dispatch costs about as much as a small layer's attention), under
     ``torch.compile`` the custom op, which the compiler sees as one opaque call."""
-    if not torch.compiler.is_compiling():
-        if not _CPU_KERNEL:
-            from mlra_kernels import _ext
-
-            try:
-                _ext.load()
-                _CPU_KERNEL.append(torch.ops.mlra.latent_decode_cpu)
-            except _ext.ExtensionNotAvailableError:
-                _CPU_KERNEL.append(None)  # the custom op warns once and computes the same with SDPA
-        if _CPU_KERNEL[0] is not None:
-            return _CPU_KERNEL[0](q, k, v, kpm, lengths, t_new, causal, scale)
+    if lengths is not None and lengths.dtype not in (torch.int32, torch.int64):
+        lengths = lengths.to(torch.int32)  # the kernel reads int32 or int64 lengths
+    if not torch.compiler.is_compiling() and _extension_loads():
+        return torch.ops.mlra.latent_decode_cpu(q, k, v, kpm, lengths, t_new, causal, scale)
     return mlra_decode_attn_cpu(q, k, v, kpm, lengths, t_new, causal, scale)
 
 

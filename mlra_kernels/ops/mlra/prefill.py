@@ -329,7 +329,7 @@ def _sdpa_composition(x, down, up, bias, num_heads: int, g: int, causal: bool, d
     B, T, d = x.shape
     r, dh = up.shape[2], d // num_heads
     c = layout.latents(x, down)
-    if backend.latent_is_narrow(r, dh):
+    if backend.latent_is_narrow(r, dh, x.device.type):
         q_abs, k, v = _absorbed_attention(c, up, bias, num_heads, g, latent_width(r, x.device))
         z = F.scaled_dot_product_attention(q_abs, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale)
         return _lift(z, up, bias, r)

@@ -104,6 +104,31 @@ def test_fully_masked_query_averages_its_values():
     check(decode_case(B, t, S, H, g, r, dh, lengths=lengths), H=H, g=g, lengths=lengths, kpm=kpm)
 
 
+def test_rows_whose_visible_keys_are_all_masked_average_like_the_torch_path():
+    """Two new tokens: for sequence 0 every key its first token sees is padding, and sequence 1 is shorter
+    than the new tokens (cache_seqlens 1 < t = 2). Both paths then average the values of all L positions."""
+    B, t, S, H, g, r, dh = 2, 2, 12, 4, 2, 16, 16
+    lengths = torch.tensor([12, 1])
+    case = decode_case(B, t, S, H, g, r, dh)  # the new tokens' values do not matter here
+    kpm = torch.zeros(B, S, dtype=torch.bool)
+    kpm[0, :11] = True  # token 0 of sequence 0 sits at position 10 and sees positions 0-10, all padding
+    check(case, H=H, g=g, lengths=lengths, kpm=kpm)
+    check(case, H=H, g=g, lengths=lengths)
+
+
+def test_lengths_of_any_integer_dtype():
+    B, t, S, H, g, r, dh = 2, 1, 40, 4, 1, 16, 16
+    lengths = torch.tensor([40, 17])
+    case = decode_case(B, t, S, H, g, r, dh, lengths=lengths)
+    for dt in (torch.int16, torch.int32, torch.int64, torch.uint8):
+        check(case, H=H, g=g, lengths=lengths.to(dt))
+
+
+def test_other_devices_take_the_torch_path():
+    x = torch.empty(2, 1, 64, device="meta")
+    assert kernel_path(x, op="decode") == "torch" and "meta tensors" in explain(x, op="decode")
+
+
 def test_a_row_with_no_key_gives_zeros():
     """cache_seqlens 0 leaves a sequence no position: its rows are zeros, the others are unaffected."""
     gen = torch.Generator().manual_seed(5)
@@ -161,12 +186,15 @@ def test_without_a_loadable_extension_it_warns_and_computes_the_same(monkeypatch
     def missing():
         raise _ext.ExtensionNotAvailableError("mlra_kernels._C is stale")
 
-    monkeypatch.setattr(_ext, "load", missing)
-    monkeypatch.setattr(decode_mod, "_CPU_KERNEL", [])  # forget that it loaded before
+    monkeypatch.setattr(decode_mod, "_EXTENSION_LOADS", [])  # forget that it loaded before
     monkeypatch.setattr(_warnings, "_WARNED", set())
+    calls = []
+    monkeypatch.setattr(_ext, "load", lambda: calls.append(1) or missing())
     with pytest.warns(UserWarning, match="C\\+\\+ decode kernel is not available.*stale"):
         got = decode("auto", torch.float32, case, H=H, g=g, kpm=kpm)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    decode("auto", torch.float32, case, H=H, g=g, kpm=kpm)
+    assert len(calls) == 1  # a build that cannot load is tried once, not at every step
 
 
 def test_the_op_rejects_what_it_cannot_read():
