@@ -117,12 +117,18 @@ def _extension_loads() -> bool:
     if not _EXTENSION_LOADS:
         from mlra_kernels import _ext
 
+        why = None
         try:
             _ext.load()
-            _EXTENSION_LOADS.append(True)
         except _ext.ExtensionNotAvailableError as err:
-            _EXTENSION_LOADS.append(False)
-            warn_once("decode-cpu-kernel-missing", f"mlra_decode: the C++ decode kernel is not available ({err}); "
+            why = str(err)
+        else:
+            if not hasattr(torch.ops.mlra, "latent_decode_cpu"):  # a _C built from older sources
+                why = (f"mlra_kernels._C has no mlra::latent_decode_cpu: it was built from older sources; run "
+                       f"`{_ext.BUILD_COMMAND}` in the source checkout")
+        _EXTENSION_LOADS.append(why is None)
+        if why is not None:
+            warn_once("decode-cpu-kernel-missing", f"mlra_decode: the C++ decode kernel is not available ({why}); "
                       "running torch's SDPA on the latents instead, which is slower.")
     return _EXTENSION_LOADS[0]
 

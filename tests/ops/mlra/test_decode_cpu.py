@@ -197,6 +197,30 @@ def test_without_a_loadable_extension_it_warns_and_computes_the_same(monkeypatch
     assert len(calls) == 1  # a build that cannot load is tried once, not at every step
 
 
+def test_an_extension_built_from_older_sources_warns_and_computes_the_same(monkeypatch):
+    """A _C that loads but predates the decode kernel (an editable install not rebuilt after a pull)."""
+    B, t, S, H, g, r, dh = 2, 1, 30, 4, 1, 16, 16
+    case = decode_case(B, t, S, H, g, r, dh)
+    expected = decode("auto", torch.float32, case, H=H, g=g)
+
+    class OldOps:  # torch.ops.mlra without the new op
+        def __getattr__(self, name):
+            if name == "latent_decode_cpu":
+                raise AttributeError(name)
+            return getattr(torch.ops.mlra, name)
+
+    monkeypatch.setattr(decode_mod, "_EXTENSION_LOADS", [])
+    monkeypatch.setattr(_warnings, "_WARNED", set())
+    real_ops = torch.ops.mlra
+    monkeypatch.setattr(torch.ops, "mlra", OldOps())
+    try:
+        with pytest.warns(UserWarning, match="built from older sources"):
+            got = decode("auto", torch.float32, case, H=H, g=g)
+    finally:
+        monkeypatch.setattr(torch.ops, "mlra", real_ops)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_the_op_rejects_what_it_cannot_read():
     q, k = torch.randn(1, 1, 4, 16), torch.randn(1, 1, 10, 16)
     with pytest.raises(RuntimeError, match="k must be float32"):
