@@ -58,7 +58,7 @@ import torch.nn.functional as F  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from mlra_kernels.benchmarks.common import (  # noqa: E402
-    BenchError, BenchParser, _summary, check_output, positive_int, run_main, time_cpu, time_gpu, write_results,
+    BenchError, BenchParser, _summary, check_output, positive_int, run_main, time_gpu, write_results,
 )
 from mlra_kernels.ops.mlra import mlra_attention  # noqa: E402
 from mlra_kernels.ops.mlra import kernel_path  # noqa: E402
@@ -181,19 +181,19 @@ def _phases(fn, leaves, go):
     return {"fwd": fwd, "bwd": bwd, "fwdbwd": fwdbwd}, out
 
 
-def timings(fn, leaves, go, cuda):
-    """One candidate's times on the GPU (``do_bench``) with its peak memory of forward+backward."""
+def timings(fn, leaves, go, cuda=True):
+    """One candidate's times on the GPU (``do_bench``) with its peak memory of forward+backward (the CPU
+    candidates are timed together, by :func:`interleaved_cpu_timings`)."""
     phases, out = _phases(fn, leaves, go)
-    res = {name: time_gpu(f) if cuda else time_cpu(f, warmup=1, rep=7) for name, f in phases.items()}
+    res = {name: time_gpu(f) for name, f in phases.items()}
     del out
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        phases["fwdbwd"]()
-        torch.cuda.synchronize()
-        res["peak_mem_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    phases["fwdbwd"]()
+    torch.cuda.synchronize()
+    res["peak_mem_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
     return res
 
 

@@ -72,9 +72,17 @@ def _absorbed_weights(up: Tensor, bias: Optional[Tensor], num_heads: int) -> tup
     return m, beta
 
 
-def _per_group(t: Tensor, g: int) -> Tensor:
-    """Head-indexed ``[H, ...]`` to ``[g, H/g, ...]``, the heads of a group together."""
-    return t.view(g, t.shape[0] // g, *t.shape[1:])
+def _m_by_group(m: Tensor, g: int) -> Tensor:
+    """``M_h`` ``[H, r, r]`` as ``[g, r, (H/g)·r]``: each group's heads side by side in the columns, so that
+    one batched GEMM of a group's latent gives every head's absorbed query."""
+    H, r = m.shape[0], m.shape[1]
+    return m.view(g, H // g, r, r).permute(0, 2, 1, 3).reshape(g, r, H // g * r)
+
+
+def _query_latents(c: Tensor, g: int) -> Tensor:
+    """The Q latents of ``c`` ``[B, T, 3·g·r]`` as ``[g, B·T, r]`` (a view)."""
+    B, T, w3 = c.shape
+    return c.reshape(B * T, 3, g, w3 // (3 * g))[:, 0].transpose(0, 1)
 
 
 def _absorbed_query(c: Tensor, m: Tensor, beta: Optional[Tensor], g: int, width: int) -> Tensor:
@@ -83,8 +91,7 @@ def _absorbed_query(c: Tensor, m: Tensor, beta: Optional[Tensor], g: int, width:
     B, T, _ = c.shape
     H, r = m.shape[0], m.shape[1]
     hpg, N = H // g, B * T
-    c_q = c.reshape(N, 3, g, r)[:, 0].transpose(0, 1)  # [g, N, r]
-    m_g = _per_group(m, g).permute(0, 2, 1, 3).reshape(g, r, hpg * r)  # [g, r, (head, r)]
+    c_q, m_g = _query_latents(c, g), _m_by_group(m, g)  # [g, N, r], [g, r, (head, r)]
     if beta is None:
         q = torch.bmm(c_q, m_g)
     else:
@@ -158,7 +165,7 @@ def _absorbed_grads(grad_o, c, x, down, up, bias, z, lse, num_heads, g, causal, 
     z_h = z[..., :r].permute(1, 0, 2, 3).reshape(H, N, r)
     dup_v = torch.bmm(do_h.transpose(1, 2), z_h)  # [H, d_h, r]
     dq_g = dq_abs.reshape(N, g, hpg * r).transpose(0, 1)  # [g, N, (head, r)]
-    c_q = c.reshape(N, 3, g, r)[:, 0].transpose(0, 1)  # [g, N, r]
+    c_q = _query_latents(c, g)  # [g, N, r]
     dm = torch.bmm(c_q.transpose(1, 2), dq_g).view(g, r, hpg, r).transpose(1, 2).reshape(H, r, r)
     dup_q = torch.bmm(up_k, dm.transpose(1, 2))  # d/dB_Q of M = B_Qᵀ·B_K
     dup_k = torch.bmm(up_q, dm)
@@ -166,9 +173,8 @@ def _absorbed_grads(grad_o, c, x, down, up, bias, z, lse, num_heads, g, causal, 
     db_q = torch.bmm(up_k, dbeta.unsqueeze(-1)).view(d)
     if bias is not None:
         dup_k = dup_k + bias[:d].view(H, dh, 1) * dbeta.view(H, 1, r)
-    m_g = _per_group(m, g).permute(0, 2, 1, 3).reshape(g, r, hpg * r)
     dc = grad_o.new_empty(N, 3, g, r)
-    dc[:, 0] = torch.bmm(dq_g, m_g.transpose(1, 2)).transpose(0, 1)
+    dc[:, 0] = torch.bmm(dq_g, _m_by_group(m, g).transpose(1, 2)).transpose(0, 1)
     dc[:, 1] = dk.reshape(N, g, hpg, r).sum(2)
     dc[:, 2] = dv.reshape(N, g, hpg, r).sum(2)
     dc_n = dc.view(N, 3 * g * r)
