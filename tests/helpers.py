@@ -19,6 +19,7 @@ import sys
 
 import torch
 
+from mlra_kernels.ops.mlra import mlra_decode, use_backend
 from mlra_kernels.ops.mlra.layout import kv_latents
 from mlra_kernels.ops.mlra.reference import mlra_qkv_reference
 
@@ -140,3 +141,30 @@ def padding(B, S, kind, lengths=None, seed=1):
     if kind == "bool":
         return hit
     return torch.randn(B, S, generator=gen, dtype=torch.float64).masked_fill(hit, float("-inf"))
+
+
+# Decode shapes (B, t, S, H, g, r, d_h) both decode kernels are checked on: g = 1 and g = H, S = 1, S not a
+# multiple of a key tile, widths not a multiple of 8, several new tokens.
+DECODE_SHAPES = {
+    "g1-B1-S1": (1, 1, 1, 4, 1, 16, 16),
+    "g1-B2-S37": (2, 1, 37, 4, 1, 24, 16),
+    "gH-B3-S70": (3, 1, 70, 4, 4, 8, 16),
+    "g1-H12-S130": (2, 1, 130, 12, 1, 48, 8),
+    "g2-t3-S45": (2, 3, 45, 4, 2, 16, 16),
+    "gH-t2-S33": (1, 2, 33, 2, 2, 16, 32),
+}
+
+
+def run_decode(path, dtype, case, *, H, g, kpm=None, lengths=None, token_major=False, causal=True, device=DEVICE):
+    """``mlra_decode`` of a :func:`decode_case` on ``path`` (forced with ``use_backend``) in ``dtype``."""
+    x, down, up, bias, c_k, c_v = (t.to(device, dtype) for t in case)
+    if token_major:  # [B, S, g·r], read through a strided view
+        B, _, S, r = c_k.shape
+        c_k, c_v = (c.transpose(1, 2).reshape(B, S, g * r) for c in (c_k, c_v))
+    if kpm is not None:
+        kpm = kpm.to(device) if kpm.dtype == torch.bool else kpm.to(device, dtype)
+    with use_backend(path), torch.no_grad():
+        out, _ = mlra_decode(x, down, up, bias, cache_k=c_k, cache_v=c_v, num_heads=H, latent_groups=g,
+                             key_padding_mask=kpm, cache_seqlens=lengths.to(device) if lengths is not None else None,
+                             causal=causal)
+    return out

@@ -132,11 +132,16 @@ def test_tiny_sweep_end_to_end(exp, tmp_path):
     assert len(again["runs"]) == 12
 
 
+def _one_depth_sweep(out, *, steps, seeds):
+    """A byte-vocabulary sweep of one depth, MHA and MLRA, small enough to train in seconds."""
+    return ["--depths", "1", "--no-lr-sweep", "--steps", str(steps), "--width", "16", "--heads", "2", "--context", "8",
+            "--batch", "2", "--seeds", str(seeds), "--tokenizer", "bytes", "--eval-batches", "1", "--checkpoints", "1",
+            "--gvar-batches", "2", "--max-bytes", "20000", "--out", str(out)]
+
+
 def test_resume_trains_only_the_missing_runs(exp, tmp_path):
     out = tmp_path / "exp"
-    argv = ["--depths", "1", "--no-lr-sweep", "--steps", "4", "--width", "16", "--heads", "2", "--context", "8",
-            "--batch", "2", "--seeds", "2", "--tokenizer", "bytes", "--eval-batches", "1", "--checkpoints", "1",
-            "--gvar-batches", "2", "--max-bytes", "20000", "--out", str(out)]
+    argv = _one_depth_sweep(out, steps=4, seeds=2)
     exp.main(argv)
     lines = (out / "runs.jsonl").read_text().splitlines()
     assert len(lines) == 4 and json.loads(lines[0])["vocab_size"] == 256
@@ -153,9 +158,7 @@ def test_resume_trains_only_the_missing_runs(exp, tmp_path):
 
 def test_resume_refuses_other_settings(exp, tmp_path):
     out = tmp_path / "exp"
-    argv = ["--depths", "1", "--no-lr-sweep", "--steps", "3", "--width", "16", "--heads", "2", "--context", "8",
-            "--batch", "2", "--seeds", "1", "--tokenizer", "bytes", "--eval-batches", "1", "--checkpoints", "1",
-            "--gvar-batches", "2", "--max-bytes", "20000", "--out", str(out)]
+    argv = _one_depth_sweep(out, steps=3, seeds=1)
     exp.main(argv)
     with pytest.raises(SystemExit, match=r"--steps \(sweep 3, now 4\)"):
         exp.main(argv + ["--resume", "--steps", "4"])

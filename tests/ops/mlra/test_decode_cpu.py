@@ -15,7 +15,7 @@ from mlra_kernels import _ext, _warnings
 from mlra_kernels.ops.mlra import backend, explain, kernel_path, mlra_decode, use_backend
 from mlra_kernels.ops.mlra import decode as decode_mod
 from mlra_kernels.ops.mlra.decode import _additive_kpm, _torch_attention, mlra_decode_attn_cpu
-from tests.helpers import assert_within_torch_error, decode_case, padding
+from tests.helpers import DECODE_SHAPES, assert_within_torch_error, decode_case, padding, run_decode
 
 try:
     _ext.load()
@@ -23,17 +23,8 @@ except _ext.ExtensionNotAvailableError as err:  # pragma: no cover - the test co
     pytest.skip(f"the compiled extension is not available: {err}", allow_module_level=True)
 
 
-def decode(path, dtype, case, *, H, g, kpm=None, lengths=None, token_major=False, causal=True):
-    x, down, up, bias, c_k, c_v = (t.to(dtype) for t in case)
-    if token_major:  # [B, S, g·r], read through a strided view
-        B, _, S, r = c_k.shape
-        c_k, c_v = (c.transpose(1, 2).reshape(B, S, g * r) for c in (c_k, c_v))
-    if kpm is not None and kpm.dtype != torch.bool:
-        kpm = kpm.to(dtype)
-    with use_backend(path), torch.no_grad():
-        out, _ = mlra_decode(x, down, up, bias, cache_k=c_k, cache_v=c_v, num_heads=H, latent_groups=g,
-                             key_padding_mask=kpm, cache_seqlens=lengths, causal=causal)
-    return out
+def decode(path, dtype, case, **kw):
+    return run_decode(path, dtype, case, device="cpu", **kw)
 
 
 def check(case, **kw):
@@ -45,15 +36,10 @@ def check(case, **kw):
     assert_within_torch_error(got, low, exact, what="C++ decode kernel error")
 
 
-# (B, t, S, H, g, r, d_h): g = 1 and g = H, S = 1, widths that are not a multiple of 8, odd row counts
-# (H/g·t not a multiple of 4), S across several key blocks and splits.
+# The shapes of the CUDA kernel's tests, and more rows (H/g·t not a multiple of 4), widths and positions
+# (several key blocks and splits).
 SHAPES = {
-    "g1-B1-S1": (1, 1, 1, 4, 1, 16, 16),
-    "g1-B2-S37-r24": (2, 1, 37, 4, 1, 24, 16),
-    "gH-B3-S70-r8": (3, 1, 70, 4, 4, 8, 16),
-    "g1-H12-S130-r48": (2, 1, 130, 12, 1, 48, 8),
-    "g2-t3-S45": (2, 3, 45, 4, 2, 16, 16),
-    "gH-t2-S33": (1, 2, 33, 2, 2, 16, 32),
+    **DECODE_SHAPES,
     "g1-H6-S300-r20": (1, 1, 300, 6, 1, 20, 16),
     "g3-t1-S1500-r7": (2, 1, 1500, 6, 3, 7, 8),
     "g1-B1-S3000-r128": (1, 1, 3000, 8, 1, 128, 16),

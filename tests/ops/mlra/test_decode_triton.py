@@ -20,7 +20,9 @@ from mlra_kernels.ops.mlra import backend, config, explain, kernel_path, launche
 from mlra_kernels.ops.mlra import mlra_decode, use_backend  # noqa: E402
 from mlra_kernels.ops.mlra.decode import _additive_kpm, _torch_attention  # noqa: E402
 from mlra_kernels.ops.mlra.reference import mlra_attention_reference  # noqa: E402
-from tests.helpers import DEVICE, DTYPES, assert_within_torch_error, decode_case, padding  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    DECODE_SHAPES, DEVICE, DTYPES, assert_within_torch_error, decode_case, padding, run_decode,
+)
 
 if DEVICE == "cuda":
     KERNEL = "triton"
@@ -35,18 +37,8 @@ def poison(monkeypatch):
     monkeypatch.setattr(config, "POISON_OUTPUTS", True)  # an output element never written shows as NaN
 
 
-def decode(path, dtype, case, *, H, g, kpm=None, lengths=None, token_major=False, causal=True):
-    x, down, up, bias, c_k, c_v = (t.to(DEVICE, dtype) for t in case)
-    if token_major:  # [B, S, g·r], read through a strided view
-        B, _, S, r = c_k.shape
-        c_k, c_v = (c.transpose(1, 2).reshape(B, S, g * r) for c in (c_k, c_v))
-    if kpm is not None:
-        kpm = kpm.to(DEVICE) if kpm.dtype == torch.bool else kpm.to(DEVICE, dtype)
-    with use_backend(path), torch.no_grad():
-        out, _ = mlra_decode(x, down, up, bias, cache_k=c_k, cache_v=c_v, num_heads=H, latent_groups=g,
-                             key_padding_mask=kpm, cache_seqlens=lengths.to(DEVICE) if lengths is not None else None,
-                             causal=causal)
-    return out
+def decode(path, dtype, case, **kw):
+    return run_decode(path, dtype, case, device=DEVICE, **kw)
 
 
 def check(dtype, case, **kw):
@@ -57,15 +49,7 @@ def check(dtype, case, **kw):
     assert_within_torch_error(got, low, exact, what=f"decode kernel error ({dtype})")
 
 
-# (B, t, S, H, g, r, d_h): g = 1 and g = H, S = 1, S not a multiple of the key tile, several new tokens.
-SHAPES = {
-    "g1-B1-S1": (1, 1, 1, 4, 1, 16, 16),
-    "g1-B2-S37": (2, 1, 37, 4, 1, 24, 16),
-    "gH-B3-S70": (3, 1, 70, 4, 4, 8, 16),
-    "g1-H12-S130": (2, 1, 130, 12, 1, 48, 8),
-    "g2-t3-S45": (2, 3, 45, 4, 2, 16, 16),
-    "gH-t2-S33": (1, 2, 33, 2, 2, 16, 32),
-}
+SHAPES = DECODE_SHAPES
 
 
 @pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
