@@ -342,13 +342,155 @@ bool has_avx2() {
 }
 #endif
 
-void check_operand(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), "mlra::latent_decode_cpu: ", name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.scalar_type() == at::kFloat, "mlra::latent_decode_cpu: ", name, " must be float32, got ",
-              t.scalar_type());
-  TORCH_CHECK(t.dim() == 4, "mlra::latent_decode_cpu: ", name, " must be 4-D [B, g, ·, r], got shape ", t.sizes());
-  TORCH_CHECK(t.stride(3) == 1 || t.size(3) == 1, "mlra::latent_decode_cpu: ", name,
-              " must have a contiguous last dimension, got strides ", t.strides());
+// --- A few rows against a weight read once: the GEMMs of a decode step ------------------------------
+//
+// y[p, n, j] = x[p, n, :] · w[p, j, :] + bias[p, j] for n < N (a step's B·t rows, at most kGemmRows):
+// each weight row is streamed once from memory for all N rows, the weight rows split across threads.
+// torch's GEMM for so few rows reads the weight at about a third of the machine's read rate here.
+constexpr int64_t kGemmRows = 16;         // more rows: at::bmm / at::linear, which are compute-bound there
+constexpr int64_t kGemmTaskFloats = 8192;  // the weight floats (32 KB) a task reads at least
+constexpr int64_t kGemmPrefetch = 4096;    // 16 KB: measured best of 2-16 KB on this project's 2-core host
+
+struct Gemm {
+  const float* x;
+  int64_t x_sp, x_sn;
+  const float* w;
+  int64_t w_sp, w_sj;
+  const float* bias;  // [P, J] rows of stride b_sp, or null
+  int64_t b_sp;
+  float* y;
+  int64_t y_sp, y_sn, y_sj;
+  int64_t P, N, J, K;
+  int64_t rows_per_task, tasks_per_p;
+};
+
+// Weight rows j (and j + 1 with kTwo) against NB rows of x: NB·2 accumulators of eight floats.
+template <int NB, bool kTwo>
+MLRA_INLINE void gemm_tile(const Gemm& g, int64_t p, int64_t n0, int64_t j) {
+  const float* w0 = g.w + p * g.w_sp + j * g.w_sj;
+  const float* w1 = w0 + g.w_sj;
+  const float* xr[NB];
+  for (int i = 0; i < NB; ++i) xr[i] = g.x + p * g.x_sp + (n0 + i) * g.x_sn;
+  v8f a[NB], b[NB];
+  for (int i = 0; i < NB; ++i) a[i] = b[i] = v8f{};
+  // The first rows' pass asks for the weight kGemmPrefetch floats ahead into L2: the hardware's own
+  // prefetch, which restarts at every 4 KB page, leaves this stream at a third of the read rate.
+  const bool prefetch = n0 == 0;
+  int64_t l = 0;
+  for (; l + 8 <= g.K; l += 8) {
+    if (prefetch && (l & 15) == 0) {
+      __builtin_prefetch(w0 + l + kGemmPrefetch, 0, 2);
+      if constexpr (kTwo) __builtin_prefetch(w1 + l + kGemmPrefetch, 0, 2);
+    }
+    const v8f u = load8(w0 + l);
+    v8f v{};
+    if constexpr (kTwo) v = load8(w1 + l);
+    for (int i = 0; i < NB; ++i) {
+      const v8f xv = load8(xr[i] + l);
+      a[i] += u * xv;
+      if constexpr (kTwo) b[i] += v * xv;
+    }
+  }
+  const float bias0 = g.bias != nullptr ? g.bias[p * g.b_sp + j] : 0.f;
+  const float bias1 = (kTwo && g.bias != nullptr) ? g.bias[p * g.b_sp + j + 1] : 0.f;
+  for (int i = 0; i < NB; ++i) {
+    float s0 = hsum8(a[i]), s1 = hsum8(b[i]);
+    for (int64_t ll = l; ll < g.K; ++ll) {
+      s0 += w0[ll] * xr[i][ll];
+      if constexpr (kTwo) s1 += w1[ll] * xr[i][ll];
+    }
+    float* out = g.y + p * g.y_sp + (n0 + i) * g.y_sn + j * g.y_sj;
+    out[0] = s0 + bias0;
+    if constexpr (kTwo) out[g.y_sj] = s1 + bias1;
+  }
+}
+
+template <bool kTwo>
+MLRA_INLINE void gemm_rows(const Gemm& g, int64_t p, int64_t j) {
+  int64_t n = 0;
+  for (; n + 4 <= g.N; n += 4) gemm_tile<4, kTwo>(g, p, n, j);
+  switch (g.N - n) {
+    case 3: gemm_tile<3, kTwo>(g, p, n, j); break;
+    case 2: gemm_tile<2, kTwo>(g, p, n, j); break;
+    case 1: gemm_tile<1, kTwo>(g, p, n, j); break;
+    default: break;
+  }
+}
+
+MLRA_INLINE void gemm_tasks(const Gemm& g, int64_t t0, int64_t t1) {
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t p = t / g.tasks_per_p, j0 = (t % g.tasks_per_p) * g.rows_per_task;
+    const int64_t j1 = std::min(g.J, j0 + g.rows_per_task);
+    int64_t j = j0;
+    for (; j + 2 <= j1; j += 2) gemm_rows<true>(g, p, j);
+    if (j < j1) gemm_rows<false>(g, p, j);
+  }
+}
+
+void gemm_tasks_default(const Gemm& g, int64_t t0, int64_t t1) { gemm_tasks(g, t0, t1); }
+
+#if defined(MLRA_DECODE_AVX2)
+MLRA_TARGET_AVX2 __attribute__((noinline)) void gemm_tasks_avx2(const Gemm& g, int64_t t0, int64_t t1) {
+  gemm_tasks(g, t0, t1);
+}
+#endif
+
+// y [P, N, J] (any strides) = x [P, N, K] (unit stride in K) · w [P, J, K]ᵀ (contiguous) + bias [P, J]. With
+// more than kGemmRows rows, at::baddbmm / at::bmm write y instead.
+void rows_gemm(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, const at::Tensor& y) {
+  const int64_t P = x.size(0), N = x.size(1), K = x.size(2), J = w.size(1);
+  TORCH_CHECK(w.size(0) == P && w.size(2) == K && w.is_contiguous() && w.scalar_type() == at::kFloat,
+              "mlra::latent_decode_step_cpu: a step weight must be a contiguous float32 [", P, ", J, ", K,
+              "] tensor, got ", w.scalar_type(), " ", w.sizes());
+  TORCH_CHECK(!bias.has_value() || (bias->numel() == P * J && bias->is_contiguous() &&
+                                    bias->scalar_type() == at::kFloat),
+              "mlra::latent_decode_step_cpu: a step bias must be a contiguous float32 tensor of ", P * J,
+              " numbers, got ", bias.has_value() ? bias->sizes() : at::IntArrayRef{});
+  if (N > kGemmRows || x.stride(2) != 1) {
+    if (bias.has_value()) {
+      at::baddbmm_out(const_cast<at::Tensor&>(y), bias->view({P, 1, J}), x, w.transpose(1, 2));
+    } else {
+      at::bmm_out(const_cast<at::Tensor&>(y), x, w.transpose(1, 2));
+    }
+    return;
+  }
+  if (P == 0 || N == 0 || J == 0) return;
+  Gemm g{};
+  g.x = x.data_ptr<float>();
+  g.x_sp = x.stride(0);
+  g.x_sn = x.stride(1);
+  g.w = w.data_ptr<float>();
+  g.w_sp = w.stride(0);
+  g.w_sj = w.stride(1);
+  g.bias = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  g.b_sp = J;
+  g.y = y.data_ptr<float>();
+  g.y_sp = y.stride(0);
+  g.y_sn = y.stride(1);
+  g.y_sj = y.stride(2);
+  g.P = P;
+  g.N = N;
+  g.J = J;
+  g.K = K;
+  g.rows_per_task = std::max<int64_t>(2, (kGemmTaskFloats / std::max<int64_t>(K, 1) + 1) / 2 * 2);
+  g.tasks_per_p = (J + g.rows_per_task - 1) / g.rows_per_task;
+  at::parallel_for(0, P * g.tasks_per_p, 1, [&](int64_t t0, int64_t t1) {
+#if defined(MLRA_DECODE_AVX2)
+    if (has_avx2()) {
+      gemm_tasks_avx2(g, t0, t1);
+      return;
+    }
+#endif
+    gemm_tasks_default(g, t0, t1);
+  });
+}
+
+void check_operand(const at::Tensor& t, const char* name, const char* op = "mlra::latent_decode_cpu") {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be 4-D [B, g, ·, r], got shape ", t.sizes());
+  TORCH_CHECK(t.stride(3) == 1 || t.size(3) == 1, op, ": ", name, " must have a contiguous last dimension, got strides ",
+              t.strides());
 }
 
 }  // namespace
@@ -461,12 +603,88 @@ at::Tensor latent_decode_cpu(const at::Tensor& q, const at::Tensor& k, const at:
   return z;
 }
 
+// mlra::latent_decode_step_cpu: a layer's whole decode step on the pre-multiplied weights of decode.py's
+// step_weights (one call instead of a dozen small ones from Python, whose dispatch costs as much as a
+// small layer's step): one GEMM gives the query part (q̃ itself, or c_Q and then M_h) and the new
+// latents c_K, c_V, which are written into the caches at positions [pos, pos + t) while seqlens grows by
+// t; the attention runs over the caches as latent_decode_cpu does (causal, seqlens); the output is
+// Z·W_OVᵀ + b' (B_V folded into W_O) or (Z·B_Vᵀ + b_V)·W_Oᵀ + b_O.
+at::Tensor latent_decode_step_cpu(const at::Tensor& x, const at::Tensor& w_in, const std::optional<at::Tensor>& b_in,
+                                  const std::optional<at::Tensor>& m, const std::optional<at::Tensor>& beta,
+                                  const std::optional<at::Tensor>& w_v, const std::optional<at::Tensor>& b_v,
+                                  const at::Tensor& w_out, const std::optional<at::Tensor>& b_out, at::Tensor k_cache,
+                                  at::Tensor v_cache, at::Tensor seqlens, int64_t pos, int64_t num_heads,
+                                  double scale) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 3,
+              "mlra::latent_decode_step_cpu: x must be a float32 CPU [B, t, d] tensor, got ", x.scalar_type(), " ",
+              x.sizes(), " on ", x.device());
+  check_operand(k_cache, "k_cache", "mlra::latent_decode_step_cpu");
+  check_operand(v_cache, "v_cache", "mlra::latent_decode_step_cpu");
+  const int64_t B = x.size(0), t = x.size(1), G = k_cache.size(1), cap = k_cache.size(2), R = k_cache.size(3);
+  const int64_t H = num_heads;
+  TORCH_CHECK(H >= 1 && G >= 1 && H % G == 0, "mlra::latent_decode_step_cpu: num_heads=", H,
+              " must be a multiple of the caches' g=", G);
+  TORCH_CHECK(k_cache.size(0) == B && v_cache.sizes() == k_cache.sizes(),
+              "mlra::latent_decode_step_cpu: k_cache and v_cache must be [B, g, capacity, r] alike with B=", B,
+              ", got ", k_cache.sizes(), " and ", v_cache.sizes());
+  TORCH_CHECK(pos >= 0 && t >= 1 && pos + t <= cap, "mlra::latent_decode_step_cpu: positions [", pos, ", ", pos + t,
+              ") do not fit a cache of ", cap);
+  TORCH_CHECK(seqlens.device().is_cpu() && seqlens.scalar_type() == at::kInt && seqlens.dim() == 1 &&
+                  seqlens.size(0) == B && seqlens.is_contiguous(),
+              "mlra::latent_decode_step_cpu: seqlens must be a contiguous int32 CPU [B] = [", B, "] tensor, got ",
+              seqlens.scalar_type(), " ", seqlens.sizes());
+  const int64_t hpg = H / G, gr = G * R, N = B * t;
+  const int64_t n_in = w_in.size(0), n_q = n_in - 2 * gr;
+  TORCH_CHECK(w_in.dim() == 2 && w_in.size(1) == x.size(2) && n_q == (m.has_value() ? gr : H * R),
+              "mlra::latent_decode_step_cpu: w_in must be [", (m.has_value() ? gr : H * R) + 2 * gr, ", ", x.size(2),
+              "] for H=", H, ", g=", G, ", r=", R, ", got ", w_in.sizes());
+  const at::Tensor x2 = x.reshape({1, N, x.size(2)});
+  const at::Tensor y = at::empty({1, N, n_in}, x.options());
+  rows_gemm(x2, w_in.unsqueeze(0), b_in, y);  // [q̃ or c_Q | c_K | c_V] of every new token
+  const at::Tensor lat = y.view({B, t, n_in}).narrow(2, n_q, 2 * gr).view({B, t, 2, G, R});
+  k_cache.narrow(2, pos, t).copy_(lat.select(2, 0).transpose(1, 2));
+  v_cache.narrow(2, pos, t).copy_(lat.select(2, 1).transpose(1, 2));
+  int32_t* lengths = seqlens.data_ptr<int32_t>();  // seqlens += t, without a kernel launch for B numbers
+  for (int64_t b = 0; b < B; ++b) lengths[b] += static_cast<int32_t>(t);
+  at::Tensor q;  // [g, B·t, (head, r)] for now
+  if (m.has_value()) {
+    const at::Tensor c_q = y.view({N, n_in}).narrow(1, 0, gr).view({N, G, R}).transpose(0, 1);  // [g, B·t, r]
+    q = at::empty({G, N, hpg * R}, x.options());
+    rows_gemm(c_q, *m, beta, q);  // q̃ = c_Q·M_h + β_h
+  } else {
+    q = y.view({N, n_in}).narrow(1, 0, n_q).view({N, G, hpg * R}).transpose(0, 1);
+  }
+  q = q.view({G, B, t, hpg, R}).permute({1, 0, 3, 2, 4}).reshape({B, G, hpg * t, R});  // a view when t = 1
+  if (q.stride(3) != 1) q = q.contiguous();
+  const at::Tensor z = latent_decode_cpu(q, k_cache, v_cache, std::nullopt, seqlens, t, true, scale);
+  const at::Tensor z5 = z.view({B, G, hpg, t, R});
+  const int64_t d = w_out.size(0);
+  at::Tensor out = at::empty({1, N, d}, x.options());
+  if (!w_v.has_value()) {  // Z · W_OVᵀ + b'
+    rows_gemm(z5.permute({0, 3, 1, 2, 4}).reshape({1, N, H * R}), w_out.unsqueeze(0), b_out, out);
+    return out.view({B, t, d});
+  }
+  const int64_t dh = w_v->size(1);
+  const at::Tensor z_h = z5.permute({1, 2, 0, 3, 4}).reshape({H, N, R});  // a view when t = 1
+  const at::Tensor o = at::empty({N, H * dh}, x.options());
+  rows_gemm(z_h, *w_v, b_v, o.view({N, H, dh}).transpose(0, 1));  // Z_h·B_{V,h}ᵀ + b_{V,h}, heads side by side
+  rows_gemm(o.unsqueeze(0), w_out.unsqueeze(0), b_out, out);
+  return out.view({B, t, d});
+}
+
 }  // namespace mlra::decode
 
 TORCH_LIBRARY_FRAGMENT(mlra, m) {
+  m.def(
+      "latent_decode_step_cpu(Tensor x, Tensor w_in, Tensor? b_in, Tensor? m, Tensor? beta, Tensor? w_v, "
+      "Tensor? b_v, Tensor w_out, Tensor? b_out, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) seqlens, "
+      "int pos, int num_heads, float scale) -> Tensor");
   m.def(
       "latent_decode_cpu(Tensor q, Tensor k, Tensor v, Tensor? kpm, Tensor? lengths, int t_new, bool causal, "
       "float scale) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(mlra, CPU, m) { m.impl("latent_decode_cpu", &mlra::decode::latent_decode_cpu); }
+TORCH_LIBRARY_IMPL(mlra, CPU, m) {
+  m.impl("latent_decode_cpu", &mlra::decode::latent_decode_cpu);
+  m.impl("latent_decode_step_cpu", &mlra::decode::latent_decode_step_cpu);
+}

@@ -8,14 +8,16 @@ layers of ``mlra_kernels.models.GPT2`` (projections, cache write, attention and 
 - ``mha``: the dense Q/K/V projection, K and V written into a preallocated ``[B, H, S_max, d_h]`` cache,
   torch's SDPA over the cached ``S + 1`` keys;
 - ``mlra-g1`` (``g = 1``, ``r = d/4``) and ``mlra-gH`` (``g = H``, ``g·r = d/4``): the latents ``c_K, c_V``
-  written into a preallocated group-major ``[B, g, S_max, r]`` cache and ``mlra_decode`` over them
-  (absorbed form: no K or V is built). ``mlra_decode`` runs the split-KV Triton kernel on CUDA and the
-  C++ split-KV kernel on the CPU;
+  written into a preallocated group-major ``[B, g, S_max, r]`` cache and attended in the absorbed form
+  (no K or V is built), by the layer's decode step on pre-multiplied weights: the split-KV Triton kernel
+  between GEMMs on CUDA, one call of the C++ whole-step op (``mlra::latent_decode_step_cpu``: its own
+  few-row GEMMs, the cache write and the split-KV kernel) on the CPU;
 - ``mlra-g1-torch``, ``mlra-gH-torch``: the same layers with decode's torch path forced (GEMMs and SDPA on
   the latents), the baseline of the kernels in the same run. Each row records the ``decode_path`` it ran.
 
 Bytes per step are the cache read (``2·B·(S+1)`` times the per-token width: ``d`` for MHA, ``g·r`` for
-MLRA) plus the layer's weights; ``fraction_of_read_bw`` compares the achieved rate with a plain
+MLRA) plus the weights the step reads: the parameters, or on MLRA's kernel paths the layer's
+pre-multiplied step weights (``decode.step_weights``, ``W_O`` included); ``fraction_of_read_bw`` compares the achieved rate with a plain
 ``buffer.sum()`` of 256 MB measured in the same run. The cache is filled with random values (the
 values do not change the time), and the step is timed with its length rewound, so every repetition
 appends at position ``S``. On the CPU a pass runs through a stack of copies of the layer, each with its
@@ -50,6 +52,7 @@ from mlra_kernels.benchmarks.common import (
 from mlra_kernels.models import GPT2, GPT2Config
 from mlra_kernels.models.gpt2 import LayerCache, MHASelfAttention, MLRASelfAttention
 from mlra_kernels.ops.mlra import kernel_path, kv_latents, mlra_decode, use_backend
+from mlra_kernels.ops.mlra.backend import DECODE_KERNELS
 from mlra_kernels.ops.mlra.reference import mlra_attention_reference
 
 VARIANTS = ("mha", "mlra-g1", "mlra-gH")
@@ -144,11 +147,22 @@ class _LayerStack:
         self._add(device, dtype)
         elem = torch.finfo(dtype).bits // 8
         self.cache_bytes = 2 * B * (S + 1) * self.width * elem
-        self.weight_bytes = sum(p.numel() for p in self.layers[0].parameters()) * elem
+        self.weight_bytes = self._weight_bytes()
         per_layer = self.cache_bytes + self.weight_bytes
         depth = 1 if device == "cuda" else min(MAX_STACK, max(1, -(-STACK_BYTES // per_layer)))
         while len(self.layers) < depth:
             self._add(device, dtype)
+
+    def _weight_bytes(self) -> int:
+        """The weights one step reads: on a decode kernel path (eager) the layer's pre-multiplied step
+        weights, otherwise its parameters."""
+        layer = self.layers[0]
+        if self.name != "mha" and not self.forced:
+            with torch.no_grad():
+                if layer._decode_path(self.x, 0.0) in DECODE_KERNELS and layer._steps_fused(self.x):
+                    w = layer._step_weights()
+                    return sum(t.numel() * t.element_size() for t in w if isinstance(t, torch.Tensor))
+        return sum(p.numel() * p.element_size() for p in layer.parameters())
 
     def _add(self, device, dtype) -> None:
         self.layers.append(_layer(self.name, self.cfg, device, dtype))

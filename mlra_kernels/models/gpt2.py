@@ -13,6 +13,9 @@ from torch import Tensor, nn
 from mlra_kernels.nn.projection import MLRAProjection
 from mlra_kernels.ops.mlra import kernel_path, kv_latents, mlra_attention, mlra_decode
 from mlra_kernels.ops.mlra.backend import DECODE_KERNELS
+from mlra_kernels.ops.mlra.decode import (
+    StepWeights, latent_attention, step_latents, step_op_loads, step_output, step_weights,
+)
 from mlra_kernels.ops.mlra.layout import check_config, positive_int
 
 @dataclass
@@ -87,11 +90,19 @@ class LayerCache:
         if self.seqlens is not None:
             self.seqlens.fill_(n)
 
+    def check_room(self, t: int) -> None:
+        if self._length + t > self.capacity:
+            raise ValueError(f"the cache holds {self.capacity} positions; {self._length} + {t} do not fit")
+
+    def advance(self, t: int) -> None:
+        """Count ``t`` positions that a step op wrote into the buffers itself (it also grew ``seqlens``)."""
+        self.check_room(t)
+        self._length += t
+
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write ``k``, ``v`` after what is cached; returns views of everything cached."""
         t = k.shape[self.seq_dim]
-        if self._length + t > self.capacity:
-            raise ValueError(f"the cache holds {self.capacity} positions; {self._length} + {t} do not fit")
+        self.check_room(t)
         if self._k is None:
             shape = list(k.shape)
             shape[self.seq_dim] = self.capacity
@@ -173,6 +184,9 @@ class MLRASelfAttention(nn.Module):
                                   prefix="GPT2Config.", names=("n_embd", "n_head"))
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
+        self._scale = 1.0 / math.sqrt(cfg.n_embd // cfg.n_head)
+        # (key, StepWeights) of the decode step's pre-multiplied weights, or None (see _step_weights).
+        self._step_cache: Optional[tuple] = None
         self._register_load_state_dict_pre_hook(_rename_flat_factors)
 
     def forward(self, x: Tensor, cache: Optional[LayerCache] = None, use_cache: bool = False):
@@ -184,9 +198,12 @@ class MLRASelfAttention(nn.Module):
                 cache = LayerCache(self.block_size, seq_dim=2)
                 cache.append(*kv_latents(x, qkv.down, g, group_major=True))
         else:
+            path = self._decode_path(x, p)
+            if path in DECODE_KERNELS and self._steps_fused(x):
+                return self._decode_step(x, cache, path), cache
             c_k, c_v = cache.append(*kv_latents(x, qkv.down, g, group_major=True))
             lengths = None
-            if self._decode_runs_kernel(x, p):
+            if path in DECODE_KERNELS:
                 # The CUDA kernel's grid follows the cache's shape, so the whole buffer (lengths on the device)
                 # keeps every step's launch the same: a step can be captured in a CUDA graph. The CPU kernel
                 # splits the positions in use across threads, whatever the buffer's size.
@@ -195,15 +212,55 @@ class MLRASelfAttention(nn.Module):
                                latent_groups=g, dropout_p=p, cache_seqlens=lengths)
         return self.resid_dropout(self.c_proj(y)), cache
 
-    def _decode_runs_kernel(self, x: Tensor, dropout_p: float) -> bool:
-        """Whether ``mlra_decode`` will take one of its kernels (Triton, or C++ on the CPU) for this step (the
-        same choice it makes).
-        Its torch path gets views of the filled part instead: it would attend (and mask) every position
-        of a whole buffer, the unwritten ones included."""
+    def _decode_path(self, x: Tensor, dropout_p: float) -> str:
+        """The path ``mlra_decode`` takes for this step (the same choice it makes). On one of its kernels
+        (:data:`DECODE_KERNELS`) it gets the whole buffers; its torch path gets views of the filled part
+        instead: it would attend (and mask) every position of a whole buffer, the unwritten ones included."""
         qkv = self.qkv
         grad = torch.is_grad_enabled() and (
             x.requires_grad or any(t.requires_grad for t in (qkv.down, qkv.up, qkv.bias) if t is not None))
-        return kernel_path(x, dropout_p=dropout_p, op="decode", requires_grad=grad) in DECODE_KERNELS
+        return kernel_path(x, dropout_p=dropout_p, op="decode", requires_grad=grad)
+
+    def _steps_fused(self, x: Tensor) -> bool:
+        """Whether a kernel-path step runs on pre-multiplied weights (:meth:`_decode_step`): in eager mode
+        (a compiled step traces ``mlra_decode``, whose products the compiler keeps in the graph), without
+        autocast, and with ``x`` in the weights' dtype (``mlra_decode`` says what is wrong otherwise)."""
+        return (not torch.compiler.is_compiling() and not torch.is_autocast_enabled(x.device.type)
+                and x.dtype == self.qkv.down.dtype and not self.training)
+
+    def _decode_step(self, x: Tensor, cache: LayerCache, path: str) -> Tensor:
+        """One decode step on :func:`step_weights` (formed once per weight version): one GEMM gives q̃, c_K
+        and c_V; the latents are written into the cache in place; the kernel reads the whole buffers with
+        the lengths on the device; one GEMM (or B_V then W_O, whichever reads less) gives the output."""
+        w = self._step_weights()
+        t = x.shape[1]
+        if path == "cpu-kernel" and cache.seqlens is not None and step_op_loads():
+            cache.check_room(t)
+            k, v = cache.buffers()
+            out = torch.ops.mlra.latent_decode_step_cpu(  # writes the latents at cache.length, seqlens += t
+                x, w.w_in, w.b_in, w.m, w.beta, w.w_v, w.b_v, w.w_out, w.b_out, k, v, cache.seqlens, cache.length,
+                self.n_head, self._scale)
+            cache.advance(t)
+            return out
+        q_abs, c_k, c_v = step_latents(x, w)
+        cache.append(c_k, c_v)
+        k, v = cache.buffers()
+        z = latent_attention(path, q_abs, k, v, t=x.shape[1], scale=self._scale, cache_seqlens=cache.seqlens)
+        return step_output(z, w, x.shape[1])
+
+    def _step_weights(self) -> StepWeights:
+        params = (self.qkv.down, self.qkv.up, self.qkv.bias, self.c_proj.weight, self.c_proj.bias)
+        # Tensors and their in-place version counters: an optimizer step, load_state_dict or any in-place
+        # write changes the key; .to() / .half() go through _apply, which drops the products.
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) if t is not None else None for t in params)
+        if self._step_cache is None or self._step_cache[0] != key:
+            w = step_weights(*params, num_heads=self.n_head, latent_groups=self.latent_groups)
+            self._step_cache = (key, w)
+        return self._step_cache[1]
+
+    def _apply(self, fn, *args, **kwargs):
+        self._step_cache = None
+        return super()._apply(fn, *args, **kwargs)
 
 
 def _rename_flat_factors(state_dict, prefix, *args) -> None:

@@ -206,18 +206,28 @@ def test_token_id_check_compiles_without_a_graph_break():
 
 
 def _decode_spy(monkeypatch):
-    """Record the shapes of what each MLRA decode step hands ``mlra_decode``."""
+    """Record the shapes of the caches and lengths each MLRA decode step attends: what it hands
+    ``mlra_decode``, or on a kernel path in eager mode (the step on pre-multiplied weights) the kernel
+    call ``latent_attention``."""
     import mlra_kernels.models.gpt2 as gpt2
 
     calls = []
-    real = gpt2.mlra_decode
+    real, real_attention = gpt2.mlra_decode, gpt2.latent_attention
+
+    def record(k, v, lengths):
+        lens = None if lengths is None else (tuple(lengths.shape), lengths.tolist())
+        calls.append(dict(k=tuple(k.shape), v=tuple(v.shape), lens=lens))
 
     def spy(x, *args, cache_k, cache_v, cache_seqlens=None, **kw):
-        lens = None if cache_seqlens is None else (tuple(cache_seqlens.shape), cache_seqlens.tolist())
-        calls.append(dict(x=tuple(x.shape), k=tuple(cache_k.shape), v=tuple(cache_v.shape), lens=lens))
+        record(cache_k, cache_v, cache_seqlens)
         return real(x, *args, cache_k=cache_k, cache_v=cache_v, cache_seqlens=cache_seqlens, **kw)
 
+    def spy_attention(path, q_abs, k, v, *, cache_seqlens=None, **kw):
+        record(k, v, cache_seqlens)
+        return real_attention(path, q_abs, k, v, cache_seqlens=cache_seqlens, **kw)
+
     monkeypatch.setattr(gpt2, "mlra_decode", spy)
+    monkeypatch.setattr(gpt2, "latent_attention", spy_attention)
     return calls
 
 

@@ -30,7 +30,7 @@ Two implementations of the attention on the latents, chosen per call by
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -131,6 +131,24 @@ def _extension_loads() -> bool:
             warn_once("decode-cpu-kernel-missing", f"mlra_decode: the C++ decode kernel is not available ({why}); "
                       "running torch's SDPA on the latents instead, which is slower.")
     return _EXTENSION_LOADS[0]
+
+
+# Whether the loaded extension has the whole-step op (a _C built before it has only the attention).
+_STEP_OP: list = []
+
+
+def step_op_loads() -> bool:
+    """Whether ``mlra::latent_decode_step_cpu`` (a layer's whole CPU step in one call) is there; a build
+    without it warns once: the step then runs op by op from Python, which costs more per layer."""
+    if not _STEP_OP:
+        ok = _extension_loads() and hasattr(torch.ops.mlra, "latent_decode_step_cpu")
+        _STEP_OP.append(ok)
+        if _EXTENSION_LOADS[0] and not ok:
+            from mlra_kernels import _ext
+
+            warn_once("decode-step-op-missing", "the CPU decode step runs op by op from Python: mlra_kernels._C has "
+                      f"no mlra::latent_decode_step_cpu (built from older sources; run `{_ext.BUILD_COMMAND}`).")
+    return _STEP_OP[0]
 
 
 @torch.library.custom_op("mlra::mlra_decode_attn_cpu", mutates_args=())
@@ -301,12 +319,9 @@ def mlra_decode(
     q_abs = torch.bmm(q, up[1].view(H, dh, r))  # q̃ = q · B_K, [H, B·t, r]
     q_abs = q_abs.view(g, hpg, B, t, r).permute(2, 0, 1, 3, 4).reshape(B, g, hpg * t, r)
     weights = None
-    if choice.path in ("triton", "triton-interpreter"):
-        z = mlra_decode_attn(q_abs, k, v, _additive_kpm(key_padding_mask), cache_seqlens, t, bool(causal), s)
-    elif choice.path == "cpu-kernel":
-        if k.stride(-1) != 1 or v.stride(-1) != 1:  # a token-major cache of one latent column per group
-            k, v = k.contiguous(), v.contiguous()
-        z = _cpu_decode_attention(q_abs, k, v, _additive_kpm(key_padding_mask), cache_seqlens, t, bool(causal), s)
+    if choice.path in backend.DECODE_KERNELS:
+        z = latent_attention(choice.path, q_abs, k, v, t=t, scale=s, causal=causal, key_padding_mask=key_padding_mask,
+                             cache_seqlens=cache_seqlens)
     else:
         z, weights = _torch_attention(q_abs, k, v, s, B=B, H=H, g=g, t=t, causal=causal,
                                       key_padding_mask=key_padding_mask, attn_mask=attn_mask, lengths=cache_seqlens,
@@ -339,3 +354,152 @@ def _torch_attention(q_abs, k, v, s, *, B, H, g, t, causal, key_padding_mask, at
     else:
         z = F.scaled_dot_product_attention(q_abs, k, v, attn_mask=mask, scale=s)  # [B, g, (H/g)·t, r]
     return z, weights
+
+
+# --- A layer's whole decode step on pre-multiplied weights ----------------------------------------------
+#
+# A step reads every weight once for a token or two, so at small batches the weights cost as much as the
+# cache. Products of the factors that a step would otherwise compute per token can be formed once:
+# - the query side: q̃_h = x·D_{Q,j(h)}ᵀ·M_h + β_h, so the rows M_hᵀ·D_{Q,j} [r, d] of every head give q̃
+#   from x by one GEMM ([H·r, d]), instead of c_Q = x·D_Qᵀ ([g·r, d]) and then M ([H, r, r]);
+# - the output side: W_O·o + b_O = Σ_h (W_{O,h}·B_{V,h})·Z_h + (W_O·b_V + b_O), so one [d, H·r] matrix
+#   replaces B_V ([d, r]) and W_O ([d, d]).
+# Each fold is taken where it reads fewer numbers (fold_rules); at g = H both are (GPT-2 small, r = 16:
+# 0.39 MB instead of 1.4 MB per layer in fp32), at g = 1, r = d/4 neither. The query rows and the
+# c_K, c_V rows of D share one GEMM.
+
+
+def fold_rules(d: int, num_heads: int, latent_groups: int, rank: int) -> tuple[bool, bool]:
+    """``(fold_query, fold_output)``: whether the pre-multiplied query rows (``H·r·d`` numbers against
+    ``g·r·d + H·r²``) and output matrix (``H·r·d`` against ``d·r + d²``) are the smaller reads."""
+    H, g, r = num_heads, latent_groups, rank
+    return H * r * d <= g * r * d + H * r * r, H * r * d <= d * r + d * d
+
+
+class StepWeights(NamedTuple):
+    """The weights of a layer's decode step (:func:`step_weights`); ``mlra_decode_step`` reads them."""
+
+    num_heads: int
+    latent_groups: int
+    rank: int
+    w_in: Tensor  # [H·r (folded q̃) or g·r (c_Q), then 2·g·r (c_K, c_V), d]
+    b_in: Optional[Tensor]  # [rows of w_in]: β on folded query rows, zero elsewhere; None without a bias
+    # Every matrix is stored as the rows of its outputs ([outputs, inputs], nn.Linear's layout), so that a
+    # step streams each row once for all its tokens.
+    m: Optional[Tensor]  # [g, (H/g)·r, r]: M_hᵀ of a group's heads stacked (query not folded)
+    beta: Optional[Tensor]  # [g, (H/g)·r] (query not folded, with a bias)
+    w_v: Optional[Tensor]  # [H, d_h, r] = B_{V,h} (output not folded)
+    b_v: Optional[Tensor]  # [H, d_h] (output not folded, with a bias)
+    w_out: Tensor  # [d, H·r] (W_{O,h}·B_{V,h} side by side, folded) or W_O [d, d]
+    b_out: Optional[Tensor]  # [d]
+
+    @property
+    def folds(self) -> str:
+        """Which products were formed, for ``kernel_path``-style reports."""
+        q = "q̃ rows folded into D" if self.m is None else "c_Q then M_h"
+        o = "B_V folded into W_O" if self.w_v is None else "B_V then W_O"
+        return f"{q}; {o}"
+
+
+@torch.no_grad()
+def step_weights(
+    down: Tensor, up: Tensor, bias: Optional[Tensor], out_weight: Tensor, out_bias: Optional[Tensor], *,
+    num_heads: int, latent_groups: int, dtype: Optional[torch.dtype] = None,
+) -> StepWeights:
+    """The pre-multiplied weights of a layer's decode step: the MLRA factors and the output projection
+    ``W_O`` ``[d, d]`` (``nn.Linear`` layout) with its bias. Products are formed in float32 (float64 for
+    float64 weights) and stored in ``dtype`` (default: ``down``'s). Form them again after the weights
+    change: they are a copy."""
+    H, g = int(num_heads), int(latent_groups)
+    d, r = up.shape[1], up.shape[2]
+    dh, hpg, gr = d // H, H // g, g * r
+    if tuple(out_weight.shape) != (d, d):
+        raise ValueError(f"out_weight must be W_O [d, d] = [{d}, {d}], got {tuple(out_weight.shape)}")
+    store = dtype if dtype is not None else down.dtype
+    work = torch.float64 if down.dtype == torch.float64 else torch.float32
+    down_w, up_w = down.to(work), up.to(work)
+    bias_w = bias.to(work) if bias is not None else None
+    w_o = out_weight.to(work)
+    fold_q, fold_o = fold_rules(d, H, g, r)
+    from mlra_kernels.ops.mlra.prefill import _absorbed_weights, _m_by_group
+
+    m, beta = _absorbed_weights(up_w, bias_w, H)  # [H, r, r], [H, r]
+    m_g, beta_g, b_in = None, None, None
+    if fold_q:
+        d_q = down_w[:gr].view(g, 1, r, d).expand(g, hpg, r, d).reshape(H, r, d)  # each head's group rows
+        q_rows = torch.bmm(m.transpose(1, 2), d_q).reshape(H * r, d)  # M_hᵀ·D_{Q,j}
+        if beta is not None:
+            b_in = torch.cat([beta.reshape(H * r), beta.new_zeros(2 * gr)])
+    else:
+        q_rows = down_w[:gr]
+        m_g = _m_by_group(m, g).transpose(1, 2)
+        beta_g = beta.reshape(g, hpg * r) if beta is not None else None
+    w_in = torch.cat([q_rows, down_w[gr:]])
+    b_v = bias_w[2 * d:] if bias_w is not None else None
+    b_out = out_bias.to(work) if out_bias is not None else None
+    w_v = up_w[2].view(H, dh, r)  # B_{V,h}
+    if fold_o:
+        w_out = torch.bmm(w_o.view(d, H, dh).transpose(0, 1), w_v).transpose(0, 1).reshape(d, H * r)
+        if b_v is not None:
+            b_out = w_o @ b_v + (b_out if b_out is not None else 0.0)
+        w_vh, b_vh = None, None
+    else:
+        w_out, w_vh = w_o, w_v
+        b_vh = b_v.view(H, dh) if b_v is not None else None
+
+    def cast(t):
+        return t.to(store).contiguous() if t is not None else None
+
+    return StepWeights(H, g, r, cast(w_in), cast(b_in), cast(m_g), cast(beta_g), cast(w_vh), cast(b_vh),
+                       cast(w_out), cast(b_out))
+
+
+def step_latents(x: Tensor, w: StepWeights) -> tuple[Tensor, Tensor, Tensor]:
+    """``(q̃ [B, g, (H/g)·t, r], c_K [B, g, t, r], c_V [B, g, t, r])`` of the new tokens ``x`` ``[B, t, d]``
+    (views where they can be): one GEMM for the query part and both latents."""
+    B, t, d = x.shape
+    H, g, r = w.num_heads, w.latent_groups, w.rank
+    hpg, gr = H // g, g * r
+    y = F.linear(x, w.w_in, w.b_in)  # [B, t, n_q + 2·g·r]
+    n_q = y.shape[-1] - 2 * gr
+    lat = y[..., n_q:].view(B, t, 2, g, r)
+    c_k, c_v = lat[:, :, 0].transpose(1, 2), lat[:, :, 1].transpose(1, 2)
+    if w.m is None:  # q̃ itself: [B, t, (group, head, r)]
+        q = y[..., :n_q].view(B, t, g, hpg, r)
+    else:
+        c_q = y[..., :gr].reshape(B * t, g, r).transpose(0, 1)  # [g, B·t, r]
+        m = w.m.transpose(1, 2)
+        q = torch.bmm(c_q, m) if w.beta is None else torch.baddbmm(w.beta.unsqueeze(1), c_q, m)  # [g, B·t, (head, r)]
+        q = q.view(g, B, t, hpg, r).permute(1, 2, 0, 3, 4)
+    return q.permute(0, 2, 3, 1, 4).reshape(B, g, hpg * t, r), c_k, c_v
+
+
+def step_output(z: Tensor, w: StepWeights, t: int) -> Tensor:
+    """The layer's output ``[B, t, d]`` (``W_O`` and its bias applied) from ``Z`` ``[B, g, (H/g)·t, r]``."""
+    B = z.shape[0]
+    H, g, r = w.num_heads, w.latent_groups, w.rank
+    z5 = z.view(B, g, H // g, t, r)
+    if w.w_v is None:
+        return F.linear(z5.permute(0, 3, 1, 2, 4).reshape(B, t, H * r), w.w_out, w.b_out)
+    z_h = z5.permute(1, 2, 0, 3, 4).reshape(H, B * t, r)
+    w_v = w.w_v.transpose(1, 2)
+    o = torch.bmm(z_h, w_v) if w.b_v is None else torch.baddbmm(w.b_v.unsqueeze(1), z_h, w_v)  # [H, B·t, d_h]
+    d = H * o.shape[-1]
+    return F.linear(o.view(H, B, t, -1).permute(1, 2, 0, 3).reshape(B, t, d), w.w_out, w.b_out)
+
+
+def latent_attention(
+    path: str, q_abs: Tensor, k: Tensor, v: Tensor, *, t: int, scale: float, causal: bool = True,
+    key_padding_mask: Optional[Tensor] = None, cache_seqlens: Optional[Tensor] = None,
+) -> Tensor:
+    """``Z [B, g, M, r]`` by one of the decode kernels (``path``: ``"cpu-kernel"``, ``"triton"`` or
+    ``"triton-interpreter"``, as :func:`~mlra_kernels.ops.mlra.backend.choose_decode` chose) from
+    ``q̃ [B, g, M, r]`` and the caches ``[B, g, S, r]``; inputs as :func:`mlra_decode` checks them."""
+    kpm = _additive_kpm(key_padding_mask)
+    if path == "cpu-kernel":
+        if k.stride(-1) != 1 or v.stride(-1) != 1:  # a token-major cache of one latent column per group
+            k, v = k.contiguous(), v.contiguous()
+        return _cpu_decode_attention(q_abs, k, v, kpm, cache_seqlens, t, bool(causal), scale)
+    if path in ("triton", "triton-interpreter"):
+        return mlra_decode_attn(q_abs, k, v, kpm, cache_seqlens, t, bool(causal), scale)
+    raise ValueError(f"latent_attention runs the decode kernels {backend.DECODE_KERNELS}, got path {path!r}")

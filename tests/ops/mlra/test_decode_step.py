@@ -1,0 +1,145 @@
+"""A layer's whole decode step on pre-multiplied weights (``decode.step_weights``): the Python step
+(``step_latents`` / ``step_output``) in float64 against the reference attention followed by ``W_O``, and
+the C++ whole-step op ``mlra::latent_decode_step_cpu`` in float32 against float64, within 3x the error of
+the unfused float32 torch path (``mlra_decode`` then ``W_O``)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mlra_kernels import _ext
+from mlra_kernels.ops.mlra import kv_latents, mlra_decode, use_backend
+from mlra_kernels.ops.mlra.decode import _torch_attention, fold_rules, step_latents, step_output, step_weights
+from mlra_kernels.ops.mlra.reference import mlra_attention_reference
+from tests.helpers import assert_within_torch_error
+
+
+def test_fold_rules_take_the_smaller_read():
+    # GPT-2 small and the decode benchmark's layer: g = 1, r = d/4 folds nothing; g = H, g·r = d/4 folds both.
+    assert fold_rules(768, 12, 1, 192) == (False, False)
+    assert fold_rules(768, 12, 12, 16) == (True, True)
+    assert fold_rules(512, 8, 1, 128) == (False, False)
+    assert fold_rules(512, 8, 8, 16) == (True, True)
+    assert fold_rules(64, 4, 1, 16) == (False, True)
+    assert fold_rules(64, 4, 1, 48) == (True, False)
+
+
+# (H, g, r) at d = 64, one per combination of folds (query, output).
+FOLDS = {"none": (4, 1, 32), "output": (4, 1, 16), "query": (4, 1, 48), "both": (4, 4, 8), "both-g2": (4, 2, 4)}
+
+
+def layer_case(H, g, r, *, B=2, S=9, t=1, bias=True, seed=0):
+    """float64 ``(seq [B, S + t, d], down, up, bias, w_o, b_o)``: the last ``t`` tokens are the step's."""
+    gen = torch.Generator().manual_seed(seed)
+    d = 64
+    seq = torch.randn(B, S + t, d, generator=gen, dtype=torch.float64)
+    down = torch.randn(3 * g * r, d, generator=gen, dtype=torch.float64) / d ** 0.5
+    up = torch.randn(3, d, r, generator=gen, dtype=torch.float64) / r ** 0.5
+    b = torch.randn(3 * d, generator=gen, dtype=torch.float64) * 0.2 if bias else None
+    w_o = torch.randn(d, d, generator=gen, dtype=torch.float64) / d ** 0.5
+    b_o = torch.randn(d, generator=gen, dtype=torch.float64) * 0.2 if bias else None
+    return seq, down, up, b, w_o, b_o
+
+
+def expected(case, H, g, t):
+    seq, down, up, b, w_o, b_o = case
+    o = mlra_attention_reference(seq, down, up, b, num_heads=H, latent_groups=g, causal=True)[:, -t:]
+    return F.linear(o, w_o, b_o)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("t", [1, 3])
+@pytest.mark.parametrize("fold", list(FOLDS))
+def test_python_step_is_exact_in_float64(fold, t, bias):
+    H, g, r = FOLDS[fold]
+    case = layer_case(H, g, r, t=t, bias=bias)
+    seq, down, up, b, w_o, b_o = case
+    w = step_weights(down, up, b, w_o, b_o, num_heads=H, latent_groups=g)
+    assert (w.m is None, w.w_v is None) == fold_rules(64, H, g, r)
+    x = seq[:, -t:]
+    q_abs, c_k, c_v = step_latents(x, w)
+    old_k, old_v = kv_latents(seq[:, :-t], down, g, group_major=True)
+    k, v = torch.cat([old_k, c_k], 2), torch.cat([old_v, c_v], 2)
+    B = seq.shape[0]
+    z, _ = _torch_attention(q_abs, k, v, (64 // H) ** -0.5, B=B, H=H, g=g, t=t, causal=True, key_padding_mask=None,
+                            attn_mask=None, lengths=None, dropout_p=0.0, need_weights=False)
+    torch.testing.assert_close(step_output(z, w, t), expected(case, H, g, t), rtol=1e-10, atol=1e-10)
+
+
+def _step_op():
+    try:
+        _ext.load()
+    except _ext.ExtensionNotAvailableError as err:  # pragma: no cover - the test command builds it
+        pytest.skip(f"the compiled extension is not available: {err}")
+    return torch.ops.mlra.latent_decode_step_cpu
+
+
+def _run_op(case, H, g, r, t, capacity, dtype=torch.float32):
+    """The C++ step on a cache of ``capacity`` positions holding the first S tokens' latents; returns
+    ``(out, k_buf, v_buf, seqlens)``."""
+    op = _step_op()
+    seq, down, up, b, w_o, b_o = (c.to(dtype) if c is not None else None for c in case)
+    B, S = seq.shape[0], seq.shape[1] - t
+    w = step_weights(down, up, b, w_o, b_o, num_heads=H, latent_groups=g)
+    k_buf = torch.full((B, g, capacity, r), 7.0, dtype=dtype)
+    v_buf = torch.full((B, g, capacity, r), 7.0, dtype=dtype)
+    old_k, old_v = kv_latents(seq[:, :S], down, g, group_major=True)
+    k_buf[:, :, :S], v_buf[:, :, :S] = old_k, old_v
+    seqlens = torch.full((B,), S, dtype=torch.int32)
+    out = op(seq[:, S:], w.w_in, w.b_in, w.m, w.beta, w.w_v, w.b_v, w.w_out, w.b_out, k_buf, v_buf, seqlens, S, H,
+             (64 // H) ** -0.5)
+    return out, k_buf, v_buf, seqlens
+
+
+def _unfused_fp32(case, H, g, t):
+    """``mlra_decode`` (torch path) then ``W_O`` in float32: the error the fused op is held to."""
+    seq, down, up, b, w_o, b_o = (c.float() if c is not None else None for c in case)
+    c_k, c_v = kv_latents(seq, down, g, group_major=True)
+    with use_backend("torch"), torch.no_grad():
+        o, _ = mlra_decode(seq[:, -t:], down, up, b, cache_k=c_k, cache_v=c_v, num_heads=H, latent_groups=g)
+    return F.linear(o, w_o, b_o)
+
+
+@pytest.mark.parametrize("t", [1, 2])
+@pytest.mark.parametrize("fold", list(FOLDS))
+def test_step_op_matches_float64(fold, t):
+    H, g, r = FOLDS[fold]
+    case = layer_case(H, g, r, B=3, S=300, t=t)
+    out, *_ = _run_op(case, H, g, r, t, capacity=320)
+    assert_within_torch_error(out, _unfused_fp32(case, H, g, t), expected(case, H, g, t), what="decode step error")
+
+
+def test_step_op_writes_the_new_latents_in_place_and_counts_them():
+    H, g, r, t, S = 4, 2, 4, 2, 9
+    case = layer_case(H, g, r, B=2, S=S, t=t, bias=False)
+    _, k_buf, v_buf, seqlens = _run_op(case, H, g, r, t, capacity=16)
+    c_k, c_v = kv_latents(case[0].float(), case[1].float(), g, group_major=True)
+    torch.testing.assert_close(k_buf[:, :, :S + t], c_k)
+    torch.testing.assert_close(v_buf[:, :, :S + t], c_v)
+    assert (k_buf[:, :, S + t:] == 7).all() and (v_buf[:, :, S + t:] == 7).all()  # nothing past the new tokens
+    assert seqlens.tolist() == [S + t, S + t]
+
+
+def test_step_op_rejects_what_it_cannot_do():
+    op = _step_op()
+    H, g, r, d = 4, 4, 8, 64
+    seq, down, up, b, w_o, b_o = (c.float() for c in layer_case(H, g, r))
+    w = step_weights(down, up, b, w_o, b_o, num_heads=H, latent_groups=g)
+    buf = torch.zeros(2, g, 10, r)
+    lens = torch.full((2,), 9, dtype=torch.int32)
+    x = seq[:, -1:]
+    args = (w.w_in, w.b_in, w.m, w.beta, w.w_v, w.b_v, w.w_out, w.b_out)
+    with pytest.raises(RuntimeError, match=r"positions \[10, 11\) do not fit a cache of 10"):
+        op(x, *args, buf, buf.clone(), lens, 10, H, 0.25)
+    with pytest.raises(RuntimeError, match="seqlens must be a contiguous int32"):
+        op(x, *args, buf, buf.clone(), lens.long(), 9, H, 0.25)
+    with pytest.raises(RuntimeError, match="x must be a float32 CPU"):
+        op(x.double(), *args, buf, buf.clone(), lens, 9, H, 0.25)
+    with pytest.raises(RuntimeError, match=r"w_in must be \[64, 64\] for H=4, g=2, r=8, got \[96, 64\]"):
+        op(x, *args, torch.zeros(2, 2, 10, r), torch.zeros(2, 2, 10, r), lens, 9, H, 0.25)
+
+
+def test_step_weights_check_the_output_projection():
+    seq, down, up, b, w_o, b_o = layer_case(4, 1, 16)
+    with pytest.raises(ValueError, match=r"out_weight must be W_O \[d, d\] = \[64, 64\]"):
+        step_weights(down, up, b, w_o[:32], b_o, num_heads=4, latent_groups=1)
