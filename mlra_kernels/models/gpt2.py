@@ -14,7 +14,7 @@ from mlra_kernels.nn.projection import MLRAProjection
 from mlra_kernels.ops.mlra import kernel_path, kv_latents, mlra_attention, mlra_decode
 from mlra_kernels.ops.mlra.backend import DECODE_KERNELS
 from mlra_kernels.ops.mlra.decode import (
-    StepWeights, latent_attention, step_latents, step_op_loads, step_output, step_weights,
+    StepWeights, StepWeightsMemo, latent_attention, step_latents, step_op_loads, step_output, step_runs_fused,
 )
 from mlra_kernels.ops.mlra.layout import check_config, positive_int
 
@@ -185,8 +185,7 @@ class MLRASelfAttention(nn.Module):
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self._scale = 1.0 / math.sqrt(cfg.n_embd // cfg.n_head)
-        # (key, StepWeights) of the decode step's pre-multiplied weights, or None (see _step_weights).
-        self._step_cache: Optional[tuple] = None
+        self._step_memo = StepWeightsMemo()  # the decode step's pre-multiplied weights
         self._register_load_state_dict_pre_hook(_rename_flat_factors)
 
     def forward(self, x: Tensor, cache: Optional[LayerCache] = None, use_cache: bool = False):
@@ -199,7 +198,7 @@ class MLRASelfAttention(nn.Module):
                 cache.append(*kv_latents(x, qkv.down, g, group_major=True))
         else:
             path = self._decode_path(x, p)
-            if path in DECODE_KERNELS and self._steps_fused(x):
+            if path in DECODE_KERNELS and step_runs_fused(x, qkv.down, self.training):
                 return self._decode_step(x, cache, path), cache
             c_k, c_v = cache.append(*kv_latents(x, qkv.down, g, group_major=True))
             lengths = None
@@ -220,13 +219,6 @@ class MLRASelfAttention(nn.Module):
         grad = torch.is_grad_enabled() and (
             x.requires_grad or any(t.requires_grad for t in (qkv.down, qkv.up, qkv.bias) if t is not None))
         return kernel_path(x, dropout_p=dropout_p, op="decode", requires_grad=grad)
-
-    def _steps_fused(self, x: Tensor) -> bool:
-        """Whether a kernel-path step runs on pre-multiplied weights (:meth:`_decode_step`): in eager mode
-        (a compiled step traces ``mlra_decode``, whose products the compiler keeps in the graph), without
-        autocast, and with ``x`` in the weights' dtype (``mlra_decode`` says what is wrong otherwise)."""
-        return (not torch.compiler.is_compiling() and not torch.is_autocast_enabled(x.device.type)
-                and x.dtype == self.qkv.down.dtype and not self.training)
 
     def _decode_step(self, x: Tensor, cache: LayerCache, path: str) -> Tensor:
         """One decode step on :func:`step_weights` (formed once per weight version): one GEMM gives q̃, c_K
@@ -249,17 +241,13 @@ class MLRASelfAttention(nn.Module):
         return step_output(z, w, x.shape[1])
 
     def _step_weights(self) -> StepWeights:
-        params = (self.qkv.down, self.qkv.up, self.qkv.bias, self.c_proj.weight, self.c_proj.bias)
-        # Tensors and their in-place version counters: an optimizer step, load_state_dict or any in-place
-        # write changes the key; .to() / .half() go through _apply, which drops the products.
-        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) if t is not None else None for t in params)
-        if self._step_cache is None or self._step_cache[0] != key:
-            w = step_weights(*params, num_heads=self.n_head, latent_groups=self.latent_groups)
-            self._step_cache = (key, w)
-        return self._step_cache[1]
+        qkv = self.qkv
+        return self._step_memo.get(qkv.down, qkv.up, qkv.bias, self.c_proj.weight, self.c_proj.bias,
+                                   num_heads=self.n_head, latent_groups=self.latent_groups)
 
     def _apply(self, fn, *args, **kwargs):
-        self._step_cache = None
+        if getattr(self, "_step_memo", None) is not None:  # not yet during __init__
+            self._step_memo.clear()
         return super()._apply(fn, *args, **kwargs)
 
 

@@ -601,16 +601,23 @@ def _kernel_or_skip():
 
 @pytest.fixture
 def decode_calls(monkeypatch):
-    """Record what the converted attention hands mlra_decode, and count the decode kernel's launches."""
+    """Record what the converted attention hands mlra_decode (or, for a step on its step weights, the
+    kernel call latent_attention, which takes no general mask), and count the decode kernel's launches."""
     import mlra_kernels.integrations.transformers as integration
     import mlra_kernels.ops.mlra.decode as decode
 
     calls, kernel = [], []
-    real_decode, real_op = integration.mlra_decode, decode.mlra_decode_attn
+    real_decode, real_op, real_attention = integration.mlra_decode, decode.mlra_decode_attn, integration.latent_attention
 
     def spy(*args, **kwargs):
         calls.append(kwargs)
         return real_decode(*args, **kwargs)
+
+    def spy_attention(*args, **kwargs):
+        calls.append(dict(kwargs, attn_mask=None))
+        return real_attention(*args, **kwargs)
+
+    monkeypatch.setattr(integration, "latent_attention", spy_attention)
 
     def op(*args):
         kernel.append(args[0].shape)

@@ -309,3 +309,37 @@ def test_cache_rewind_keeps_the_device_lengths():
     cache.length = 2
     cache.append(torch.ones(3, 1, 1, 2), torch.ones(3, 1, 1, 2))
     assert cache.length == 3 and cache.seqlens.tolist() == [3, 3, 3] and cache[0].shape == (3, 1, 3, 2)
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_decode_step_weights_follow_the_parameters(groups):
+    """A kernel-path step runs on pre-multiplied weights formed once; an in-place update (an optimizer
+    step), load_state_dict and a dtype round trip each give the new weights' result."""
+    torch.manual_seed(0)
+    m = GPT2(_cfg("mlra", latent_groups=groups, n_layer=1)).eval()
+    attn = next(x for x in m.modules() if hasattr(x, "_step_memo"))
+    idx = torch.randint(0, 61, (2, 9))
+
+    def last_step():
+        with torch.no_grad():
+            _, cache = m.forward_cached(idx[:, :8], use_cache=True)
+            return m.forward_cached(idx[:, 8:], cache)[0]
+
+    def check():
+        with torch.no_grad():
+            full = m(idx)[0][:, -1:]
+        torch.testing.assert_close(last_step(), full, rtol=1e-4, atol=1e-5)
+        assert attn._step_memo._weights is not None  # the step ran on the step weights
+
+    check()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(1.25)
+    check()
+    state = {k: v * 0.8 for k, v in m.state_dict().items()}
+    m.load_state_dict(state)
+    check()
+    m.double()
+    assert attn._step_memo._weights is None  # .to() / .double() drop the products
+    m.float()
+    check()

@@ -503,3 +503,35 @@ def latent_attention(
     if path in ("triton", "triton-interpreter"):
         return mlra_decode_attn(q_abs, k, v, kpm, cache_seqlens, t, bool(causal), scale)
     raise ValueError(f"latent_attention runs the decode kernels {backend.DECODE_KERNELS}, got path {path!r}")
+
+
+class StepWeightsMemo:
+    """One layer's :class:`StepWeights`, formed again when a weight changes: written in place (an optimizer
+    step, ``load_state_dict``: its version counter moves) or replaced (its storage moves). A module that
+    holds one clears it in ``_apply`` (``.to()``, ``.half()``), which can reuse a freed storage."""
+
+    def __init__(self) -> None:
+        self._key: Optional[tuple] = None
+        self._weights: Optional[StepWeights] = None
+
+    def clear(self) -> None:
+        self._key = self._weights = None
+
+    def get(self, down: Tensor, up: Tensor, bias: Optional[Tensor], out_weight: Tensor, out_bias: Optional[Tensor], *,
+            num_heads: int, latent_groups: int, out_weight_transposed: bool = False) -> StepWeights:
+        """``out_weight_transposed``: ``out_weight`` is ``[d_in, d_out]`` (a Hugging Face ``Conv1D``)."""
+        tensors = (down, up, bias, out_weight, out_bias)
+        key = tuple((t.data_ptr(), t._version) if t is not None else None for t in tensors)
+        if self._weights is None or key != self._key:
+            w_o = out_weight.t() if out_weight_transposed else out_weight
+            self._weights = step_weights(down, up, bias, w_o, out_bias, num_heads=num_heads, latent_groups=latent_groups)
+            self._key = key
+        return self._weights
+
+
+def step_runs_fused(x: Tensor, weight: Tensor, training: bool) -> bool:
+    """Whether a layer's decode step on a kernel path runs on its step weights: in eager mode (a compiled
+    step traces ``mlra_decode``, whose products the compiler keeps in its graph), in evaluation mode,
+    without autocast, and with ``x`` in the weights' dtype (``mlra_decode`` says what is wrong otherwise)."""
+    return (not training and not torch.compiler.is_compiling() and not torch.is_autocast_enabled(x.device.type)
+            and x.dtype == weight.dtype)
