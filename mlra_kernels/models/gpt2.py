@@ -171,8 +171,10 @@ class MLRASelfAttention(nn.Module):
     """Causal Multi-head Low-Rank self-attention; the factors are an :class:`MLRAProjection` (``qkv``).
 
     Training and a prefill call the fused ``mlra_kernels.mlra_attention``. With a KV cache the cache
-    holds the latents ``c_K, c_V`` (``g·r`` numbers each per token), and later tokens attend them with
-    ``mlra_decode`` in the absorbed form: K and V themselves are never rebuilt.
+    holds the latents ``c_K, c_V`` (``g·r`` numbers each per token), and later tokens attend them in the
+    absorbed form: K and V themselves are never rebuilt. On a decode kernel path in eager evaluation mode
+    a step runs on the layer's pre-multiplied step weights (``c_proj`` included, :meth:`_decode_step`),
+    otherwise through ``mlra_decode`` and ``c_proj``.
     """
 
     def __init__(self, cfg: GPT2Config) -> None:
