@@ -109,6 +109,15 @@ def test_step_op_matches_float64(fold, t):
     assert_within_torch_error(out, _unfused_fp32(case, H, g, t), expected(case, H, g, t), what="decode step error")
 
 
+@pytest.mark.parametrize("fold", ["none", "both"])
+def test_step_op_with_more_rows_than_its_own_gemm_takes(fold):
+    # B·t = 18 > 16 rows: the GEMMs go to at::bmm, writing the same strided outputs.
+    H, g, r = FOLDS[fold]
+    case = layer_case(H, g, r, B=9, S=40, t=2)
+    out, *_ = _run_op(case, H, g, r, 2, capacity=48)
+    assert_within_torch_error(out, _unfused_fp32(case, H, g, 2), expected(case, H, g, 2), what="decode step error")
+
+
 def test_step_op_writes_the_new_latents_in_place_and_counts_them():
     H, g, r, t, S = 4, 2, 4, 2, 9
     case = layer_case(H, g, r, B=2, S=S, t=t, bias=False)
