@@ -239,8 +239,8 @@ class MLRASelfAttention(nn.Module):
         q_abs, c_k, c_v = step_latents(x, w)
         cache.append(c_k, c_v)
         k, v = cache.buffers()
-        z = latent_attention(path, q_abs, k, v, t=x.shape[1], scale=self._scale, cache_seqlens=cache.seqlens)
-        return step_output(z, w, x.shape[1])
+        z = latent_attention(path, q_abs, k, v, t=t, scale=self._scale, cache_seqlens=cache.seqlens)
+        return step_output(z, w, t)
 
     def _step_weights(self) -> StepWeights:
         qkv = self.qkv

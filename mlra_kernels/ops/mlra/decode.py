@@ -365,7 +365,7 @@ def _torch_attention(q_abs, k, v, s, *, B, H, g, t, causal, key_padding_mask, at
 # - the output side: W_O·o + b_O = Σ_h (W_{O,h}·B_{V,h})·Z_h + (W_O·b_V + b_O), so one [d, H·r] matrix
 #   replaces B_V ([d, r]) and W_O ([d, d]).
 # Each fold is taken where it reads fewer numbers (fold_rules); at g = H both are (GPT-2 small, r = 16:
-# 0.39 MB instead of 1.4 MB per layer in fp32), at g = 1, r = d/4 neither. The query rows and the
+# 2.4 MB instead of 4.2 MB per layer in fp32, W_O included), at g = 1, r = d/4 neither. The query rows and the
 # c_K, c_V rows of D share one GEMM.
 
 
@@ -377,7 +377,8 @@ def fold_rules(d: int, num_heads: int, latent_groups: int, rank: int) -> tuple[b
 
 
 class StepWeights(NamedTuple):
-    """The weights of a layer's decode step (:func:`step_weights`); ``mlra_decode_step`` reads them."""
+    """The weights of a layer's decode step (:func:`step_weights`), read by :func:`step_latents`,
+    :func:`step_output` and the C++ whole-step op ``mlra::latent_decode_step_cpu``."""
 
     num_heads: int
     latent_groups: int
@@ -392,13 +393,6 @@ class StepWeights(NamedTuple):
     b_v: Optional[Tensor]  # [H, d_h] (output not folded, with a bias)
     w_out: Tensor  # [d, H·r] (W_{O,h}·B_{V,h} side by side, folded) or W_O [d, d]
     b_out: Optional[Tensor]  # [d]
-
-    @property
-    def folds(self) -> str:
-        """Which products were formed, for ``kernel_path``-style reports."""
-        q = "q̃ rows folded into D" if self.m is None else "c_Q then M_h"
-        o = "B_V folded into W_O" if self.w_v is None else "B_V then W_O"
-        return f"{q}; {o}"
 
 
 @torch.no_grad()
@@ -532,6 +526,7 @@ class StepWeightsMemo:
 def step_runs_fused(x: Tensor, weight: Tensor, training: bool) -> bool:
     """Whether a layer's decode step on a kernel path runs on its step weights: in eager mode (a compiled
     step traces ``mlra_decode``, whose products the compiler keeps in its graph), in evaluation mode,
-    without autocast, and with ``x`` in the weights' dtype (``mlra_decode`` says what is wrong otherwise)."""
+    without autocast, and with ``x`` in the weights' dtype (otherwise ``mlra_decode`` runs, and says what is
+    wrong with the inputs). The step itself does not repeat ``mlra_decode``'s checks of the cache."""
     return (not training and not torch.compiler.is_compiling() and not torch.is_autocast_enabled(x.device.type)
             and x.dtype == weight.dtype)
