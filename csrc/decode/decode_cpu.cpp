@@ -642,17 +642,35 @@ at::Tensor latent_decode_step_cpu(const at::Tensor& x, const at::Tensor& w_in, c
   TORCH_CHECK(k_cache.size(0) == B && v_cache.sizes() == k_cache.sizes(),
               "mlra::latent_decode_step_cpu: k_cache and v_cache must be [B, g, capacity, r] alike with B=", B,
               ", got ", k_cache.sizes(), " and ", v_cache.sizes());
-  TORCH_CHECK(pos >= 0 && t >= 1 && pos + t <= cap, "mlra::latent_decode_step_cpu: positions [", pos, ", ", pos + t,
+  TORCH_CHECK(t >= 1, "mlra::latent_decode_step_cpu: x must hold at least one new token, got shape ", x.sizes());
+  TORCH_CHECK(pos >= 0 && pos + t <= cap, "mlra::latent_decode_step_cpu: positions [", pos, ", ", pos + t,
               ") do not fit a cache of ", cap);
   TORCH_CHECK(seqlens.device().is_cpu() && seqlens.scalar_type() == at::kInt && seqlens.dim() == 1 &&
                   seqlens.size(0) == B && seqlens.is_contiguous(),
               "mlra::latent_decode_step_cpu: seqlens must be a contiguous int32 CPU [B] = [", B, "] tensor, got ",
-              seqlens.scalar_type(), " ", seqlens.sizes());
-  const int64_t hpg = H / G, gr = G * R, N = B * t;
-  const int64_t n_in = w_in.size(0), n_q = n_in - 2 * gr;
-  TORCH_CHECK(w_in.dim() == 2 && w_in.size(1) == x.size(2) && n_q == (m.has_value() ? gr : H * R),
-              "mlra::latent_decode_step_cpu: w_in must be [", (m.has_value() ? gr : H * R) + 2 * gr, ", ", x.size(2),
-              "] for H=", H, ", g=", G, ", r=", R, ", got ", w_in.sizes());
+              seqlens.scalar_type(), " ", seqlens.sizes(), " on ", seqlens.device());
+  const int64_t hpg = H / G, gr = G * R, N = B * t, d = x.size(2);
+  TORCH_CHECK(d % H == 0, "mlra::latent_decode_step_cpu: the width d=", d, " of x must be a multiple of num_heads=", H);
+  const int64_t dh = d / H, n_q = m.has_value() ? gr : H * R, n_in = n_q + 2 * gr;
+  // Every operand is checked before anything is written: a failed call leaves the cache and seqlens as
+  // they were.
+  const auto check = [](const at::Tensor& w, const char* name, at::IntArrayRef shape) {
+    TORCH_CHECK(w.sizes() == shape && w.is_contiguous() && w.scalar_type() == at::kFloat && w.device().is_cpu(),
+                "mlra::latent_decode_step_cpu: ", name, " must be a contiguous float32 CPU ", shape,
+                " tensor, got ", w.scalar_type(), " ", w.sizes(), " on ", w.device());
+  };
+  TORCH_CHECK(w_in.dim() == 2 && w_in.size(0) == n_in && w_in.size(1) == d, "mlra::latent_decode_step_cpu: w_in must be [",
+              n_in, ", ", d, "] for H=", H, ", g=", G, ", r=", R, ", got ", w_in.sizes());
+  check(w_in, "w_in", {n_in, d});
+  if (b_in.has_value()) check(*b_in, "b_in", {n_in});
+  if (m.has_value()) check(*m, "m", {G, hpg * R, R});
+  TORCH_CHECK(!beta.has_value() || m.has_value(), "mlra::latent_decode_step_cpu: beta is given without m");
+  if (beta.has_value()) check(*beta, "beta", {G, hpg * R});
+  if (w_v.has_value()) check(*w_v, "w_v", {H, dh, R});
+  TORCH_CHECK(!b_v.has_value() || w_v.has_value(), "mlra::latent_decode_step_cpu: b_v is given without w_v");
+  if (b_v.has_value()) check(*b_v, "b_v", {H, dh});
+  check(w_out, "w_out", {d, w_v.has_value() ? d : H * R});
+  if (b_out.has_value()) check(*b_out, "b_out", {d});
   const at::Tensor x2 = x.reshape({1, N, x.size(2)});
   const at::Tensor y = at::empty({1, N, n_in}, x.options());
   rows_gemm(x2, w_in.unsqueeze(0), b_in, y);  // [q̃ or c_Q | c_K | c_V] of every new token
@@ -673,13 +691,11 @@ at::Tensor latent_decode_step_cpu(const at::Tensor& x, const at::Tensor& w_in, c
   if (q.stride(3) != 1) q = q.contiguous();
   const at::Tensor z = latent_decode_cpu(q, k_cache, v_cache, std::nullopt, seqlens, t, true, scale);
   const at::Tensor z5 = z.view({B, G, hpg, t, R});
-  const int64_t d = w_out.size(0);
   at::Tensor out = at::empty({1, N, d}, x.options());
   if (!w_v.has_value()) {  // Z · W_OVᵀ + b'
     rows_gemm(z5.permute({0, 3, 1, 2, 4}).reshape({1, N, H * R}), w_out.unsqueeze(0), b_out, out);
     return out.view({B, t, d});
   }
-  const int64_t dh = w_v->size(1);
   const at::Tensor z_h = z5.permute({1, 2, 0, 3, 4}).reshape({H, N, R});  // a view when t = 1
   const at::Tensor o = at::empty({N, H * dh}, x.options());
   rows_gemm(z_h, *w_v, b_v, o.view({N, H, dh}).transpose(0, 1));  // Z_h·B_{V,h}ᵀ + b_{V,h}, heads side by side

@@ -152,3 +152,22 @@ def test_step_weights_check_the_output_projection():
     seq, down, up, b, w_o, b_o = layer_case(4, 1, 16)
     with pytest.raises(ValueError, match=r"out_weight must be W_O \[d, d\] = \[64, 64\]"):
         step_weights(down, up, b, w_o[:32], b_o, num_heads=4, latent_groups=1)
+
+
+def test_step_op_checks_every_weight_before_writing_the_cache():
+    op = _step_op()
+    H, g, r = FOLDS["none"]  # m and w_v present
+    seq, down, up, b, w_o, b_o = (c.float() for c in layer_case(H, g, r))
+    w = step_weights(down, up, b, w_o, b_o, num_heads=H, latent_groups=g)
+    k_buf, v_buf = torch.zeros(2, g, 12, r), torch.zeros(2, g, 12, r)
+    lens = torch.full((2,), 9, dtype=torch.int32)
+    x = seq[:, -1:]
+    narrow_m = w.m[:, :-r]  # as if built for fewer heads: the op would write past its query buffer
+    with pytest.raises(RuntimeError, match=r"m must be a contiguous float32 CPU \[1, 128, 32\] tensor"):
+        op(x, w.w_in, w.b_in, narrow_m.contiguous(), w.beta, w.w_v, w.b_v, w.w_out, w.b_out, k_buf, v_buf, lens, 9,
+           H, 0.25)
+    with pytest.raises(RuntimeError, match="b_v is given without w_v"):
+        op(x, w.w_in, w.b_in, w.m, w.beta, None, w.b_v, w.w_out, w.b_out, k_buf, v_buf, lens, 9, H, 0.25)
+    with pytest.raises(RuntimeError, match=r"x must hold at least one new token"):
+        op(seq[:, :0], w.w_in, w.b_in, w.m, w.beta, w.w_v, w.b_v, w.w_out, w.b_out, k_buf, v_buf, lens, 9, H, 0.25)
+    assert lens.tolist() == [9, 9] and (k_buf == 0).all() and (v_buf == 0).all()  # nothing was written
