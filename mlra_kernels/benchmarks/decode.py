@@ -52,8 +52,7 @@ from mlra_kernels.benchmarks.common import (
 from mlra_kernels.models import GPT2, GPT2Config
 from mlra_kernels.models.gpt2 import LayerCache, MHASelfAttention, MLRASelfAttention
 from mlra_kernels.ops.mlra import kernel_path, kv_latents, mlra_decode, use_backend
-from mlra_kernels.ops.mlra.backend import DECODE_KERNELS
-from mlra_kernels.ops.mlra.decode import step_runs_fused
+from mlra_kernels.ops.mlra.decode import step_plan
 from mlra_kernels.ops.mlra.reference import mlra_attention_reference
 
 VARIANTS = ("mha", "mlra-g1", "mlra-gH")
@@ -160,9 +159,10 @@ class _LayerStack:
         layer = self.layers[0]
         if self.name != "mha" and not self.forced:
             with torch.no_grad():
-                if layer._decode_path(self.x, 0.0) in DECODE_KERNELS and step_runs_fused(self.x, layer.qkv.down,
-                                                                                       layer.training):
-                    w = layer._step_weights()
+                _, fused = step_plan(self.x, layer.qkv, layer.c_proj, torch.nn.Linear, owner="benchmark",
+                                     dropout_p=0.0, training=layer.training)
+                if fused:
+                    w = layer._step_weights(self.caches[0])
                     return sum(t.numel() * t.element_size() for t in w if isinstance(t, torch.Tensor))
         return sum(p.numel() * p.element_size() for p in layer.parameters())
 

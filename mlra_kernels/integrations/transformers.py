@@ -42,7 +42,6 @@ What the converted attention supports:
 from __future__ import annotations
 
 import inspect
-import numbers
 from typing import Any, Optional
 
 import torch
@@ -51,9 +50,11 @@ from torch import Tensor, nn
 from mlra_kernels._mask_memo import memo_by_tensor
 from mlra_kernels._warnings import warn_once
 from mlra_kernels.nn.projection import MLRAProjection
-from mlra_kernels.ops.mlra import kernel_path, kv_latents, mlra_attention, mlra_decode
+from mlra_kernels.ops.mlra import kv_latents, mlra_attention, mlra_decode
 from mlra_kernels.ops.mlra.backend import DECODE_KERNELS
-from mlra_kernels.ops.mlra.decode import StepWeightsMemo, latent_attention, step_latents, step_output, step_runs_fused
+from mlra_kernels.ops.mlra.decode import (
+    StepWeightsMemo, check_step_caches, decode_path, latent_attention, step_latents, step_output, step_plan,
+)
 from mlra_kernels.ops.mlra.layout import check_config, default_rank
 
 try:
@@ -66,6 +67,7 @@ except ImportError as _err:  # pragma: no cover - exercised only without the ext
 
 from transformers.cache_utils import EncoderDecoderCache
 from transformers.models.gpt2 import modeling_gpt2
+from transformers.pytorch_utils import Conv1D
 
 
 _INITS = ("svd", "random")
@@ -260,8 +262,9 @@ class MLRAGPT2Attention(modeling_gpt2.GPT2Attention):
 
         one_row = _is_one_row_per_sequence(attention_mask, B, T)
         if cache is not None and not want_weights and (attention_mask is None or one_row):
-            path = self._decode_path(hidden_states, dropout, want_weights)
-            if path in DECODE_KERNELS and step_runs_fused(hidden_states, qkv.down, self.training):
+            path, fused = step_plan(hidden_states, qkv, self.c_proj, Conv1D, owner="MLRAGPT2Attention",
+                                    dropout_p=dropout, training=self.training)
+            if fused:
                 return self._decode_step(hidden_states, cache, cache_position, attention_mask, path), None
 
         c_k, c_v = kv_latents(hidden_states, qkv.down, self.latent_groups, group_major=True)  # 2 × [B, g, T, r]
@@ -270,8 +273,8 @@ class MLRAGPT2Attention(modeling_gpt2.GPT2Attention):
         attn_mask, key_padding_mask, lengths = _as_masked(attention_mask), None, None
         if one_row:
             # A decode step's mask is key padding: the form the decode kernel fuses (a general mask is not).
-            key_padding_mask, lengths = _step_padding(attention_mask, B, self._decode_runs_kernel(
-                hidden_states, dropout, want_weights))
+            runs_kernel = decode_path(hidden_states, qkv, dropout_p=dropout, need_weights=want_weights) in DECODE_KERNELS
+            key_padding_mask, lengths = _step_padding(attention_mask, B, runs_kernel)
             attn_mask = None
         out, weights = mlra_decode(
             hidden_states, qkv.down, qkv.up, qkv.bias, cache_k=c_k, cache_v=c_v, num_heads=self.num_heads,
@@ -281,27 +284,17 @@ class MLRAGPT2Attention(modeling_gpt2.GPT2Attention):
         )
         return self.resid_dropout(self.c_proj(out)), weights
 
-    def _decode_path(self, x: Tensor, dropout_p: float, need_weights: bool) -> str:
-        """The path ``mlra_decode`` takes for this step (the choice it will make itself)."""
-        qkv = self.qkv
-        grad = torch.is_grad_enabled() and (
-            x.requires_grad or any(t.requires_grad for t in (qkv.down, qkv.up, qkv.bias) if t is not None))
-        return kernel_path(x, dropout_p=dropout_p, op="decode", need_weights=need_weights, requires_grad=grad)
-
-    def _decode_runs_kernel(self, x: Tensor, dropout_p: float, need_weights: bool) -> bool:
-        """Whether ``mlra_decode`` takes one of its kernels (Triton, or C++ on the CPU) for this step."""
-        return self._decode_path(x, dropout_p, need_weights) in DECODE_KERNELS
-
     def _decode_step(self, x: Tensor, cache: Any, cache_position: Optional[Tensor], attention_mask: Optional[Tensor],
                      path: str) -> Tensor:
         """A step on a kernel path on the layer's step weights (``decode.step_weights``, ``c_proj`` folded in
         where that reads less): one GEMM for q̃, c_K and c_V, the cache's own update, the kernel with the
         step's mask as key padding and lengths, one GEMM (or two) for the output."""
         qkv, B, T = self.qkv, x.shape[0], x.shape[1]
-        w = self._step_memo.get(qkv.down, qkv.up, qkv.bias, self.c_proj.weight, self.c_proj.bias,
+        w = self._step_memo.get(qkv.down, qkv.up, qkv.bias, self.c_proj.weight, self.c_proj.bias, scope=cache,
                                 num_heads=self.num_heads, latent_groups=self.latent_groups, out_weight_transposed=True)
         q_abs, c_k, c_v = step_latents(x, w)
         k, v = _cache_update(cache, c_k, c_v, self.layer_idx, cache_position)
+        check_step_caches(x, k, v, self.latent_groups, qkv.up.shape[2])
         key_padding_mask, lengths = _step_padding(attention_mask, B, True) if attention_mask is not None else (None, None)
         z = latent_attention(path, q_abs, k, v, t=T, scale=self._scale(), causal=attention_mask is None or self._eager_causal(),
                              key_padding_mask=key_padding_mask, cache_seqlens=lengths)

@@ -11,10 +11,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mlra_kernels.nn.projection import MLRAProjection
-from mlra_kernels.ops.mlra import kernel_path, kv_latents, mlra_attention, mlra_decode
+from mlra_kernels.ops.mlra import kv_latents, mlra_attention, mlra_decode
 from mlra_kernels.ops.mlra.backend import DECODE_KERNELS
 from mlra_kernels.ops.mlra.decode import (
-    StepWeights, StepWeightsMemo, latent_attention, step_latents, step_op_loads, step_output, step_runs_fused,
+    StepWeights, StepWeightsMemo, check_step_caches, latent_attention, step_latents, step_op_loads, step_output,
+    step_plan,
 )
 from mlra_kernels.ops.mlra.layout import check_config, positive_int
 
@@ -199,8 +200,9 @@ class MLRASelfAttention(nn.Module):
                 cache = LayerCache(self.block_size, seq_dim=2)
                 cache.append(*kv_latents(x, qkv.down, g, group_major=True))
         else:
-            path = self._decode_path(x, p)
-            if path in DECODE_KERNELS and step_runs_fused(x, qkv.down, self.training):
+            path, fused = step_plan(x, qkv, self.c_proj, nn.Linear, owner="MLRASelfAttention", dropout_p=p,
+                                    training=self.training)
+            if fused:
                 return self._decode_step(x, cache, path), cache
             c_k, c_v = cache.append(*kv_latents(x, qkv.down, g, group_major=True))
             lengths = None
@@ -213,20 +215,11 @@ class MLRASelfAttention(nn.Module):
                                latent_groups=g, dropout_p=p, cache_seqlens=lengths)
         return self.resid_dropout(self.c_proj(y)), cache
 
-    def _decode_path(self, x: Tensor, dropout_p: float) -> str:
-        """The path ``mlra_decode`` takes for this step (the same choice it makes). On one of its kernels
-        (:data:`DECODE_KERNELS`) it gets the whole buffers; its torch path gets views of the filled part
-        instead: it would attend (and mask) every position of a whole buffer, the unwritten ones included."""
-        qkv = self.qkv
-        grad = torch.is_grad_enabled() and (
-            x.requires_grad or any(t.requires_grad for t in (qkv.down, qkv.up, qkv.bias) if t is not None))
-        return kernel_path(x, dropout_p=dropout_p, op="decode", requires_grad=grad)
-
     def _decode_step(self, x: Tensor, cache: LayerCache, path: str) -> Tensor:
-        """One decode step on :func:`step_weights` (formed once per weight version): one GEMM gives q̃, c_K
+        """One decode step on :func:`step_weights` (formed once per cache and weight version): one GEMM gives q̃, c_K
         and c_V; the latents are written into the cache in place; the kernel reads the whole buffers with
         the lengths on the device; one GEMM (or B_V then W_O, whichever reads less) gives the output."""
-        w = self._step_weights()
+        w = self._step_weights(cache)
         t = x.shape[1]
         if path == "cpu-kernel" and cache.seqlens is not None and step_op_loads():
             cache.check_room(t)
@@ -236,15 +229,17 @@ class MLRASelfAttention(nn.Module):
                 self.n_head, self._scale)
             cache.advance(t)
             return out
+        if cache.buffers()[0] is not None:  # as mlra_decode checks them, before anything is written
+            check_step_caches(x, *cache.buffers(), self.latent_groups, self.rank)
         q_abs, c_k, c_v = step_latents(x, w)
         cache.append(c_k, c_v)
         k, v = cache.buffers()
         z = latent_attention(path, q_abs, k, v, t=t, scale=self._scale, cache_seqlens=cache.seqlens)
         return step_output(z, w, t)
 
-    def _step_weights(self) -> StepWeights:
+    def _step_weights(self, cache: LayerCache) -> StepWeights:
         qkv = self.qkv
-        return self._step_memo.get(qkv.down, qkv.up, qkv.bias, self.c_proj.weight, self.c_proj.bias,
+        return self._step_memo.get(qkv.down, qkv.up, qkv.bias, self.c_proj.weight, self.c_proj.bias, scope=cache,
                                    num_heads=self.n_head, latent_groups=self.latent_groups)
 
     def _apply(self, fn, *args, **kwargs):

@@ -679,3 +679,25 @@ def test_step_padding_of_one_row_masks():
     for other, B, t in ((bool_mask.expand(2, 4, 1, 6), 2, 1), (bool_mask, 2, 2), (bool_mask.long(), 2, 1),
                         (bool_mask[:, 0], 2, 1), (None, 2, 1)):
         assert not _is_one_row_per_sequence(other, B, t)
+
+
+def test_a_hooked_output_projection_runs_at_every_decode_step(monkeypatch):
+    """The decode step on the step weights reads c_proj's weight; with a hook on c_proj it calls the
+    module instead (warned once), so the hook sees every step and the tokens stay the same."""
+    import mlra_kernels._warnings as warnings_module
+
+    monkeypatch.setattr(warnings_module, "_WARNED", set())
+    mlra = convert_gpt2(_model(dtype=torch.float32), rank=D // 2, latent_groups=4)
+    prompt = torch.randint(0, 83, (2, 5), generator=torch.Generator().manual_seed(2))
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    plain = mlra.generate(prompt, **kw)
+    memos = [block.attn._step_memo for block in mlra.transformer.h]
+    assert all(memo.formed == 1 for memo in memos)  # the steps ran on the step weights
+    calls = []
+    for block in mlra.transformer.h:
+        block.attn.c_proj.register_forward_hook(lambda mod, args, out: calls.append(1))
+    with pytest.warns(UserWarning, match="MLRAGPT2Attention: its output projection is a Conv1D, has forward hooks"):
+        hooked = mlra.generate(prompt, **kw)
+    assert len(calls) == 2 * 6  # both layers, at the prefill and each of the five steps
+    assert all(memo.formed == 1 for memo in memos)
+    torch.testing.assert_close(hooked, plain, rtol=0, atol=0)

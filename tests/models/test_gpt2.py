@@ -1,7 +1,9 @@
 """GPT-2 with MHA or MLRA: init, weight tying, training step, KV cache (latents for MLRA)."""
 
+import contextlib
 import math
 import os
+import warnings
 
 import torch
 
@@ -311,35 +313,177 @@ def test_cache_rewind_keeps_the_device_lengths():
     assert cache.length == 3 and cache.seqlens.tolist() == [3, 3, 3] and cache[0].shape == (3, 1, 3, 2)
 
 
+def _step_on(m, idx, cache, n, torch_path=False):
+    """The logits of token ``n`` decoded on ``cache`` rewound to ``n`` positions (on decode's torch path:
+    ``mlra_decode`` then ``c_proj`` called as a module, the reference of the step weights)."""
+    from mlra_kernels.ops.mlra import use_backend
+
+    for c in cache:
+        c.length = n
+    with torch.no_grad(), use_backend("torch") if torch_path else contextlib.nullcontext():
+        return m.forward_cached(idx[:, n:n + 1], cache)[0]
+
+
+def _check_step(m, idx, cache, n):
+    torch.testing.assert_close(_step_on(m, idx, cache, n), _step_on(m, idx, cache, n, torch_path=True),
+                               rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("groups", [1, 4])
 def test_decode_step_weights_follow_the_parameters(groups):
-    """A kernel-path step runs on pre-multiplied weights formed once; an in-place update (an optimizer
-    step), load_state_dict and a dtype round trip each give the new weights' result."""
+    """A kernel-path step runs on pre-multiplied weights formed once per cache; an in-place update (an
+    optimizer step) and load_state_dict form them again on the same cache, a ``.data`` write from the next
+    cache on, and a dtype round trip drops them."""
     torch.manual_seed(0)
     m = GPT2(_cfg("mlra", latent_groups=groups, n_layer=1)).eval()
     attn = next(x for x in m.modules() if hasattr(x, "_step_memo"))
-    idx = torch.randint(0, 61, (2, 9))
+    memo = attn._step_memo
+    idx = torch.randint(0, 61, (2, 10))
 
-    def last_step():
+    def prefill():
         with torch.no_grad():
-            _, cache = m.forward_cached(idx[:, :8], use_cache=True)
-            return m.forward_cached(idx[:, 8:], cache)[0]
+            return m.forward_cached(idx[:, :8], use_cache=True)[1]
 
-    def check():
-        with torch.no_grad():
-            full = m(idx)[0][:, -1:]
-        torch.testing.assert_close(last_step(), full, rtol=1e-4, atol=1e-5)
-        assert attn._step_memo._weights is not None  # the step ran on the step weights
-
-    check()
+    cache = prefill()
+    with torch.no_grad():
+        full = m(idx[:, :9])[0][:, -1:]
+    torch.testing.assert_close(_step_on(m, idx, cache, 8), full, rtol=1e-4, atol=1e-5)
+    assert memo.formed == 1
+    _check_step(m, idx, cache, 8)
+    _check_step(m, idx, cache, 8)
+    assert memo.formed == 1  # the same cache and weights: formed once
     with torch.no_grad():
         for p in m.parameters():
             p.mul_(1.25)
-    check()
-    state = {k: v * 0.8 for k, v in m.state_dict().items()}
-    m.load_state_dict(state)
-    check()
+    _check_step(m, idx, cache, 8)
+    assert memo.formed == 2
+    m.load_state_dict({k: v * 0.8 for k, v in m.state_dict().items()})
+    _check_step(m, idx, cache, 8)
+    assert memo.formed == 3
+    attn.c_proj.weight.data.mul_(2.0)  # moves no version counter: seen from the next cache on
+    cache = prefill()
+    _check_step(m, idx, cache, 8)
+    assert memo.formed == 4
     m.double()
-    assert attn._step_memo._weights is None  # .to() / .double() drop the products
+    assert memo._weights is None  # .to() / .double() drop the products
     m.float()
-    check()
+    cache = prefill()
+    _check_step(m, idx, cache, 8)
+    assert memo.formed == 5
+
+
+def test_decode_step_on_inference_tensors():
+    """A model built under inference_mode has weights without version counters; its steps still run on
+    the step weights, formed once per cache."""
+    torch.manual_seed(0)
+    idx = torch.randint(0, 61, (2, 10))
+    with torch.inference_mode():
+        m = GPT2(_cfg("mlra", latent_groups=4, n_layer=1)).eval()
+        _, cache = m.forward_cached(idx[:, :8], use_cache=True)
+        steps = [m.forward_cached(idx[:, n:n + 1], cache)[0] for n in (8, 9)]
+        full = m(idx)[0]
+    attn = next(x for x in m.modules() if hasattr(x, "_step_memo"))
+    assert attn.qkv.down.is_inference() and attn._step_memo.formed == 1
+    torch.testing.assert_close(torch.cat(steps, 1), full[:, 8:], rtol=1e-4, atol=1e-5)
+
+
+class _DoubledLinear(torch.nn.Linear):
+    def forward(self, x):
+        return 2.0 * super().forward(x)
+
+
+def test_decode_step_calls_a_wrapped_or_hooked_output_projection(monkeypatch):
+    """A subclass of nn.Linear as c_proj, or a hook on it, is not skipped: the step then calls it (and
+    says so once) instead of reading its weight."""
+    from mlra_kernels import _warnings
+
+    monkeypatch.setattr(_warnings, "_WARNED", set())
+    torch.manual_seed(0)
+    m = GPT2(_cfg("mlra", latent_groups=4, n_layer=1)).eval()
+    attn = next(x for x in m.modules() if hasattr(x, "_step_memo"))
+    idx = torch.randint(0, 61, (2, 10))
+    with torch.no_grad():
+        cache = m.forward_cached(idx[:, :8], use_cache=True)[1]
+    plain = _step_on(m, idx, cache, 8)
+
+    doubled = _DoubledLinear(32, 32)
+    doubled.load_state_dict(attn.c_proj.state_dict())
+    attn.c_proj = doubled
+    with pytest.warns(UserWarning, match="output projection is a _DoubledLinear"):
+        out = _step_on(m, idx, cache, 8)
+    assert not torch.allclose(out, plain, rtol=1e-3, atol=1e-3)  # the doubling took effect
+    torch.testing.assert_close(out, _step_on(m, idx, cache, 8, torch_path=True), rtol=1e-4, atol=1e-5)
+
+    plain_proj = torch.nn.Linear(32, 32)
+    plain_proj.load_state_dict(doubled.state_dict())
+    attn.c_proj = plain_proj
+    calls = []
+    handle = plain_proj.register_forward_hook(lambda mod, args, out: calls.append(1) or 2.0 * out)
+    out = _step_on(m, idx, cache, 8)
+    assert calls == [1]
+    torch.testing.assert_close(out, _step_on(m, idx, cache, 8, torch_path=True), rtol=1e-4, atol=1e-5)
+    handle.remove()
+
+
+def test_decode_step_keeps_the_gradient_of_a_trainable_output_projection():
+    """Only c_proj trainable, in evaluation mode with gradients on: the step cannot use detached step
+    weights, and c_proj gets the gradient decode's torch path gives."""
+    from mlra_kernels.ops.mlra import use_backend
+
+    torch.manual_seed(0)
+    m = GPT2(_cfg("mlra", latent_groups=4, n_layer=1)).eval()
+    attn = next(x for x in m.modules() if hasattr(x, "_step_memo"))
+    for p in m.parameters():
+        p.requires_grad_(False)
+    attn.c_proj.weight.requires_grad_(True)
+    idx = torch.randint(0, 61, (2, 9))
+    grads = []
+    for torch_path in (False, True):
+        cache = m.forward_cached(idx[:, :8], use_cache=True)[1]
+        with use_backend("torch") if torch_path else contextlib.nullcontext():
+            m.forward_cached(idx[:, 8:], cache)[0].square().sum().backward()
+        grads.append(attn.c_proj.weight.grad)
+        attn.c_proj.weight.grad = None
+    assert grads[0] is not None and grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
+    assert attn._step_memo.formed == 0
+
+
+def test_python_decode_step_checks_the_cache_before_writing(monkeypatch):
+    """The step weights' Python step (CUDA, or a _C without the whole-step op) checks the cache as
+    mlra_decode does: a cache of another dtype is a TypeError, and nothing is appended."""
+    import mlra_kernels.models.gpt2 as gpt2
+
+    monkeypatch.setattr(gpt2, "step_op_loads", lambda: False)
+    torch.manual_seed(0)
+    m = GPT2(_cfg("mlra", latent_groups=4, n_layer=1)).eval()
+    idx = torch.randint(0, 61, (2, 10))
+    with torch.no_grad():
+        cache = m.forward_cached(idx[:, :8], use_cache=True)[1]
+        _check_step(m, idx, cache, 8)  # the Python step against decode's torch path
+        cache[0]._k = cache[0]._k.double()
+        cache[0].length = 8
+        with pytest.raises(TypeError, match="cache_k is torch.float64 but x is torch.float32"):
+            m.forward_cached(idx[:, 8:9], cache)
+    assert cache[0].length == 8 and cache[0].seqlens.tolist() == [8, 8]
+
+
+def test_a_build_without_the_step_op_warns_once_and_runs_the_python_step(monkeypatch):
+    from mlra_kernels import _warnings
+    from mlra_kernels.ops.mlra import decode
+
+    monkeypatch.setattr(_warnings, "_WARNED", set())
+    monkeypatch.setattr(decode, "_STEP_OP", [])
+    monkeypatch.setattr(decode, "_STEP_OP_NAME", "no_such_op")
+    if not decode._extension_loads():
+        pytest.skip("the compiled extension is not available (the test command builds it)")
+    torch.manual_seed(0)
+    m = GPT2(_cfg("mlra", latent_groups=4, n_layer=1)).eval()
+    idx = torch.randint(0, 61, (2, 10))
+    with torch.no_grad():
+        cache = m.forward_cached(idx[:, :8], use_cache=True)[1]
+    with pytest.warns(UserWarning, match="no mlra::latent_decode_step_cpu"):
+        _check_step(m, idx, cache, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _check_step(m, idx, cache, 9)

@@ -30,7 +30,8 @@ Two implementations of the attention on the latents, chosen per call by
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+import weakref
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -135,13 +136,14 @@ def _extension_loads() -> bool:
 
 # Whether the loaded extension has the whole-step op (a _C built before it has only the attention).
 _STEP_OP: list = []
+_STEP_OP_NAME = "latent_decode_step_cpu"
 
 
 def step_op_loads() -> bool:
     """Whether ``mlra::latent_decode_step_cpu`` (a layer's whole CPU step in one call) is there; a build
     without it warns once: the step then runs op by op from Python, which costs more per layer."""
     if not _STEP_OP:
-        ok = _extension_loads() and hasattr(torch.ops.mlra, "latent_decode_step_cpu")
+        ok = _extension_loads() and hasattr(torch.ops.mlra, _STEP_OP_NAME)
         _STEP_OP.append(ok)
         if _EXTENSION_LOADS[0] and not ok:
             from mlra_kernels import _ext
@@ -206,6 +208,23 @@ def _check_lengths(cache_seqlens: Optional[Tensor], B: int, device: torch.device
         raise ValueError(f"cache_seqlens must be [B] = [{B}], got {tuple(cache_seqlens.shape)}")
     if cache_seqlens.device != device:
         raise ValueError(f"cache_seqlens is on {cache_seqlens.device} but x is on {device}")
+
+
+def _grouped_caches(x: Tensor, cache_k: Tensor, cache_v: Tensor, B: int, g: int, r: int) -> tuple[Tensor, Tensor]:
+    """The caches as ``[B, g, S, r]`` views, after checking their shape, device and dtype against ``x``."""
+    grouped = []
+    for name, c in (("cache_k", cache_k), ("cache_v", cache_v)):
+        ok = isinstance(c, Tensor) and c.dim() in (3, 4) and c.shape[0] == B and (
+            (c.dim() == 4 and c.shape[1] == g and c.shape[3] == r) or (c.dim() == 3 and c.shape[2] == g * r))
+        if not ok:
+            raise ValueError(f"{name} must be [B, g, S, r] = [{B}, {g}, S, {r}] or [B, S, g·r] = [{B}, S, {g * r}], "
+                             f"got {tuple(c.shape) if isinstance(c, Tensor) else type(c).__name__}")
+        if c.device != x.device:
+            raise ValueError(f"{name} is on {c.device} but x is on {x.device}")
+        if c.dtype != x.dtype:
+            raise TypeError(f"{name} is {c.dtype} but x is {x.dtype}; they must match (or use autocast)")
+        grouped.append(c if c.dim() == 4 else c.view(B, c.shape[1], g, r).transpose(1, 2))  # [B, g, S, r]
+    return grouped[0], grouped[1]
 
 
 def mlra_decode(
@@ -277,19 +296,7 @@ def mlra_decode(
     layout.check_factors(x, down, up, bias, H, g)
     B, t, d = x.shape
     r, dh = up.shape[2], d // H
-    grouped = []
-    for name, c in (("cache_k", cache_k), ("cache_v", cache_v)):
-        ok = isinstance(c, Tensor) and c.shape[0] == B and (
-            (c.dim() == 4 and c.shape[1] == g and c.shape[3] == r) or (c.dim() == 3 and c.shape[2] == g * r))
-        if not ok:
-            raise ValueError(f"{name} must be [B, g, S, r] = [{B}, {g}, S, {r}] or [B, S, g·r] = [{B}, S, {g * r}], "
-                             f"got {tuple(c.shape) if isinstance(c, Tensor) else type(c).__name__}")
-        if c.device != x.device:
-            raise ValueError(f"{name} is on {c.device} but x is on {x.device}")
-        if c.dtype != x.dtype:
-            raise TypeError(f"{name} is {c.dtype} but x is {x.dtype}; they must match (or use autocast)")
-        grouped.append(c if c.dim() == 4 else c.view(B, c.shape[1], g, r).transpose(1, 2))  # [B, g, S, r]
-    k, v = grouped
+    k, v = _grouped_caches(x, cache_k, cache_v, B, g, r)
     S = k.shape[2]
     if v.shape[2] != S or S < t:
         raise ValueError(f"cache_k and cache_v must hold the same S >= t={t} positions, got {S} and {v.shape[2]}")
@@ -499,34 +506,119 @@ def latent_attention(
     raise ValueError(f"latent_attention runs the decode kernels {backend.DECODE_KERNELS}, got path {path!r}")
 
 
+def _stamp(t: Optional[Tensor]) -> Optional[tuple]:
+    """What identifies a weight's contents without reading them: the tensor itself (weakly), its storage
+    and its version counter (inference tensors have none)."""
+    if t is None:
+        return None
+    return weakref.ref(t), t.data_ptr(), None if t.is_inference() else t._version
+
+
+def _stamp_matches(stamp: Optional[tuple], t: Optional[Tensor]) -> bool:
+    if stamp is None or t is None:
+        return stamp is None and t is None
+    ref, ptr, version = stamp
+    return ref() is t and ptr == t.data_ptr() and version == (None if t.is_inference() else t._version)
+
+
+def _weak(obj: object) -> Callable[[], object]:
+    try:
+        return weakref.ref(obj)
+    except TypeError:  # not weakly referable: never a hit
+        return lambda: None
+
+
 class StepWeightsMemo:
-    """One layer's :class:`StepWeights`, formed again when a weight changes: written in place (an optimizer
-    step, ``load_state_dict``: its version counter moves) or replaced (its storage moves). A module that
-    holds one clears it in ``_apply`` (``.to()``, ``.half()``), which can reuse a freed storage."""
+    """One layer's :class:`StepWeights` for one KV cache, formed again when a weight changes.
+
+    A hit needs the same cache object (``scope``: a new cache, so every ``generate()``, forms them
+    afresh) and, for each weight, the same tensor with the same storage and version counter: an in-place
+    update (an optimizer step, ``load_state_dict``) or a replaced parameter forms them again. Writes that
+    move no version counter (through ``.data``, a numpy view, or to an inference tensor) are seen from
+    the next cache on. A module that holds one clears it in ``_apply`` (``.to()``, ``.half()``).
+    ``formed`` counts how often the weights were formed."""
 
     def __init__(self) -> None:
-        self._key: Optional[tuple] = None
+        self._scope: Callable[[], object] = lambda: None
+        self._stamps: tuple = ()
         self._weights: Optional[StepWeights] = None
+        self.formed = 0
 
     def clear(self) -> None:
-        self._key = self._weights = None
+        self._weights, self._stamps = None, ()
 
     def get(self, down: Tensor, up: Tensor, bias: Optional[Tensor], out_weight: Tensor, out_bias: Optional[Tensor], *,
-            num_heads: int, latent_groups: int, out_weight_transposed: bool = False) -> StepWeights:
-        """``out_weight_transposed``: ``out_weight`` is ``[d_in, d_out]`` (a Hugging Face ``Conv1D``)."""
+            scope: object, num_heads: int, latent_groups: int, out_weight_transposed: bool = False) -> StepWeights:
+        """``scope``: the KV cache the step runs on. ``out_weight_transposed``: ``out_weight`` is
+        ``[d_in, d_out]`` (a Hugging Face ``Conv1D``)."""
         tensors = (down, up, bias, out_weight, out_bias)
-        key = tuple((t.data_ptr(), t._version) if t is not None else None for t in tensors)
-        if self._weights is None or key != self._key:
+        hit = (self._weights is not None and self._scope() is scope
+               and all(_stamp_matches(s, t) for s, t in zip(self._stamps, tensors)))
+        if not hit:
             w_o = out_weight.t() if out_weight_transposed else out_weight
             self._weights = step_weights(down, up, bias, w_o, out_bias, num_heads=num_heads, latent_groups=latent_groups)
-            self._key = key
+            self._scope, self._stamps = _weak(scope), tuple(_stamp(t) for t in tensors)
+            self.formed += 1
         return self._weights
 
 
+def _plain_tensor(t: Optional[Tensor]) -> bool:
+    return t is None or type(t) in (torch.Tensor, torch.nn.Parameter)
+
+
+def _plain_layer(layer: torch.nn.Module, layer_type: type) -> bool:
+    """``layer`` is exactly ``layer_type`` with plain tensor weights, and no hook would run around it: what
+    a decode step that reads its ``weight`` and ``bias`` instead of calling it may assume."""
+    from torch.nn.modules import module as nn_module
+
+    hooks = (layer._forward_hooks, layer._forward_pre_hooks,
+             getattr(nn_module, "_global_forward_hooks", {}), getattr(nn_module, "_global_forward_pre_hooks", {}))
+    return (type(layer) is layer_type and not any(hooks)
+            and _plain_tensor(getattr(layer, "weight", None)) and _plain_tensor(getattr(layer, "bias", None)))
+
+
+def decode_path(x: Tensor, qkv: torch.nn.Module, *, dropout_p: float, need_weights: bool = False) -> str:
+    """The path ``mlra_decode`` takes for a layer's step on ``x`` (the same choice it makes itself), the
+    factors ``qkv`` (``down``, ``up``, ``bias``) counted for gradients."""
+    grad = torch.is_grad_enabled() and (
+        x.requires_grad or any(t.requires_grad for t in (qkv.down, qkv.up, qkv.bias) if t is not None))
+    return backend.kernel_path(x, dropout_p=dropout_p, op="decode", need_weights=need_weights, requires_grad=grad)
+
+
+def step_plan(x: Tensor, qkv: torch.nn.Module, out_layer: torch.nn.Module, out_layer_type: type, *, owner: str,
+              dropout_p: float, training: bool, need_weights: bool = False) -> tuple[str, bool]:
+    """``(path, fused)`` for a layer's decode step: :func:`decode_path`, and whether the step runs on the
+    layer's step weights (``out_layer``, its ``W_O``, folded in). It does on a decode kernel path in eager
+    evaluation mode without autocast, with ``x`` in the weights' dtype, with no gradient wanted for
+    ``out_layer``, outside CUDA graph capture (a graph would keep the products of the weights it was
+    captured with), and with ``out_layer`` a plain ``out_layer_type`` (a subclass, a wrapper or a hook
+    would be skipped: that case warns once and calls ``out_layer``). Otherwise ``mlra_decode`` runs, then
+    ``out_layer``. The fused step checks the cache's dtype, device and shape as ``mlra_decode`` does."""
+    path = decode_path(x, qkv, dropout_p=dropout_p, need_weights=need_weights)
+    if path not in backend.DECODE_KERNELS or not step_runs_fused(x, qkv.down, training):
+        return path, False
+    if torch.is_grad_enabled() and any(p.requires_grad for p in out_layer.parameters()):
+        return path, False
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        return path, False
+    if not _plain_layer(out_layer, out_layer_type):
+        warn_once(f"decode-step-{owner}-out-layer",
+                  f"{owner}: its output projection is a {type(out_layer).__name__}, has forward hooks or "
+                  f"non-plain weights, not a plain {out_layer_type.__name__}; so that it runs as it is, a decode "
+                  "step calls it after mlra_decode instead of running on the pre-multiplied step weights "
+                  "(slower: more weights read, more calls).")
+        return path, False
+    return path, True
+
+
+def check_step_caches(x: Tensor, cache_k: Tensor, cache_v: Tensor, latent_groups: int, rank: int) -> None:
+    """The checks :func:`mlra_decode` makes of the caches, for a step that attends them without it."""
+    _grouped_caches(x, cache_k, cache_v, x.shape[0], int(latent_groups), int(rank))
+
+
 def step_runs_fused(x: Tensor, weight: Tensor, training: bool) -> bool:
-    """Whether a layer's decode step on a kernel path runs on its step weights: in eager mode (a compiled
-    step traces ``mlra_decode``, whose products the compiler keeps in its graph), in evaluation mode,
-    without autocast, and with ``x`` in the weights' dtype (otherwise ``mlra_decode`` runs, and says what is
-    wrong with the inputs). The step itself does not repeat ``mlra_decode``'s checks of the cache."""
+    """The mode part of :func:`step_plan`: eager (a compiled step traces ``mlra_decode``, whose products
+    the compiler keeps in its graph), evaluation mode, no autocast, and ``x`` in the weights' dtype
+    (otherwise ``mlra_decode`` runs, and says what is wrong with the inputs)."""
     return (not training and not torch.compiler.is_compiling() and not torch.is_autocast_enabled(x.device.type)
             and x.dtype == weight.dtype)

@@ -25,7 +25,8 @@ def test_fold_rules_take_the_smaller_read():
 
 
 # (H, g, r) at d = 64, one per combination of folds (query, output).
-FOLDS = {"none": (4, 1, 32), "output": (4, 1, 16), "query": (4, 1, 48), "both": (4, 4, 8), "both-g2": (4, 2, 4)}
+FOLDS = {"none": (4, 1, 32), "output": (4, 1, 16), "query": (4, 1, 48), "query-g2": (4, 2, 32), "both": (4, 4, 8),
+         "output-g2": (4, 2, 4)}
 
 
 def layer_case(H, g, r, *, B=2, S=9, t=1, bias=True, seed=0):
