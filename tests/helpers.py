@@ -168,3 +168,15 @@ def run_decode(path, dtype, case, *, H, g, kpm=None, lengths=None, token_major=F
                              key_padding_mask=kpm, cache_seqlens=lengths.to(device) if lengths is not None else None,
                              causal=causal)
     return out
+
+
+def need_cpu_decode_kernel():
+    """Skip unless a float32 CPU decode step takes the C++ kernel (the path on which a layer's step runs
+    on its step weights): it does whenever the extension is built, as the test command builds it."""
+    import pytest
+
+    from mlra_kernels.ops.mlra import kernel_path
+
+    path = kernel_path(torch.zeros(1, 1, 32), op="decode", requires_grad=False)
+    if path != "cpu-kernel":
+        pytest.skip(f"a float32 CPU decode step takes {path!r} here, not the C++ kernel (is the extension built?)")

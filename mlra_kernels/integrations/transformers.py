@@ -243,7 +243,10 @@ class MLRAGPT2Attention(modeling_gpt2.GPT2Attention):
         if isinstance(cache, EncoderDecoderCache):
             cache = cache.self_attention_cache
         want_weights = _attentions_requested(output_attentions)
-        if not want_weights and _nothing_cached(cache, self.layer_idx, T):
+        nothing_cached = _nothing_cached(cache, self.layer_idx, T)
+        if nothing_cached and cache is not None and not torch.compiler.is_compiling():
+            self._step_memo.clear()  # a prefill: the steps that follow form the step weights afresh
+        if not want_weights and nothing_cached:
             # Nothing cached for this layer: training, evaluation, or the prefill of generate().
             fused, key_padding_mask = _causal_padding(attention_mask, B, T)
             if fused:
@@ -290,11 +293,11 @@ class MLRAGPT2Attention(modeling_gpt2.GPT2Attention):
         where that reads less): one GEMM for q̃, c_K and c_V, the cache's own update, the kernel with the
         step's mask as key padding and lengths, one GEMM (or two) for the output."""
         qkv, B, T = self.qkv, x.shape[0], x.shape[1]
-        w = self._step_memo.get(qkv.down, qkv.up, qkv.bias, self.c_proj.weight, self.c_proj.bias, scope=cache,
+        w = self._step_memo.get(qkv.down, qkv.up, qkv.bias, self.c_proj.weight, self.c_proj.bias,
                                 num_heads=self.num_heads, latent_groups=self.latent_groups, out_weight_transposed=True)
         q_abs, c_k, c_v = step_latents(x, w)
         k, v = _cache_update(cache, c_k, c_v, self.layer_idx, cache_position)
-        check_step_caches(x, k, v, self.latent_groups, qkv.up.shape[2])
+        check_step_caches(x, k, v, self.latent_groups, qkv.up.shape[2])  # after the update, as the unfused path
         key_padding_mask, lengths = _step_padding(attention_mask, B, True) if attention_mask is not None else (None, None)
         z = latent_attention(path, q_abs, k, v, t=T, scale=self._scale(), causal=attention_mask is None or self._eager_causal(),
                              key_padding_mask=key_padding_mask, cache_seqlens=lengths)

@@ -199,6 +199,8 @@ class MLRASelfAttention(nn.Module):
             if use_cache:
                 cache = LayerCache(self.block_size, seq_dim=2)
                 cache.append(*kv_latents(x, qkv.down, g, group_major=True))
+                if not torch.compiler.is_compiling():
+                    self._step_memo.clear()  # a prefill: the steps that follow form the step weights afresh
         else:
             path, fused = step_plan(x, qkv, self.c_proj, nn.Linear, owner="MLRASelfAttention", dropout_p=p,
                                     training=self.training)
@@ -216,10 +218,10 @@ class MLRASelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y)), cache
 
     def _decode_step(self, x: Tensor, cache: LayerCache, path: str) -> Tensor:
-        """One decode step on :func:`step_weights` (formed once per cache and weight version): one GEMM gives q̃, c_K
+        """One decode step on :func:`step_weights` (formed once per prefill and weight version): one GEMM gives q̃, c_K
         and c_V; the latents are written into the cache in place; the kernel reads the whole buffers with
         the lengths on the device; one GEMM (or B_V then W_O, whichever reads less) gives the output."""
-        w = self._step_weights(cache)
+        w = self._step_weights()
         t = x.shape[1]
         if path == "cpu-kernel" and cache.seqlens is not None and step_op_loads():
             cache.check_room(t)
@@ -237,9 +239,9 @@ class MLRASelfAttention(nn.Module):
         z = latent_attention(path, q_abs, k, v, t=t, scale=self._scale, cache_seqlens=cache.seqlens)
         return step_output(z, w, t)
 
-    def _step_weights(self, cache: LayerCache) -> StepWeights:
+    def _step_weights(self) -> StepWeights:
         qkv = self.qkv
-        return self._step_memo.get(qkv.down, qkv.up, qkv.bias, self.c_proj.weight, self.c_proj.bias, scope=cache,
+        return self._step_memo.get(qkv.down, qkv.up, qkv.bias, self.c_proj.weight, self.c_proj.bias,
                                    num_heads=self.n_head, latent_groups=self.latent_groups)
 
     def _apply(self, fn, *args, **kwargs):

@@ -9,7 +9,7 @@ transformers = pytest.importorskip("transformers", reason="transformers is an op
 
 from mlra_kernels.integrations.transformers import MLRAGPT2Attention, TEVTrainerCallback, convert_gpt2  # noqa: E402
 from mlra_kernels.monitor import read_jsonl  # noqa: E402
-from tests.helpers import REPO  # noqa: E402
+from tests.helpers import REPO, need_cpu_decode_kernel  # noqa: E402
 
 D = 32
 
@@ -687,6 +687,7 @@ def test_a_hooked_output_projection_runs_at_every_decode_step(monkeypatch):
     import mlra_kernels._warnings as warnings_module
 
     monkeypatch.setattr(warnings_module, "_WARNED", set())
+    need_cpu_decode_kernel()
     mlra = convert_gpt2(_model(dtype=torch.float32), rank=D // 2, latent_groups=4)
     prompt = torch.randint(0, 83, (2, 5), generator=torch.Generator().manual_seed(2))
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
@@ -696,8 +697,31 @@ def test_a_hooked_output_projection_runs_at_every_decode_step(monkeypatch):
     calls = []
     for block in mlra.transformer.h:
         block.attn.c_proj.register_forward_hook(lambda mod, args, out: calls.append(1))
-    with pytest.warns(UserWarning, match="MLRAGPT2Attention: its output projection is a Conv1D, has forward hooks"):
+    with pytest.warns(UserWarning, match="MLRAGPT2Attention: its output projection is a Conv1D with forward hooks"):
         hooked = mlra.generate(prompt, **kw)
     assert len(calls) == 2 * 6  # both layers, at the prefill and each of the five steps
     assert all(memo.formed == 1 for memo in memos)
     torch.testing.assert_close(hooked, plain, rtol=0, atol=0)
+
+
+def test_a_reused_static_cache_gets_step_weights_of_the_current_weights():
+    """One StaticCache for two generate() calls, with a write through .data (no version counter moves)
+    in between: the second prefill forms the step weights again, so its steps score as the dense model."""
+    from transformers import StaticCache
+
+    need_cpu_decode_kernel()
+    ref = _model(dtype=torch.float32)
+    mlra = convert_gpt2(_copy(ref), rank=D, latent_groups=4, init="svd")
+    prompt = torch.randint(0, 83, (2, 5), generator=torch.Generator().manual_seed(4))
+    cache = StaticCache(config=mlra.config, max_cache_len=16)
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_scores=True)
+    mlra.generate(prompt, past_key_values=cache, **kw)
+    memo = mlra.transformer.h[0].attn._step_memo
+    assert memo.formed == 1
+    for model in (ref, mlra):
+        model.transformer.h[0].attn.c_proj.weight.data.mul_(3.0)
+    cache.reset()
+    got = mlra.generate(prompt, past_key_values=cache, **kw)
+    assert memo.formed == 2
+    want = ref.generate(prompt, **kw)
+    torch.testing.assert_close(torch.stack(got.scores), torch.stack(want.scores), rtol=1e-4, atol=1e-4)

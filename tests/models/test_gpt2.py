@@ -1,6 +1,7 @@
 """GPT-2 with MHA or MLRA: init, weight tying, training step, KV cache (latents for MLRA)."""
 
 import contextlib
+import copy
 import math
 import os
 import warnings
@@ -15,6 +16,7 @@ import pytest  # noqa: E402
 
 from mlra_kernels.models import GPT2, GPT2Config  # noqa: E402
 from mlra_kernels.ops.mlra.reference import mlra_attention_reference  # noqa: E402
+from tests.helpers import need_cpu_decode_kernel  # noqa: E402
 
 
 @pytest.fixture
@@ -331,9 +333,10 @@ def _check_step(m, idx, cache, n):
 
 @pytest.mark.parametrize("groups", [1, 4])
 def test_decode_step_weights_follow_the_parameters(groups):
-    """A kernel-path step runs on pre-multiplied weights formed once per cache; an in-place update (an
-    optimizer step) and load_state_dict form them again on the same cache, a ``.data`` write from the next
-    cache on, and a dtype round trip drops them."""
+    """A kernel-path step runs on pre-multiplied weights formed once per prefill (two continuations of one
+    prefix share them); an in-place update (an optimizer step) and load_state_dict form them again on the
+    same cache, a ``.data`` write from the next prefill on, and a dtype round trip drops them."""
+    need_cpu_decode_kernel()
     torch.manual_seed(0)
     m = GPT2(_cfg("mlra", latent_groups=groups, n_layer=1)).eval()
     attn = next(x for x in m.modules() if hasattr(x, "_step_memo"))
@@ -350,8 +353,11 @@ def test_decode_step_weights_follow_the_parameters(groups):
     torch.testing.assert_close(_step_on(m, idx, cache, 8), full, rtol=1e-4, atol=1e-5)
     assert memo.formed == 1
     _check_step(m, idx, cache, 8)
-    _check_step(m, idx, cache, 8)
-    assert memo.formed == 1  # the same cache and weights: formed once
+    other = copy.deepcopy(cache)
+    for n in (8, 9):
+        _check_step(m, idx, cache, n)
+        _check_step(m, idx, other, n)
+    assert memo.formed == 1  # the same weights: formed once for both caches
     with torch.no_grad():
         for p in m.parameters():
             p.mul_(1.25)
@@ -360,7 +366,7 @@ def test_decode_step_weights_follow_the_parameters(groups):
     m.load_state_dict({k: v * 0.8 for k, v in m.state_dict().items()})
     _check_step(m, idx, cache, 8)
     assert memo.formed == 3
-    attn.c_proj.weight.data.mul_(2.0)  # moves no version counter: seen from the next cache on
+    attn.c_proj.weight.data.mul_(2.0)  # moves no version counter: seen from the next prefill on
     cache = prefill()
     _check_step(m, idx, cache, 8)
     assert memo.formed == 4
@@ -374,7 +380,8 @@ def test_decode_step_weights_follow_the_parameters(groups):
 
 def test_decode_step_on_inference_tensors():
     """A model built under inference_mode has weights without version counters; its steps still run on
-    the step weights, formed once per cache."""
+    the step weights, formed once per prefill."""
+    need_cpu_decode_kernel()
     torch.manual_seed(0)
     idx = torch.randint(0, 61, (2, 10))
     with torch.inference_mode():
@@ -398,6 +405,7 @@ def test_decode_step_calls_a_wrapped_or_hooked_output_projection(monkeypatch):
     from mlra_kernels import _warnings
 
     monkeypatch.setattr(_warnings, "_WARNED", set())
+    need_cpu_decode_kernel()
     torch.manual_seed(0)
     m = GPT2(_cfg("mlra", latent_groups=4, n_layer=1)).eval()
     attn = next(x for x in m.modules() if hasattr(x, "_step_memo"))
@@ -405,11 +413,12 @@ def test_decode_step_calls_a_wrapped_or_hooked_output_projection(monkeypatch):
     with torch.no_grad():
         cache = m.forward_cached(idx[:, :8], use_cache=True)[1]
     plain = _step_on(m, idx, cache, 8)
+    assert attn._step_memo.formed == 1
 
     doubled = _DoubledLinear(32, 32)
     doubled.load_state_dict(attn.c_proj.state_dict())
     attn.c_proj = doubled
-    with pytest.warns(UserWarning, match="output projection is a _DoubledLinear"):
+    with pytest.warns(UserWarning, match="output projection is a _DoubledLinear, not a plain Linear"):
         out = _step_on(m, idx, cache, 8)
     assert not torch.allclose(out, plain, rtol=1e-3, atol=1e-3)  # the doubling took effect
     torch.testing.assert_close(out, _step_on(m, idx, cache, 8, torch_path=True), rtol=1e-4, atol=1e-5)
@@ -419,10 +428,20 @@ def test_decode_step_calls_a_wrapped_or_hooked_output_projection(monkeypatch):
     attn.c_proj = plain_proj
     calls = []
     handle = plain_proj.register_forward_hook(lambda mod, args, out: calls.append(1) or 2.0 * out)
-    out = _step_on(m, idx, cache, 8)
+    with pytest.warns(UserWarning, match="output projection is a Linear with forward hooks"):
+        out = _step_on(m, idx, cache, 8)
     assert calls == [1]
     torch.testing.assert_close(out, _step_on(m, idx, cache, 8, torch_path=True), rtol=1e-4, atol=1e-5)
     handle.remove()
+
+    real_forward = plain_proj.forward
+    plain_proj.forward = lambda y: 2.0 * real_forward(y)  # as accelerate's offloading hooks do
+    with pytest.warns(UserWarning, match="forward was replaced on the instance"):
+        out = _step_on(m, idx, cache, 8)
+    torch.testing.assert_close(out, _step_on(m, idx, cache, 8, torch_path=True), rtol=1e-4, atol=1e-5)
+    del plain_proj.forward
+    assert not torch.allclose(out, _step_on(m, idx, cache, 8), rtol=1e-3, atol=1e-3)
+    assert attn._step_memo.formed == 2  # the plain Linear's steps, without its hook and its own forward
 
 
 def test_decode_step_keeps_the_gradient_of_a_trainable_output_projection():
@@ -455,6 +474,7 @@ def test_python_decode_step_checks_the_cache_before_writing(monkeypatch):
     import mlra_kernels.models.gpt2 as gpt2
 
     monkeypatch.setattr(gpt2, "step_op_loads", lambda: False)
+    need_cpu_decode_kernel()
     torch.manual_seed(0)
     m = GPT2(_cfg("mlra", latent_groups=4, n_layer=1)).eval()
     idx = torch.randint(0, 61, (2, 10))
@@ -487,3 +507,19 @@ def test_a_build_without_the_step_op_warns_once_and_runs_the_python_step(monkeyp
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _check_step(m, idx, cache, 9)
+
+
+def test_a_model_that_decoded_can_be_saved_whole(tmp_path):
+    """torch.save of the whole module after decode steps: the step weights are not pickled, and are formed
+    again after loading."""
+    torch.manual_seed(0)
+    m = GPT2(_cfg("mlra", latent_groups=4, n_layer=1)).eval()
+    idx = torch.randint(0, 61, (2, 10))
+    with torch.no_grad():
+        cache = m.forward_cached(idx[:, :8], use_cache=True)[1]
+    before = _step_on(m, idx, cache, 8)
+    torch.save(m, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    with torch.no_grad():
+        cache = loaded.forward_cached(idx[:, :8], use_cache=True)[1]
+    torch.testing.assert_close(_step_on(loaded, idx, cache, 8), before, rtol=0, atol=0)

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import Callable, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -521,25 +521,18 @@ def _stamp_matches(stamp: Optional[tuple], t: Optional[Tensor]) -> bool:
     return ref() is t and ptr == t.data_ptr() and version == (None if t.is_inference() else t._version)
 
 
-def _weak(obj: object) -> Callable[[], object]:
-    try:
-        return weakref.ref(obj)
-    except TypeError:  # not weakly referable: never a hit
-        return lambda: None
-
-
 class StepWeightsMemo:
-    """One layer's :class:`StepWeights` for one KV cache, formed again when a weight changes.
+    """One layer's :class:`StepWeights`, formed again when a weight changes.
 
-    A hit needs the same cache object (``scope``: a new cache, so every ``generate()``, forms them
-    afresh) and, for each weight, the same tensor with the same storage and version counter: an in-place
-    update (an optimizer step, ``load_state_dict``) or a replaced parameter forms them again. Writes that
-    move no version counter (through ``.data``, a numpy view, or to an inference tensor) are seen from
-    the next cache on. A module that holds one clears it in ``_apply`` (``.to()``, ``.half()``).
-    ``formed`` counts how often the weights were formed."""
+    A hit needs, for each weight, the same tensor with the same storage and version counter: an in-place
+    update (an optimizer step, ``load_state_dict``) or a replaced parameter forms them again. The layer
+    clears the memo at each prefill (so every ``generate()`` forms them afresh: writes that move no version
+    counter, through ``.data``, a numpy view or to an inference tensor, are seen from the next prefill on)
+    and in ``_apply`` (``.to()``, ``.half()``). Caches of one layer share it (two continuations of one
+    prefix form the weights once). ``formed`` counts how often the weights were formed. Pickling keeps only
+    that count: the weights are formed again after unpickling."""
 
     def __init__(self) -> None:
-        self._scope: Callable[[], object] = lambda: None
         self._stamps: tuple = ()
         self._weights: Optional[StepWeights] = None
         self.formed = 0
@@ -547,17 +540,22 @@ class StepWeightsMemo:
     def clear(self) -> None:
         self._weights, self._stamps = None, ()
 
+    def __getstate__(self) -> dict:
+        return {"formed": self.formed}  # weak references cannot be pickled; the weights are a derived copy
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+        self.formed = state.get("formed", 0)
+
     def get(self, down: Tensor, up: Tensor, bias: Optional[Tensor], out_weight: Tensor, out_bias: Optional[Tensor], *,
-            scope: object, num_heads: int, latent_groups: int, out_weight_transposed: bool = False) -> StepWeights:
-        """``scope``: the KV cache the step runs on. ``out_weight_transposed``: ``out_weight`` is
-        ``[d_in, d_out]`` (a Hugging Face ``Conv1D``)."""
+            num_heads: int, latent_groups: int, out_weight_transposed: bool = False) -> StepWeights:
+        """``out_weight_transposed``: ``out_weight`` is ``[d_in, d_out]`` (a Hugging Face ``Conv1D``)."""
         tensors = (down, up, bias, out_weight, out_bias)
-        hit = (self._weights is not None and self._scope() is scope
-               and all(_stamp_matches(s, t) for s, t in zip(self._stamps, tensors)))
+        hit = self._weights is not None and all(_stamp_matches(s, t) for s, t in zip(self._stamps, tensors))
         if not hit:
             w_o = out_weight.t() if out_weight_transposed else out_weight
             self._weights = step_weights(down, up, bias, w_o, out_bias, num_heads=num_heads, latent_groups=latent_groups)
-            self._scope, self._stamps = _weak(scope), tuple(_stamp(t) for t in tensors)
+            self._stamps = tuple(_stamp(t) for t in tensors)
             self.formed += 1
         return self._weights
 
@@ -566,15 +564,24 @@ def _plain_tensor(t: Optional[Tensor]) -> bool:
     return t is None or type(t) in (torch.Tensor, torch.nn.Parameter)
 
 
-def _plain_layer(layer: torch.nn.Module, layer_type: type) -> bool:
-    """``layer`` is exactly ``layer_type`` with plain tensor weights, and no hook would run around it: what
-    a decode step that reads its ``weight`` and ``bias`` instead of calling it may assume."""
+def _not_plain(layer: torch.nn.Module, layer_type: type) -> Optional[str]:
+    """Why a decode step that reads ``layer``'s ``weight`` and ``bias`` instead of calling it would skip
+    something (None: it would not): ``layer`` must be exactly ``layer_type``, with its class's ``forward``,
+    plain tensor weights and no forward hook (its own or global)."""
     from torch.nn.modules import module as nn_module
 
-    hooks = (layer._forward_hooks, layer._forward_pre_hooks,
-             getattr(nn_module, "_global_forward_hooks", {}), getattr(nn_module, "_global_forward_pre_hooks", {}))
-    return (type(layer) is layer_type and not any(hooks)
-            and _plain_tensor(getattr(layer, "weight", None)) and _plain_tensor(getattr(layer, "bias", None)))
+    if type(layer) is not layer_type:
+        return f"is a {type(layer).__name__}, not a plain {layer_type.__name__}"
+    if "forward" in vars(layer):
+        return f"is a {layer_type.__name__} whose forward was replaced on the instance"
+    if layer._forward_hooks or layer._forward_pre_hooks:
+        return f"is a {layer_type.__name__} with forward hooks"
+    if getattr(nn_module, "_global_forward_hooks", None) or getattr(nn_module, "_global_forward_pre_hooks", None):
+        return "would run global module forward hooks"
+    for name in ("weight", "bias"):
+        if not _plain_tensor(getattr(layer, name, None)):
+            return f"has a {name} of type {type(getattr(layer, name)).__name__}"
+    return None
 
 
 def decode_path(x: Tensor, qkv: torch.nn.Module, *, dropout_p: float, need_weights: bool = False) -> str:
@@ -591,8 +598,8 @@ def step_plan(x: Tensor, qkv: torch.nn.Module, out_layer: torch.nn.Module, out_l
     layer's step weights (``out_layer``, its ``W_O``, folded in). It does on a decode kernel path in eager
     evaluation mode without autocast, with ``x`` in the weights' dtype, with no gradient wanted for
     ``out_layer``, outside CUDA graph capture (a graph would keep the products of the weights it was
-    captured with), and with ``out_layer`` a plain ``out_layer_type`` (a subclass, a wrapper or a hook
-    would be skipped: that case warns once and calls ``out_layer``). Otherwise ``mlra_decode`` runs, then
+    captured with), and with ``out_layer`` a plain ``out_layer_type`` (a subclass, a wrapper, a replaced
+    ``forward`` or a hook would be skipped: that case warns once and calls ``out_layer``). Otherwise ``mlra_decode`` runs, then
     ``out_layer``. The fused step checks the cache's dtype, device and shape as ``mlra_decode`` does."""
     path = decode_path(x, qkv, dropout_p=dropout_p, need_weights=need_weights)
     if path not in backend.DECODE_KERNELS or not step_runs_fused(x, qkv.down, training):
@@ -601,12 +608,12 @@ def step_plan(x: Tensor, qkv: torch.nn.Module, out_layer: torch.nn.Module, out_l
         return path, False
     if x.is_cuda and torch.cuda.is_current_stream_capturing():
         return path, False
-    if not _plain_layer(out_layer, out_layer_type):
-        warn_once(f"decode-step-{owner}-out-layer",
-                  f"{owner}: its output projection is a {type(out_layer).__name__}, has forward hooks or "
-                  f"non-plain weights, not a plain {out_layer_type.__name__}; so that it runs as it is, a decode "
-                  "step calls it after mlra_decode instead of running on the pre-multiplied step weights "
-                  "(slower: more weights read, more calls).")
+    why = _not_plain(out_layer, out_layer_type)
+    if why is not None:
+        warn_once(f"decode-step-{owner}-out-layer-{why}",
+                  f"{owner}: its output projection {why}; so that it runs as it is, a decode step calls it after "
+                  "mlra_decode instead of running on the pre-multiplied step weights (slower: more weights read, "
+                  "more calls).")
         return path, False
     return path, True
 
