@@ -36,6 +36,7 @@ CASES = [
     # The latent path pads latents narrower than 16 with zeros; a group of several heads with and without it.
     ("T70-g2-r16-dh64-fp32", 2, 70, 4, 2, 16, 64, "fp32", True, {}),
     ("T30-g3-r12-dh32-nobias-fp32", 1, 30, 6, 3, 12, 32, "fp32", True, {"bias": False}),
+    ("T28-gH-r16-dh64-nobias-fp32", 1, 28, 4, 4, 16, 64, "fp32", True, {"bias": False}),
     ("T25-gH-r4-dh48-bf16-noncausal", 2, 25, 3, 3, 4, 48, "bf16", False, {}),
     # A latent of 4 in a head of 16 counts as 16 wide: not narrower than the head's own attention.
     ("T20-gH-r4-dh16-fp32", 1, 20, 4, 4, 4, 16, "fp32", True, {}),
