@@ -129,9 +129,15 @@ def decode_table(data: dict) -> str:
     out = table(header, rows)
     gen = [r for r in data["rows"] if r["op"] == "generate"]
     if gen:
+        def spread(r):  # rounds timed round by round (older files: one timing)
+            if "tokens_per_s_p20" not in r:
+                return "–"
+            return f"{r['tokens_per_s_p20']:.1f}–{r['tokens_per_s_p80']:.1f} ({r['rounds']} rounds)"
+
         out += "\n\n" + table(
-            ["generate()", "B", "prompt", "new tokens", "tokens/s"],
-            [[r["variant"], str(r["B"]), str(r["prompt"]), str(r["new_tokens"]), f"{r['tokens_per_s']:.1f}"] for r in gen],
+            ["generate()", "B", "prompt", "new tokens", "tokens/s (median)", "p20–p80"],
+            [[r["variant"], str(r["B"]), str(r["prompt"]), str(r["new_tokens"]), f"{r['tokens_per_s']:.1f}", spread(r)]
+             for r in gen],
         )
     return out
 

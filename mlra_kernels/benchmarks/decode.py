@@ -28,7 +28,8 @@ while code and framework state stay warm (``stack_depth`` in each row). The vari
 timed round by round, in a rotating order. On the GPU ``do_bench`` times one layer and flushes L2.
 
 It also times ``GPT2.generate()`` end to end (MLRA against MHA), and a Hugging Face GPT-2 converted with
-``convert_gpt2`` against the original (when transformers is installed).
+``convert_gpt2`` against the original (when transformers is installed): each case five times, round by
+round in a rotating order, the median reported with its 20th and 80th percentiles.
 
 Correctness first: ``mlra_decode`` is checked against the float64 oracle on small shapes; a failure
 stops the run before any time is reported.
@@ -40,7 +41,7 @@ import argparse
 import contextlib
 import sys
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -235,9 +236,13 @@ def bench_step(name: str, B: int, S: int, d: int, H: int, device: str, dtype, bw
     return row
 
 
-def bench_generate(device: str, dtype, B: int, prompt: int, new: int) -> list[dict]:
-    """``GPT2.generate()`` (greedy, KV cache) for MHA and MLRA of the same size, in tokens/s."""
-    rows = []
+GENERATE_ROUNDS = 5
+
+
+def _generate_cases(device: str, dtype, B: int, prompt: int, new: int) -> list[tuple[str, dict, Callable[[], object]]]:
+    """``(variant, row fields, one timed generate())`` for ``GPT2`` (MHA and MLRA of the same size) and a
+    Hugging Face GPT-2 (random weights) converted at rank d/4 against the original; greedy, KV cache."""
+    cases = []
     for name in VARIANTS:
         cfg = variant_config(name, 512, 8, prompt + new)
         cfg.n_layer = 4
@@ -245,45 +250,53 @@ def bench_generate(device: str, dtype, B: int, prompt: int, new: int) -> list[di
         model = GPT2(cfg).to(device=device, dtype=dtype).eval()
         idx = torch.randint(0, 256, (B, prompt), device=device)
         model.generate(idx, 2, temperature=0)  # warm-up
-        t0 = time.perf_counter()
-        model.generate(idx, new, temperature=0)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        s = time.perf_counter() - t0
-        rows.append({"op": "generate", "variant": name, "model": "mlra_kernels.models.GPT2", "layers": 4, "d": 512,
-                     "H": 8, "B": B, "prompt": prompt, "new_tokens": new, "s": s, "tokens_per_s": B * new / s,
-                     "device_type": device, "dtype": str(dtype).replace("torch.", "")})
-    return rows
-
-
-def bench_hf_generate(device: str, B: int, prompt: int, new: int) -> list[dict]:
-    """A Hugging Face GPT-2 (random weights) converted at rank d/4 against the original, greedy generate()."""
+        cases.append((name, {"model": "mlra_kernels.models.GPT2"},
+                      lambda model=model, idx=idx: model.generate(idx, new, temperature=0)))
     try:
         import transformers
 
         from mlra_kernels.integrations.transformers import convert_gpt2
     except ImportError:
-        return []
-    cfg = transformers.GPT2Config(n_layer=4, n_embd=512, n_head=8, vocab_size=256, n_positions=prompt + new,
-                                  bos_token_id=255, eos_token_id=255, pad_token_id=255)
-    rows = []
+        return cases
+    hf_cfg = transformers.GPT2Config(n_layer=4, n_embd=512, n_head=8, vocab_size=256, n_positions=prompt + new,
+                                     bos_token_id=255, eos_token_id=255, pad_token_id=255)
     for name in ("hf-gpt2", "hf-gpt2-mlra"):
         torch.manual_seed(0)
-        model = transformers.GPT2LMHeadModel(cfg).to(device).eval()
+        model = transformers.GPT2LMHeadModel(hf_cfg).to(device).eval()
         if name == "hf-gpt2-mlra":
             convert_gpt2(model, rank=128)
         idx = torch.randint(0, 255, (B, prompt), device=device)
         kw = dict(do_sample=False, attention_mask=torch.ones_like(idx))  # no padding: every prompt is full
         model.generate(idx, max_new_tokens=2, **kw)
-        t0 = time.perf_counter()
-        model.generate(idx, max_new_tokens=new, min_new_tokens=new, **kw)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        s = time.perf_counter() - t0
-        rows.append({"op": "generate", "variant": name, "model": "transformers.GPT2LMHeadModel", "layers": 4,
-                     "d": 512, "H": 8, "B": B, "prompt": prompt, "new_tokens": new, "s": s,
-                     "tokens_per_s": B * new / s, "device_type": device, "dtype": "float32",
-                     "transformers": transformers.__version__})
+        cases.append((name, {"model": "transformers.GPT2LMHeadModel", "transformers": transformers.__version__},
+                      lambda model=model, idx=idx, kw=kw: model.generate(idx, max_new_tokens=new, min_new_tokens=new,
+                                                                         **kw)))
+    return cases
+
+
+def bench_generate(device: str, dtype, B: int, prompt: int, new: int, rounds: int = GENERATE_ROUNDS) -> list[dict]:
+    """``generate()`` end to end in tokens/s (the prompt's prefill included), each case timed ``rounds``
+    times, round by round in rotating order so that a slow stretch of the machine falls on all alike;
+    the median and the 20th/80th percentiles."""
+    cases = _generate_cases(device, dtype, B, prompt, new)
+    seconds: dict[str, list[float]] = {name: [] for name, _, _ in cases}
+    for i in range(rounds):
+        for name, _, run_once in cases[i % len(cases):] + cases[:i % len(cases)]:
+            t0 = time.perf_counter()
+            run_once()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            seconds[name].append(time.perf_counter() - t0)
+    rows = []
+    for name, fields, _ in cases:
+        ts = sorted(seconds[name])
+        s = ts[len(ts) // 2]
+        rows.append({"op": "generate", "variant": name, **fields, "layers": 4, "d": 512, "H": 8, "B": B,
+                     "prompt": prompt, "new_tokens": new, "rounds": rounds, "s": s, "tokens_per_s": B * new / s,
+                     "tokens_per_s_p20": B * new / ts[int(0.8 * (len(ts) - 1))],
+                     "tokens_per_s_p80": B * new / ts[int(0.2 * (len(ts) - 1))],
+                     "device_type": device,
+                     "dtype": str(dtype).replace("torch.", "") if fields["model"].startswith("mlra") else "float32"})
     return rows
 
 
@@ -339,7 +352,7 @@ def run(args: argparse.Namespace) -> int:
                    f"({100 * r['fraction_of_read_bw']:5.1f}% of read bw)  x{r['speedup_vs_mha'] or 0:.2f} vs MHA")
     if not args.no_generate:
         B, prompt, new = (8, 1024, 64) if args.device == "cuda" else (4, 512, 32)
-        gen_rows = bench_generate(args.device, dtype, B, prompt, new) + bench_hf_generate(args.device, B, prompt, new)
+        gen_rows = bench_generate(args.device, dtype, B, prompt, new)
         for r in gen_rows:
             tqdm.write(f"generate {r['variant']:14} {r['tokens_per_s']:8.1f} tokens/s")
         rows += gen_rows
