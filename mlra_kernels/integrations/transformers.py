@@ -19,7 +19,10 @@ What the converted attention supports:
   padding, a ``StaticCache``'s unwritten slots) goes in as ``key_padding_mask``, which the decode kernel
   fuses (on its path with ``cache_seqlens`` read on the device, so the unwritten slots are skipped); any
   other mask is applied as given (decode's torch path); a general mask in a prefill warns once that the
-  fused op is not used;
+  fused op is not used. On a decode kernel path in eager evaluation mode a step runs on the layer's
+  pre-multiplied step weights (``decode.step_plan``: ``c_proj`` folded in where that reads less, formed
+  again at each prefill); a ``c_proj`` that is not a plain ``Conv1D`` (a PEFT/LoRA wrapper, hooks,
+  offloading) is called as a module instead, with a one-time warning;
 - the cache as a ``DynamicCache`` (the default of ``generate()``) or a ``StaticCache``
   (``cache_implementation="static"``): each layer stores the latents ``c_K, c_V`` as ``[B, g, S, r]``
   (``g`` "heads" of width ``r``) in the cache's key/value slots, so the cache holds ``2·g·r`` numbers
