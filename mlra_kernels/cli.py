@@ -43,7 +43,9 @@ def _brief(err: BaseException) -> str:
 def _pick_key(keys: Sequence[str], shapes: dict, key: Optional[str], source: str) -> str:
     if key is not None:
         if key not in keys:
-            raise CLIError(f"--key {key!r} is not in {source}")
+            two_d = [k for k in keys if len(shapes.get(k, ())) == 2]
+            listed = ", ".join(two_d[:12]) + (f" (and {len(two_d) - 12} more)" if len(two_d) > 12 else "")
+            raise CLIError(f"--key {key!r} is not in {source}; its 2-D tensors: {listed or 'none'}")
         return key
     for suffix in _EMBEDDING_KEYS:
         for k in keys:
@@ -91,10 +93,10 @@ def _torch_state_dict(path: str) -> dict:
         found = re.search(r"GLOBAL ([\w.]+)", text)
         if found is None:
             reason = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:Check the documentation|$)", text)
-            raise CLIError(
-                f"cannot read {path} as a PyTorch state dict (torch.load weights_only=True): "
-                f"{reason.group(1) if reason else 'not a checkpoint torch can read'}"
-            ) from None
+            detail = reason.group(1) if reason else ""
+            if not detail or detail.startswith("Unsupported operand"):  # the pickle opcode of some other file
+                detail = "it is not a checkpoint torch wrote (neither torch.save's zip archive nor a pickle of tensors)"
+            raise CLIError(f"cannot read {path} as a PyTorch state dict (torch.load weights_only=True): {detail}") from None
         what = f" ({found.group(1)})"
         raise CLIError(
             f"refused to load {path}: it holds pickled Python objects{what}, not only tensors; mlra tev loads "

@@ -406,6 +406,12 @@ def run(args: argparse.Namespace) -> list[RunResult]:
             "its files are kept there"
         ) from None
 
+    # Printed once the run is in place: a closed stdout (a pipe into `head`) cannot cost the written run.
+    print()
+    print(format_table(results))
+    print()
+    print(textwrap.fill(CAVEAT, 100))
+    print()
     print(f"logs:   {', '.join(r.log for r in results)}")
     print(f"        (TEV monitor cost: {', '.join(f'{r.name} {r.monitor_ms:.3f} ms' for r in results)} per record)")
     print(f"plot:   {plot}")
@@ -478,11 +484,6 @@ def _train_and_write(args, device, out, staging, train, val, train_starts, val_s
         mon.close()
         results.append(res)
 
-    print()
-    print(format_table(results))
-    print()
-    print(textwrap.fill(CAVEAT, 100))
-    print()
     summary = {
         "args": {k: v for k, v in vars(args).items() if k != "func"},
         "out": out,

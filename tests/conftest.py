@@ -9,6 +9,13 @@ if not torch.cuda.is_available():
     # Set before any test module imports triton (which reads it then): without a GPU, the kernel tests
     # run the Triton kernels under the interpreter, whatever order pytest imports the modules in.
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    try:
+        # Import it now, so that its mode is fixed whatever runs first: a test that sets TRITON_INTERPRET=0
+        # for the torch path (the fixtures named reference_path) would otherwise import it compiled when
+        # it runs before every kernel test, as when one test file is run alone.
+        import triton.language  # noqa: F401
+    except ImportError:  # no Triton: the kernel tests skip and say so
+        pass
 
 
 def pytest_collection_modifyitems(config, items):

@@ -428,6 +428,9 @@ def run(args: argparse.Namespace) -> int:
     name = args.out or "mlra_" + ("smoke_" if args.smoke else "") + re.sub(r"[^a-z0-9]+", "_", dev_name.lower()).strip("_")
     out = check_output(args.out_dir, "--out-dir", name)
 
+    if args.smoke and device.type == "cpu":
+        print("--smoke on the CPU: the Triton kernels run under the interpreter, so this checks that every path "
+              "runs and agrees; its times and ratios say nothing about speed", flush=True)
     correctness_gate(device, [DTYPES[n] for n in dict.fromkeys(args.dtypes)])
     rows = []
     for model, d, H, T, B, g, r, dtn in tqdm(cases, desc="mlra bench", unit="row", file=sys.stderr):

@@ -59,6 +59,10 @@ def _is_causal_mask(mask: Tensor, size: int) -> bool:
     return memo_by_tensor(("causal", size), mask, lambda: _compare_causal(mask, size))
 
 
+class InputShapeError(ValueError, AssertionError):
+    """A wrong input shape: a ValueError that is also the AssertionError ``nn.MultiheadAttention`` raises."""
+
+
 def _check_mask_dtype(mask: Optional[Tensor], name: str) -> None:
     if mask is not None and mask.dtype != torch.bool and not torch.is_floating_point(mask):
         raise AssertionError(f"only bool and floating types of {name} are supported")
@@ -315,7 +319,9 @@ class MLRAttention(nn.Module):
         B, T, E = query.shape
         S = key.shape[1]
         if E != self.embed_dim:
-            raise AssertionError(f"was expecting embedding dimension of {self.embed_dim}, but got {E}")
+            raise InputShapeError(
+                f"was expecting embedding dimension of {self.embed_dim}, but got {E}: the last dimension of query "
+                f"must be the module's embed_dim={self.embed_dim}")
         if key.shape != value.shape:
             raise AssertionError(f"key shape {key.shape} does not match value shape {value.shape}")
         if key.shape[0] != B or key.shape[2] != self.embed_dim:

@@ -523,3 +523,10 @@ def test_a_model_that_decoded_can_be_saved_whole(tmp_path):
     with torch.no_grad():
         cache = loaded.forward_cached(idx[:, :8], use_cache=True)[1]
     torch.testing.assert_close(_step_on(loaded, idx, cache, 8), before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("top_k", [0, -1, 2.5, True])
+def test_generate_checks_top_k(top_k):
+    m = GPT2(_cfg("mha", n_layer=1)).eval()
+    with pytest.raises(ValueError, match=r"top_k must be None \(no limit\) or an int >= 1"):
+        m.generate(torch.zeros(1, 2, dtype=torch.long), 1, top_k=top_k)

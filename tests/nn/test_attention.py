@@ -288,6 +288,12 @@ def test_bad_inputs_raise_clear_errors(call, match):
         call(mlra, x)
 
 
+def test_a_wrong_width_is_a_value_error_and_the_assertion_error_of_torch():
+    with pytest.raises(ValueError, match="the last dimension of query must be the module's embed_dim=32") as err:
+        MLRAttention(D, H)(*(torch.randn(4, 2, 8),) * 3)
+    assert isinstance(err.value, AssertionError)
+
+
 @pytest.mark.parametrize(
     "call,exc,match",
     [
