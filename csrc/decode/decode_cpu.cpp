@@ -1,4 +1,5 @@
-// mlra::latent_decode_cpu: a decode step's attention on the latent cache, on the CPU (fp32).
+// mlra::latent_decode_cpu: a decode step's attention on the latent cache, on the CPU (float32 or bfloat16
+// caches, float32 arithmetic).
 //
 // The absorbed form of shared/DESIGN.md: the queries q̃ [B, g, M, r] (M = (H/g)·t rows, every head of a
 // latent group and every new token) attend the group's cached latents c_K, c_V [B, g, S, r] and give
@@ -20,6 +21,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -45,10 +47,13 @@ constexpr float kLog2e = 1.44269504088896341f;
 constexpr int64_t kKeyPrefetch = 4096;
 constexpr int64_t kValuePrefetch = 32;
 
+// The caches are float32 or bfloat16 (bf16_t: its bits); rows, scores and sums are float32 either way.
+using bf16_t = uint16_t;
+
 struct Problem {
   const float* q;
-  const float* k;
-  const float* v;
+  const void* k;  // float or bf16_t, as the op's caches
+  const void* v;
   float* z;
   int64_t B, G, M, S, R;
   int64_t q_sb, q_sg, q_sm;
@@ -88,6 +93,18 @@ typedef int32_t v8i __attribute__((vector_size(32)));
 typedef float v8f_u __attribute__((vector_size(32), aligned(4)));
 
 MLRA_INLINE v8f load8(const float* p) { return *reinterpret_cast<const v8f_u*>(p); }
+typedef uint16_t v8h_u __attribute__((vector_size(16), aligned(2)));
+// Eight bfloat16 values as float32: each one's bits become the top half of a float's.
+MLRA_INLINE v8f load8(const bf16_t* p) {
+  return (v8f)(__builtin_convertvector(*reinterpret_cast<const v8h_u*>(p), v8i) << 16);
+}
+MLRA_INLINE float to_f32(float x) { return x; }
+MLRA_INLINE float to_f32(bf16_t x) {
+  const uint32_t bits = static_cast<uint32_t>(x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
 MLRA_INLINE void store8(float* p, v8f x) { *reinterpret_cast<v8f_u*>(p) = x; }
 MLRA_INLINE float hsum8(v8f x) { return ((x[0] + x[4]) + (x[1] + x[5])) + ((x[2] + x[6]) + (x[3] + x[7])); }
 
@@ -138,12 +155,12 @@ MLRA_INLINE float exp2_1(float t) {
 
 // Scores of rows m and m + 1 (kTwo = false: row m only) against four keys, eight columns at a time; the
 // rows come scaled, so these are the scores in base-2 units.
-template <bool kTwo>
-MLRA_INLINE void scores_4x(const float* q0, const float* q1, const float* k0, int64_t ks, int64_t R, float* s0,
+template <bool kTwo, typename T>
+MLRA_INLINE void scores_4x(const float* q0, const float* q1, const T* k0, int64_t ks, int64_t R, float* s0,
                            float* s1, bool prefetch) {
-  const float* k1 = k0 + ks;
-  const float* k2 = k1 + ks;
-  const float* k3 = k2 + ks;
+  const T* k1 = k0 + ks;
+  const T* k2 = k1 + ks;
+  const T* k3 = k2 + ks;
   v8f a0{}, a1{}, a2{}, a3{}, b0{}, b1{}, b2{}, b3{};
   int64_t l = 0;
   for (; l + 8 <= R; l += 8) {
@@ -171,7 +188,7 @@ MLRA_INLINE void scores_4x(const float* q0, const float* q1, const float* k0, in
   store8(r, sums);
   for (; l < R; ++l) {
     for (int j = 0; j < 4; ++j) {
-      const float kv = (k0 + j * ks)[l];
+      const float kv = to_f32((k0 + j * ks)[l]);
       r[j] += q0[l] * kv;
       if constexpr (kTwo) r[4 + j] += q1[l] * kv;
     }
@@ -182,19 +199,20 @@ MLRA_INLINE void scores_4x(const float* q0, const float* q1, const float* k0, in
   }
 }
 
-MLRA_INLINE float dot(const float* a, const float* b, int64_t R) {
+template <typename T>
+MLRA_INLINE float dot(const float* a, const T* b, int64_t R) {
   v8f acc{};
   int64_t l = 0;
   for (; l + 8 <= R; l += 8) acc += load8(a + l) * load8(b + l);
   float r = hsum8(acc);
-  for (; l < R; ++l) r += a[l] * b[l];
+  for (; l < R; ++l) r += a[l] * to_f32(b[l]);
   return r;
 }
 
 // acc[m, c0 : c0 + 8·C] += Σ_jj p[m][jj] · v[jj, c0 : c0 + 8·C] for every row m, four rows at a time; past M
 // the last row stands in for the missing ones (its copies hold the same value, whichever is stored last).
-template <int C>
-MLRA_INLINE void accumulate_pv(float* __restrict acc, const float* __restrict s_buf, const float* vc, int64_t vs,
+template <int C, typename T>
+MLRA_INLINE void accumulate_pv(float* __restrict acc, const float* __restrict s_buf, const T* vc, int64_t vs,
                                int64_t M, int64_t R, int64_t nb, int64_t c0, bool prefetch) {
   for (int64_t m = 0; m < M; m += 4) {
     float* a_ptr[4];
@@ -224,11 +242,12 @@ MLRA_INLINE void accumulate_pv(float* __restrict acc, const float* __restrict s_
 // One task: rows [0, M) of (b, grp) against the keys [j0, j1). Writes the unnormalised accumulator
 // acc [M, R], the running max mx [M] and sum sm [M] of the base-2 scores (mx = -inf, sm = 0 for a row
 // that saw no key). scratch: M·(kKeyBlock + R) floats.
+template <typename T>
 MLRA_INLINE void run_task(const Problem& p, int64_t b, int64_t grp, int64_t j0, int64_t j1, float* __restrict acc,
                           float* __restrict mx, float* __restrict sm, float* __restrict scratch) {
   const int64_t M = p.M, R = p.R;
-  const float* k = p.k + b * p.k_sb + grp * p.k_sg;
-  const float* v = p.v + b * p.v_sb + grp * p.v_sg;
+  const T* k = static_cast<const T*>(p.k) + b * p.k_sb + grp * p.k_sg;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_sb + grp * p.v_sg;
   const int64_t L = length_of(p, b);
   const float neg_inf = -std::numeric_limits<float>::infinity();
   float* s_buf = scratch;
@@ -254,7 +273,7 @@ MLRA_INLINE void run_task(const Problem& p, int64_t b, int64_t grp, int64_t j0, 
         scores_4x<true>(q0, q0 + R, k + (jb + jj) * p.k_ss, p.k_ss, R, s_buf + m * kKeyBlock + jj,
                         s_buf + (m + 1) * kKeyBlock + jj, p.prefetch);
       for (; jj < nb; ++jj) {
-        const float* kj = k + (jb + jj) * p.k_ss;
+        const T* kj = k + (jb + jj) * p.k_ss;
         s_buf[m * kKeyBlock + jj] = dot(q0, kj, R);
         s_buf[(m + 1) * kKeyBlock + jj] = dot(q0 + R, kj, R);
       }
@@ -325,28 +344,30 @@ MLRA_INLINE void run_task(const Problem& p, int64_t b, int64_t grp, int64_t j0, 
       for (m = 0; m < M; ++m) {
         const float* pm = s_buf + m * kKeyBlock;
         float a = acc[m * R + c0];
-        for (int64_t jj = 0; jj < nb; ++jj) a += pm[jj] * v[(jb + jj) * p.v_ss + c0];
+        for (int64_t jj = 0; jj < nb; ++jj) a += pm[jj] * to_f32(v[(jb + jj) * p.v_ss + c0]);
         acc[m * R + c0] = a;
       }
     }
   }
 }
 
+template <typename T>
 void run_tasks_default(const Problem& p, int64_t t0, int64_t t1, float* acc, float* mx, float* sm, float* s_buf) {
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t split = t % p.splits, bg = t / p.splits;
     const int64_t j0 = split * p.split_len;
-    run_task(p, bg / p.G, bg % p.G, j0, j0 + p.split_len, acc + t * p.M * p.R, mx + t * p.M, sm + t * p.M, s_buf);
+    run_task<T>(p, bg / p.G, bg % p.G, j0, j0 + p.split_len, acc + t * p.M * p.R, mx + t * p.M, sm + t * p.M, s_buf);
   }
 }
 
 #if defined(MLRA_DECODE_AVX2)
+template <typename T>
 MLRA_TARGET_AVX2 __attribute__((noinline)) void run_tasks_avx2(const Problem& p, int64_t t0, int64_t t1, float* acc,
                                                                 float* mx, float* sm, float* s_buf) {
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t split = t % p.splits, bg = t / p.splits;
     const int64_t j0 = split * p.split_len;
-    run_task(p, bg / p.G, bg % p.G, j0, j0 + p.split_len, acc + t * p.M * p.R, mx + t * p.M, sm + t * p.M, s_buf);
+    run_task<T>(p, bg / p.G, bg % p.G, j0, j0 + p.split_len, acc + t * p.M * p.R, mx + t * p.M, sm + t * p.M, s_buf);
   }
 }
 
@@ -499,9 +520,11 @@ void rows_gemm(const at::Tensor& x, const at::Tensor& w, const std::optional<at:
   });
 }
 
-void check_operand(const at::Tensor& t, const char* name, const char* op = "mlra::latent_decode_cpu") {
+void check_operand(const at::Tensor& t, const char* name, const char* op = "mlra::latent_decode_cpu",
+                   bool bf16_too = false) {
   TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || (bf16_too && t.scalar_type() == at::kBFloat16), op, ": ", name,
+              bf16_too ? " must be float32 or bfloat16, got " : " must be float32, got ", t.scalar_type());
   TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be 4-D [B, g, ·, r], got shape ", t.sizes());
   TORCH_CHECK(t.stride(3) == 1 || t.size(3) == 1, op, ": ", name, " must have a contiguous last dimension, got strides ",
               t.strides());
@@ -512,27 +535,33 @@ void check_operand(const at::Tensor& t, const char* name, const char* op = "mlra
 at::Tensor latent_decode_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                              const std::optional<at::Tensor>& kpm, const std::optional<at::Tensor>& lengths,
                              int64_t t_new, bool causal, double scale) {
-  check_operand(q, "q");
-  check_operand(k, "k");
-  check_operand(v, "v");
+  check_operand(q, "q", "mlra::latent_decode_cpu", true);
+  check_operand(k, "k", "mlra::latent_decode_cpu", true);
+  check_operand(v, "v", "mlra::latent_decode_cpu", true);
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "mlra::latent_decode_cpu: q, k and v must have one dtype, got ", q.scalar_type(), ", ", k.scalar_type(),
+              " and ", v.scalar_type());
+  const bool bf16 = q.scalar_type() == at::kBFloat16;
   const int64_t B = q.size(0), G = q.size(1), M = q.size(2), R = q.size(3), S = k.size(2);
   TORCH_CHECK(k.size(0) == B && k.size(1) == G && k.size(3) == R && v.sizes() == k.sizes(),
               "mlra::latent_decode_cpu: k and v must be [B, g, S, r] = [", B, ", ", G, ", S, ", R,
               "] alike, got ", k.sizes(), " and ", v.sizes());
   TORCH_CHECK(t_new >= 1 && M % t_new == 0, "mlra::latent_decode_cpu: t_new=", t_new, " must divide the ", M,
               " query rows");
+  // bfloat16 rows are few (B·g·M·r numbers): read as float32 once; the caches are read as they are.
+  const at::Tensor qf = bf16 ? q.to(at::kFloat) : q;
   Problem p{};
-  p.q = q.data_ptr<float>();
-  p.k = k.data_ptr<float>();
-  p.v = v.data_ptr<float>();
+  p.q = qf.data_ptr<float>();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
   p.B = B;
   p.G = G;
   p.M = M;
   p.S = S;
   p.R = R;
-  p.q_sb = q.stride(0);
-  p.q_sg = q.stride(1);
-  p.q_sm = q.stride(2);
+  p.q_sb = qf.stride(0);
+  p.q_sg = qf.stride(1);
+  p.q_sm = qf.stride(2);
   p.k_sb = k.stride(0);
   p.k_sg = k.stride(1);
   p.k_ss = k.stride(2);
@@ -567,8 +596,8 @@ at::Tensor latent_decode_cpu(const at::Tensor& q, const at::Tensor& k, const at:
       p.len64 = len.data_ptr<int64_t>();
     }
   }
-  auto z = at::empty({B, G, M, R}, q.options());
-  if (B == 0 || G == 0 || M == 0 || R == 0) return z;
+  auto z = at::empty({B, G, M, R}, qf.options());
+  if (B == 0 || G == 0 || M == 0 || R == 0) return bf16 ? z.to(at::kBFloat16) : z;
   // Enough tasks for every thread (a few each, for balance), none shorter than kMinSplit keys, over the
   // positions in use (a preallocated cache is mostly empty early in a generation).
   int64_t used = 0;
@@ -584,11 +613,17 @@ at::Tensor latent_decode_cpu(const at::Tensor& q, const at::Tensor& k, const at:
     std::vector<float> s_buf(static_cast<size_t>(M * (kKeyBlock + R)));
 #if defined(MLRA_DECODE_AVX2)
     if (has_avx2()) {
-      run_tasks_avx2(p, t0, t1, acc.data(), mx.data(), sm.data(), s_buf.data());
+      if (bf16)
+        run_tasks_avx2<bf16_t>(p, t0, t1, acc.data(), mx.data(), sm.data(), s_buf.data());
+      else
+        run_tasks_avx2<float>(p, t0, t1, acc.data(), mx.data(), sm.data(), s_buf.data());
       return;
     }
 #endif
-    run_tasks_default(p, t0, t1, acc.data(), mx.data(), sm.data(), s_buf.data());
+    if (bf16)
+      run_tasks_default<bf16_t>(p, t0, t1, acc.data(), mx.data(), sm.data(), s_buf.data());
+    else
+      run_tasks_default<float>(p, t0, t1, acc.data(), mx.data(), sm.data(), s_buf.data());
   });
   // Merge the splits of each (sequence, group) by their log-sum-exp, in split order.
   float* zp = z.data_ptr<float>();
@@ -615,7 +650,7 @@ at::Tensor latent_decode_cpu(const at::Tensor& q, const at::Tensor& k, const at:
       }
     }
   });
-  return z;
+  return bf16 ? z.to(at::kBFloat16) : z;
 }
 
 // mlra::latent_decode_step_cpu: a layer's whole decode step on the pre-multiplied weights of decode.py's

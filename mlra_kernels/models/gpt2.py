@@ -223,7 +223,7 @@ class MLRASelfAttention(nn.Module):
         the lengths on the device; one GEMM (or B_V then W_O, whichever reads less) gives the output."""
         w = self._step_weights()
         t = x.shape[1]
-        if path == "cpu-kernel" and cache.seqlens is not None and step_op_loads():
+        if path == "cpu-kernel" and x.dtype == torch.float32 and cache.seqlens is not None and step_op_loads():
             cache.check_room(t)
             k, v = cache.buffers()
             out = torch.ops.mlra.latent_decode_step_cpu(  # writes the latents at cache.length, seqlens += t

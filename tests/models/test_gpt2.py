@@ -530,3 +530,25 @@ def test_generate_checks_top_k(top_k):
     m = GPT2(_cfg("mha", n_layer=1)).eval()
     with pytest.raises(ValueError, match=r"top_k must be None \(no limit\) or an int >= 1"):
         m.generate(torch.zeros(1, 2, dtype=torch.long), 1, top_k=top_k)
+
+
+def test_bfloat16_decode_steps_run_on_the_step_weights_and_the_kernel():
+    """A bfloat16 model's CPU steps take the Python step on its step weights with the C++ kernel reading
+    the bf16 cache: within 3x the error of decode's bf16 torch path, against float64."""
+    from tests.helpers import assert_within_torch_error
+
+    need_cpu_decode_kernel()
+    torch.manual_seed(0)
+    m = GPT2(_cfg("mlra", latent_groups=4, n_layer=1)).eval()
+    exact_model = copy.deepcopy(m).double()
+    m = m.bfloat16()
+    idx = torch.randint(0, 61, (2, 10))
+    with torch.no_grad():
+        cache = m.forward_cached(idx[:, :8], use_cache=True)[1]
+        cache64 = exact_model.forward_cached(idx[:, :8], use_cache=True)[1]
+    got = _step_on(m, idx, cache, 8)
+    assert next(x for x in m.modules() if hasattr(x, "_step_memo"))._step_memo.formed == 1
+    low = _step_on(m, idx, cache, 8, torch_path=True)
+    exact = _step_on(exact_model, idx, cache64, 8, torch_path=True)
+    assert got.dtype == torch.bfloat16
+    assert_within_torch_error(got, low, exact, what="bf16 decode step error")

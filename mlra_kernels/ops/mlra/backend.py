@@ -255,14 +255,15 @@ def choose_decode(
         # The Triton kernel runs on CPU tensors only when forced: the interpreter is a checker, not a path.
         if why_not is not None:
             return Choice("torch", why_not, slow=x.dtype != torch.float64)
-        if x.dtype != torch.float32:
+        if x.dtype not in (torch.float32, torch.bfloat16):
             return Choice("torch", f"{str(x.dtype).replace('torch.', '')} on the CPU: the C++ decode kernel takes "
-                          "float32; GEMMs and torch's fused attention on the latents")
+                          "float32 or bfloat16; GEMMs and torch's fused attention on the latents")
         if not _EXTENSION_BUILT:
             return Choice("torch", "mlra_kernels._C is not built (pip install --no-build-isolation -e .): GEMMs and "
                           "torch's fused attention on the latents instead of the C++ decode kernel", slow=True)
-        return Choice("cpu-kernel", "CPU float32 tensors: the C++ split-KV decode kernel (each cached latent read "
-                      "once for all heads of a group, the positions split across threads)")
+        return Choice("cpu-kernel", f"CPU {str(x.dtype).replace('torch.', '')} tensors: the C++ split-KV decode "
+                      "kernel (each cached latent read once for all heads of a group, the positions split across "
+                      "threads; float32 arithmetic)")
     if not x.is_cuda:
         return Choice("torch", f"{x.device.type} tensors: GEMMs and torch's SDPA on the latents (the decode kernels "
                       "are for CUDA and CPU tensors)")

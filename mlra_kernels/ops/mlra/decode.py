@@ -18,13 +18,14 @@ Two implementations of the attention on the latents, chosen per call by
   traces it). Its grid depends on the cache capacity, not on ``cache_seqlens``: with a preallocated cache
   and ``cache_seqlens`` a step can be captured in a CUDA graph. Forward only; causal, key padding and
   ``cache_seqlens`` are fused.
-- ``"cpu-kernel"`` (CPU fp32 tensors, the default there): the C++ split-KV kernel of the compiled
+- ``"cpu-kernel"`` (CPU fp32 and bf16 tensors, the default there; a bf16 cache is read as it is, the
+  arithmetic is fp32): the C++ split-KV kernel of the compiled
   extension (``csrc/decode/decode_cpu.cpp``), through the ``mlra::mlra_decode_attn_cpu`` custom op. It
   scores every row of a group against each cached latent while that latent is in the core's cache, splits
   the positions across threads (one sequence still uses every core) and fuses causal masking, key padding
   and ``cache_seqlens``, like the CUDA kernel.
 - ``"torch"``: torch's SDPA on the latents with one additive mask (CPU and GPU): a general ``attn_mask``,
-  dropout, ``need_weights``, gradients, float64, and on the CPU float16 / bfloat16 run here.
+  dropout, ``need_weights``, gradients, float64, and on the CPU float16 run here.
 """
 
 from __future__ import annotations
@@ -158,8 +159,8 @@ def mlra_decode_attn_cpu(
     q: Tensor, k: Tensor, v: Tensor, kpm: Optional[Tensor], lengths: Optional[Tensor], t_new: int, causal: bool,
     scale: float,
 ) -> Tensor:
-    """``Z [B, g, M, r]`` from ``q̃ [B, g, M, r]`` and the caches ``[B, g, S, r]`` (fp32 CPU tensors, unit
-    stride in ``r``) by the C++ split-KV kernel ``mlra::latent_decode_cpu`` of the compiled extension;
+    """``Z [B, g, M, r]`` from ``q̃ [B, g, M, r]`` and the caches ``[B, g, S, r]`` (fp32 or bf16 CPU tensors
+    of one dtype, unit stride in ``r``) by the C++ split-KV kernel ``mlra::latent_decode_cpu`` of the compiled extension;
     ``kpm``: additive fp32 ``[B, S]``; ``lengths``: int32 or int64 ``[B]``. Without a loadable extension
     it warns once and computes the same with torch's SDPA and decode's masks."""
     if _extension_loads():
@@ -270,9 +271,9 @@ def mlra_decode(
             the kernel's grid stays the same from step to step (CUDA graphs).
 
     Paths (``kernel_path(x, op="decode")`` and ``explain`` say which and why): on CUDA the split-KV
-    Triton kernel, on CPU float32 tensors the C++ split-KV kernel, unless a general ``attn_mask``,
-    dropout, ``need_weights`` or gradients ask for the torch path (warned once); float16 / bfloat16 on the
-    CPU run the torch path (the Triton kernel runs on CPU tensors under ``TRITON_INTERPRET=1`` with
+    Triton kernel, on CPU float32 and bfloat16 tensors the C++ split-KV kernel, unless a general
+    ``attn_mask``, dropout, ``need_weights`` or gradients ask for the torch path (warned once); float16
+    and float64 on the CPU run the torch path (the Triton kernel runs on CPU tensors under ``TRITON_INTERPRET=1`` with
     ``use_backend("triton-interpreter")``). ``MLRA_BACKEND=torch`` forces the torch path.
 
     Returns the head outputs, concatenated, before ``W_O``. A query with every key masked averages the

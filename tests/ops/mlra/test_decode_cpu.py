@@ -52,6 +52,35 @@ def test_matches_torch_path(shape):
     check(decode_case(B, t, S, H, g, r, dh), H=H, g=g)
 
 
+BF16_SHAPES = {k: SHAPES[k] for k in ("g1-H6-S300-r20", "g3-t1-S1500-r7", "g1-B1-S3000-r128")}
+
+
+@pytest.mark.parametrize("shape", list(BF16_SHAPES.values()), ids=list(BF16_SHAPES))
+def test_bfloat16_caches_match_the_torch_path(shape):
+    """bfloat16 caches are read as they are, with float32 arithmetic: within 3x the bf16 torch path's error."""
+    B, t, S, H, g, r, dh = shape
+    case = decode_case(B, t, S, H, g, r, dh)
+    lengths = torch.tensor([S - 5 * i for i in range(B)])
+    assert kernel_path(case[0].bfloat16(), op="decode", requires_grad=False) == "cpu-kernel"
+    exact = decode("torch", torch.float64, case, H=H, g=g, lengths=lengths)
+    low = decode("torch", torch.bfloat16, case, H=H, g=g, lengths=lengths)
+    got = decode("auto", torch.bfloat16, case, H=H, g=g, lengths=lengths)
+    assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
+    assert_within_torch_error(got, low, exact, what="C++ decode kernel error (bf16)")
+
+
+def test_bfloat16_op_equals_float32_on_the_same_numbers():
+    """The kernel on bf16 caches computes what it computes on their float32 values, to bf16's rounding."""
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 2, 6, 24, generator=gen).bfloat16()
+    k, v = torch.randn(2, 2, 700, 24, generator=gen).bfloat16(), torch.randn(2, 2, 700, 24, generator=gen).bfloat16()
+    lengths = torch.tensor([700, 333], dtype=torch.int32)
+    got = torch.ops.mlra.latent_decode_cpu(q, k, v, None, lengths, 2, True, 0.2)
+    ref = torch.ops.mlra.latent_decode_cpu(q.float(), k.float(), v.float(), None, lengths, 2, True, 0.2)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, ref.bfloat16(), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("kind", ["bool", "float"])
 def test_key_padding(kind):
     B, t, S, H, g, r, dh = 3, 1, 650, 4, 2, 16, 16
@@ -142,7 +171,8 @@ def test_the_splits_of_one_sequence_merge_exactly_enough():
 def test_choice_and_its_reasons():
     x = torch.randn(2, 1, 64)
     assert kernel_path(x, op="decode") == "cpu-kernel" and "C++" in explain(x, op="decode")
-    assert kernel_path(x.bfloat16(), op="decode") == "torch" and "float32" in explain(x.bfloat16(), op="decode")
+    assert kernel_path(x.bfloat16(), op="decode") == "cpu-kernel" and "bfloat16" in explain(x.bfloat16(), op="decode")
+    assert kernel_path(x.half(), op="decode") == "torch" and "float32 or bfloat16" in explain(x.half(), op="decode")
     assert kernel_path(x.double(), op="decode") == "torch"
     assert kernel_path(x, op="decode", need_weights=True) == "torch"
     assert kernel_path(x, op="decode", requires_grad=True) == "torch"
@@ -209,8 +239,10 @@ def test_an_extension_built_from_older_sources_warns_and_computes_the_same(monke
 
 def test_the_op_rejects_what_it_cannot_read():
     q, k = torch.randn(1, 1, 4, 16), torch.randn(1, 1, 10, 16)
-    with pytest.raises(RuntimeError, match="k must be float32"):
+    with pytest.raises(RuntimeError, match="k must be float32 or bfloat16"):
         torch.ops.mlra.latent_decode_cpu(q, k.double(), k, None, None, 1, True, 0.25)
+    with pytest.raises(RuntimeError, match="q, k and v must have one dtype"):
+        torch.ops.mlra.latent_decode_cpu(q, k.bfloat16(), k.bfloat16(), None, None, 1, True, 0.25)
     strided = torch.randn(1, 1, 10, 32)[..., ::2]  # every other column: stride 2 in r
     with pytest.raises(RuntimeError, match="k must have a contiguous last dimension"):
         torch.ops.mlra.latent_decode_cpu(q, strided, k, None, None, 1, True, 0.25)
