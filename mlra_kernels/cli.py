@@ -43,9 +43,11 @@ def _brief(err: BaseException) -> str:
 def _pick_key(keys: Sequence[str], shapes: dict, key: Optional[str], source: str) -> str:
     if key is not None:
         if key not in keys:
-            two_d = [k for k in keys if len(shapes.get(k, ())) == 2]
-            listed = ", ".join(two_d[:12]) + (f" (and {len(two_d) - 12} more)" if len(two_d) > 12 else "")
-            raise CLIError(f"--key {key!r} is not in {source}; its 2-D tensors: {listed or 'none'}")
+            # The 2-D tensors where the shapes are known; a sharded index lists names only.
+            names, what = ([k for k in keys if len(shapes.get(k, ())) == 2], "its 2-D tensors") if shapes else (
+                list(keys), "its tensors")
+            listed = ", ".join(names[:12]) + (f" (and {len(names) - 12} more)" if len(names) > 12 else "")
+            raise CLIError(f"--key {key!r} is not in {source}; {what}: {listed or 'none'}")
         return key
     for suffix in _EMBEDDING_KEYS:
         for k in keys:

@@ -401,22 +401,27 @@ def run(args: argparse.Namespace) -> list[RunResult]:
     try:
         _publish(staging, out)
     except OSError as err:
+        _print_results(results)  # the run completed: its table is not lost with the move
         raise OSError(
             f"the run completed in {staging} but could not be moved to --out {out}: {err.strerror or err}; "
             "its files are kept there"
         ) from None
 
     # Printed once the run is in place: a closed stdout (a pipe into `head`) cannot cost the written run.
-    print()
-    print(format_table(results))
-    print()
-    print(textwrap.fill(CAVEAT, 100))
-    print()
+    _print_results(results)
     print(f"logs:   {', '.join(r.log for r in results)}")
     print(f"        (TEV monitor cost: {', '.join(f'{r.name} {r.monitor_ms:.3f} ms' for r in results)} per record)")
     print(f"plot:   {plot}")
     print(f"summary: {os.path.join(out, 'summary.json')}")
     return results
+
+
+def _print_results(results: list) -> None:
+    print()
+    print(format_table(results))
+    print()
+    print(textwrap.fill(CAVEAT, 100))
+    print()
 
 
 def _train_and_write(args, device, out, staging, train, val, train_starts, val_starts, source,

@@ -274,6 +274,14 @@ def _generate_cases(device: str, dtype, B: int, prompt: int, new: int) -> list[t
     return cases
 
 
+def _time_quantiles(seconds: list[float]) -> tuple[float, float, float]:
+    """``(median, 80th, 20th percentile)`` of the rounds' times, by nearest rank: the time of the median
+    rate and of the rates at their 20th and 80th percentiles."""
+    ts = sorted(seconds)
+    n = len(ts) - 1
+    return ts[len(ts) // 2], ts[round(0.8 * n)], ts[round(0.2 * n)]
+
+
 def bench_generate(device: str, dtype, B: int, prompt: int, new: int, rounds: int = GENERATE_ROUNDS) -> list[dict]:
     """``generate()`` end to end in tokens/s (the prompt's prefill included), each case timed ``rounds``
     times, round by round in rotating order so that a slow stretch of the machine falls on all alike;
@@ -289,12 +297,10 @@ def bench_generate(device: str, dtype, B: int, prompt: int, new: int, rounds: in
             seconds[name].append(time.perf_counter() - t0)
     rows = []
     for name, fields, _ in cases:
-        ts = sorted(seconds[name])
-        s = ts[len(ts) // 2]
+        s, slow, fast = _time_quantiles(seconds[name])
         rows.append({"op": "generate", "variant": name, **fields, "layers": 4, "d": 512, "H": 8, "B": B,
                      "prompt": prompt, "new_tokens": new, "rounds": rounds, "s": s, "tokens_per_s": B * new / s,
-                     "tokens_per_s_p20": B * new / ts[int(0.8 * (len(ts) - 1))],
-                     "tokens_per_s_p80": B * new / ts[int(0.2 * (len(ts) - 1))],
+                     "tokens_per_s_p20": B * new / slow, "tokens_per_s_p80": B * new / fast,
                      "device_type": device,
                      "dtype": str(dtype).replace("torch.", "") if fields["model"].startswith("mlra") else "float32"})
     return rows

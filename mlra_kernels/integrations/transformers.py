@@ -247,7 +247,8 @@ class MLRAGPT2Attention(modeling_gpt2.GPT2Attention):
             cache = cache.self_attention_cache
         want_weights = _attentions_requested(output_attentions)
         nothing_cached = _nothing_cached(cache, self.layer_idx, T)
-        if nothing_cached and cache is not None and not torch.compiler.is_compiling():
+        if cache is not None and not torch.compiler.is_compiling() and (
+                nothing_cached or _empty_on_the_host(cache, self.layer_idx)):
             self._step_memo.clear()  # a prefill: the steps that follow form the step weights afresh
         if not want_weights and nothing_cached:
             # Nothing cached for this layer: training, evaluation, or the prefill of generate().
@@ -397,6 +398,13 @@ def _nothing_cached(cache: Any, layer_idx: int, length: int) -> bool:
             return False
         return int(n) == 0
     return n == 0
+
+
+def _empty_on_the_host(cache: Any, layer_idx: int) -> bool:
+    """A ``StaticCache`` layer whose length tensor is on the CPU and 0 (a one-token prompt after
+    ``reset()``, which :func:`_nothing_cached` does not read); on a GPU the length is not read (a sync)."""
+    n = cache.get_seq_length(layer_idx)
+    return isinstance(n, Tensor) and n.device.type == "cpu" and int(n) == 0
 
 
 try:  # transformers >= 5.10 collects attention weights with forward hooks while this holds a collector

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -413,8 +414,14 @@ class GPT2(nn.Module):
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature!r}")
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-            raise ValueError(f"top_k must be None (no limit) or an int >= 1, got {top_k!r}")
+        if top_k is not None:
+            try:
+                k = operator.index(top_k)  # an int, a numpy or torch integer
+            except TypeError:
+                k = None
+            if k is None or isinstance(top_k, bool) or k < 1:
+                raise ValueError(f"top_k must be None (no limit) or an int >= 1, got {top_k!r}")
+            top_k = k
         self._check_idx(idx)  # once: the sampled tokens are in range by construction
         block = self.config.block_size
         cache, cached = None, 0

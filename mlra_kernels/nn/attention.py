@@ -323,9 +323,9 @@ class MLRAttention(nn.Module):
                 f"was expecting embedding dimension of {self.embed_dim}, but got {E}: the last dimension of query "
                 f"must be the module's embed_dim={self.embed_dim}")
         if key.shape != value.shape:
-            raise AssertionError(f"key shape {key.shape} does not match value shape {value.shape}")
+            raise InputShapeError(f"key shape {key.shape} does not match value shape {value.shape}")
         if key.shape[0] != B or key.shape[2] != self.embed_dim:
-            raise AssertionError(
+            raise InputShapeError(
                 f"key must be [batch={B}, S, embed_dim={self.embed_dim}] in [B, S, E] order, got {list(key.shape)}"
             )
         self._mask_shape_check(B, T, S, key_padding_mask, attn_mask)

@@ -388,3 +388,21 @@ def test_decode_benchmark_refuses_bad_flags(tmp_path, capsys):
     with pytest.raises(SystemExit):
         decode.main(["--variants", "mqa", "--out", str(tmp_path)])
     assert not list(tmp_path.iterdir())
+
+
+def test_generate_rounds_report_the_median_and_the_nearest_rank_percentiles():
+    from mlra_kernels.benchmarks import decode
+
+    # Five rounds: the median is the third fastest; the 20th/80th percentiles of the rate are the second
+    # slowest and the second fastest rounds, whatever order they were timed in.
+    assert decode._time_quantiles([5.0, 1.0, 4.0, 2.0, 3.0]) == (3.0, 4.0, 2.0)
+    assert decode._time_quantiles([7.0]) == (7.0, 7.0, 7.0)
+    spec = importlib.util.spec_from_file_location("report", pathlib.Path(__file__).parents[2] / "bench" / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    row = {"op": "generate", "variant": "mha", "B": 4, "prompt": 512, "new_tokens": 32, "tokens_per_s": 100.0,
+           "tokens_per_s_p20": 90.0, "tokens_per_s_p80": 110.0, "rounds": 5}
+    old = {k: v for k, v in row.items() if not k.startswith("tokens_per_s_") and k != "rounds"}
+    text = report.decode_table({"meta": {}, "rows": [row, dict(old, variant="mlra-g1")]})
+    assert "| mha | 4 | 512 | 32 | 100.0 | 90.0–110.0 (5 rounds) |" in text
+    assert "| mlra-g1 | 4 | 512 | 32 | 100.0 | – |" in text

@@ -704,15 +704,17 @@ def test_a_hooked_output_projection_runs_at_every_decode_step(monkeypatch):
     torch.testing.assert_close(hooked, plain, rtol=0, atol=0)
 
 
-def test_a_reused_static_cache_gets_step_weights_of_the_current_weights():
+@pytest.mark.parametrize("prompt_len", [5, 1])
+def test_a_reused_static_cache_gets_step_weights_of_the_current_weights(prompt_len):
     """One StaticCache for two generate() calls, with a write through .data (no version counter moves)
-    in between: the second prefill forms the step weights again, so its steps score as the dense model."""
+    in between: the second prefill (one token long too) forms the step weights again, so its steps score
+    as the dense model."""
     from transformers import StaticCache
 
     need_cpu_decode_kernel()
     ref = _model(dtype=torch.float32)
     mlra = convert_gpt2(_copy(ref), rank=D, latent_groups=4, init="svd")
-    prompt = torch.randint(0, 83, (2, 5), generator=torch.Generator().manual_seed(4))
+    prompt = torch.randint(0, 83, (2, prompt_len), generator=torch.Generator().manual_seed(4))
     cache = StaticCache(config=mlra.config, max_cache_len=16)
     kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_scores=True)
     mlra.generate(prompt, past_key_values=cache, **kw)

@@ -552,3 +552,13 @@ def test_bfloat16_decode_steps_run_on_the_step_weights_and_the_kernel():
     exact = _step_on(exact_model, idx, cache64, 8, torch_path=True)
     assert got.dtype == torch.bfloat16
     assert_within_torch_error(got, low, exact, what="bf16 decode step error")
+
+
+def test_generate_takes_numpy_and_torch_integers_as_top_k():
+    import numpy as np
+
+    m = GPT2(_cfg("mha", n_layer=1)).eval()
+    idx = torch.zeros(1, 2, dtype=torch.long)
+    for k in (np.int64(3), torch.tensor(3)):
+        torch.manual_seed(0)
+        assert m.generate(idx, 2, top_k=k).shape == (1, 4)

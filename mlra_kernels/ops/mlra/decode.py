@@ -607,6 +607,8 @@ def step_plan(x: Tensor, qkv: torch.nn.Module, out_layer: torch.nn.Module, out_l
         return path, False
     if x.is_cuda and torch.cuda.is_current_stream_capturing():
         return path, False
+    if torch.is_grad_enabled() and any(p.requires_grad for p in out_layer.parameters()):
+        return path, False  # the step weights are products without a graph
     why = _not_plain(out_layer, out_layer_type)
     if why is not None:
         warn_once(f"decode-step-{owner}-out-layer-{why}",
@@ -614,9 +616,6 @@ def step_plan(x: Tensor, qkv: torch.nn.Module, out_layer: torch.nn.Module, out_l
                   "mlra_decode instead of running on the pre-multiplied step weights (slower: more weights read, "
                   "more calls).")
         return path, False
-    w, b = out_layer.weight, out_layer.bias
-    if torch.is_grad_enabled() and (w.requires_grad or (b is not None and b.requires_grad)):
-        return path, False  # the step weights are products without a graph
     return path, True
 
 
