@@ -182,7 +182,8 @@ def render(results: pathlib.Path = RESULTS) -> str:
             if path.name.startswith("tev_"):
                 title, body = f"TEV reduction, {data['meta']['device_type'].upper()}", tev_table(data)
             elif path.name.startswith("decode_"):
-                title = f"Decode step on the KV cache, {data['meta']['device_type'].upper()}"
+                dtypes = ", ".join(dict.fromkeys(r["dtype"] for r in data["rows"] if r["op"] == "decode_step"))
+                title = f"Decode step on the KV cache, {data['meta']['device_type'].upper()}, {dtypes}"
                 body = decode_table(data)
                 headline = decode_headline(data)
                 body = f"{headline}\n\n{body}" if headline else body

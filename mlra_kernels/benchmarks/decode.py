@@ -71,7 +71,7 @@ def variant_config(name: str, d: int, H: int, capacity: int) -> GPT2Config:
     return GPT2Config(attention="mlra", rank=d // (4 * H), latent_groups=H, **base)
 
 
-def check_decode(device: str) -> None:
+def check_decode(device: str, dtype=torch.float32) -> None:
     """``mlra_decode`` against the float64 oracle for the last tokens of a sequence, on each decode path
     the run times (on CUDA the Triton kernel and the forced torch path); raises on a miss."""
     paths = ("auto", "torch")
@@ -83,7 +83,7 @@ def check_decode(device: str) -> None:
         up = torch.randn(3, d, r, generator=gen, dtype=torch.float64) / r ** 0.5
         bias = torch.randn(3 * d, generator=gen, dtype=torch.float64) * 0.2
         exact = mlra_attention_reference(x, down, up, bias, num_heads=H, latent_groups=g, causal=True)[:, -1:]
-        for dt in (torch.float32,) + ((torch.bfloat16,) if device == "cuda" else ()):
+        for dt in (torch.float32,) + ((torch.bfloat16,) if device == "cuda" or dtype == torch.bfloat16 else ()):
             xs, ds, us, bs = (t.to(device=device, dtype=dt) for t in (x, down, up, bias))
             c_k, c_v = kv_latents(xs, ds, g, group_major=True)  # the layout the timed step reads
             for path in paths:
@@ -319,6 +319,9 @@ def build_parser(prog: str = "mlra bench decode") -> argparse.ArgumentParser:
     p.add_argument("--heads", type=positive_int, default=8, help="heads H (default 8)")
     p.add_argument("--rep", type=positive_int, default=CPU_ROUNDS_DEFAULT,
                    help=f"CPU rounds per (B, S) point (default {CPU_ROUNDS_DEFAULT}), each timing every variant once")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default=None,
+                   help="the layers' and caches' dtype (default fp32 on CPU, bf16 on CUDA); another than the "
+                        "default writes decode_<device>_<dtype>.json")
     p.add_argument("--no-generate", action="store_true", help="skip the end-to-end generate() rows")
     p.add_argument("--out", default=None,
                    help="folder for decode_<device>.json, relative to the current folder (default: bench/results "
@@ -333,13 +336,15 @@ def run(args: argparse.Namespace) -> int:
     d, H = args.width, args.heads
     if d % (4 * H):
         raise BenchError(f"--width {d} must be a multiple of 4·--heads = {4 * H} (the g = H latent is d/4 wide)")
-    name = f"decode_{args.device}"
+    default = "bf16" if args.device == "cuda" else "fp32"
+    dtn = args.dtype or default
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtn]
+    name = f"decode_{args.device}" + ("" if dtn == default else f"_{dtn}")
     out = check_output(args.out, "--out", name)
-    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     batches = args.batches or ([1, 8, 32] if args.device == "cuda" else [1, 4, 16])
     lengths = args.lengths or [512, 2048, 8192]
 
-    check_decode(args.device)
+    check_decode(args.device, dtype)
     bw = read_bandwidth(args.device, args.rep)
     print(f"read bandwidth (sum of 256 MB): {bw:.1f} GB/s", flush=True)
     rows = []

@@ -380,6 +380,17 @@ def test_decode_benchmark_tiny_run_writes_rows_with_speedups(tmp_path):
         assert r["decode_path"] == expected_path
 
 
+def test_decode_benchmark_in_bfloat16_writes_its_own_file(tmp_path):
+    from mlra_kernels.benchmarks import decode
+
+    rc = decode.main(["--batches", "1", "--lengths", "40", "--width", "64", "--heads", "4", "--rep", "1",
+                      "--variants", "mha,mlra-gH", "--dtype", "bf16", "--no-generate", "--out", str(tmp_path)])
+    assert rc == 0 and [p.name for p in tmp_path.iterdir()] == ["decode_cpu_bf16.json"]
+    rows = json.loads((tmp_path / "decode_cpu_bf16.json").read_text())["rows"]
+    assert {r["dtype"] for r in rows} == {"bfloat16"}
+    assert [r["decode_path"] for r in rows if r["variant"] == "mlra-gH"] == ["cpu-kernel"]
+
+
 def test_decode_benchmark_refuses_bad_flags(tmp_path, capsys):
     from mlra_kernels.benchmarks import decode
 
