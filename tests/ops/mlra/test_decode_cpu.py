@@ -69,16 +69,20 @@ def test_bfloat16_caches_match_the_torch_path(shape):
     assert_within_torch_error(got, low, exact, what="C++ decode kernel error (bf16)")
 
 
-def test_bfloat16_op_equals_float32_on_the_same_numbers():
-    """The kernel on bf16 caches computes what it computes on their float32 values, to bf16's rounding."""
+@pytest.mark.parametrize("r", [24, 7, 13])
+def test_bfloat16_op_equals_float32_on_the_same_numbers(r):
+    """The kernel on bf16 caches computes what it computes on their float32 values, to bf16's rounding
+    of the output (one bf16 step: a float32 result next to a rounding midpoint may round either way)."""
     gen = torch.Generator().manual_seed(3)
-    q = torch.randn(2, 2, 6, 24, generator=gen).bfloat16()
-    k, v = torch.randn(2, 2, 700, 24, generator=gen).bfloat16(), torch.randn(2, 2, 700, 24, generator=gen).bfloat16()
+    q = torch.randn(2, 2, 6, r, generator=gen).bfloat16()
+    k, v = torch.randn(2, 2, 700, r, generator=gen).bfloat16(), torch.randn(2, 2, 700, r, generator=gen).bfloat16()
     lengths = torch.tensor([700, 333], dtype=torch.int32)
     got = torch.ops.mlra.latent_decode_cpu(q, k, v, None, lengths, 2, True, 0.2)
     ref = torch.ops.mlra.latent_decode_cpu(q.float(), k.float(), v.float(), None, lengths, 2, True, 0.2)
     assert got.dtype == torch.bfloat16
-    torch.testing.assert_close(got, ref.bfloat16(), rtol=0, atol=0)
+    step = 2.0 ** -7 * ref.abs().clamp_min(2.0 ** -20)  # a bf16 step at each value (8 significant bits)
+    assert ((got.float() - ref).abs() <= step).all()
+    assert (got == ref.bfloat16()).float().mean() > 0.99  # almost all round the same way
 
 
 @pytest.mark.parametrize("kind", ["bool", "float"])
@@ -252,15 +256,16 @@ def test_the_op_rejects_what_it_cannot_read():
         torch.ops.mlra.latent_decode_cpu(q, k, k, None, None, 3, True, 0.25)
 
 
-def test_opcheck_and_compile():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_opcheck_and_compile(dtype):
     gen = torch.Generator().manual_seed(7)
-    q, k, v = (torch.randn(shape, generator=gen) for shape in ((2, 2, 3, 16), (2, 2, 40, 16), (2, 2, 40, 16)))
+    q, k, v = (torch.randn(shape, generator=gen).to(dtype) for shape in ((2, 2, 3, 16), (2, 2, 40, 16), (2, 2, 40, 16)))
     kpm = _additive_kpm(padding(2, 40, "bool"))
     lengths = torch.tensor([40, 25], dtype=torch.int32)
     torch.library.opcheck(torch.ops.mlra.mlra_decode_attn_cpu.default, (q, k, v, kpm, lengths, 1, True, 0.25))
 
     B, t, S, H, g, r, dh = 2, 1, 30, 4, 1, 16, 16
-    x, down, up, bias, c_k, c_v = (a.float() for a in decode_case(B, t, S, H, g, r, dh))
+    x, down, up, bias, c_k, c_v = (a.to(dtype) for a in decode_case(B, t, S, H, g, r, dh))
 
     def step(x, c_k, c_v):
         return mlra_decode(x, down, up, bias, cache_k=c_k, cache_v=c_v, num_heads=H, latent_groups=g)[0]
