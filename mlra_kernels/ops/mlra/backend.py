@@ -25,7 +25,7 @@ Paths:
 Decode (``mlra_decode``) has its own choice, :func:`choose_decode`, over :data:`DECODE_PATHS`:
 ``"triton"`` (the split-KV decode kernel, the default on CUDA), ``"triton-interpreter"`` (that kernel on
 CPU tensors, only when forced: it is how the CPU tests check it), ``"cpu-kernel"`` (the C++ split-KV
-kernel of the compiled extension, the default for float32 CPU tensors) and ``"torch"`` (the GEMMs and
+kernel of the compiled extension, the default for float32 and bfloat16 CPU tensors) and ``"torch"`` (the GEMMs and
 torch's SDPA on the latents, CPU and GPU). Forcing ``"sdpa"``, ``"torch-cpu"`` or ``"torch-cpu-latent"`` gives
 decode its torch path, which is that same composition.
 
