@@ -246,9 +246,10 @@ class MLRAGPT2Attention(modeling_gpt2.GPT2Attention):
         if isinstance(cache, EncoderDecoderCache):
             cache = cache.self_attention_cache
         want_weights = _attentions_requested(output_attentions)
-        nothing_cached = _nothing_cached(cache, self.layer_idx, T)
+        cached = _cached_length(cache, self.layer_idx)  # read once: a StaticCache computes it from its keys
+        nothing_cached = _nothing_cached(cached, T)
         if cache is not None and not torch.compiler.is_compiling() and (
-                nothing_cached or _empty_on_the_host(cache, self.layer_idx)):
+                nothing_cached or _empty_on_the_host(cached)):
             self._step_memo.clear()  # a prefill: the steps that follow form the step weights afresh
         if not want_weights and nothing_cached:
             # Nothing cached for this layer: training, evaluation, or the prefill of generate().
@@ -379,20 +380,22 @@ def _cache_update(cache: Any, c_k: Tensor, c_v: Tensor, layer_idx: int, cache_po
     return cache.update(c_k, c_v, layer_idx, *args)
 
 
-def _nothing_cached(cache: Any, layer_idx: int, length: int) -> bool:
-    """Whether ``cache`` provably holds nothing for ``layer_idx``, decided without a data-dependent branch
-    under ``torch.compile``. A layer that was never written holds nothing. A ``StaticCache`` layer
-    reports its length as a tensor: read on the host for a prefill (``length > 1``) outside compile,
-    and taken as "something cached" otherwise; the dense path that follows is exact in both cases."""
+def _cached_length(cache: Any, layer_idx: int) -> Any:
+    """What ``cache`` holds for ``layer_idx``: 0 for no cache or a layer never written, else its
+    ``get_seq_length`` (an int, or a tensor for a ``StaticCache``)."""
     if cache is None:
-        return True
+        return 0
     layers = getattr(cache, "layers", None)
-    if layers is not None:
-        if layer_idx >= len(layers):
-            return True
-        if not getattr(layers[layer_idx], "is_initialized", True):
-            return True
-    n = cache.get_seq_length(layer_idx)
+    if layers is not None and (layer_idx >= len(layers) or not getattr(layers[layer_idx], "is_initialized", True)):
+        return 0
+    return cache.get_seq_length(layer_idx)
+
+
+def _nothing_cached(n: Any, length: int) -> bool:
+    """Whether the cached length ``n`` (:func:`_cached_length`) provably is 0, decided without a
+    data-dependent branch under ``torch.compile``. A ``StaticCache`` layer reports its length as a tensor:
+    read on the host for a prefill (``length > 1``) outside compile, and taken as "something cached"
+    otherwise; the dense path that follows is exact in both cases."""
     if isinstance(n, Tensor):
         if length == 1 or torch.compiler.is_compiling():
             return False
@@ -400,10 +403,9 @@ def _nothing_cached(cache: Any, layer_idx: int, length: int) -> bool:
     return n == 0
 
 
-def _empty_on_the_host(cache: Any, layer_idx: int) -> bool:
-    """A ``StaticCache`` layer whose length tensor is on the CPU and 0 (a one-token prompt after
-    ``reset()``, which :func:`_nothing_cached` does not read); on a GPU the length is not read (a sync)."""
-    n = cache.get_seq_length(layer_idx)
+def _empty_on_the_host(n: Any) -> bool:
+    """A ``StaticCache`` length tensor on the CPU that is 0 (a one-token prompt after ``reset()``, which
+    :func:`_nothing_cached` does not read); on a GPU the length is not read (a sync)."""
     return isinstance(n, Tensor) and n.device.type == "cpu" and int(n) == 0
 
 

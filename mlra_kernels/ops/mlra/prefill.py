@@ -173,8 +173,9 @@ def _absorbed_grads(grad_o, c, x, down, up, bias, z, lse, num_heads, g, causal, 
         dbeta = dq_abs.sum(0)  # [H, r]
         db_q = torch.bmm(up_k, dbeta.unsqueeze(-1)).view(d)
         dup_k = dup_k + bias[:d].view(H, dh, 1) * dbeta.view(H, 1, r)
+        dbias = torch.cat([db_q, db_q.new_zeros(d), grad_o.reshape(N, d).sum(0)])
     else:  # the returned bias gradient is unused
-        db_q = grad_o.new_zeros(d)
+        dbias = grad_o.new_zeros(3 * d)
     dc = grad_o.new_empty(N, 3, g, r)
     dc[:, 0] = torch.bmm(dq_g, _m_by_group(m, g).transpose(1, 2)).transpose(0, 1)
     if hpg == 1:  # a group per head: its latents' gradients are the head's own
@@ -186,8 +187,6 @@ def _absorbed_grads(grad_o, c, x, down, up, bias, z, lse, num_heads, g, causal, 
     dx = (dc_n @ down).view(B, T, d)
     ddown = dc_n.t() @ x.reshape(N, d)
     dup = torch.stack([dup_q.reshape(d, r), dup_k.reshape(d, r), dup_v.reshape(d, r)])
-    db_v = grad_o.reshape(N, d).sum(0) if bias is not None else db_q
-    dbias = torch.cat([db_q, db_q.new_zeros(d), db_v])
     return dx, ddown, dup, dbias
 
 
