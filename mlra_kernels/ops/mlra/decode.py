@@ -198,7 +198,7 @@ def _additive_kpm(key_padding_mask: Optional[Tensor]) -> Optional[Tensor]:
     return key_padding_mask.detach().to(torch.float32).contiguous()
 
 
-def _check_lengths(cache_seqlens: Optional[Tensor], B: int, device: torch.device) -> None:
+def _check_lengths(cache_seqlens: Optional[Tensor], B: int, t: int, S: int, device: torch.device) -> None:
     if cache_seqlens is None:
         return
     if not isinstance(cache_seqlens, Tensor):
@@ -209,6 +209,14 @@ def _check_lengths(cache_seqlens: Optional[Tensor], B: int, device: torch.device
         raise ValueError(f"cache_seqlens must be [B] = [{B}], got {tuple(cache_seqlens.shape)}")
     if cache_seqlens.device != device:
         raise ValueError(f"cache_seqlens is on {cache_seqlens.device} but x is on {device}")
+    if device.type != "cpu" or B == 0 or torch.compiler.is_compiling():
+        return  # on a GPU the check would wait for the device: the kernel clamps instead (see mlra_decode)
+    lo, hi = torch.stack(torch.aminmax(cache_seqlens.to(torch.int64))).tolist()
+    if lo < t or hi > S:
+        bad = lo if lo < t else hi
+        b = int((cache_seqlens == bad).nonzero()[0, 0])
+        raise ValueError(f"cache_seqlens[{b}] = {bad} is outside [t, S] = [{t}, {S}]: each sequence's length counts "
+                         "its cached positions, the t new tokens included, and cannot exceed the cache's S positions")
 
 
 def _grouped_caches(x: Tensor, cache_k: Tensor, cache_v: Tensor, B: int, g: int, r: int) -> tuple[Tensor, Tensor]:
@@ -265,10 +273,12 @@ def mlra_decode(
         dropout_p: dropout on the attention probabilities (torch's default generator).
         need_weights: also return the attention weights ``[B, H, t, S]`` (after dropout).
         cache_seqlens: ``[B]`` integer tensor or None: how many of the ``S`` cached positions each sequence
-            uses, the new tokens included (``t <= cache_seqlens[b] <= S``, not checked: that would read the
-            device). The new tokens are the last ``t`` of them; later positions are ignored. With it the
-            caches can be the whole preallocated buffers, sequences can have unequal lengths, and on CUDA
-            the kernel's grid stays the same from step to step (CUDA graphs).
+            uses, the new tokens included. ``t <= cache_seqlens[b] <= S`` is checked on the CPU; on a GPU the
+            check would wait for the device, so the kernel clamps instead: it reads the first
+            ``min(cache_seqlens[b], S)`` positions (none, and gives zeros, for a length of 0 or less). The
+            new tokens are the last ``t`` of them; later positions are ignored. With it the caches can be
+            the whole preallocated buffers, sequences can have unequal lengths, and on CUDA the kernel's
+            grid stays the same from step to step (CUDA graphs).
 
     Paths (``kernel_path(x, op="decode")`` and ``explain`` say which and why): on CUDA the split-KV
     Triton kernel, on CPU float32 and bfloat16 tensors the C++ split-KV kernel, unless a general
@@ -310,7 +320,7 @@ def mlra_decode(
     ):
         raise ValueError(f"attn_mask must be [t, S] or [B | 1, 1 | H, t, S] with t={t}, S={S}, "
                          f"got {tuple(attn_mask.shape)}")
-    _check_lengths(cache_seqlens, B, x.device)
+    _check_lengths(cache_seqlens, B, t, S, x.device)
     s = float(scale) if scale is not None else 1.0 / math.sqrt(dh)
     needs_grad = torch.is_grad_enabled() and any(
         t_.requires_grad for t_ in (x, down, up, bias, k, v, key_padding_mask) if t_ is not None)

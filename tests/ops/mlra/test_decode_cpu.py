@@ -124,13 +124,14 @@ def test_fully_masked_query_averages_its_values():
 
 
 def test_rows_whose_visible_keys_are_all_masked_average_like_the_torch_path():
-    """Two new tokens: for sequence 0 every key its first token sees is padding, and sequence 1 is shorter
-    than the new tokens (cache_seqlens 1 < t = 2). Both paths then average the values of all L positions."""
+    """Two new tokens: every key the first token sees is padding, in a sequence of 12 and in one that holds
+    only the two new tokens. Both paths then average the values of all L positions."""
     B, t, S, H, g, r, dh = 2, 2, 12, 4, 2, 16, 16
-    lengths = torch.tensor([12, 1])
+    lengths = torch.tensor([12, 2])
     case = decode_case(B, t, S, H, g, r, dh)  # the new tokens' values do not matter here
     kpm = torch.zeros(B, S, dtype=torch.bool)
     kpm[0, :11] = True  # token 0 of sequence 0 sits at position 10 and sees positions 0-10, all padding
+    kpm[1, 0] = True  # token 0 of sequence 1 sits at position 0
     check(case, H=H, g=g, lengths=lengths, kpm=kpm)
     check(case, H=H, g=g, lengths=lengths)
 
