@@ -106,10 +106,11 @@ def _filled_cache(name: str, cfg: GPT2Config, B: int, S: int, device, dtype) -> 
     """A cache holding ``S`` random tokens; returns it and its per-token width (numbers per K)."""
     d, H = cfg.n_embd, cfg.n_head
     if name == "mha":
-        cache, shape = LayerCache(cfg.block_size, seq_dim=2), (B, H, S, d // H)
+        cache, shape = LayerCache(cfg.block_size, seq_dim=2, layout=("heads", H, d // H)), (B, H, S, d // H)
         width = d
     else:
-        cache, shape = LayerCache(cfg.block_size, seq_dim=2), (B, cfg.latent_groups, S, cfg.rank)
+        cache = LayerCache(cfg.block_size, seq_dim=2, layout=("latents", cfg.latent_groups, cfg.rank))
+        shape = (B, cfg.latent_groups, S, cfg.rank)
         width = cfg.latent_groups * cfg.rank
     cache.append(torch.randn(shape, device=device, dtype=dtype), torch.randn(shape, device=device, dtype=dtype))
     return cache, width

@@ -72,8 +72,11 @@ class LayerCache:
     concatenation, so a decode step costs the new tokens' writes, not a copy of everything cached.
     """
 
-    def __init__(self, capacity: int, seq_dim: int) -> None:
+    def __init__(self, capacity: int, seq_dim: int, layout: Optional[tuple] = None) -> None:
         self.capacity, self.seq_dim, self._length = capacity, seq_dim, 0
+        # What the buffers hold, as the layer that made the cache says: ("heads", H, d_h) for K/V,
+        # ("latents", g, r) for c_K/c_V; None: not said (a cache made by hand).
+        self.layout = layout
         self._k: Optional[Tensor] = None
         self._v: Optional[Tensor] = None
         # The filled length again, on the device and updated in place: a decode kernel reads it there, so
@@ -116,6 +119,31 @@ class LayerCache:
         self.seqlens.add_(t)
         return self[0], self[1]
 
+    def check_for(self, layout: tuple, x: Tensor) -> None:
+        """Raise unless this cache can take a step of ``x`` ``[B, t, d]`` in a layer whose cache ``layout`` it
+        is: the same kind and shape of entries, batch, dtype and device, and ``seqlens`` equal to ``length``
+        (read where that costs no device sync: on the CPU)."""
+        made = getattr(self, "layout", None)
+        if made is not None and made != layout:
+            raise ValueError(f"the cache holds {_describe_layout(made)}, but this layer keeps {_describe_layout(layout)}: "
+                             "it was made by another model; start a new cache with this model (use_cache=True)")
+        if self._k is None:
+            return
+        B = x.shape[0]
+        if self._k.shape[0] != B:
+            raise ValueError(f"the cache holds {self._k.shape[0]} sequences, but the new tokens are a batch of {B}: "
+                             "pass the cache of this batch")
+        if self._k.dtype != x.dtype:
+            raise TypeError(f"cache_k is {self._k.dtype} but x is {x.dtype}: a cache keeps the dtype it was made in; "
+                            f"run the model in {self._k.dtype} or start a new cache")
+        if self._k.device != x.device:
+            raise ValueError(f"cache_k is on {self._k.device} but x is on {x.device}: a cache stays on the device it "
+                             "was made on; start a new cache")
+        if self.seqlens is not None and self.seqlens.device.type == "cpu" and not torch.compiler.is_compiling():
+            if any(n != self._length for n in self.seqlens.tolist()):  # B numbers: cheaper than a reduction
+                raise ValueError(f"the cache's seqlens {self.seqlens.tolist()} disagree with its length "
+                                 f"{self._length}: set cache.length (it keeps seqlens in step), not seqlens")
+
     def buffers(self) -> tuple[Tensor, Tensor]:
         """The whole preallocated buffers, ``capacity`` positions each, of which ``seqlens`` are filled."""
         return self._k, self._v
@@ -130,6 +158,13 @@ class LayerCache:
 
 # One LayerCache per layer.
 KVCache = list[LayerCache]
+
+
+def _describe_layout(layout: tuple) -> str:
+    kind, n, width = layout
+    if kind == "heads":
+        return f"per-head keys and values [B, H={n}, S, d_h={width}] (an MHA layer's)"
+    return f"latents c_K, c_V [B, g={n}, S, r={width}] (an MLRA layer's)"
 
 
 def _cached_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> Tensor:
@@ -155,13 +190,16 @@ class MHASelfAttention(nn.Module):
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.cache_layout = ("heads", cfg.n_head, cfg.n_embd // cfg.n_head)  # what its LayerCache holds
 
     def forward(self, x: Tensor, cache: Optional[LayerCache] = None, use_cache: bool = False):
         B, T, d = x.shape
         H = self.n_head
         q, k, v = self.c_attn(x).view(B, T, 3, H, d // H).permute(2, 0, 3, 1, 4)  # 3 × [B, H, T, d_h]
+        if cache is not None:
+            cache.check_for(self.cache_layout, x)
         if use_cache or cache is not None:
-            cache = cache if cache is not None else LayerCache(self.block_size, seq_dim=2)
+            cache = cache if cache is not None else LayerCache(self.block_size, seq_dim=2, layout=self.cache_layout)
             k, v = cache.append(k, v)
         p = self.dropout if self.training else 0.0
         y = _cached_attention(q, k, v, p)
@@ -189,6 +227,7 @@ class MLRASelfAttention(nn.Module):
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self._scale = 1.0 / math.sqrt(cfg.n_embd // cfg.n_head)
+        self.cache_layout = ("latents", cfg.latent_groups, cfg.rank)  # what its LayerCache holds
         self._step_memo = StepWeightsMemo()  # the decode step's pre-multiplied weights
         self._register_load_state_dict_pre_hook(_rename_flat_factors)
 
@@ -198,11 +237,12 @@ class MLRASelfAttention(nn.Module):
         if cache is None:
             y = mlra_attention(x, qkv.down, qkv.up, qkv.bias, num_heads=H, latent_groups=g, causal=True, dropout_p=p)
             if use_cache:
-                cache = LayerCache(self.block_size, seq_dim=2)
+                cache = LayerCache(self.block_size, seq_dim=2, layout=self.cache_layout)
                 cache.append(*kv_latents(x, qkv.down, g, group_major=True))
                 if not torch.compiler.is_compiling():
                     self._step_memo.clear()  # a prefill: the steps that follow form the step weights afresh
         else:
+            cache.check_for(self.cache_layout, x)
             path, fused = step_plan(x, qkv, self.c_proj, nn.Linear, owner="MLRASelfAttention", dropout_p=p,
                                     training=self.training)
             if fused:
@@ -361,7 +401,23 @@ class GPT2(nn.Module):
         waits for the device; skipped while ``torch.compile`` traces).
         """
         self._check_idx(idx)
+        if cache is not None:
+            self._check_cache(cache, idx.shape[0])
         return self._forward_cached(idx, cache, use_cache)
+
+    def _check_cache(self, cache: KVCache, batch: int) -> None:
+        n = self.config.n_layer
+        if not isinstance(cache, (list, tuple)) or len(cache) != n or not all(isinstance(c, LayerCache) for c in cache):
+            what = f"{len(cache)} entries" if isinstance(cache, (list, tuple)) else type(cache).__name__
+            raise TypeError(f"cache must be the list of {n} LayerCache (one per layer) that forward_cached returned, "
+                            f"got {what}")
+        lengths = {c.length for c in cache}
+        if len(lengths) > 1:
+            raise ValueError(f"the cache's layers hold different lengths {sorted(lengths)} (a step that failed part "
+                             "way through?); rewind every layer to one length (cache[i].length = n) or start anew")
+        x = self.wte.weight.new_empty(batch, 0, 0)  # the new tokens' batch, dtype and device
+        for c, block in zip(cache, self.h):  # every layer, before any is written
+            c.check_for(block.attn.cache_layout, x)
 
     def _check_idx(self, idx: Tensor) -> None:
         if not isinstance(idx, Tensor) or idx.dtype not in (torch.int64, torch.int32):

@@ -562,3 +562,58 @@ def test_generate_takes_numpy_and_torch_integers_as_top_k():
     for k in (np.int64(3), torch.tensor(3)):
         torch.manual_seed(0)
         assert m.generate(idx, 2, top_k=k).shape == (1, 4)
+
+
+def _prefilled(cfg, seed=0, B=2, T=5):
+    torch.manual_seed(seed)
+    m = GPT2(cfg).eval()
+    idx = torch.randint(0, cfg.vocab_size, (B, T))
+    with torch.no_grad():
+        _, cache = m.forward_cached(idx, use_cache=True)
+    return m, cache
+
+
+@pytest.mark.parametrize("path", ["auto", "torch"])
+def test_a_cache_from_another_model_is_a_cache_error(reference_path, path):
+    """A cache of another rank, or an MHA model's per-head K/V (which has the latents' shapes when g = H
+    and r = d_h), is named as what it is, not blamed on the weights or read as latents."""
+    from mlra_kernels.ops.mlra import use_backend
+
+    mlra, _ = _prefilled(_cfg("mlra"))
+    _, other_rank = _prefilled(_cfg("mlra", rank=4))
+    full, _ = _prefilled(_cfg("mlra", rank=8, latent_groups=4))  # g = H = 4, r = d_h = 8
+    _, mha_cache = _prefilled(_cfg("mha"))
+    mha, mlra_cache = _prefilled(_cfg("mha")), _prefilled(_cfg("mlra"))[1]
+    step = torch.zeros(2, 1, dtype=torch.long)
+    with use_backend(path), torch.no_grad():
+        with pytest.raises(ValueError, match=r"the cache holds latents c_K, c_V \[B, g=1, S, r=4\].*"
+                                             r"this layer keeps latents c_K, c_V \[B, g=1, S, r=8\].*another model"):
+            mlra.forward_cached(step, other_rank)
+        with pytest.raises(ValueError, match=r"the cache holds per-head keys and values \[B, H=4, S, d_h=8\]"):
+            full.forward_cached(step, mha_cache)
+        with pytest.raises(ValueError, match=r"this layer keeps per-head keys and values"):
+            mha[0].forward_cached(step, mlra_cache)
+
+
+@pytest.mark.parametrize("path", ["auto", "torch"])
+def test_a_cache_whose_seqlens_disagree_with_its_length_is_an_error(reference_path, path):
+    from mlra_kernels.ops.mlra import use_backend
+
+    m, cache = _prefilled(_cfg("mlra"))
+    step = torch.zeros(2, 1, dtype=torch.long)
+    cache[1].seqlens[0] -= 2
+    with use_backend(path), torch.no_grad(), pytest.raises(ValueError, match=r"seqlens \[3, 5\] disagree with its length 5"):
+        m.forward_cached(step, cache)
+    assert cache[1].length == 5 and cache[0].length == 5  # nothing was appended to the layer that raised
+
+
+def test_a_cache_of_another_batch_layer_count_or_lengths_is_an_error(reference_path):
+    m, cache = _prefilled(_cfg("mlra"))
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"the cache holds 2 sequences, but the new tokens are a batch of 3"):
+            m.forward_cached(torch.zeros(3, 1, dtype=torch.long), cache)
+        with pytest.raises(TypeError, match=r"list of 2 LayerCache .* got 1 entries"):
+            m.forward_cached(torch.zeros(2, 1, dtype=torch.long), cache[:1])
+        cache[1].length = 4
+        with pytest.raises(ValueError, match=r"different lengths \[4, 5\]"):
+            m.forward_cached(torch.zeros(2, 1, dtype=torch.long), cache)
