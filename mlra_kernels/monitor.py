@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import time
 import warnings
@@ -98,14 +99,61 @@ def compute_tev(
 _MODES = ("x", "a", "w")
 
 
-def _json_value(obj: Any) -> Any:
-    """JSON for an extra value json cannot write (a numpy scalar or array, any object): never an error."""
-    for attr in ("item", "tolist"):
-        try:
-            return getattr(obj, attr)()
-        except Exception:
-            pass
+# Keys the monitor writes itself; "meta" marks a header line. An extra under one of them is left out.
+_OWN_KEYS = frozenset({"step", "tev_mean", "tev_std", "nonfinite_rows", "loss", "time", "monitor_ms", "meta"})
+_MAX_EXTRA_ELEMENTS = 10_000  # a larger tensor or array given as an extra is left out, not written per record
+
+
+def _plain(obj: Any, depth: int = 0) -> Any:
+    """``obj`` as data json can write: a one-element tensor or numpy value becomes a number, a larger one a
+    (nested) list, a dict gets str keys, and anything else json cannot write becomes its repr. Never raises."""
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if depth > 32:  # deep or circular containers
+        return repr(obj)
+    try:
+        if isinstance(obj, dict):
+            return {k if isinstance(k, str) else str(k): _plain(v, depth + 1) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return [_plain(v, depth + 1) for v in obj]
+        if isinstance(obj, Tensor):
+            obj = obj.detach()
+            return _plain(obj.item() if obj.numel() == 1 else obj.cpu().tolist(), depth + 1)
+        for attr in ("item", "tolist"):  # numpy scalars and arrays
+            try:
+                return _plain(getattr(obj, attr)(), depth + 1)
+            except Exception:
+                pass
+    except Exception:
+        pass
     return repr(obj)
+
+
+def _elements(obj: Any) -> int:
+    """Elements of a tensor or numpy array (0 for anything else)."""
+    if isinstance(obj, Tensor):
+        return obj.numel()
+    size = getattr(obj, "size", None) if hasattr(obj, "tolist") else None
+    return size if isinstance(size, int) else 0
+
+
+def _finite(obj: Any) -> Any:
+    """``obj`` with NaN and ±inf as None: JSON has no such numbers."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _json_line(obj: dict) -> bytes:
+    try:
+        text = json.dumps(obj, allow_nan=False)
+    except ValueError:  # NaN or inf somewhere
+        text = json.dumps(_finite(obj), allow_nan=False)
+    return (text + "\n").encode("utf-8")
 
 
 class TEVMonitor:
@@ -115,6 +163,13 @@ class TEVMonitor:
     (when given), ``time`` (seconds since the monitor started), ``monitor_ms`` (the monitor's own
     cost for this record) and any extra keyword given to :meth:`step`. Each monitor writes a
     ``{"meta": {...}}`` header line first; a file continued with ``mode="a"`` holds one header per run.
+
+    Extra values are stored as plain data: a one-element tensor or numpy value as a number, a larger
+    one as a (nested) list, anything else JSON cannot hold as its ``repr``. Nothing given to
+    :meth:`step` stops training: an extra over 10000 elements, an extra named like a field of the
+    record (``tev_mean``, ``meta``, ...) and a ``loss`` that is not one number are left out, with one
+    warning each. NaN and ±inf, which JSON has no numbers for, are written as ``null`` (the records in
+    memory keep them), so that every line is strict JSON.
 
     The TEV comes from the ``mlra_kernels.tev`` op: one streaming read of the embedding. The
     monitor's cost is measured per record (after waiting for queued GPU work, which is not counted)
@@ -213,6 +268,7 @@ class TEVMonitor:
         self._start = time.perf_counter()
         self._cost_s = 0.0
         self._use_op = True
+        self._left_out: set[str] = set()
         if self.path is not None:
             self._open(mode)
             meta = {"name": name, "vocab_size": int(V), "embed_dim": int(d), "every": every,
@@ -264,7 +320,7 @@ class TEVMonitor:
     def _write(self, obj: dict) -> None:
         if self._fd is None:
             return
-        data = (json.dumps(obj, default=_json_value) + "\n").encode("utf-8")
+        data = _json_line(obj)
         try:
             done = 0
             while done < len(data):  # a short write is followed by another (which raises if the disk is full)
@@ -307,14 +363,30 @@ class TEVMonitor:
         self._cost_s += cost
         rec: dict[str, Any] = {"step": int(step), "tev_mean": mean, "tev_std": std, "nonfinite_rows": bad}
         if loss is not None:
-            rec["loss"] = float(loss.detach()) if isinstance(loss, Tensor) else float(loss)
+            value = _plain(loss) if _elements(loss) <= 1 and not isinstance(loss, (str, bytes)) else None
+            if isinstance(value, (int, float)):
+                rec["loss"] = float(value)
+            else:
+                self._leave_out("loss", f"loss is {_describe(loss)}, not one number")
         rec["time"] = round(time.perf_counter() - self._start, 6)
         rec["monitor_ms"] = round(cost * 1e3, 6)
         for key, value in extra.items():
-            rec[key] = float(value.detach()) if isinstance(value, Tensor) else value
+            if key in _OWN_KEYS:
+                self._leave_out(key, f"the extra metric {key!r} has the name of a field the monitor writes itself")
+            elif _elements(value) > _MAX_EXTRA_ELEMENTS:
+                self._leave_out(key, f"the extra metric {key!r} is {_describe(value)}, over the "
+                                     f"{_MAX_EXTRA_ELEMENTS} numbers an extra may hold")
+            else:
+                rec[key] = _plain(value)
         self.records.append(rec)
         self._write(rec)
         return rec
+
+    def _leave_out(self, key: str, why: str) -> None:
+        if key not in self._left_out:  # once per name and monitor
+            self._left_out.add(key)
+            warnings.warn(f"TEVMonitor: {why}; it is left out of the records (training goes on)",
+                          RuntimeWarning, stacklevel=4)
 
     def step(self, step: int, loss: Optional[Union[float, Tensor]] = None, **extra: Any) -> Optional[dict[str, Any]]:
         """Call once per training step; records (and returns the record) when ``step % every == 0``."""
@@ -347,6 +419,12 @@ class TEVMonitor:
             self.close()
         except Exception:
             pass
+
+
+def _describe(obj: Any) -> str:
+    if isinstance(obj, Tensor) or (hasattr(obj, "tolist") and hasattr(obj, "shape")):
+        return f"a {type(obj).__name__} of shape {list(obj.shape)} ({_elements(obj)} elements)"
+    return f"a {type(obj).__name__}"
 
 
 def _complete_prefix(fd: int, size: int, path: str) -> int:

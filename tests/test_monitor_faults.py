@@ -308,3 +308,42 @@ def test_import_without_fcntl(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "1"
+
+
+def _strict_json(line):
+    """json.loads that refuses NaN and Infinity, which are not JSON (RFC 8259)."""
+    def refuse(token):
+        raise AssertionError(f"{token} is not JSON")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_odd_extra_values_are_recorded_or_left_out_with_one_warning(tmp_path):
+    import numpy as np
+
+    log = tmp_path / "run.jsonl"
+    odd = dict(vec=torch.ones(3), half=torch.tensor(2.5, dtype=torch.bfloat16), count=torch.tensor(7),
+               flag=torch.tensor(True), one=torch.full((1,), 0.25), arr=np.array([[1.0, np.inf]]),
+               ratio=float("inf"), nested={"a": [float("nan"), 1], (1, 2): torch.tensor(3.0)}, obj=object(),
+               big=torch.zeros(100_001), tev_mean=5.0, meta={"name": "x"})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with TEVMonitor(_emb(), every=1, path=log) as mon:
+            for step in range(3):
+                rec = mon.step(step, loss=float("nan") if step == 0 else torch.ones(2), **odd)
+                assert rec["step"] == step  # never an exception: training goes on
+    assert rec["vec"] == [1.0, 1.0, 1.0] and rec["half"] == 2.5 and rec["one"] == 0.25
+    assert rec["count"] == 7 and type(rec["count"]) is int and rec["flag"] is True
+    assert rec["arr"] == [[1.0, float("inf")]] and rec["obj"].startswith("<object")
+    assert "big" not in rec and "meta" not in rec and rec["tev_mean"] != 5.0
+    assert "loss" not in rec  # a loss that is not one number is left out
+    messages = [str(w.message) for w in caught if "TEVMonitor" in str(w.message)]
+    assert len(messages) == 4, messages  # one per left-out value, not one per step
+    for part in ("'big'", "'tev_mean'", "'meta'", "loss"):
+        assert sum(part in m for m in messages) == 1, (part, messages)
+    lines = [_strict_json(line) for line in log.read_text().splitlines()]  # valid JSON: NaN/inf are null
+    first = lines[1]
+    assert first["loss"] is None and first["ratio"] is None and first["arr"] == [[1.0, None]]
+    assert first["nested"] == {"a": [None, 1], "(1, 2)": 3.0}
+    meta, records = read_jsonl(log)
+    assert meta["name"] is None and [r["step"] for r in records] == [0, 1, 2]
