@@ -181,8 +181,11 @@ class TEVMonitor:
     The log, written so that a record once returned is never lost or torn:
 
     - Each record is written with one ``os.write`` of its whole line, straight to the OS (no Python
-      buffer): a process killed at any point (``kill -9``) leaves every returned record on disk and no
-      partial line. (There is no fsync, so a power cut may still lose what the OS had not stored.)
+      buffer): a process killed at any point (``kill -9``) leaves every returned record on disk. A
+      kill during that write may leave the record being written as a partial last line (POSIX makes
+      no write to a regular file atomic; a large record is the likeliest to be cut): :func:`read_jsonl`
+      and ``mlra plot`` skip such a line with a warning, and ``mode="a"`` cuts it off before appending.
+      (There is no fsync, so a power cut may still lose what the OS had not stored.)
     - On POSIX the file is locked (``fcntl.flock``, exclusive, non-blocking) while the monitor is open,
       and a second monitor on the same path is refused with RuntimeError instead of interleaving lines.
       The lock is released by :meth:`close` (and at exit). Without ``fcntl`` (Windows) there is no lock.

@@ -347,3 +347,27 @@ def test_odd_extra_values_are_recorded_or_left_out_with_one_warning(tmp_path):
     assert first["nested"] == {"a": [None, 1], "(1, 2)": 3.0}
     meta, records = read_jsonl(log)
     assert meta["name"] is None and [r["step"] for r in records] == [0, 1, 2]
+
+
+def test_a_large_record_cut_mid_line_is_skipped_by_every_reader(tmp_path, capsys):
+    """What a kill during the write of a large record leaves: read_jsonl, `mlra plot` and mode="a" cope."""
+    pytest.importorskip("matplotlib", reason="mlra plot needs matplotlib")
+    from mlra_kernels.cli import main
+
+    log = tmp_path / "run.jsonl"
+    with TEVMonitor(_emb(), every=1, path=log, name="cut") as mon:
+        for step in range(4):
+            mon.step(step, loss=1.0 / (step + 1), hist=torch.rand(5000))  # ~100 kB a line
+    data = log.read_bytes()
+    last = data.rstrip(b"\n").rfind(b"\n") + 1
+    log.write_bytes(data[: last + (len(data) - last) // 2])  # the last record stops halfway
+    with pytest.warns(RuntimeWarning, match=r"run\.jsonl:5: the last line is not complete JSON"):
+        assert [r["step"] for r in read_jsonl(log)[1]] == [0, 1, 2]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["plot", str(log), "-o", str(tmp_path / "cut.png")]) == 0
+    assert any("the last line is not complete JSON" in str(w.message) for w in caught)
+    assert (tmp_path / "cut.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.warns(RuntimeWarning, match="ends in a partial line"):
+        _run(_emb(), log, [3], mode="a")
+    assert [obj.get("step") for obj in _strict_lines(log)] == [None, 0, 1, 2, None, 3]
