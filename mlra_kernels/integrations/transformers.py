@@ -575,8 +575,11 @@ class TEVTrainerCallback(TrainerCallback):
         mode: an existing ``path`` is refused (``"x"``, default), continued (``"a"``: a resumed run) or
             replaced (``"w"``); see :class:`~mlra_kernels.TEVMonitor`.
 
-    The latest training loss that the Trainer logged is attached to each record. µ_TEV and σ_TEV
-    are also added to the Trainer's own logs (``tev_mean``, ``tev_std``) at its logging steps.
+    A record carries the training loss that the Trainer logs at the record's own step (the mean over
+    the logging window that ends there); at a step where the Trainer logs no loss, the record has no
+    ``loss``. µ_TEV and σ_TEV (of the latest record) are also added to the Trainer's own logs
+    (``tev_mean``, ``tev_std``) at its logging steps. TEV is read after the step's optimizer update;
+    the record is written at the Trainer's log of that step, or before the next step begins.
 
     Example::
 
@@ -587,7 +590,14 @@ class TEVTrainerCallback(TrainerCallback):
                  mode: str = "x") -> None:
         self.path, self.every, self.name, self.mode = path, every, name, mode
         self.monitor = None
-        self._loss: Optional[float] = None
+        # A step due for a record. The Trainer calls on_step_end before it logs that step, so the record
+        # waits for that step's on_log; the weights do not change until the next step begins.
+        self._due: Optional[int] = None
+
+    def _record_due(self, loss=None) -> None:
+        step, self._due = self._due, None
+        if step is not None and self.monitor is not None:
+            self.monitor.record(step, loss=loss)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         from mlra_kernels.monitor import TEVMonitor
@@ -595,18 +605,30 @@ class TEVTrainerCallback(TrainerCallback):
         if model is not None and state.is_world_process_zero:
             self.monitor = TEVMonitor(model, every=self.every, path=self.path, name=self.name, mode=self.mode)
 
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._record_due()
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self._record_due()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._record_due()
+        if self.monitor is not None and state.global_step % self.every == 0:
+            self._due = state.global_step
+
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "loss" in logs:
-            self._loss = float(logs["loss"])
+        if self._due is not None and logs is not None:
+            if self._due == state.global_step and "loss" in logs:
+                self._record_due(logs["loss"])
+            elif self._due != state.global_step or not any(str(k).startswith("eval_") for k in logs):
+                # An evaluation log may precede the step's training log (epoch logging): it waits for it.
+                self._record_due()
         if self.monitor is not None and logs is not None and self.monitor.records:
             last = self.monitor.records[-1]
             logs.setdefault("tev_mean", last["tev_mean"])
             logs.setdefault("tev_std", last["tev_std"])
 
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.monitor is not None:
-            self.monitor.step(state.global_step, loss=self._loss)
-
     def on_train_end(self, args, state, control, **kwargs):
+        self._record_due()
         if self.monitor is not None:
             self.monitor.close()

@@ -325,7 +325,8 @@ def test_callback_hooks_record_tev_and_loss(tmp_path):
     cb = TEVTrainerCallback(str(tmp_path / "tev.jsonl"), every=2)
     state, control = TrainerState(), TrainerControl()
     cb.on_train_begin(None, state, control, model=model)
-    for step in range(1, 6):
+    for step in range(1, 6):  # the Trainer's order: on_step_end, then on_log of the same step
+        cb.on_step_begin(None, state, control)
         state.global_step = step
         cb.on_step_end(None, state, control)
         logs = {"loss": 4.0 - step}
@@ -334,7 +335,7 @@ def test_callback_hooks_record_tev_and_loss(tmp_path):
             assert logs["tev_mean"] > 0
     cb.on_train_end(None, state, control)
     _, records = read_jsonl(tmp_path / "tev.jsonl")
-    assert [r["step"] for r in records] == [2, 4] and [r["loss"] for r in records] == [3.0, 1.0]
+    assert [r["step"] for r in records] == [2, 4] and [r["loss"] for r in records] == [2.0, 0.0]
 
 
 @pytest.mark.usefixtures("reference_path")
@@ -727,3 +728,38 @@ def test_a_reused_static_cache_gets_step_weights_of_the_current_weights(prompt_l
     assert memo.formed == 2
     want = ref.generate(prompt, **kw)
     torch.testing.assert_close(torch.stack(got.scores), torch.stack(want.scores), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.usefixtures("reference_path")
+@pytest.mark.parametrize(
+    "every,logging",
+    [(1, dict(logging_steps=1)), (1, dict(logging_steps=2)), (2, dict(logging_steps=3)),
+     (2, dict(logging_strategy="epoch", eval_strategy="steps", eval_steps=2))],  # an eval log comes first at step 6
+    ids=["every1-log1", "every1-log2", "every2-log3", "every2-epoch-eval"],
+)
+def test_trainer_callback_records_carry_the_loss_of_their_own_step(tmp_path, every, logging):
+    pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
+    from transformers import Trainer, TrainingArguments
+
+    model = convert_gpt2(_model(dtype=torch.float32).train(), rank=8)
+    ids = torch.randint(0, 83, (24, 16), generator=torch.Generator().manual_seed(4))
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=6,
+                             report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, learning_rate=1e-2,
+                             **logging)
+    cb = TEVTrainerCallback(str(tmp_path / "tev.jsonl"), every=every)
+    seen = []
+
+    class Seen(transformers.TrainerCallback):  # what a later callback (a reporter) receives
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            seen.append(dict(logs))
+
+    trainer = Trainer(model=model, args=args, train_dataset=data, eval_dataset=data[:4], callbacks=[cb, Seen()])
+    trainer.train()
+    logged = {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
+    _, records = read_jsonl(tmp_path / "tev.jsonl")
+    assert [r["step"] for r in records] == list(range(every, 7, every))
+    assert 6 in logged
+    for r in records:  # the loss the Trainer logged at the record's step, or none: never an earlier one
+        assert r.get("loss") == logged.get(r["step"]), (r["step"], r.get("loss"), logged)
+    assert [log for log in seen if "loss" in log][-1]["tev_mean"] == records[-1]["tev_mean"]  # both at step 6
