@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import re
+import shlex
 import subprocess
 import sys
 import warnings
@@ -140,10 +141,28 @@ def _read_weight_map(index: str) -> dict:
     return weight_map
 
 
+def _is_monitor_log(path: str) -> bool:
+    """Whether ``path`` starts like a TEVMonitor log: a JSON line with its ``meta`` header (or a record)."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(1) != b"{":  # neither torch.save's zip archive nor a pickle starts so
+                return False
+            f.seek(0)
+            first = json.loads(f.readline(1 << 20))
+    except (OSError, ValueError):
+        return False
+    return isinstance(first, dict) and (isinstance(first.get("meta"), dict) or {"step", "tev_mean"} <= first.keys())
+
+
 def _load_file(path: str, key: Optional[str]) -> tuple[str, torch.Tensor]:
     """``(key, tensor)`` from one state-dict or safetensors file (``key=None``: found by name)."""
     if os.path.getsize(path) == 0:
         raise CLIError(f"{path} is empty (0 bytes); expected a state dict (.pt/.bin) or a .safetensors file")
+    if not path.endswith(".safetensors") and _is_monitor_log(path):
+        raise CLIError(
+            f"{path} is a TEV monitor log (the JSONL a TEVMonitor writes), not a saved model; mlra tev reads a "
+            f"model's embedding, and `mlra plot {shlex.quote(path)}` draws the TEV and loss curves of the log"
+        )
     if path.endswith(".safetensors"):
         shapes = _safetensors_keys(path)
         k = _pick_key(list(shapes), shapes, key, path)

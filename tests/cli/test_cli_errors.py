@@ -241,3 +241,18 @@ def test_warnings_are_one_line(capsys, monkeypatch):
         warnings.simplefilter("always")
         assert main(["info"]) == 0
     assert capsys.readouterr().err == "mlra info: warning: a.jsonl:3: something over two lines\n"
+
+
+def test_tev_on_a_monitor_log_says_what_it_is_and_how_to_plot_it(tmp_path, capsys):
+    from mlra_kernels import TEVMonitor
+
+    log = tmp_path / "run.jsonl"
+    with TEVMonitor(torch.nn.Embedding(10, 4), every=1, path=log, name="a") as mon:
+        mon.step(0, loss=1.0)
+    _fails(capsys, ["tev", str(log)], str(log), "is a TEV monitor log", f"mlra plot {log}")
+    header_only = tmp_path / "header.jsonl"  # a run stopped before its first record
+    header_only.write_text(log.read_text().splitlines()[0] + "\n")
+    _fails(capsys, ["tev", str(header_only)], "is a TEV monitor log")
+    other = tmp_path / "other.jsonl"  # JSON lines, but not a monitor log: the loader's own message
+    other.write_text('{"a": 1}\n')
+    _fails(capsys, ["tev", str(other)], str(other), "as a PyTorch state dict")
