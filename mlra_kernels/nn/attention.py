@@ -20,7 +20,8 @@ from mlra_kernels.ops.mlra.layout import default_rank, factorize
 _UNFUSED_REASONS = {
     "cross-attention": (
         "MLRAttention: cross-attention (query, key and value are not one tensor) runs the unfused "
-        "dense path (mlra_attention_dense). The fused MLRA op covers self-attention: call it as attn(x, x, x, ...)."
+        "dense path (mlra_attention_dense); the fused MLRA op covers self-attention, where query, key and "
+        "value are the same tensor."
     ),
     "need_weights": (
         "MLRAttention was called with need_weights=True (nn.MultiheadAttention's default): the "
@@ -118,6 +119,9 @@ class MLRAttention(nn.Module):
     """
 
     __constants__ = ["batch_first"]
+    # True where cross-attention is what the module is for (set by replace_mha on a decoder layer's
+    # multihead_attn, after saying once that it runs the dense path): its calls do not warn again.
+    _cross_attention_expected = False
 
     def __init__(
         self,
@@ -346,7 +350,7 @@ class MLRAttention(nn.Module):
             weights = None
         else:
             if not torch.compiler.is_compiling():
-                if not is_self:
+                if not is_self and not self._cross_attention_expected:
                     _warn_unfused("cross-attention")
                 if need_weights:
                     _warn_unfused("need_weights")

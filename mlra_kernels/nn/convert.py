@@ -7,6 +7,7 @@ from typing import Optional
 
 from torch import nn
 
+from mlra_kernels._warnings import warn_once
 from mlra_kernels.nn.attention import MLRAttention
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,11 @@ def replace_mha(
     ``nn.TransformerEncoder`` objects that hold a replaced layer get ``use_nested_tensor = False``:
     their nested-tensor fast path reads ``in_proj_weight``, which MLRA does not have.
 
+    The cross-attention of an ``nn.TransformerDecoderLayer`` (``multihead_attn``, also inside
+    ``nn.Transformer``) runs MLRA's unfused dense path, since its query (the decoder's input) and its
+    key and value (the encoder's memory) differ; the fused op covers self-attention. This is said once,
+    in a warning here, and those layers do not warn again at each call.
+
     Example::
 
         >>> layer = nn.TransformerEncoderLayer(32, 4, batch_first=True)
@@ -48,6 +54,7 @@ def replace_mha(
     if isinstance(model, nn.MultiheadAttention):
         raise TypeError("model is itself an nn.MultiheadAttention; use MLRAttention.from_mha(model, rank)")
     count = 0
+    cross = []
     for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
             if not isinstance(child, nn.MultiheadAttention):
@@ -67,8 +74,20 @@ def replace_mha(
                     device=child.out_proj.weight.device, dtype=child.out_proj.weight.dtype,
                 )
                 new.train(child.training)
+            if isinstance(parent, nn.TransformerDecoderLayer) and name == "multihead_attn":
+                new._cross_attention_expected = True
+                cross.append(where)
             setattr(parent, name, new)
             count += 1
+    if cross:
+        listed = ", ".join(cross[:4]) + (f" and {len(cross) - 4} more" if len(cross) > 4 else "")
+        warn_once(
+            "replace_mha:decoder-cross-attention",
+            f"replace_mha: the cross-attention of nn.TransformerDecoderLayer ({listed}) runs MLRAttention's "
+            "unfused dense path (mlra_attention_dense), because its query (the decoder's input) and its key and "
+            "value (the encoder's memory) are different tensors; the fused MLRA op covers self-attention, which "
+            "the decoder's and encoder's self_attn layers run.",
+        )
     for module in model.modules():
         if isinstance(module, nn.TransformerEncoder) and any(
             isinstance(getattr(layer, "self_attn", None), MLRAttention) for layer in module.layers

@@ -447,3 +447,13 @@ def test_autocast_after_linear_matches_mha(need_weights):
         out = mlra(h, h, h, attn_mask=maskf, is_causal=True, **kw)[0]
     assert out.dtype == ref.dtype == torch.bfloat16
     assert_within_torch_error(out, ref, exact, "MLRAttention's bf16 error against nn.MultiheadAttention's")
+
+
+def test_cross_attention_warning_states_what_runs(fresh_warnings):
+    mlra = MLRAttention(D, H, dtype=DT)
+    x, y = torch.randn(4, 2, D, dtype=DT), torch.randn(6, 2, D, dtype=DT)
+    with pytest.warns(UserWarning, match="cross-attention") as record:
+        mlra(x, y, y, need_weights=False)
+    message = str(record[0].message)
+    assert "dense path" in message and "self-attention" in message
+    assert "call it as" not in message  # cross-attention has no fused form to switch to

@@ -107,3 +107,28 @@ def test_replace_in_custom_model_low_rank_and_random_init():
         replace_mha(net2, rank=8, init="zeros")
     with pytest.raises(TypeError, match="from_mha"):
         replace_mha(nn.MultiheadAttention(D, H), rank=8)
+
+
+def test_decoder_cross_attention_is_explained_once_at_replace_time(monkeypatch):
+    """nn.Transformer's cross-attention cannot take the fused op (its query and memory differ): replace_mha
+    says so once, naming the layers, and their calls do not warn again with advice the user cannot follow."""
+    from mlra_kernels import _warnings
+
+    monkeypatch.setattr(_warnings, "_WARNED", set())
+    torch.manual_seed(0)
+    model = nn.Transformer(D, H, num_encoder_layers=1, num_decoder_layers=2, dim_feedforward=64, dropout=0.0,
+                           batch_first=True, dtype=DT)
+    with pytest.warns(UserWarning) as record:
+        assert replace_mha(model, rank=8) == 5  # encoder self-attention, decoder self- and cross-attention
+    assert len(record) == 1 and record[0].filename == __file__, [str(w.message) for w in record]
+    message = str(record[0].message)
+    for part in ("cross-attention", "decoder.layers.0.multihead_attn", "decoder.layers.1.multihead_attn",
+                 "dense path", "memory"):
+        assert part in message, (part, message)
+    assert "attn(x, x, x" not in message
+    src, tgt = torch.randn(2, 9, D, dtype=DT), torch.randn(2, 6, D, dtype=DT)
+    mask = nn.Transformer.generate_square_subsequent_mask(6, dtype=DT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = model(src, tgt, tgt_mask=mask, tgt_is_causal=True)
+    assert out.shape == tgt.shape and torch.isfinite(out).all()
