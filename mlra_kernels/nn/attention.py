@@ -96,7 +96,8 @@ class MLRAttention(nn.Module):
     Parameters:
         down_proj_weight: ``[3·g·r, d]``, ``A_Q; A_K; A_V`` in ``nn.Linear`` layout.
         up_proj_weight: ``[3, d, r]``, ``up[p, h·d_h:(h+1)·d_h]`` is ``B_{P,h}``.
-        in_proj_bias: ``[3·d]`` or ``None``, ordered q, k, v like ``nn.MultiheadAttention``.
+        in_proj_bias: ``[3·d]`` or ``None``, ordered q, k, v like ``nn.MultiheadAttention``; it may be
+            assigned as there (a ``[3·d]`` Parameter or tensor, or ``None`` to remove it).
         out_proj: ``nn.Linear(d, d)``.
 
     ``forward`` takes and returns exactly what ``nn.MultiheadAttention.forward`` does. Self-attention
@@ -174,6 +175,34 @@ class MLRAttention(nn.Module):
     @property
     def in_proj_bias(self) -> Optional[nn.Parameter]:
         return self.qkv.bias
+
+    @in_proj_bias.setter
+    def in_proj_bias(self, value: Optional[Tensor]) -> None:
+        """Set (a ``[3·d]`` Parameter, used as is, or tensor, wrapped in one) or remove (``None``) the Q/K/V bias."""
+        d, ref = self.embed_dim, self.qkv.down
+        if value is None:
+            self.qkv.bias = None
+            return
+        if not isinstance(value, Tensor):
+            raise TypeError(f"MLRAttention: in_proj_bias must be a [3·d] = [{3 * d}] tensor or None, "
+                            f"got {type(value).__name__}")
+        if tuple(value.shape) != (3 * d,):
+            raise ValueError(f"MLRAttention: in_proj_bias must have shape [3·d] = [{3 * d}] (the q, k and v biases, "
+                             f"embed_dim={d}), got {list(value.shape)}")
+        if value.dtype != ref.dtype:
+            raise TypeError(f"MLRAttention: in_proj_bias has dtype {value.dtype} but the module's parameters are "
+                            f"{ref.dtype}")
+        if value.device != ref.device:
+            raise ValueError(f"MLRAttention: in_proj_bias is on {value.device} but the module's parameters are on "
+                             f"{ref.device}")
+        self.qkv.bias = value if isinstance(value, nn.Parameter) else nn.Parameter(value)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "in_proj_bias" and "qkv" in self.__dict__.get("_modules", {}):
+            # nn.Module.__setattr__ would register a Parameter under this name; the bias lives in qkv.
+            object.__setattr__(self, name, value)
+            return
+        super().__setattr__(name, value)
 
     @property
     def svd_error(self) -> Optional[dict[str, float]]:

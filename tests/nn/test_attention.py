@@ -457,3 +457,42 @@ def test_cross_attention_warning_states_what_runs(fresh_warnings):
     message = str(record[0].message)
     assert "dense path" in message and "self-attention" in message
     assert "call it as" not in message  # cross-attention has no fused form to switch to
+
+
+def test_in_proj_bias_can_be_assigned_like_on_nn_multihead_attention():
+    mha = _mha(batch_first=True).train()
+    mlra = MLRAttention.from_mha(mha, rank=D).train()
+    x = torch.randn(2, 5, D, dtype=DT)
+
+    def agree():
+        torch.testing.assert_close(mlra(x, x, x, need_weights=False)[0], mha(x, x, x, need_weights=False)[0])
+
+    new = nn.Parameter(torch.randn(3 * D, dtype=DT))
+    mha.in_proj_bias = nn.Parameter(new.detach().clone())
+    mlra.in_proj_bias = new
+    assert mlra.in_proj_bias is new and dict(mlra.named_parameters())["qkv.bias"] is new
+    assert torch.equal(mlra.state_dict()["qkv.bias"], new)
+    agree()
+    mlra(x, x, x, need_weights=False)[0].sum().backward()
+    assert new.grad is not None and new.grad.abs().sum() > 0
+    plain = torch.randn(3 * D, dtype=DT)  # a plain tensor becomes the parameter
+    mha.in_proj_bias, mlra.in_proj_bias = nn.Parameter(plain.clone()), plain
+    assert isinstance(mlra.in_proj_bias, nn.Parameter) and torch.equal(mlra.in_proj_bias, plain)
+    agree()
+    mha.in_proj_bias = mlra.in_proj_bias = None  # no Q/K/V bias, as with bias=False
+    assert mlra.in_proj_bias is None and "qkv.bias" not in mlra.state_dict()
+    assert all(p is not None for p in mlra.parameters()) and len(list(mlra.parameters())) == 4
+    agree()
+    fresh = MLRAttention(D, H, rank=D, bias=True, batch_first=True, dtype=DT)
+    fresh.in_proj_bias = None
+    fresh.load_state_dict(mlra.state_dict())  # the state dicts now agree on the keys
+    mlra.in_proj_bias = new  # and back
+    assert "qkv.bias" in mlra.state_dict()
+    for value, exc, match in [
+        (torch.zeros(D, dtype=DT), ValueError, r"in_proj_bias must have shape \[3·d\] = \[96\].*got \[32\]"),
+        (torch.zeros(3 * D, dtype=torch.float32), TypeError, r"in_proj_bias has dtype torch.float32.*float64"),
+        ([0.0] * (3 * D), TypeError, r"in_proj_bias must be a \[3·d\] = \[96\] tensor or None, got list"),
+    ]:
+        with pytest.raises(exc, match=match):
+            mlra.in_proj_bias = value
+    assert mlra.in_proj_bias is new
