@@ -13,6 +13,17 @@ _fake_registered = False
 
 
 def _fake_tev_partials(weight: Tensor, rows: Optional[Tensor] = None, per_token: bool = False):
+    # Also the Meta kernel: a meta `rows` with a real weight dispatches here, and would get uninitialised stats.
+    if rows is not None and rows.device != weight.device:
+        if rows.device.type == "meta":
+            raise ValueError(
+                "mlra::tev_partials: `rows` is on the meta device, which holds no indices to read; expected a 1-D "
+                f"int64 or int32 tensor of row indices on weight's device ({weight.device})"
+            )
+        raise ValueError(
+            f"mlra::tev_partials: `rows` is on {rows.device} but weight is on {weight.device}; expected rows on "
+            "weight's device"
+        )
     n = weight.shape[0] if rows is None else rows.shape[0]
     stats = weight.new_empty((5,), dtype=torch.float64)
     pt = weight.new_empty((n if per_token else 0,), dtype=torch.float32)
@@ -32,7 +43,9 @@ def ensure_loaded() -> None:
 def tev_partials(weight: Tensor, rows: Optional[Tensor] = None, per_token: bool = False) -> tuple[Tensor, Tensor]:
     """One streaming pass over ``weight`` [V, d]: returns ([5] float64 partials, [R] or [0] float32 TEV_i).
 
-    The partials are (count, mean, M2, nonfinite, bad_index), see ``csrc/tev/tev.h``.
+    The partials are (count, mean, M2, nonfinite, bad_index), see ``csrc/tev/tev.h``. ``rows`` must be on
+    ``weight``'s device (ValueError otherwise, a meta ``rows`` included). A meta ``weight`` gives meta outputs
+    of the right shapes, as any op does on the meta device.
     """
     ensure_loaded()
     if weight.is_cuda and not getattr(_ext.load(), "with_cuda", False):

@@ -423,3 +423,20 @@ def test_reference_refuses_rows_it_would_misread():
         tev_reference(w, rows=torch.tensor([True, False]))
     with pytest.raises(IndexError, match="outside"):
         tev_reference(w, rows=[-1])
+
+
+def test_rows_on_the_meta_device_is_a_clear_error_and_a_meta_weight_gives_meta_shapes():
+    from mlra_kernels.ops.tev.op import tev_partials
+
+    ensure_loaded()
+    w = make(10, 4)
+    meta_rows = torch.tensor([1, 2], device="meta")
+    for call in (lambda: tev_partials(w, meta_rows), lambda: torch.ops.mlra.tev_partials(w, meta_rows, True)):
+        with pytest.raises(ValueError, match=r"`rows` is on the meta device.*on weight's device \(cpu\)"):
+            call()
+    meta_w = torch.empty(10, 4, device="meta")
+    stats, pt = tev_partials(meta_w, None, True)  # shapes only, as any op on meta tensors
+    assert (stats.device.type, stats.shape, stats.dtype, pt.shape) == ("meta", (5,), torch.float64, (10,))
+    assert tev_partials(meta_w, meta_rows, True)[1].shape == (2,)
+    with pytest.raises(ValueError, match=r"`rows` is on cpu but weight is on meta"):
+        tev_partials(meta_w, torch.tensor([1, 2]))
