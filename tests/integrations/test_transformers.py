@@ -412,6 +412,38 @@ def test_output_attentions_returns_the_weights_of_every_layer(fused_calls):
     assert len(fused_calls) == 2  # and without the request the fused op runs again
 
 
+@pytest.mark.parametrize("attn_impl", ["eager", "sdpa"])
+def test_returned_attention_weights_are_on_the_path_to_the_loss(attn_impl):
+    """`attentions[i].retain_grad()` then `backward()` gives each layer's returned weights P their gradient (the
+    output is computed from them), and the results do not change. The output is (P·c_V)·B_Vᵀ + b_V where the
+    dense layer computes P·(c_V·B_Vᵀ + b_V): equal on the rows of P, which sum to 1, so every parameter
+    gets the dense model's gradient, and dL/dP differs from the dense one by dO·b_V, the same for every key."""
+    ref = _model("eager").train()  # the dense reference is eager: transformers 5.0 returns no sdpa weights
+    mlra = convert_gpt2(_model(attn_impl).train(), rank=D, latent_groups=2)
+    ids = torch.randint(0, 83, (2, 7), generator=torch.Generator().manual_seed(6))
+    plain = mlra(ids).logits.detach()
+    got = []
+    for model in (ref, mlra):
+        model.zero_grad()
+        out = model(ids, labels=ids, output_attentions=True)
+        for a in out.attentions:
+            a.retain_grad()
+        out.loss.backward()
+        assert all(a.grad is not None for a in out.attentions)
+        got.append((out.logits, [a.grad for a in out.attentions], model.transformer.wte.weight.grad.clone(),
+                    model.transformer.h[0].attn.c_proj.weight.grad.clone()))
+    (ref_logits, ref_dp, *ref_params), (logits, dp, *params) = got
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(logits, plain, rtol=1e-12, atol=1e-12)  # the fused op, without weights
+    for a, b in zip(params, ref_params):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    for a, b in zip(dp, ref_dp):
+        diff = a - b
+        torch.testing.assert_close(diff, diff[..., :1].expand_as(diff), rtol=1e-9, atol=1e-9)
+    with torch.no_grad():  # without a graph the output is mlra_decode's own: the same numbers
+        torch.testing.assert_close(mlra(ids, output_attentions=True).logits, logits, rtol=0, atol=0)
+
+
 def test_svd_conversion_on_the_meta_device():
     cfg = transformers.GPT2Config(vocab_size=83, n_positions=32, n_embd=D, n_layer=2, n_head=4)
     with torch.device("meta"):
