@@ -514,10 +514,28 @@ def convert_gpt2(model: nn.Module, rank: Optional[int] = None, latent_groups: in
     for block in blocks:
         if isinstance(block.attn, MLRAGPT2Attention):
             raise ValueError("the model is already converted to MLRA")
-        block.attn = MLRAGPT2Attention(block.attn, rank, latent_groups, init)
+        attn = MLRAGPT2Attention(block.attn, rank, latent_groups, init)
+        _move_forward_hooks(block.attn, attn)
+        block.attn = attn
     cfg = model.config
     cfg.mlra_rank, cfg.mlra_latent_groups = rank, latent_groups
     return model
+
+
+def _move_forward_hooks(old: nn.Module, new: nn.Module) -> None:
+    """Register on ``new`` the forward hooks and forward pre-hooks of ``old``, the module it replaces.
+
+    Releases of transformers that collect ``output_attentions`` with forward hooks (those with
+    ``transformers.utils.output_capturing``) install them once per model, at its first forward that asks
+    for an output, and then mark the model as hooked (``_output_capturing_hooks_installed``): a module
+    that replaced a hooked one would never get them, and its weights would not be collected. Earlier releases patch ``forward``
+    for the duration of each call and leave nothing on the module. Hooks a user registered on the
+    attention module move with it too."""
+    for hook_id, hook in old._forward_pre_hooks.items():
+        new.register_forward_pre_hook(hook, with_kwargs=hook_id in old._forward_pre_hooks_with_kwargs)
+    for hook_id, hook in old._forward_hooks.items():
+        new.register_forward_hook(hook, with_kwargs=hook_id in old._forward_hooks_with_kwargs,
+                                  always_call=hook_id in getattr(old, "_forward_hooks_always_called", {}))
 
 
 _LOADERS: dict[type, type] = {}

@@ -444,6 +444,26 @@ def test_returned_attention_weights_are_on_the_path_to_the_loss(attn_impl):
         torch.testing.assert_close(mlra(ids, output_attentions=True).logits, logits, rtol=0, atol=0)
 
 
+def test_conversion_after_a_forward_with_output_attentions_still_collects_the_weights():
+    """transformers (the releases with output-capturing hooks) hooks a model's modules at its first forward
+    that asks for attentions and does it only once: the converted layers take over the hooks of the layers
+    they replace, so the weights are collected whichever came first, a forward or the conversion."""
+    ref = _model("eager")
+    ids = torch.randint(0, 83, (2, 7), generator=torch.Generator().manual_seed(6))
+    expected = ref(ids, output_attentions=True).attentions
+    model = _copy(ref)
+    model(ids, output_attentions=True)
+    seen = []
+    model.transformer.h[1].attn.register_forward_hook(lambda mod, args, out: seen.append(type(mod).__name__))
+    convert_gpt2(model, rank=D)
+    got = model(ids, output_attentions=True).attentions
+    assert got is not None and len(got) == 2
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    assert seen == ["MLRAGPT2Attention"]  # a hook registered on the replaced layer runs on its replacement
+    assert len(model(ids, output_attentions=True).attentions) == 2  # and no hook runs twice
+
+
 def test_svd_conversion_on_the_meta_device():
     cfg = transformers.GPT2Config(vocab_size=83, n_positions=32, n_embd=D, n_layer=2, n_head=4)
     with torch.device("meta"):
