@@ -85,8 +85,8 @@ def replace_mha(
             "replace_mha:decoder-cross-attention",
             f"replace_mha: the cross-attention of nn.TransformerDecoderLayer ({listed}) runs MLRAttention's "
             "unfused dense path (mlra_attention_dense), because its query (the decoder's input) and its key and "
-            "value (the encoder's memory) are different tensors; the fused MLRA op covers self-attention, which "
-            "the decoder's and encoder's self_attn layers run.",
+            "value (the encoder's memory) are different tensors; the fused MLRA op covers self-attention (the "
+            "self_attn layers run it).",
         )
     for module in model.modules():
         if isinstance(module, nn.TransformerEncoder) and any(
