@@ -10,11 +10,15 @@
 // the tasks of one (sequence, group) are merged by their log-sum-exp, in a fixed order.
 //
 // Masks, as decode's torch path and the CUDA kernel apply them: positions at or past a sequence's length
-// (lengths [B], or S) are not attended; key padding kpm [B, S] is added to the scores, and with causal the
-// keys after new token i (of t, at position L - t + i) score fp32's lowest value, the sums clamped there,
-// so that a row whose keys are all masked averages the values of all L positions. A sequence of length 0
-// gets zeros.
+// L (lengths [B], or S; t_new <= L <= S, checked) are not attended; key padding kpm [B, S] is added to the
+// scores, and with causal the keys after new token i (of t, at position L - t + i) score fp32's lowest
+// value, the sums clamped there, so that a row whose keys are all masked averages the values of all L
+// positions. A masked key next to one that is not gets a weight of exactly 0 (exp2_8 underflows to 0).
+// NaN propagates as through SDPA: a NaN score makes its row NaN (the running max keeps NaN), and a NaN
+// value at a position below L makes NaN every row of its sequence and group, masked there or not
+// (0 · NaN); a row whose every score is -inf (infinite inputs) gives NaN, softmax's 0/0.
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -23,6 +27,9 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <sstream>
+#include <string>
+#include <utility>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -72,12 +79,15 @@ struct Problem {
   bool prefetch;
 };
 
+// A sequence's length L, in [t_new, S] (the op checks lengths before any task runs).
 int64_t length_of(const Problem& p, int64_t b) {
-  int64_t L = p.S;
-  if (p.len32 != nullptr) L = p.len32[b];
-  if (p.len64 != nullptr) L = p.len64[b];
-  return std::min<int64_t>(std::max<int64_t>(L, 0), p.S);
+  if (p.len32 != nullptr) return p.len32[b];
+  if (p.len64 != nullptr) return p.len64[b];
+  return p.S;
 }
+
+// max(a, b) that keeps a NaN of either (std::max keeps only its first argument's).
+MLRA_INLINE float nan_max(float a, float b) { return (a > b || a != a) ? a : b; }
 
 // How many of the L positions row m sees under causal masking: the first n of them.
 MLRA_INLINE int64_t keys_of_row(const Problem& p, int64_t L, int64_t m) {
@@ -129,11 +139,13 @@ MLRA_INLINE v8f hsum8x8(v8f v0, v8f v1, v8f v2, v8f v3, v8f v4, v8f v5, v8f v6, 
 
 // 2^t for t <= 0 (scores minus their running max, in base 2), eight at a time: 2^n · 2^f with
 // n = round(t), f in [-1/2, 1/2] and 2^f = e^(f·ln 2) by its Taylor series to degree 7 (relative error
-// below 1e-8, under one fp32 ulp). Below 2^-126 it returns 2^-126·2^f instead of 0; callers zero the
-// positions that are not attended.
+// below 1e-8, under one fp32 ulp). Exactly 0 for t < -126 (where 2^t is below fp32's smallest normal):
+// a masked key, whose score is fp32's lowest, weighs nothing. NaN stays NaN.
 MLRA_INLINE v8f exp2_8(v8f t) {
+  typedef uint32_t v8u __attribute__((vector_size(32)));
   const v8f magic = v8f{} + 12582912.f, lo = v8f{} - 126.f;
-  t = t < lo ? lo : t;
+  const v8i under = t < lo;
+  t = under ? lo : t;
   const v8f u = t + magic;  // round to nearest: the integer sits in u's low mantissa bits
   const v8f n = u - magic;
   const v8f f = (t - n) * 0.693147180559945309f;
@@ -145,8 +157,8 @@ MLRA_INLINE v8f exp2_8(v8f t) {
   p = p * f + 0.5f;
   p = p * f + 1.f;
   p = p * f + 1.f;
-  const v8i e = (((v8i)u - (v8i)magic) + 127) << 23;  // vector casts keep the bits
-  return p * (v8f)e;
+  const v8u e = (((v8u)u - (v8u)magic) + 127u) << 23;  // vector casts keep the bits; n + 127 >= 1
+  return under ? v8f{} : p * (v8f)e;
 }
 
 MLRA_INLINE float exp2_1(float t) {
@@ -296,10 +308,11 @@ MLRA_INLINE void run_task(const Problem& p, int64_t b, int64_t grp, int64_t j0, 
         for (int64_t jj = 0; jj < nb; ++jj) s[jj] = std::max(s[jj] + pad[jj] * kLog2e, lowest);
       }
     }
-    if (p.causal) {  // the keys after a row's token score the lowest value
+    if (p.causal) {  // the keys after a row's token score the lowest value (a NaN score stays NaN)
       for (m = 0; m < M; ++m) {
         float* s = s_buf + m * kKeyBlock;
-        for (int64_t jj = std::max<int64_t>(keys_of_row(p, L, m) - jb, 0); jj < nb; ++jj) s[jj] = lowest;
+        for (int64_t jj = std::max<int64_t>(keys_of_row(p, L, m) - jb, 0); jj < nb; ++jj)
+          s[jj] = s[jj] != s[jj] ? s[jj] : lowest;
       }
     }
     // Online softmax per row over the block's keys (all of them below the length L).
@@ -307,18 +320,18 @@ MLRA_INLINE void run_task(const Problem& p, int64_t b, int64_t grp, int64_t j0, 
       float* s = s_buf + m * kKeyBlock;
       v8f vmax = v8f{} + neg_inf;
       int64_t jj = 0;
-      for (; jj + 8 <= nb; jj += 8) {
+      for (; jj + 8 <= nb; jj += 8) {  // a NaN score sticks, so that its row comes out NaN
         const v8f x = load8(s + jj);
-        vmax = x > vmax ? x : vmax;
+        vmax = (x > vmax) | (x != x) ? x : vmax;
       }
-      float bmax = std::max(std::max(std::max(vmax[0], vmax[1]), std::max(vmax[2], vmax[3])),
-                            std::max(std::max(vmax[4], vmax[5]), std::max(vmax[6], vmax[7])));
-      for (; jj < nb; ++jj) bmax = std::max(bmax, s[jj]);
-      if (bmax == neg_inf) {  // only for non-finite inputs: masked scores are at least fp32's lowest
+      float bmax = nan_max(nan_max(nan_max(vmax[0], vmax[1]), nan_max(vmax[2], vmax[3])),
+                           nan_max(nan_max(vmax[4], vmax[5]), nan_max(vmax[6], vmax[7])));
+      for (; jj < nb; ++jj) bmax = nan_max(bmax, s[jj]);
+      if (bmax == neg_inf) {  // every score -inf (infinite inputs; masked scores are at least fp32's lowest)
         std::fill(s, s + nb, 0.f);
         continue;
       }
-      const float new_max = std::max(mx[m], bmax);
+      const float new_max = nan_max(mx[m], bmax);
       const float corr = mx[m] == neg_inf ? 0.f : exp2_1(mx[m] - new_max);
       v8f vsum{};
       for (jj = 0; jj + 8 <= nb; jj += 8) {
@@ -333,8 +346,10 @@ MLRA_INLINE void run_task(const Problem& p, int64_t b, int64_t grp, int64_t j0, 
       }
       sm[m] = sm[m] * corr + sum;
       mx[m] = new_max;
-      if (corr != 1.f) {
-        float* am = acc + m * R;
+      float* am = acc + m * R;
+      if (corr == 0.f) {  // the keys so far weigh nothing: drop their sums, which may have overflowed, not a NaN
+        for (int64_t l = 0; l < R; ++l) am[l] = am[l] != am[l] ? am[l] : 0.f;
+      } else if (corr != 1.f) {
         for (int64_t l = 0; l < R; ++l) am[l] *= corr;
       }
     }
@@ -533,6 +548,59 @@ void check_operand(const at::Tensor& t, const char* name, const char* op = "mlra
               t.strides());
 }
 
+// Whether some element of `dims` (stride, size > 1 pairs, strides descending; reach[i]: Σ (size - 1)·stride
+// of dims i..) can be offset by exactly `rem` elements: rem = Σ n_i·stride_i with |n_i| < size_i. At most
+// two n_i fit each level where every stride exceeds the reach of the smaller ones (the views of one dense
+// buffer); past `budget` tries it gives up and answers yes.
+bool offset_reachable(const std::vector<std::pair<int64_t, int64_t>>& dims, const std::vector<int64_t>& reach, size_t i,
+                      int64_t rem, int& budget) {
+  if (i == dims.size()) return rem == 0;
+  if (--budget < 0) return true;
+  const auto floor_div = [](int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); };
+  const int64_t s = dims[i].first, n = dims[i].second;
+  const int64_t lo = std::max(-(n - 1), -floor_div(reach[i + 1] - rem, s));  // ceil((rem - reach) / s)
+  const int64_t hi = std::min(n - 1, floor_div(rem + reach[i + 1], s));
+  for (int64_t c = lo; c <= hi; ++c)
+    if (offset_reachable(dims, reach, i + 1, rem - c * s, budget)) return true;
+  return false;
+}
+
+// Whether two CPU tensors may share memory: no when they are in different storages, when their byte ranges
+// are apart, or when they are equally strided views of one buffer whose offset no index difference bridges
+// (k = buf[..., :r], v = buf[..., r:]); yes in every other case where their ranges meet.
+bool may_overlap(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0 || !a.is_alias_of(b)) return false;
+  const auto span = [](const at::Tensor& x) {  // bytes from the start of its first element to the end of its last
+    int64_t n = 1;
+    for (int64_t i = 0; i < x.dim(); ++i) n += (x.size(i) - 1) * x.stride(i);
+    return n * static_cast<int64_t>(x.element_size());
+  };
+  const auto a0 = reinterpret_cast<intptr_t>(a.data_ptr()), b0 = reinterpret_cast<intptr_t>(b.data_ptr());
+  if (a0 + span(a) <= b0 || b0 + span(b) <= a0) return false;
+  const int64_t size = static_cast<int64_t>(a.element_size());
+  if (a.sizes() != b.sizes() || a.strides() != b.strides() || a.scalar_type() != b.scalar_type() ||
+      (b0 - a0) % size != 0)
+    return true;
+  std::vector<std::pair<int64_t, int64_t>> dims;
+  for (int64_t i = 0; i < a.dim(); ++i) {
+    if (a.size(i) == 1) continue;
+    if (a.stride(i) == 0) return true;
+    dims.emplace_back(a.stride(i), a.size(i));
+  }
+  std::sort(dims.begin(), dims.end(), [](const auto& u, const auto& v) { return u.first > v.first; });
+  std::vector<int64_t> reach(dims.size() + 1, 0);
+  for (size_t i = dims.size(); i-- > 0;) reach[i] = reach[i + 1] + (dims[i].second - 1) * dims[i].first;
+  int budget = 256;
+  return offset_reachable(dims, reach, 0, (b0 - a0) / size, budget);
+}
+
+// The score scale as the kernel uses it (float32): positive and finite, as decode's Python checks it.
+float checked_scale(double scale, const char* op) {
+  const float s = static_cast<float>(scale);
+  TORCH_CHECK(std::isfinite(s) && s > 0.f, op, ": scale must be a positive finite float32 number, got ", scale);
+  return s;
+}
+
 }  // namespace
 
 at::Tensor latent_decode_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -551,6 +619,7 @@ at::Tensor latent_decode_cpu(const at::Tensor& q, const at::Tensor& k, const at:
               "] alike, got ", k.sizes(), " and ", v.sizes());
   TORCH_CHECK(t_new >= 1 && M % t_new == 0, "mlra::latent_decode_cpu: t_new=", t_new, " must divide the ", M,
               " query rows");
+  const float scale_f = checked_scale(scale, "mlra::latent_decode_cpu");
   // bfloat16 rows are few (B·g·M·r numbers): read as float32 once; the caches are read as they are.
   const at::Tensor qf = bf16 ? q.to(at::kFloat) : q;
   Problem p{};
@@ -573,7 +642,7 @@ at::Tensor latent_decode_cpu(const at::Tensor& q, const at::Tensor& k, const at:
   p.v_ss = v.stride(2);
   p.t_new = t_new;
   p.causal = causal;
-  p.scale = static_cast<float>(scale);
+  p.scale = scale_f;
   p.prefetch = M >= 4;
   if (kpm.has_value()) {
     const at::Tensor& pad = *kpm;
@@ -598,6 +667,15 @@ at::Tensor latent_decode_cpu(const at::Tensor& q, const at::Tensor& k, const at:
                   len.scalar_type());
       p.len64 = len.data_ptr<int64_t>();
     }
+  }
+  // Every sequence holds its t_new new tokens, and at most the S positions of the caches.
+  TORCH_CHECK(lengths.has_value() || B == 0 || S >= t_new, "mlra::latent_decode_cpu: the caches hold S=", S,
+              " positions, fewer than the t_new=", t_new, " new tokens (without lengths every sequence is S long)");
+  for (int64_t b = 0; lengths.has_value() && b < B; ++b) {
+    const int64_t L = length_of(p, b);
+    TORCH_CHECK(L >= t_new && L <= S, "mlra::latent_decode_cpu: lengths (cache_seqlens)[", b, "] = ", L,
+                " is outside [t_new, S] = [", t_new, ", ", S,
+                "]: a sequence holds its t_new new tokens and at most the caches' S positions");
   }
   auto z = at::empty({B, G, M, R}, qf.options());
   if (B == 0 || G == 0 || M == 0 || R == 0) return bf16 ? z.to(at::kBFloat16) : z;
@@ -635,17 +713,23 @@ at::Tensor latent_decode_cpu(const at::Tensor& q, const at::Tensor& k, const at:
     for (int64_t bg = bg0; bg < bg1; ++bg) {
       for (int64_t m = 0; m < M; ++m) {
         float gmax = -std::numeric_limits<float>::infinity();
-        for (int64_t s = 0; s < splits; ++s) gmax = std::max(gmax, mx[(bg * splits + s) * M + m]);
+        for (int64_t s = 0; s < splits; ++s) gmax = nan_max(gmax, mx[(bg * splits + s) * M + m]);
         float* out = zp + bg * M * R + m * R;
+        if (gmax == -std::numeric_limits<float>::infinity()) {  // every row sees a key (L >= t_new): all were -inf
+          std::fill(out, out + R, std::numeric_limits<float>::quiet_NaN());
+          continue;
+        }
         std::fill(out, out + R, 0.f);
-        if (gmax == -std::numeric_limits<float>::infinity()) continue;  // no key: zeros
         float total = 0.f;
         for (int64_t s = 0; s < splits; ++s) {
           const int64_t t = bg * splits + s;
           const float w = std::exp2(mx[t * M + m] - gmax);  // 0 for a split that saw no key
-          if (w == 0.f) continue;
-          total += w * sm[t * M + m];
           const float* a = acc.data() + (t * M + m) * R;
+          if (w == 0.f) {  // its keys weigh nothing; a NaN value among them still shows (0 · NaN)
+            for (int64_t l = 0; l < R; ++l) out[l] += a[l] != a[l] ? a[l] : 0.f;
+            continue;
+          }
+          total += w * sm[t * M + m];
           for (int64_t l = 0; l < R; ++l) out[l] += w * a[l];
         }
         const float inv = 1.f / total;
@@ -668,55 +752,121 @@ at::Tensor latent_decode_step_cpu(const at::Tensor& x, const at::Tensor& w_in, c
                                   const at::Tensor& w_out, const std::optional<at::Tensor>& b_out, at::Tensor k_cache,
                                   at::Tensor v_cache, at::Tensor seqlens, int64_t pos, int64_t num_heads,
                                   double scale) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 3,
-              "mlra::latent_decode_step_cpu: x must be a float32 CPU [B, t, d] tensor, got ", x.scalar_type(), " ",
-              x.sizes(), " on ", x.device());
-  check_operand(k_cache, "k_cache", "mlra::latent_decode_step_cpu");
-  check_operand(v_cache, "v_cache", "mlra::latent_decode_step_cpu");
-  const int64_t B = x.size(0), t = x.size(1), G = k_cache.size(1), cap = k_cache.size(2), R = k_cache.size(3);
-  const int64_t H = num_heads;
-  TORCH_CHECK(H >= 1 && G >= 1 && H % G == 0, "mlra::latent_decode_step_cpu: num_heads=", H,
-              " must be a multiple of the caches' g=", G);
-  TORCH_CHECK(k_cache.size(0) == B && v_cache.sizes() == k_cache.sizes(),
-              "mlra::latent_decode_step_cpu: k_cache and v_cache must be [B, g, capacity, r] alike with B=", B,
-              ", got ", k_cache.sizes(), " and ", v_cache.sizes());
-  TORCH_CHECK(t >= 1, "mlra::latent_decode_step_cpu: x must hold at least one new token, got shape ", x.sizes());
-  TORCH_CHECK(pos >= 0 && pos + t <= cap, "mlra::latent_decode_step_cpu: positions [", pos, ", ", pos + t,
-              ") do not fit a cache of ", cap);
+  constexpr const char* kOp = "mlra::latent_decode_step_cpu";
+  // Every argument is checked before anything is written: a failed call leaves the caches and seqlens as
+  // they were. Messages name the argument, what it was and what was expected.
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 3, kOp,
+              ": x must be a float32 CPU [B, t, d] tensor, got ", x.scalar_type(), " ", x.sizes(), " on ", x.device());
+  check_operand(k_cache, "k_cache", kOp);
+  check_operand(v_cache, "v_cache", kOp);
+  const int64_t B = x.size(0), t = x.size(1), d = x.size(2);
+  const int64_t G = k_cache.size(1), cap = k_cache.size(2), R = k_cache.size(3), H = num_heads;
+  TORCH_CHECK(k_cache.size(0) == B, kOp, ": k_cache must be [B, g, capacity, r] with the B=", B, " sequences of x, got ",
+              k_cache.sizes());
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), kOp, ": v_cache must have the shape of k_cache, ", k_cache.sizes(),
+              ", got ", v_cache.sizes());
+  TORCH_CHECK(G >= 1 && R >= 1, kOp, ": k_cache must have at least one latent group g and a latent width r >= 1 ([B, g, "
+              "capacity, r]), got ", k_cache.sizes());
+  TORCH_CHECK(t >= 1, kOp, ": x must hold at least one new token, got shape ", x.sizes());
+  TORCH_CHECK(pos >= 0 && t <= cap && pos <= cap - t, kOp, ": pos=", pos, " with t=", t, " new tokens: positions [", pos,
+              ", ", pos <= std::numeric_limits<int64_t>::max() - t ? std::to_string(pos + t) : std::string("2^63 or more"),
+              ") do not fit a cache of ", cap, " positions (k_cache.size(2))");
   TORCH_CHECK(seqlens.device().is_cpu() && seqlens.scalar_type() == at::kInt && seqlens.dim() == 1 &&
                   seqlens.size(0) == B && seqlens.is_contiguous(),
-              "mlra::latent_decode_step_cpu: seqlens must be a contiguous int32 CPU [B] = [", B, "] tensor, got ",
-              seqlens.scalar_type(), " ", seqlens.sizes(), " on ", seqlens.device());
-  const int64_t hpg = H / G, gr = G * R, N = B * t, d = x.size(2);
-  TORCH_CHECK(d % H == 0, "mlra::latent_decode_step_cpu: the width d=", d, " of x must be a multiple of num_heads=", H);
+              kOp, ": seqlens must be a contiguous int32 CPU [B] = [", B, "] tensor, got ", seqlens.scalar_type(), " ",
+              seqlens.sizes(), " on ", seqlens.device());
+  int32_t* lengths = seqlens.data_ptr<int32_t>();
+  // seqlens grows by t: each length must stay within the caches' capacity (and int32).
+  const int64_t room = std::min<int64_t>(cap, std::numeric_limits<int32_t>::max());
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(lengths[b] >= 0, kOp, ": seqlens[", b, "] = ", lengths[b], " is negative");
+    TORCH_CHECK(lengths[b] <= room - t, kOp, ": seqlens[", b, "] = ", lengths[b], " cannot grow by the t=", t,
+                " new tokens: a length must stay at most ", room,
+                cap <= room ? " (the capacity of k_cache, its size(2))" : " (int32's largest value)");
+  }
+  TORCH_CHECK(H >= 1 && H % G == 0, kOp, ": num_heads=", H, " must be a positive multiple of the caches' g=", G,
+              " latent groups (k_cache.size(1))");
+  TORCH_CHECK(H <= d && d % H == 0, kOp, ": num_heads=", H, " must divide the width d=", d, " of x");
+  checked_scale(scale, kOp);
+  const int64_t hpg = H / G, gr = G * R, N = B * t;
   const int64_t dh = d / H, n_q = m.has_value() ? gr : H * R, n_in = n_q + 2 * gr;
-  // Every operand is checked before anything is written: a failed call leaves the cache and seqlens as
-  // they were.
-  const auto check = [](const at::Tensor& w, const char* name, at::IntArrayRef shape) {
-    TORCH_CHECK(w.sizes() == shape && w.is_contiguous() && w.scalar_type() == at::kFloat && w.device().is_cpu(),
-                "mlra::latent_decode_step_cpu: ", name, " must be a contiguous float32 CPU ", shape,
-                " tensor, got ", w.scalar_type(), " ", w.sizes(), " on ", w.device());
+  const auto sizes_of = [](const at::Tensor& w) {  // "[a, b]", and the strides of a tensor that is not contiguous
+    std::ostringstream out;
+    out << w.sizes();
+    if (!w.is_contiguous()) out << " (not contiguous: strides " << w.strides() << ")";
+    return out.str();
   };
-  TORCH_CHECK(w_in.dim() == 2 && w_in.size(0) == n_in && w_in.size(1) == d, "mlra::latent_decode_step_cpu: w_in must be [",
-              n_in, ", ", d, "] for H=", H, ", g=", G, ", r=", R, ", got ", w_in.sizes());
-  check(w_in, "w_in", {n_in, d});
-  if (b_in.has_value()) check(*b_in, "b_in", {n_in});
-  if (m.has_value()) check(*m, "m", {G, hpg * R, R});
-  TORCH_CHECK(!beta.has_value() || m.has_value(), "mlra::latent_decode_step_cpu: beta is given without m");
-  if (beta.has_value()) check(*beta, "beta", {G, hpg * R});
-  if (w_v.has_value()) check(*w_v, "w_v", {H, dh, R});
-  TORCH_CHECK(!b_v.has_value() || w_v.has_value(), "mlra::latent_decode_step_cpu: b_v is given without w_v");
-  if (b_v.has_value()) check(*b_v, "b_v", {H, dh});
-  check(w_out, "w_out", {d, w_v.has_value() ? d : H * R});
-  if (b_out.has_value()) check(*b_out, "b_out", {d});
+  // A step weight: a contiguous float32 CPU tensor of one shape; `why` says where that shape comes from.
+  const auto check = [&](const at::Tensor& w, const char* name, at::IntArrayRef shape, const std::string& why,
+                         const std::string& prefix = "", const std::string& hint = "") {
+    TORCH_CHECK(w.sizes() == shape && w.is_contiguous() && w.scalar_type() == at::kFloat && w.device().is_cpu(), kOp,
+                ": ", prefix, name, " must be a contiguous float32 CPU ", shape, " tensor (", why, "), got ",
+                w.scalar_type(), " ", sizes_of(w), " on ", w.device(), hint);
+  };
+  // A weight whose shape is right but for its number of heads, heads·r rows (or heads of d/heads): the
+  // messages name num_heads, and the number of heads the weight was formed for.
+  const std::string heads = "num_heads=" + std::to_string(H);
+  const auto wrong_heads = [&](const char* name) { return heads + " does not match " + name + ": "; };
+  const auto formed_for = [&](int64_t other) {
+    return "; that is the shape for num_heads=" + std::to_string(other) +
+           ": were the step weights formed for another number of heads?";
+  };
+  const std::string hgr = heads + ", g=" + std::to_string(G) + " and r=" + std::to_string(R) + " (g, r: k_cache's)";
+  TORCH_CHECK(w_in.dim() == 2 && w_in.size(0) == n_in && w_in.size(1) == d, kOp, ": w_in must be [", n_in, ", ", d,
+              "] for H=", H, ", g=", G, ", r=", R, ", got ", w_in.sizes(), " (rows: the query's, num_heads·r, or g·r ",
+              "with m, then 2·g·r for the latents; columns: the width d of x; H is num_heads, g and r are k_cache's)");
+  check(w_in, "w_in", {n_in, d}, "w_in's rows");
+  if (b_in.has_value()) check(*b_in, "b_in", {n_in}, "one per row of w_in");
+  if (m.has_value()) {
+    const at::Tensor& mm = *m;
+    const bool by_heads = mm.dim() == 3 && mm.size(0) == G && mm.size(2) == R && mm.size(1) % R == 0 &&
+                          mm.size(1) != hpg * R;
+    check(mm, "m", {G, hpg * R, R}, "[g, (num_heads/g)·r, r] for " + hgr, by_heads ? wrong_heads("m") : "",
+          by_heads ? formed_for(mm.size(1) / R * G) : "");
+  }
+  TORCH_CHECK(!beta.has_value() || m.has_value(), kOp, ": beta is given without m");
+  if (beta.has_value()) check(*beta, "beta", {G, hpg * R}, "[g, (num_heads/g)·r] for " + hgr);
+  if (w_v.has_value()) {
+    const at::Tensor& wv = *w_v;
+    const bool by_heads = wv.dim() == 3 && wv.size(0) >= 1 && wv.size(0) != H && wv.size(0) * wv.size(1) == d &&
+                          wv.size(2) == R;
+    check(wv, "w_v", {H, dh, R}, "[num_heads, d/num_heads, r] for " + hgr + ", d=" + std::to_string(d) + " of x",
+          by_heads ? wrong_heads("w_v") : "", by_heads ? formed_for(wv.size(0)) : "");
+  }
+  TORCH_CHECK(!b_v.has_value() || w_v.has_value(), kOp, ": b_v is given without w_v");
+  if (b_v.has_value()) check(*b_v, "b_v", {H, dh}, "[num_heads, d/num_heads] for " + heads + ", d=" + std::to_string(d));
+  if (w_v.has_value()) {
+    check(w_out, "w_out", {d, d}, "W_O, [d, d] with w_v, for the width d=" + std::to_string(d) + " of x");
+  } else {
+    const bool by_heads = w_out.dim() == 2 && w_out.size(0) == d && w_out.size(1) % R == 0 && w_out.size(1) != H * R;
+    check(w_out, "w_out", {d, H * R}, "[d, num_heads·r] without w_v, for " + hgr + ", d=" + std::to_string(d) + " of x",
+          by_heads ? wrong_heads("w_out") : "", by_heads ? formed_for(w_out.size(1) / R) : "");
+  }
+  if (b_out.has_value()) check(*b_out, "b_out", {d}, "the width d of x");
+  // The step writes k_cache, v_cache and seqlens in place: none of them may share memory with another argument
+  // (k and v both views of one buffer are fine where their elements are apart).
+  const std::vector<std::pair<const char*, const at::Tensor*>> args = {
+      {"k_cache", &k_cache}, {"v_cache", &v_cache}, {"seqlens", &seqlens}, {"x", &x}, {"w_in", &w_in},
+      {"b_in", b_in ? &*b_in : nullptr}, {"m", m ? &*m : nullptr}, {"beta", beta ? &*beta : nullptr},
+      {"w_v", w_v ? &*w_v : nullptr}, {"b_v", b_v ? &*b_v : nullptr}, {"w_out", &w_out},
+      {"b_out", b_out ? &*b_out : nullptr}};
+  for (size_t i = 0; i < 3; ++i) {
+    TORCH_CHECK(at::has_internal_overlap(*args[i].second) != at::MemOverlap::Yes, kOp, ": ", args[i].first,
+                " has elements that share memory (strides ", args[i].second->strides(),
+                ", as from expand()): the step writes it, so each element needs its own memory");
+    for (size_t j = i + 1; j < args.size(); ++j) {
+      TORCH_CHECK(args[j].second == nullptr || !may_overlap(*args[i].second, *args[j].second), kOp, ": ",
+                  args[i].first, " and ", args[j].first, " share memory: the step writes k_cache, v_cache and seqlens "
+                  "in place, so they must not overlap each other or any other argument");
+    }
+  }
   const at::Tensor x2 = x.reshape({1, N, x.size(2)});
   const at::Tensor y = at::empty({1, N, n_in}, x.options());
   rows_gemm(x2, w_in.unsqueeze(0), b_in, y);  // [q̃ or c_Q | c_K | c_V] of every new token
   const at::Tensor lat = y.view({B, t, n_in}).narrow(2, n_q, 2 * gr).view({B, t, 2, G, R});
   k_cache.narrow(2, pos, t).copy_(lat.select(2, 0).transpose(1, 2));
   v_cache.narrow(2, pos, t).copy_(lat.select(2, 1).transpose(1, 2));
-  int32_t* lengths = seqlens.data_ptr<int32_t>();  // seqlens += t, without a kernel launch for B numbers
-  for (int64_t b = 0; b < B; ++b) lengths[b] += static_cast<int32_t>(t);
+  for (int64_t b = 0; b < B; ++b) lengths[b] = static_cast<int32_t>(lengths[b] + t);  // seqlens += t, checked above
   at::Tensor q;  // [g, B·t, (head, r)] for now
   if (m.has_value()) {
     const at::Tensor c_q = y.view({N, n_in}).narrow(1, 0, gr).view({N, G, R}).transpose(0, 1);  // [g, B·t, r]

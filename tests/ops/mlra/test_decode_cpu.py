@@ -149,17 +149,125 @@ def test_other_devices_take_the_torch_path():
     assert kernel_path(x, op="decode") == "torch" and "meta tensors" in explain(x, op="decode")
 
 
-def test_a_row_with_no_key_gives_zeros():
-    """cache_seqlens 0 leaves a sequence no position: its rows are zeros, the others are unaffected."""
+@pytest.mark.parametrize("bad", [-1, 0, 1, 55, 2**40], ids=["negative", "zero", "below-t", "above-S", "2^40"])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64], ids=["int32", "int64"])
+def test_the_op_refuses_lengths_outside_t_new_to_S(bad, dtype):
+    """A length below the new tokens or past the caches is an error naming the index, the value and the range
+    (the op reads lengths on the CPU, where checking them costs nothing)."""
+    if bad == 2**40 and dtype == torch.int32:
+        pytest.skip("int32 cannot hold it")
     gen = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(shape, generator=gen) for shape in ((2, 1, 4, 16), (2, 1, 50, 16), (2, 1, 50, 16)))
-    lengths = torch.tensor([0, 50], dtype=torch.int32)
-    z = mlra_decode_attn_cpu(q, k, v, None, lengths, 1, False, 0.25)
-    assert (z[0] == 0).all()
-    exact, _ = _torch_attention(q[1:].double(), k[1:].double(), v[1:].double(), 0.25, B=1, H=4, g=1, t=1,
-                                causal=False, key_padding_mask=None, attn_mask=None, lengths=None, dropout_p=0.0,
+    lengths = torch.tensor([50, bad], dtype=dtype)
+    message = rf"lengths \(cache_seqlens\)\[1\] = {bad} is outside \[t_new, S\] = \[2, 50\]"
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.mlra.latent_decode_cpu(q, k, v, None, lengths, 2, True, 0.25)
+    with pytest.raises(RuntimeError, match=message):
+        mlra_decode_attn_cpu(q, k, v, None, lengths, 2, False, 0.25)
+    with pytest.raises(RuntimeError, match=r"the caches hold S=1 positions, fewer than the t_new=2 new tokens"):
+        torch.ops.mlra.latent_decode_cpu(q, k[:, :, :1], v[:, :, :1], None, None, 2, True, 0.25)
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -0.25, 0.0, 1e39],
+                         ids=["nan", "inf", "negative", "zero", "past-fp32"])
+def test_the_op_refuses_a_scale_that_is_not_positive_and_finite(scale):
+    q, k = torch.randn(1, 1, 4, 16), torch.randn(1, 1, 10, 16)
+    with pytest.raises(RuntimeError, match="scale must be a positive finite float32 number"):
+        torch.ops.mlra.latent_decode_cpu(q, k, k, None, None, 1, True, scale)
+
+
+def _qkv(S, seed=8):
+    """q [2, 2, 6, 24] (t_new = 2: three heads per group), k and v [2, 2, S, 24]."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=gen) for shape in ((2, 2, 6, 24), (2, 2, S, 24), (2, 2, S, 24))]
+
+
+@pytest.mark.parametrize("huge", [1e30, 1e36])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_masked_keys_weigh_exactly_nothing(huge, dtype):
+    """Values at padded positions (amid attended ones, and filling whole splits) and past a row's own token do
+    not change its output by a single bit, however large; the torch path is exact there too."""
+    S = 1500
+    q, k, v = (a.to(dtype) for a in _qkv(S))
+    kpm = torch.zeros(2, S)
+    kpm[:, 3:1400:7] = float("-inf")  # scattered through every key block
+    kpm[1, 500:1400] = float("-inf")  # whole splits of sequence 1
+    lengths = torch.tensor([1500, 1450], dtype=torch.int32)
+    base = torch.ops.mlra.latent_decode_cpu(q, k, v, kpm, lengths, 2, True, 0.3)
+    noisy = v.clone()
+    noisy[kpm.isinf().view(2, 1, S, 1).expand_as(v)] = huge
+    noisy[1, :, 520:1380:3] = -huge
+    got = torch.ops.mlra.latent_decode_cpu(q, k, noisy, kpm, lengths, 2, True, 0.3)
+    assert torch.isfinite(got.float()).all() and torch.equal(got, base)
+    # Causal: position 1499 of sequence 0 is after new token 0 (rows 0, 2, 4 of a group); token 1 reads it.
+    late = v.clone()
+    late[0, :, 1499] = huge
+    got = torch.ops.mlra.latent_decode_cpu(q, k, late, kpm, lengths, 2, True, 0.3)
+    assert torch.equal(got[:, :, 0::2], base[:, :, 0::2]) and torch.equal(got[1], base[1])
+    exact, _ = _torch_attention(q.double(), k.double(), late.double(), 0.3, B=2, H=6, g=2, t=2, causal=True,
+                                key_padding_mask=kpm.double(), attn_mask=None, lengths=lengths, dropout_p=0.0,
                                 need_weights=False)
-    assert (z[1:].double() - exact).abs().max().item() < 1e-5
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert ((got.double() - exact).abs() <= tol * exact.abs() + tol).all()
+
+
+def test_huge_latents_at_padded_positions_decode_like_the_torch_path():
+    B, t, S, H, g, r, dh = 2, 1, 300, 4, 2, 16, 16
+    x, down, up, bias, c_k, c_v = decode_case(B, t, S, H, g, r, dh)
+    kpm = padding(B, S, "bool")
+    c_v = c_v.masked_fill(kpm.view(B, 1, S, 1), 1e36)
+    check((x, down, up, bias, c_k, c_v), H=H, g=g, kpm=kpm)
+
+
+@pytest.mark.parametrize("S", [40, 1500])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_nan_query_row_comes_out_nan(S, dtype):
+    """A NaN in a query row makes that row NaN, as SDPA's arithmetic does, and no other row."""
+    q, k, v = _qkv(S)
+    q[1, 0, 3, 5] = float("nan")
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    for lengths in (None, torch.tensor([S, S - 3])):
+        z = torch.ops.mlra.latent_decode_cpu(q, k, v, None, lengths, 2, True, 0.3)
+        nan = torch.zeros(z.shape, dtype=torch.bool)
+        nan[1, 0, 3] = True
+        assert torch.equal(z.isnan(), nan)
+
+
+def test_a_nan_value_reaches_every_row_that_reads_it():
+    """A NaN latent at a position below a sequence's length makes NaN every row that reads it, even a row for
+    which it is masked (0 · NaN), as in decode's torch path."""
+    q, k, v = _qkv(40)
+    v[0, 1, 39, 2] = float("nan")  # the last position of sequence 0, group 1: new token 1, after token 0
+    z = torch.ops.mlra.latent_decode_cpu(q, k, v, None, None, 2, True, 0.3)
+    exact, _ = _torch_attention(q, k, v, 0.3, B=2, H=6, g=2, t=2, causal=True, key_padding_mask=None, attn_mask=None,
+                                lengths=None, dropout_p=0.0, need_weights=False)
+    assert z[0, 1, :, 2].isnan().all() and torch.equal(z.isnan(), exact.isnan())
+
+
+def test_a_row_whose_scores_are_all_minus_infinity_is_nan():
+    """Softmax's 0/0: a row that scores -inf against every key comes out NaN, the others as they were."""
+    q, k, v = _qkv(300)
+    base = torch.ops.mlra.latent_decode_cpu(q, k, v, None, None, 1, False, 0.3)
+    q[0, 0, 1, 0] = float("-inf")
+    k[0, 0, :, 0] = k[0, 0, :, 0].abs() + 0.5
+    z = torch.ops.mlra.latent_decode_cpu(q, k, v, None, None, 1, False, 0.3)
+    assert z[0, 0, 1].isnan().all()
+    z[0, 0, 1], base[0, 0] = 0, z[0, 0]
+    assert torch.equal(z, base)
+
+
+@pytest.mark.parametrize("t", [1, 2])
+def test_a_nan_in_a_new_token_is_nan_as_on_the_torch_path(t):
+    B, S, H, g, r, dh = 2, 70, 4, 2, 16, 16
+    x, *rest = decode_case(B, t, S, H, g, r, dh)
+    x = x.clone()
+    x[0, t - 1, 3] = float("nan")
+    case = (x, *rest)
+    for lengths in (None, torch.tensor([70, 64])):
+        got = decode("auto", torch.float32, case, H=H, g=g, lengths=lengths)
+        ref = decode("torch", torch.float32, case, H=H, g=g, lengths=lengths)
+        assert got[0, t - 1].isnan().all() and torch.equal(got.isnan(), ref.isnan())
+        torch.testing.assert_close(got.nan_to_num(), ref.nan_to_num(), rtol=1e-4, atol=1e-5)
 
 
 def test_the_splits_of_one_sequence_merge_exactly_enough():

@@ -172,3 +172,118 @@ def test_step_op_checks_every_weight_before_writing_the_cache():
     with pytest.raises(RuntimeError, match=r"x must hold at least one new token"):
         op(seq[:, :0], w.w_in, w.b_in, w.m, w.beta, w.w_v, w.b_v, w.w_out, w.b_out, k_buf, v_buf, lens, 9, H, 0.25)
     assert lens.tolist() == [9, 9] and (k_buf == 0).all() and (v_buf == 0).all()  # nothing was written
+
+
+def _step_case(fold="none", B=2, capacity=12, S=9):
+    """``(x [B, 1, 64], weights, k_buf, v_buf, seqlens)`` for a step at position ``S`` of a cache of ``capacity``."""
+    H, g, r = FOLDS[fold]
+    seq, down, up, b, w_o, b_o = (c.float() for c in layer_case(H, g, r, B=B, S=S))
+    w = step_weights(down, up, b, w_o, b_o, num_heads=H, latent_groups=g)
+    gen = torch.Generator().manual_seed(1)
+    k_buf, v_buf = torch.randn(B, g, capacity, r, generator=gen), torch.randn(B, g, capacity, r, generator=gen)
+    return seq[:, -1:], w, k_buf, v_buf, torch.full((B,), S, dtype=torch.int32)
+
+
+def _weights(w):
+    return (w.w_in, w.b_in, w.m, w.beta, w.w_v, w.b_v, w.w_out, w.b_out)
+
+
+def _refused_untouched(match, x, w, k_buf, v_buf, seqlens, pos, num_heads=4, scale=0.25, weights=None):
+    """The step raises ``match`` and leaves the caches and seqlens as they were."""
+    before = (k_buf.clone(), v_buf.clone(), seqlens.clone())
+    with pytest.raises(RuntimeError, match=match):
+        _step_op()(x, *(weights or _weights(w)), k_buf, v_buf, seqlens, pos, num_heads, scale)
+    assert all(torch.equal(a, b) for a, b in zip((k_buf, v_buf, seqlens), before))
+
+
+def test_step_op_refuses_lengths_that_would_leave_the_cache_or_int32():
+    x, w, k_buf, v_buf, seqlens = _step_case(capacity=10)
+    seqlens[0] = 2**31 - 1  # seqlens += t would overflow int32
+    _refused_untouched(r"seqlens\[0\] = 2147483647 cannot grow by the t=1 new tokens: a length must stay at most 10 "
+                       r"\(the capacity of k_cache", x, w, k_buf, v_buf, seqlens, 9)
+    seqlens[0], seqlens[1] = 9, 10  # checked for every sequence before anything is written
+    _refused_untouched(r"seqlens\[1\] = 10 cannot grow", x, w, k_buf, v_buf, seqlens, 9)
+    seqlens[1] = -1
+    _refused_untouched(r"seqlens\[1\] = -1 is negative", x, w, k_buf, v_buf, seqlens, 9)
+
+
+def test_step_op_refuses_a_position_past_int64():
+    x, w, k_buf, v_buf, seqlens = _step_case(capacity=10)
+    pos = 2**63 - 1  # pos + t would overflow int64
+    _refused_untouched(rf"pos={pos} with t=1 new tokens: positions \[{pos}, 2\^63 or more\) do not fit a cache of 10 "
+                       r"positions", x, w, k_buf, v_buf, seqlens, pos)
+    _refused_untouched(r"pos=-1 with t=1 new tokens: positions \[-1, 0\)", x, w, k_buf, v_buf, seqlens, -1)
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("-inf"), -0.25, 0.0], ids=["nan", "-inf", "negative", "zero"])
+def test_step_op_refuses_a_scale_that_is_not_positive_and_finite(scale):
+    x, w, k_buf, v_buf, seqlens = _step_case()
+    _refused_untouched("scale must be a positive finite float32 number", x, w, k_buf, v_buf, seqlens, 9, scale=scale)
+
+
+def test_step_op_refuses_caches_that_share_memory():
+    x, w, k_buf, v_buf, seqlens = _step_case()
+    message = "k_cache and v_cache share memory: the step writes k_cache, v_cache and seqlens in place"
+    _refused_untouched(message, x, w, k_buf, k_buf, seqlens, 9)  # one tensor for both
+    _refused_untouched(message, x, w, k_buf[:, :, :10], k_buf[:, :, 2:], seqlens, 7)  # overlapping views
+    flat = torch.randn(2 * 12 * 64 + 16)  # rows of 32 every 64 numbers, v's 16 numbers after k's: each half in the other
+    k_rows, v_rows = (flat[o:o + 2 * 12 * 64].view(2, 1, 12, 64)[..., :32] for o in (0, 16))
+    _refused_untouched(message, x, w, k_rows, v_rows, seqlens, 9)
+    _refused_untouched("k_cache has elements that share memory", x, w, k_buf[:, :, :1].expand(2, 1, 12, 32), v_buf,
+                       seqlens, 9)
+    lengths_in_cache = k_buf.view(-1)[-2:].view(torch.int32)[:2]
+    lengths_in_cache.fill_(9)
+    _refused_untouched("k_cache and seqlens share memory", x, w, k_buf, v_buf, lengths_in_cache, 9)
+    _refused_untouched("v_cache and x share memory", v_buf.view(2, 1, -1)[:, :, :64], w, k_buf, v_buf, seqlens, 9)
+    w_out = w.w_out.clone()
+    _refused_untouched("k_cache and w_out share memory", x, w, w_out.view(-1)[:768].view(2, 1, 12, 32), v_buf,
+                       seqlens, 9, weights=_weights(w)[:-2] + (w_out, w.b_out))
+
+
+def test_step_op_takes_k_and_v_side_by_side_in_one_buffer():
+    """k = buf[..., :r], v = buf[..., r:]: views of one buffer whose elements are apart, as good as two buffers."""
+    x, w, k_buf, v_buf, seqlens = _step_case()
+    op = _step_op()
+    buf = torch.cat([k_buf, v_buf], dim=3)
+    lens = seqlens.clone()
+    expected = op(x, *_weights(w), k_buf, v_buf, seqlens, 9, 4, 0.25)
+    got = op(x, *_weights(w), buf[..., :32], buf[..., 32:], lens, 9, 4, 0.25)
+    assert torch.equal(got, expected) and torch.equal(buf, torch.cat([k_buf, v_buf], dim=3))
+    assert torch.equal(lens, seqlens)
+
+
+def test_step_op_names_num_heads_when_it_does_not_match_the_weights():
+    x, w, k_buf, v_buf, seqlens = _step_case("none")  # H = 4, g = 1, r = 32: m and w_v given
+    _refused_untouched(r"num_heads=2 does not match m: m must be a contiguous float32 CPU \[1, 64, 32\] tensor "
+                       r"\(\[g, \(num_heads/g\)·r, r\] for num_heads=2, g=1 and r=32 \(g, r: k_cache's\)\), got Float "
+                       r"\[1, 128, 32\] on cpu; that is the shape for num_heads=4", x, w, k_buf, v_buf, seqlens, 9,
+                       num_heads=2)
+    w_v = w.w_v.reshape(2, 32, 32)  # B_V as if for 2 heads of 32
+    _refused_untouched(r"num_heads=4 does not match w_v: .* got Float \[2, 32, 32\] on cpu; that is the shape for "
+                       r"num_heads=2", x, w, k_buf, v_buf, seqlens, 9, weights=_weights(w)[:4] + (w_v, None, w.w_out,
+                                                                                                   w.b_out))
+    x, w, k_buf, v_buf, seqlens = _step_case("both")  # H = g = 4, r = 8: query and output folded
+    _refused_untouched(r"w_in must be \[128, 64\] for H=8, g=4, r=8, got \[96, 64\] .*H is num_heads", x, w, k_buf,
+                       v_buf, seqlens, 9, num_heads=8)
+    _refused_untouched(r"num_heads=3 must be a positive multiple of the caches' g=4 latent groups", x, w, k_buf, v_buf,
+                       seqlens, 9, num_heads=3)
+
+
+def test_step_op_names_the_cache_that_does_not_match():
+    x, w, k_buf, v_buf, seqlens = _step_case()
+    _refused_untouched(r"v_cache must have the shape of k_cache, \[2, 1, 12, 32\], got \[2, 1, 11, 32\]", x, w, k_buf,
+                       v_buf[:, :, :11], seqlens, 9)
+    _refused_untouched(r"k_cache must be \[B, g, capacity, r\] with the B=2 sequences of x, got \[1, 1, 12, 32\]", x, w,
+                       k_buf[:1], v_buf[:1], seqlens, 9)
+
+
+@pytest.mark.parametrize("fold", ["none", "both"])
+def test_step_op_gives_nan_for_a_nan_token_and_leaves_the_others(fold):
+    x, w, k_buf, v_buf, seqlens = _step_case(fold)
+    H = FOLDS[fold][0]
+    op = _step_op()
+    clean = op(x, *_weights(w), k_buf.clone(), v_buf.clone(), seqlens.clone(), 9, H, 0.25)
+    x = x.clone()
+    x[1, 0, 5] = float("nan")
+    out = op(x, *_weights(w), k_buf, v_buf, seqlens, 9, H, 0.25)
+    assert out[1].isnan().all() and torch.equal(out[0], clean[0])
