@@ -247,6 +247,8 @@ class MLRAGPT2Attention(modeling_gpt2.GPT2Attention):
             cache = cache.self_attention_cache
         want_weights = _attentions_requested(output_attentions)
         cached = _cached_length(cache, self.layer_idx)  # read once: a StaticCache computes it from its keys
+        if cache is not None:
+            self._check_cache(cache, B, cached)
         nothing_cached = _nothing_cached(cached, T)
         if cache is not None and not torch.compiler.is_compiling() and (
                 nothing_cached or _empty_on_the_host(cached)):
@@ -293,6 +295,41 @@ class MLRAGPT2Attention(modeling_gpt2.GPT2Attention):
         if weights is not None and weights.requires_grad:
             out = _output_of_weights(weights, c_v, qkv.up, qkv.bias, self.latent_groups)
         return self.resid_dropout(self.c_proj(out)), weights
+
+    def _check_cache(self, cache: Any, batch: int, cached: Any) -> None:
+        """Refuse a cache this layer cannot read, before anything is written to it or read from it: one whose
+        slots for this layer are not latents ``[B, g, S, r]`` of this model's shape, or one written by a
+        dense GPT-2 whose per-head keys ``[B, H, S, d_h]`` have that very shape (``rank = d_h`` and
+        ``latent_groups = H``; told apart by the mark the converted layers leave on the cache layers they
+        write, :func:`_cache_update`)."""
+        layer = _cache_layer(cache, self.layer_idx)
+        if layer is None:
+            return
+        g, r, H, dh = self.latent_groups, self.rank, self.num_heads, self.head_dim
+        where = f"MLRAGPT2Attention (layer {self.layer_idx})"
+        expected = f"latents c_K, c_V as [B, g, S, r] = [{batch}, {g}, S, {r}] (g = latent_groups, r = rank)"
+        fix = ("start from a fresh cache (no past_key_values, or a new DynamicCache or StaticCache) or pass the "
+               "cache that this converted model returned")
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if not isinstance(t, Tensor) or t.dim() != 4:
+                continue
+            if (t.shape[0], t.shape[1], t.shape[3]) != (batch, g, r):
+                origin = ("the per-head layout [B, H, S, d_h] of a dense (unconverted) GPT-2's cache, which a "
+                          "converted model cannot read" if (t.shape[1], t.shape[3]) == (H, dh) else
+                          "a cache written by another model (a dense GPT-2, or one converted with another rank or "
+                          "latent_groups) or for another batch size")
+                raise ValueError(f"{where}: the cache holds {name} of shape {list(t.shape)} for this layer, but this "
+                                 f"model keeps its {expected} there. That is {origin}: {fix}.")
+        if (g, r) == (H, dh) and not getattr(layer, _LATENT_MARK, False) and not torch.compiler.is_compiling():
+            n = int(cached) if isinstance(cached, Tensor) else cached
+            if n > 0:
+                raise ValueError(
+                    f"{where}: the cache holds {n} positions for this layer that no converted layer wrote: it comes "
+                    f"from a dense (unconverted) GPT-2, whose per-head keys and values [B, H, S, d_h] = "
+                    f"[{batch}, {H}, {n}, {dh}] have the shape of this model's latents (rank = d_h = {dh}, "
+                    f"latent_groups = H = {H}). A converted model keeps the {expected} in its cache, not per-head "
+                    f"keys and values, so it cannot read a dense model's cache: {fix}.")
 
     def _decode_step(self, x: Tensor, cache: Any, cache_position: Optional[Tensor], attention_mask: Optional[Tensor],
                      path: str) -> Tensor:
@@ -398,7 +435,24 @@ def _cache_update(cache: Any, c_k: Tensor, c_v: Tensor, layer_idx: int, cache_po
     positional cache layers need ``cache_position`` (a ``StaticCache`` writes there); later ones track
     positions themselves."""
     args = ({"cache_position": cache_position},) if cache_position is not None else ()
-    return cache.update(c_k, c_v, layer_idx, *args)
+    out = cache.update(c_k, c_v, layer_idx, *args)
+    layer = _cache_layer(cache, layer_idx)
+    if layer is not None and not getattr(layer, _LATENT_MARK, False):
+        setattr(layer, _LATENT_MARK, True)  # its slots hold latents (MLRAGPT2Attention._check_cache)
+    return out
+
+
+# Set on a cache layer (``cache.layers[i]``) that a converted layer wrote: it holds latents. A cropped,
+# reordered or reset layer keeps the mark (those act on the same layer object).
+_LATENT_MARK = "_mlra_latents"
+
+
+def _cache_layer(cache: Any, layer_idx: int) -> Any:
+    """``cache.layers[layer_idx]`` once it has been written (None before, or for a cache without layers)."""
+    layers = getattr(cache, "layers", None)
+    if layers is None or layer_idx >= len(layers) or not getattr(layers[layer_idx], "is_initialized", True):
+        return None
+    return layers[layer_idx]
 
 
 def _cached_length(cache: Any, layer_idx: int) -> Any:
@@ -528,9 +582,9 @@ def _move_forward_hooks(old: nn.Module, new: nn.Module) -> None:
     Releases of transformers that collect ``output_attentions`` with forward hooks (those with
     ``transformers.utils.output_capturing``) install them once per model, at its first forward that asks
     for an output, and then mark the model as hooked (``_output_capturing_hooks_installed``): a module
-    that replaced a hooked one would never get them, and its weights would not be collected. Earlier releases patch ``forward``
-    for the duration of each call and leave nothing on the module. Hooks a user registered on the
-    attention module move with it too."""
+    that replaced a hooked one would never get them, and its weights would not be collected. Earlier
+    releases patch ``forward`` for the duration of each call and leave nothing on the module. Hooks a
+    user registered on the attention module move with it too."""
     for hook_id, hook in old._forward_pre_hooks.items():
         new.register_forward_pre_hook(hook, with_kwargs=hook_id in old._forward_pre_hooks_with_kwargs)
     for hook_id, hook in old._forward_hooks.items():

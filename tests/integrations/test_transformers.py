@@ -464,6 +464,64 @@ def test_conversion_after_a_forward_with_output_attentions_still_collects_the_we
     assert len(model(ids, output_attentions=True).attentions) == 2  # and no hook runs twice
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_dense_models_cache_of_the_latents_shape_is_refused(dtype):
+    """At rank = d_h and latent_groups = H a dense GPT-2's per-head keys [B, H, S, d_h] have the latents'
+    shape [B, g, S, r]: the converted layers mark the cache layers they write, and refuse an unmarked one
+    that holds positions, in a forward and in generate(), with a DynamicCache and a StaticCache."""
+    from transformers import DynamicCache, StaticCache
+
+    ref = _model(dtype=dtype)
+    mlra = convert_gpt2(_copy(ref), rank=D // 4, latent_groups=4)
+    prompt = torch.randint(0, 83, (2, 5), generator=torch.Generator().manual_seed(2))
+    nxt = torch.randint(0, 83, (2, 1), generator=torch.Generator().manual_seed(3))
+    dense = ref(prompt, use_cache=True).past_key_values
+    assert isinstance(dense, DynamicCache) and dense.layers[0].keys.shape == (2, 4, 5, D // 4)
+    match = r"layer 0\): the cache holds 5 positions .* dense \(unconverted\) GPT-2.*\[B, g, S, r\] = \[2, 4, S, 8\]"
+    with pytest.raises(ValueError, match=match):
+        mlra(nxt, **{_cache_kw(mlra): dense}, use_cache=True)
+    with pytest.raises(ValueError, match=match):
+        mlra.generate(torch.cat([prompt, nxt], 1), past_key_values=dense, max_new_tokens=2, do_sample=False,
+                      pad_token_id=0)
+    static = StaticCache(config=ref.config, max_cache_len=16)
+    kw = _decode_kwargs(ref, static, 0)
+    kw["position_ids"] = torch.arange(5)[None]
+    if "cache_position" in kw:
+        kw["cache_position"] = torch.arange(5)
+    ref(prompt, **kw)
+    with pytest.raises(ValueError, match=r"the cache holds 5 positions .* dense \(unconverted\)"):
+        mlra(nxt, **_decode_kwargs(mlra, static, 5))
+    # The latents this model wrote, in either cache, are read as before.
+    own = mlra(prompt, use_cache=True).past_key_values
+    assert all(getattr(layer, "_mlra_latents", False) for layer in own.layers)
+    step = mlra(nxt, **{_cache_kw(mlra): own}, use_cache=True).logits
+    torch.testing.assert_close(step, mlra(torch.cat([prompt, nxt], 1)).logits[:, -1:], rtol=1e-5, atol=1e-5)
+    kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
+    torch.testing.assert_close(mlra.generate(prompt, cache_implementation="static", **kw),
+                               mlra.generate(prompt, **kw), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_cache_of_another_shape_is_refused_in_the_callers_terms(dtype):
+    """A dense model's cache, or a cache from a model converted at another rank, is refused before it is read
+    or written, with the layer, the cache's shape and the latents' shape this model needs (the float32
+    decode step on the step weights would otherwise fail on the weights' shapes, and the rest in torch.cat)."""
+    ref = _model(dtype=dtype)
+    mlra = convert_gpt2(_copy(ref), rank=D, latent_groups=2)
+    other = convert_gpt2(_copy(ref), rank=D // 2, latent_groups=2)
+    prompt = torch.randint(0, 83, (2, 5), generator=torch.Generator().manual_seed(2))
+    cases = (
+        (ref(prompt, use_cache=True).past_key_values, r"\[2, 4, 5, 8\].*per-head layout \[B, H, S, d_h\] of a dense"),
+        (other(prompt, use_cache=True).past_key_values, r"\[2, 2, 5, 16\].*another rank or latent_groups"),
+    )
+    for cache, why in cases:
+        for nxt in (prompt[:, :1], prompt[:, :3]):  # a decode step and a longer forward
+            with pytest.raises(ValueError, match=r"layer 0\): the cache holds keys of shape " + why) as err:
+                mlra(nxt, **{_cache_kw(mlra): cache}, use_cache=True)
+            assert "[B, g, S, r] = [2, 2, S, 32]" in str(err.value) and "fresh cache" in str(err.value)
+        assert cache.get_seq_length() == 5  # nothing was written
+
+
 def test_svd_conversion_on_the_meta_device():
     cfg = transformers.GPT2Config(vocab_size=83, n_positions=32, n_embd=D, n_layer=2, n_head=4)
     with torch.device("meta"):
