@@ -16,7 +16,10 @@ if "--smoke" in sys.argv:
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from mlra_kernels.benchmarks.common import script_default_out  # noqa: E402
 from mlra_kernels.benchmarks.mlra import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(prog="bench_mlra.py"))
+    # From the checkout root (as the README runs it) the default folder is bench/results, the committed
+    # results, which the run replaces; from any other folder, ./bench/results there (see --help).
+    sys.exit(main(prog="bench_mlra.py", default_out=script_default_out(__file__)))

@@ -1,7 +1,7 @@
 """Where the CPU latent path's forward+backward spends its time (torch.profiler), at the CPU benchmark's
 narrow row that misses 1.5x: GPT-2 small's width, T = 1024, B = 2, g = H = 12, r = 32, fp32.
 
-    python bench/profile_latent_cpu.py      # writes bench/results/profile_latent_cpu.json
+    python bench/profile_latent_cpu.py      # from the checkout root: writes bench/results/profile_latent_cpu.json
 
 Rows: the median of 7 round-by-round timings of ours and of unfused MLRA, then ours' profiled self time
 (3 steps, per step) in the latent GEMMs (aten::mm), torch's fused CPU attention (forward and backward),
@@ -19,7 +19,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from mlra_kernels.benchmarks.common import write_results  # noqa: E402
+from mlra_kernels.benchmarks.common import script_default_out, write_results  # noqa: E402
 from mlra_kernels.benchmarks.mlra import unfused_mlra  # noqa: E402
 from mlra_kernels.ops.mlra import kernel_path, mlra_attention  # noqa: E402
 
@@ -68,7 +68,9 @@ def main() -> int:
     rows += [{"op": "profile", "variant": "ours", "part": k, "ms_per_step": v, "steps": STEPS} for k, v in parts.items()]
     for row in rows:
         print(row)
-    print(f"wrote {write_results('profile_latent_cpu', rows)}")
+    # From the checkout root: bench/results, the committed result; elsewhere ./bench/results there, a file
+    # git tracks refused.
+    print(f"wrote {write_results('profile_latent_cpu', rows, out_dir=script_default_out(__file__))}")
     return 0
 
 

@@ -339,7 +339,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--title", default=None)
     p.set_defaults(func=cmd_plot)
 
-    p = sub.add_parser("bench", help="run the kernel benchmarks (mlra_kernels.benchmarks: tev, mlra, decode)")
+    p = sub.add_parser(
+        "bench", help="run the kernel benchmarks (mlra_kernels.benchmarks: tev, mlra, decode)",
+        description="Run the kernel benchmarks shipped in mlra_kernels.benchmarks, each in its own process; the "
+                    "arguments after the name go to the benchmark (`mlra bench tev --help` lists them). Results "
+                    "are JSON files in the folder --out (tev, decode) or --out-dir (mlra) names, by default in "
+                    "./bench/results of the current folder, wherever the package is installed from. A result file "
+                    "that git tracks (such as a checkout's committed results, when run from its root) is replaced "
+                    "only when --out / --out-dir names its folder: without it the benchmark stops before measuring "
+                    "and says so.")
     p.add_argument("which", nargs="?", choices=["all", "tev", "mlra", "decode"], default="all")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="arguments passed to the benchmark scripts")
     p.set_defaults(func=cmd_bench)

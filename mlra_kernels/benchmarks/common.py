@@ -11,19 +11,29 @@ API (stable, small):
     gbps(nbytes, ms) -> float
         bytes moved / time, in GB/s (1e9 bytes).
     default_results_dir() -> pathlib.Path
-        where results go when no folder is given: <checkout>/bench/results (the committed results) when
-        the package runs from its source checkout, ./bench/results of the current folder otherwise.
+        where results go when no folder is given: ./bench/results of the current folder, wherever the
+        package runs from (an installed wheel or its source checkout).
     results_dir(out_dir=None) -> pathlib.Path
         the absolute folder for `out_dir`: None is the default above; a relative path is relative to
         the current folder, like any path a user types.
-    check_output(path, flag, name=None) -> pathlib.Path
-        refuses, before anything is measured, a folder that cannot be created or written, or a result
-        file name that is a folder (ValueError naming the flag); returns the absolute folder.
+    check_output(path, flag, name=None, default=None) -> pathlib.Path
+        refuses, before anything is measured, a folder that cannot be created or written, a result
+        file name that is a folder, or, when no folder was named (`path` and `default` None), a result
+        file that git tracks (ValueError naming the flag); returns the absolute folder.
+    script_default_out(script) -> pathlib.Path | None
+        the result folder a bench/*.py script names on the user's behalf: the checkout's bench/results
+        (whose committed results it then replaces) when it runs from the checkout root, else None.
     write_results(name, rows, out_dir=None, device="cpu") -> pathlib.Path
         writes {"meta": env_metadata(device), "rows": rows} to <out_dir>/<name>.json; every row gets the
         metadata keys it does not already have, so a single row is self-describing. No rows is an error
-        (nothing is written); the file is written under a temporary name and renamed, so an earlier
-        result is replaced only by a complete one.
+        (nothing is written), and so is a file git tracks when `out_dir` is None; the file is written
+        under a temporary name and renamed, so an earlier result is replaced only by a complete one.
+
+Where results go: the folder the user names (--out / --out-dir), else ./bench/results of the current
+folder. A result file that git tracks (the committed results of the source checkout, or of any other
+repository) is replaced only when its folder was named; without a name the run stops before measuring
+and says which flag replaces it. The bench/*.py scripts name the checkout's bench/results when run from
+the checkout root: that is how the committed results are regenerated.
 
 Command-line helpers shared by the benchmark scripts: `BenchParser` (an argparse parser whose errors are
 one line), the argparse types `positive_int`, `positive_float` and `comma_list(allowed)`, `BenchError`
@@ -58,8 +68,8 @@ from mlra_kernels._fileio import write_atomic
 _CHECKOUT = pathlib.Path(__file__).resolve().parents[2]
 # The source checkout this package runs from (an editable install), or None for an installed wheel.
 SOURCE_CHECKOUT = _CHECKOUT if (_CHECKOUT / "setup.py").is_file() and (_CHECKOUT / "bench").is_dir() else None
-# The default result folder, relative to the source checkout (the committed results) or, for an
-# installed wheel, to the current folder. A folder the user names is relative to the current folder.
+# The default result folder, relative to the current folder, as a folder the user names is. From the
+# checkout root that is the committed results, where a file git tracks is replaced only through --out.
 DEFAULT_RESULTS = pathlib.Path("bench", "results")
 
 # Keys copied from the metadata into every result row.
@@ -184,8 +194,63 @@ class BenchError(Exception):
 
 
 def default_results_dir() -> pathlib.Path:
-    """``<checkout>/bench/results`` in a source checkout, else ``./bench/results`` of the current folder."""
-    return (SOURCE_CHECKOUT or pathlib.Path.cwd()) / DEFAULT_RESULTS
+    """``./bench/results`` of the current folder, also when the package runs from its source checkout:
+    `mlra bench` run from another folder never writes into the checkout."""
+    return pathlib.Path.cwd() / DEFAULT_RESULTS
+
+
+def git_tracked(path: str | os.PathLike) -> bool:
+    """Whether git tracks the file `path` (in whatever repository holds it). Where git cannot tell (no
+    git, or a repository it refuses to read), a file that exists inside the source checkout counts as
+    tracked: the committed results are kept rather than risked."""
+    path = pathlib.Path(os.path.abspath(path))
+    if not path.parent.is_dir():
+        return False
+    try:
+        proc = subprocess.run(["git", "ls-files", "--error-unmatch", "--", f":(literal){path.name}"], cwd=path.parent,
+                              capture_output=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        proc = None
+    if proc is not None and proc.returncode in (0, 1):
+        return proc.returncode == 0
+    if proc is not None and b"not a git repository" in proc.stderr.lower():
+        return False
+    return SOURCE_CHECKOUT is not None and path.exists() and path.is_relative_to(SOURCE_CHECKOUT)
+
+
+def script_default_out(script: str | os.PathLike) -> Optional[pathlib.Path]:
+    """The result folder of a ``bench/*.py`` script when no ``--out`` is given: run from the checkout root
+    (the documented way to regenerate the committed results), the checkout's ``bench/results``, named on
+    the user's behalf so that its tracked files are replaced; from any other folder None, the rule of
+    `mlra bench` (``./bench/results`` there, a tracked file refused)."""
+    root = pathlib.Path(script).resolve().parents[1]
+    return root / DEFAULT_RESULTS if pathlib.Path.cwd().resolve() == root else None
+
+
+def out_help(what: str, default_out: str | os.PathLike | None = None) -> str:
+    """The help of a benchmark's folder flag, saying where `what` goes without it."""
+    if default_out is not None:
+        return (f"folder for {what}, relative to the current folder (default: {_shown(pathlib.Path(default_out))}, "
+                f"the committed results of this checkout, which this run replaces)")
+    return (f"folder for {what}, relative to the current folder (default: ./bench/results of the current folder; "
+            f"a result file there that git tracks, such as a checkout's committed results, is replaced only "
+            f"when this flag names its folder: without it the run stops before measuring)")
+
+
+def _shown(path: pathlib.Path) -> str:
+    """`path` as the user would type it: relative to the current folder when under it."""
+    try:
+        return str(path.relative_to(pathlib.Path.cwd())) or "."
+    except ValueError:
+        return str(path)
+
+
+def _refuse_tracked(target: pathlib.Path, flag: str) -> None:
+    if git_tracked(target):
+        raise ValueError(
+            f"{flag} not given: the default {target} is tracked by git (a committed result), and a tracked file is "
+            f"replaced only when {flag} names its folder; pass {flag} {_shown(target.parent)} to replace it, or "
+            f"{flag} FOLDER to write elsewhere")
 
 
 def results_dir(out_dir: str | os.PathLike | None = None) -> pathlib.Path:
@@ -203,11 +268,19 @@ def results_dir(out_dir: str | os.PathLike | None = None) -> pathlib.Path:
 _CREATED: list[pathlib.Path] = []
 
 
-def check_output(path: str | os.PathLike | None, flag: str, name: Optional[str] = None) -> pathlib.Path:
+def check_output(path: str | os.PathLike | None, flag: str, name: Optional[str] = None,
+                 default: str | os.PathLike | None = None) -> pathlib.Path:
     """Make sure, before a benchmark runs, that its results can be written under `path` (see
     `results_dir`): the folder is created if missing and a probe file written and removed there, and
-    `<name>.json` there must not be a folder. Errors are ValueErrors whose message starts with `flag`
-    and the folder; returns the folder. `run_main` removes the folders created here if the run fails."""
+    `<name>.json` there must not be a folder. With `path` None the folder is `default` (one a caller
+    names on the user's behalf, as the bench/*.py scripts do) or else :func:`default_results_dir`, where
+    a `<name>.json` that git tracks is refused: only a folder named explicitly replaces a tracked file.
+    Errors are ValueErrors whose message starts with `flag` and the folder; returns the folder.
+    `run_main` removes the folders created here if the run fails."""
+    if path is None and default is not None:
+        path = default
+    elif path is None and name is not None:
+        _refuse_tracked(default_results_dir() / f"{name}.json", flag)
     try:
         out = results_dir(path)
     except ValueError as err:
@@ -263,15 +336,18 @@ def write_results(
 ) -> pathlib.Path:
     """Write rows plus metadata to `<out_dir>/<name>.json` (folder: see `results_dir`) and return the path.
 
-    No rows raises ValueError and writes nothing: an empty result must not replace an earlier one. The
-    file is written under a temporary name and renamed once complete."""
+    No rows raises ValueError and writes nothing: an empty result must not replace an earlier one; so
+    does a `<name>.json` that git tracks when `out_dir` is None (a tracked file is replaced only in a
+    folder named explicitly). The file is written under a temporary name and renamed once complete."""
     rows = list(rows)
     if not rows:
         raise ValueError(f"no results to write for {name}: nothing was measured")
     if not name or name in (".", "..") or "/" in name or (os.altsep and os.altsep in name) or os.sep in name:
         raise ValueError(f"expected a result name without folders, got {name!r}")
-    meta = env_metadata(device)
     out = results_dir(out_dir)
+    if out_dir is None:
+        _refuse_tracked(out / f"{name}.json", "out_dir")
+    meta = env_metadata(device)
     full_rows = []
     for row in rows:
         full = dict(row)

@@ -33,6 +33,10 @@ round in a rotating order, the median reported with its 20th and 80th percentile
 
 Correctness first: ``mlra_decode`` is checked against the float64 oracle on small shapes; a failure
 stops the run before any time is reported.
+
+Results: decode_<device>[_<dtype>].json in --out, by default ./bench/results of the current folder, where a
+result file git tracks is replaced only when --out names its folder (``python bench/bench_decode.py``
+from the checkout root names bench/results, the committed results).
 """
 
 from __future__ import annotations
@@ -47,8 +51,8 @@ import torch
 from tqdm.auto import tqdm
 
 from mlra_kernels.benchmarks.common import (
-    BenchError, BenchParser, _summary, check_output, comma_list, gbps, positive_int, run_main, time_cpu, time_gpu,
-    write_results,
+    BenchError, BenchParser, _summary, check_output, comma_list, gbps, out_help, positive_int, run_main, time_cpu,
+    time_gpu, write_results,
 )
 from mlra_kernels.models import GPT2, GPT2Config
 from mlra_kernels.models.gpt2 import LayerCache, MHASelfAttention, MLRASelfAttention
@@ -307,7 +311,7 @@ def bench_generate(device: str, dtype, B: int, prompt: int, new: int, rounds: in
     return rows
 
 
-def build_parser(prog: str = "mlra bench decode") -> argparse.ArgumentParser:
+def build_parser(prog: str = "mlra bench decode", default_out=None) -> argparse.ArgumentParser:
     p = BenchParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--batches", type=lambda s: [positive_int(v) for v in s.split(",")], default=None,
@@ -324,10 +328,9 @@ def build_parser(prog: str = "mlra bench decode") -> argparse.ArgumentParser:
                    help="the layers' and caches' dtype (default fp32 on CPU, bf16 on CUDA); another than the "
                         "default writes decode_<device>_<dtype>.json")
     p.add_argument("--no-generate", action="store_true", help="skip the end-to-end generate() rows")
-    p.add_argument("--out", default=None,
-                   help="folder for decode_<device>.json, relative to the current folder (default: bench/results "
-                        "of the source checkout, or ./bench/results for an installed package)")
+    p.add_argument("--out", default=None, help=out_help("decode_<device>.json", default_out))
     p.add_argument("--traceback", action="store_true", help="on an error, show the Python traceback")
+    p.set_defaults(default_out=default_out)
     return p
 
 
@@ -341,7 +344,7 @@ def run(args: argparse.Namespace) -> int:
     dtn = args.dtype or default
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtn]
     name = f"decode_{args.device}" + ("" if dtn == default else f"_{dtn}")
-    out = check_output(args.out, "--out", name)
+    out = check_output(args.out, "--out", name, default=getattr(args, "default_out", None))
     batches = args.batches or ([1, 8, 32] if args.device == "cuda" else [1, 4, 16])
     lengths = args.lengths or [512, 2048, 8192]
 
@@ -373,8 +376,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv=None, prog: str = "mlra bench decode") -> int:
-    return run_main(prog, run, build_parser(prog), argv)
+def main(argv=None, prog: str = "mlra bench decode", default_out=None) -> int:
+    """`default_out`: the folder used without --out (a bench/*.py script's; see common.script_default_out)."""
+    return run_main(prog, run, build_parser(prog, default_out), argv)
 
 
 if __name__ == "__main__":

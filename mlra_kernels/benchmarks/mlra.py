@@ -36,8 +36,9 @@ Usage:
 
 --smoke changes only the defaults (model d=64 H=2, T 40, 80 tokens, ranks d/4, groups 1 and H; fp32 and
 bf16 on CPU); flags given explicitly are used as given. Results: <--out-dir>/<--out>.json, the folder by
-default bench/results of the source checkout (./bench/results of the current folder for an installed
-package), a relative --out-dir taken from the current folder.
+default ./bench/results of the current folder (a relative --out-dir is taken from there too), where a
+result file git tracks is replaced only when --out-dir names its folder; python bench/bench_mlra.py from
+the checkout root names bench/results, the committed results.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ import torch.nn.functional as F  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from mlra_kernels.benchmarks.common import (  # noqa: E402
-    BenchError, BenchParser, _summary, check_output, positive_int, run_main, time_gpu, write_results,
+    BenchError, BenchParser, _summary, check_output, out_help, positive_int, run_main, time_gpu, write_results,
 )
 from mlra_kernels.ops.mlra import mlra_attention  # noqa: E402
 from mlra_kernels.ops.mlra import kernel_path  # noqa: E402
@@ -365,7 +366,7 @@ def result_name(text: str) -> str:
     return name
 
 
-def build_parser(prog: str = "mlra bench mlra") -> argparse.ArgumentParser:
+def build_parser(prog: str = "mlra bench mlra", default_out=None) -> argparse.ArgumentParser:
     p = BenchParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=None,
                    help=f"default {' '.join(FULL['models'])} (--smoke: the d=64 smoke model)")
@@ -381,10 +382,9 @@ def build_parser(prog: str = "mlra bench mlra") -> argparse.ArgumentParser:
                    help=f"B·T per row (B = tokens // T, at least 1), default {FULL['tokens']} (--smoke: {SMOKE['tokens']})")
     p.add_argument("--smoke", action="store_true", help="tiny shapes; runs on CPU (Triton interpreter)")
     p.add_argument("--out", type=result_name, default=None, help="results name (default mlra_<device>)")
-    p.add_argument("--out-dir", default=None,
-                   help="folder for the JSON, relative to the current folder (default: bench/results of the "
-                        "source checkout, or ./bench/results for an installed package)")
+    p.add_argument("--out-dir", default=None, help=out_help("the JSON", default_out))
     p.add_argument("--traceback", action="store_true", help="on an error, show the Python traceback")
+    p.set_defaults(default_out=default_out)
     return p
 
 
@@ -426,7 +426,7 @@ def run(args: argparse.Namespace) -> int:
                          "or pass --smoke for the tiny interpreter shapes")
     dev_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     name = args.out or "mlra_" + ("smoke_" if args.smoke else "") + re.sub(r"[^a-z0-9]+", "_", dev_name.lower()).strip("_")
-    out = check_output(args.out_dir, "--out-dir", name)
+    out = check_output(args.out_dir, "--out-dir", name, default=getattr(args, "default_out", None))
 
     if args.smoke and device.type == "cpu":
         print("--smoke on the CPU: the Triton kernels run under the interpreter, so this checks that every path "
@@ -447,8 +447,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv=None, prog: str = "mlra bench mlra") -> int:
-    return run_main(prog, run, build_parser(prog), argv)
+def main(argv=None, prog: str = "mlra bench mlra", default_out=None) -> int:
+    """`default_out`: the folder used without --out-dir (a bench/*.py script's; see common.script_default_out)."""
+    return run_main(prog, run, build_parser(prog, default_out), argv)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,9 @@ write without the package: t = torch.std(E.float(), dim=1, unbiased=False); t.me
 the same matrix is the reference read rate. Correctness is checked first (float64 reference on small
 matrices, the one-liner on every benchmarked matrix); nothing is written if a check fails or the run
 stops early, and an earlier result file is replaced only by a complete one.
-Results: tev_<device>.json in --out (default: bench/results of the source checkout, or ./bench/results of
-the current folder for an installed package); rows carry device, versions, commit, date.
+Results: tev_<device>.json in --out (default: ./bench/results of the current folder, where a file git
+tracks is not replaced: pass --out to name its folder; python bench/bench_tev.py from the checkout root
+names bench/results, the committed results); rows carry device, versions, commit, date.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ import torch
 from tqdm.auto import tqdm
 
 from mlra_kernels.benchmarks.common import (
-    BenchError, BenchParser, check_output, comma_list, gbps, positive_int, run_main, time_cpu, time_gpu,
-    write_results,
+    BenchError, BenchParser, check_output, comma_list, gbps, out_help, positive_int, run_main, time_cpu,
+    time_gpu, write_results,
 )
 from mlra_kernels.ops.tev import tev, tev_reference
 from mlra_kernels.ops.tev.reference import tev_one_liner
@@ -130,7 +131,7 @@ def bench_one(v: int, d: int, dtype_name: str, device: str, rep: int) -> dict:
     return row
 
 
-def build_parser(prog: str = "mlra bench tev") -> argparse.ArgumentParser:
+def build_parser(prog: str = "mlra bench tev", default_out=None) -> argparse.ArgumentParser:
     p = BenchParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--dtypes", type=comma_list(DTYPES), default=["fp32", "bf16"],
@@ -138,10 +139,9 @@ def build_parser(prog: str = "mlra bench tev") -> argparse.ArgumentParser:
     p.add_argument("--max-elems", type=max_elems_type, default=1e9,
                    help="largest V·d to run, at least 1e6 (default 1e9)")
     p.add_argument("--rep", type=positive_int, default=5, help="CPU repetitions per measurement (default 5)")
-    p.add_argument("--out", default=None,
-                   help="folder for tev_<device>.json, relative to the current folder (default: bench/results "
-                        "of the source checkout, or ./bench/results for an installed package)")
+    p.add_argument("--out", default=None, help=out_help("tev_<device>.json", default_out))
     p.add_argument("--traceback", action="store_true", help="on an error, show the Python traceback")
+    p.set_defaults(default_out=default_out)
     return p
 
 
@@ -149,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise BenchError("--device cuda: no GPU visible")
     name = f"tev_{args.device}"
-    out = check_output(args.out, "--out", name)
+    out = check_output(args.out, "--out", name, default=getattr(args, "default_out", None))
     cases = [(v, d, dt) for v, d in shapes(args.max_elems, args.device) for dt in args.dtypes]
     if not cases:  # --max-elems has a minimum, so this is a guard, not a path
         raise BenchError(f"--max-elems {args.max_elems:g}: no matrix to benchmark")
@@ -171,8 +171,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv=None, prog: str = "mlra bench tev") -> int:
-    return run_main(prog, run, build_parser(prog), argv)
+def main(argv=None, prog: str = "mlra bench tev", default_out=None) -> int:
+    """`default_out`: the folder used without --out (a bench/*.py script's; see common.script_default_out)."""
+    return run_main(prog, run, build_parser(prog, default_out), argv)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """`mlra bench tev` / `mlra bench mlra` and bench/*.py on bad input and around their result files: every
 bad flag is one line on stderr naming it, a non-zero status and no result file; a relative --out is the
-user's current folder, the default is the checkout's bench/results; a failed or empty run never
-replaces an earlier result."""
+user's current folder, and so is the default (./bench/results), where a file git tracks is replaced only
+through --out; a failed or empty run never replaces an earlier result."""
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -194,13 +195,14 @@ def test_relative_out_is_the_current_folder(tmp_path):
     assert _files(tmp_path) == ["good", "good/tev_cpu.json"]  # no temporary file left
 
 
-def test_default_folder_is_the_checkout_results():
+def test_default_folder_is_the_current_folder_even_from_the_checkout(cwd):
+    """The package runs from its source checkout here, and still writes under the current folder."""
     if common.SOURCE_CHECKOUT is None:
         pytest.skip("the package is not running from its source checkout")
     assert common.SOURCE_CHECKOUT == REPO
-    assert common.default_results_dir() == REPO / "bench" / "results"
-    assert common.results_dir(None) == REPO / "bench" / "results"
-    assert common.results_dir("bench/results") == pathlib.Path.cwd() / "bench" / "results"
+    assert common.default_results_dir() == cwd / "bench" / "results"
+    assert common.results_dir(None) == cwd / "bench" / "results"
+    assert common.results_dir("bench/results") == cwd / "bench" / "results"
 
 
 def test_default_folder_without_a_checkout_is_the_current_folder(cwd, monkeypatch):
@@ -210,15 +212,137 @@ def test_default_folder_without_a_checkout_is_the_current_folder(cwd, monkeypatc
     assert common.results_dir(cwd / "abs") == cwd / "abs"
 
 
-def test_tev_default_out_goes_to_the_checkout_results(tmp_path, monkeypatch, capsys):
-    """A tiny run without --out, the checkout pointed at a scratch folder (committed results untouched)."""
+def test_tev_default_out_goes_to_the_current_folders_bench_results(tmp_path, monkeypatch, capsys):
+    """A tiny run without --out: ./bench/results of the current folder, not the checkout's."""
     checkout = tmp_path / "checkout"
     monkeypatch.setattr(common, "SOURCE_CHECKOUT", checkout)
     monkeypatch.chdir(tmp_path)
     assert tev_bench.main(TINY_TEV) == 0
-    path = checkout / "bench" / "results" / "tev_cpu.json"
+    path = tmp_path / "bench" / "results" / "tev_cpu.json"
     assert f"wrote {path}" in capsys.readouterr().out
-    assert _files(tmp_path) == ["checkout", "checkout/bench", "checkout/bench/results", "checkout/bench/results/tev_cpu.json"]
+    assert _files(tmp_path) == ["bench", "bench/results", "bench/results/tev_cpu.json"]
+
+
+def _tracked_results():
+    """{path: sha256} of every result file git tracks in the checkout's bench/results."""
+    names = subprocess.run(["git", "ls-files", "-z", "--", "bench/results"], cwd=REPO, capture_output=True,
+                           check=True).stdout.decode().split("\0")
+    files = {name: hashlib.sha256((REPO / name).read_bytes()).hexdigest() for name in names if name}
+    assert "bench/results/tev_cpu.json" in files
+    return files
+
+
+def test_mlra_bench_from_another_folder_leaves_the_committed_results_byte_identical(tmp_path):
+    """`mlra bench tev` without --out, run from another folder with the package from this checkout: the
+    result goes to ./bench/results there, and the checkout's tracked results are byte for byte the same."""
+    if common.SOURCE_CHECKOUT != REPO or not (REPO / ".git").exists():
+        pytest.skip("needs the package running from its git checkout")
+    before = _tracked_results()
+    proc = subprocess.run([sys.executable, "-m", "mlra_kernels.cli", "bench", "tev", *TINY_TEV], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    path = tmp_path / "bench" / "results" / "tev_cpu.json"
+    assert f"wrote {path}" in proc.stdout
+    assert [r["dtype"] for r in json.loads(path.read_text())["rows"]] == ["fp32"]
+    assert _tracked_results() == before
+
+
+def test_from_the_checkout_root_without_out_the_committed_results_are_refused_before_measuring():
+    """Run from the checkout root, the default ./bench/results is the committed results: without --out the
+    module refuses, in one line that says how to replace them, and nothing there changes."""
+    if common.SOURCE_CHECKOUT != REPO or not (REPO / ".git").exists():
+        pytest.skip("needs the package running from its git checkout")
+    before = _tracked_results()
+    listing = sorted(os.listdir(REPO / "bench" / "results"))
+    proc = subprocess.run([sys.executable, "-m", "mlra_kernels.benchmarks.tev", *TINY_TEV], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stdout == ""
+    line, = proc.stderr.strip().splitlines()
+    assert "--out not given" in line and "tracked by git" in line and "pass --out bench/results to replace it" in line
+    assert _tracked_results() == before and sorted(os.listdir(REPO / "bench" / "results")) == listing
+
+
+@pytest.fixture
+def repo(tmp_path, monkeypatch):
+    """A git repository with committed results in bench/results (tev, decode, mlra), as the current folder."""
+    results = tmp_path / "bench" / "results"
+    results.mkdir(parents=True)
+    for name in ("tev_cpu", "decode_cpu", "mlra_cpu"):
+        (results / f"{name}.json").write_text('{"committed": true}\n')
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    subprocess.run(["git", "add", "bench"], cwd=tmp_path, check=True)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _stub_tev(monkeypatch):
+    monkeypatch.setattr(tev_bench, "check_small", lambda device: None)
+    monkeypatch.setattr(tev_bench, "bench_one", lambda v, d, name, device, rep: {
+        "speedup_vs_one_liner": 1.0, "gbps": 1.0, "one_liner_gbps": 1.0, "sum_gbps": 1.0,
+        "fraction_of_sum_read_rate": 1.0})
+
+
+def test_a_tracked_result_is_replaced_only_through_out(repo, capsys, monkeypatch):
+    from mlra_kernels.benchmarks import decode
+
+    committed = '{"committed": true}\n'
+    monkeypatch.setattr(tev_bench, "check_small", lambda device: pytest.fail("measured before refusing"))
+    monkeypatch.setattr(decode, "check_decode", lambda *a: pytest.fail("measured before refusing"))
+    monkeypatch.setattr(mlra_bench, "correctness_gate", lambda *a: pytest.fail("measured before refusing"))
+    before = _files(repo)
+    for main, argv, flag in ((tev_bench.main, TINY_TEV, "--out"), (decode.main, ["--no-generate"], "--out"),
+                             (mlra_bench.main, ["--smoke", "--out", "mlra_cpu"], "--out-dir")):
+        line = _one_line_error(capsys, main(argv), f"{flag} not given", "tracked by git",
+                               f"pass {flag} bench/results to replace it, or {flag} FOLDER")
+        assert "no result file written" in line
+    assert _files(repo) == before  # no probe file, no new folder
+    assert all((repo / "bench" / "results" / f"{n}.json").read_text() == committed for n in ("tev_cpu", "decode_cpu",
+                                                                                             "mlra_cpu"))
+
+    _stub_tev(monkeypatch)
+    assert tev_bench.main([*TINY_TEV, "--out", "bench/results"]) == 0  # named: replaced
+    assert json.loads((repo / "bench" / "results" / "tev_cpu.json").read_text())["rows"][0]["gbps"] == 1.0
+    (repo / "bench" / "results" / "new.json").write_text("{}")  # an untracked file is no reason to refuse
+    path = common.write_results("new", [{"a": 1}])
+    assert path == repo / "bench" / "results" / "new.json"
+    with pytest.raises(ValueError, match="out_dir not given: the default .*decode_cpu.json is tracked by git"):
+        common.write_results("decode_cpu", [{"a": 1}])
+    assert (repo / "bench" / "results" / "decode_cpu.json").read_text() == committed
+
+
+def test_bench_scripts_replace_the_committed_results_only_from_the_checkout_root(repo, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """`python bench/bench_tev.py` from the checkout root names bench/results (the README's way to
+    regenerate the committed results); from any other folder a script follows the rule of `mlra bench`."""
+    script = repo / "bench" / "bench_tev.py"
+    assert common.script_default_out(script) == repo / "bench" / "results"
+    assert common.script_default_out(REPO / "bench" / "bench_tev.py") is None  # the current folder is `repo`
+    _stub_tev(monkeypatch)
+    assert tev_bench.main(TINY_TEV, default_out=common.script_default_out(script)) == 0
+    assert json.loads((repo / "bench" / "results" / "tev_cpu.json").read_text())["rows"][0]["gbps"] == 1.0
+    text = " ".join(tev_bench.build_parser("bench_tev.py", repo / "bench" / "results").format_help().split())
+    assert "(default: bench/results, the committed results of this checkout, which this run replaces)" in text
+
+    elsewhere = repo / "sub"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert common.script_default_out(script) is None
+    assert tev_bench.main(TINY_TEV, default_out=common.script_default_out(script)) == 0
+    assert (elsewhere / "bench" / "results" / "tev_cpu.json").is_file()
+
+
+def test_git_tracked_outside_a_repository_and_without_git(tmp_path, monkeypatch):
+    (tmp_path / "r.json").write_text("{}")
+    assert not common.git_tracked(tmp_path / "r.json")  # not a repository
+    assert not common.git_tracked(tmp_path / "none" / "r.json")
+
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(common.subprocess, "run", no_git)
+    monkeypatch.setattr(common, "SOURCE_CHECKOUT", tmp_path)
+    assert common.git_tracked(tmp_path / "r.json")  # git cannot tell: inside the checkout, kept
+    assert not common.git_tracked(tmp_path / "missing.json")
 
 
 def _fake_row(model, d, H, T, B, g, r, dtype_name, device):
