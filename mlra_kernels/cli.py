@@ -347,7 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "./bench/results of the current folder, wherever the package is installed from. A result file "
                     "that git tracks (such as a checkout's committed results, when run from its root) is replaced "
                     "only when --out / --out-dir names its folder: without it the benchmark stops before measuring "
-                    "and says so.")
+                    "and says so. Each result records the clock's resolution and the calls per timing; timings "
+                    "on the clock's floor are taken again over batches of calls, or refused.")
     p.add_argument("which", nargs="?", choices=["all", "tev", "mlra", "decode"], default="all")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="arguments passed to the benchmark scripts")
     p.set_defaults(func=cmd_bench)

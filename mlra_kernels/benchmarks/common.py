@@ -4,10 +4,19 @@ API (stable, small):
 
     env_metadata(device="cpu") -> dict
         device name, torch / Triton / CUDA / Python versions, git commit, UTC date, CPU count, load.
-    time_cpu(fn, *, warmup=1, rep=5, min_time_s=0.0) -> dict
-        wall-clock timing of a CPU callable: {"ms": median, "ms_p20": ..., "ms_p80": ..., "n": reps}.
-    time_gpu(fn, *, warmup=25, rep=100) -> dict
+    time_cpu(fn, *, warmup=1, rep=5, min_time_s=0.0, label="timing") -> dict
+        wall-clock timing of a CPU callable: {"ms": median, "ms_p20": ..., "ms_p80": ..., "n": reps,
+        "inner": calls per timing, "rerun": bool}. Timings on the clock's floor (floor_reason) are taken
+        again over batches of calls, or refused with a BenchError.
+    time_interleaved(fns, *, rounds, warmup=1, label="timing") -> dict
+        the same for several callables {name: fn}, timed round by round in a rotating order.
+    time_gpu(fn, *, warmup=25, rep=100, label="timing") -> dict
         triton.testing.do_bench median with quantiles (0.2, 0.8), same keys as time_cpu.
+    clock_info() -> dict, floor_reason(spans_s, tick_s) -> str | None
+        the clock's reported and measured resolution (recorded in every result's meta), and why timings
+        sit on its floor: within a few ticks of it, or all the same multiple of one quantum.
+    timing_fields(**timings) -> dict
+        a row's "inner_reps" (calls per timing, by name) and "rerun_at_floor" (any taken again).
     gbps(nbytes, ms) -> float
         bytes moved / time, in GB/s (1e9 bytes).
     default_results_dir() -> pathlib.Path
@@ -50,7 +59,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import functools
 import json
+import math
 import os
 import sys
 import pathlib
@@ -153,6 +164,8 @@ def env_metadata(device: str | torch.device = "cpu") -> dict:
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "cpu_count": os.cpu_count(),
         "loadavg_1m": load,
+        "clock": dict(clock_info(), **({"cuda_event_resolution_s": CUDA_EVENT_RESOLUTION_S}
+                                       if device.type == "cuda" else {})),
         **extra,
     }
 
@@ -163,25 +176,217 @@ def _summary(times_ms: list[float]) -> dict:
     return {"ms": statistics.median(times_ms), "ms_p20": q[0], "ms_p80": q[3], "n": len(times_ms)}
 
 
-def time_cpu(fn: Callable[[], object], *, warmup: int = 1, rep: int = 5, min_time_s: float = 0.0) -> dict:
-    """Median wall time of `fn()` over `rep` runs (at least `min_time_s` in total), after `warmup` runs."""
+# ---------------------------------------------------------------- timing, and the clock's floor
+
+# The clock every CPU timing reads: a module global, so that a test can put a fake clock in its place.
+CLOCK: Callable[[], float] = time.perf_counter
+CLOCK_NAME = "perf_counter"
+# A timing that spans fewer than FLOOR_TICKS ticks of the clock (one tick is then more than 5% of it),
+# or single calls whose repeats all read the same multiple of one quantum, say more about the clock (a
+# coarse or stalled one) or the scheduler than about the code. They are measured again with the calls
+# batched, so that one timing spans at least TARGET_TICKS ticks, each divided by its batch ("inner").
+FLOOR_TICKS = 20
+TARGET_TICKS = 10 * FLOOR_TICKS
+# A timing still on the floor at MAX_INNER calls, or whose next try is expected to take longer than
+# RERUN_BUDGET_S, is refused (BenchError) rather than written.
+MAX_INNER = 100_000
+RERUN_BUDGET_S = 60.0
+MAX_TIMINGS = 10_000  # the most timings one measurement takes, whatever its min_time_s
+# CUDA events, which do_bench reads, resolve about 0.5 µs; a GPU timing within GPU_FLOOR_TICKS of that
+# is batched the same way.
+CUDA_EVENT_RESOLUTION_S = 0.5e-6
+GPU_FLOOR_TICKS = 4
+
+
+@functools.lru_cache(maxsize=None)
+def _measured_tick(clock: Callable[[], float]) -> float:
+    """The smallest non-zero step between successive readings of `clock`, over 20 tries."""
+    steps = []
+    for _ in range(20):
+        t0 = t1 = clock()
+        for _ in range(1_000_000):
+            t1 = clock()
+            if t1 != t0:
+                break
+        else:
+            raise BenchError(f"the clock (time.{CLOCK_NAME}) did not move in a million readings: it is stalled, "
+                             f"and every timing would read 0")
+        steps.append(t1 - t0)
+    return min(steps)
+
+
+def clock_info() -> dict:
+    """The clock the CPU timings read: the resolution the OS reports for it, the smallest step measured
+    between successive readings (once per process), and `resolution_s`, the larger of the two, which
+    timings are checked against (see :func:`floor_reason`)."""
+    info = time.get_clock_info(CLOCK_NAME)
+    measured = _measured_tick(CLOCK)
+    return {"timer": f"time.{CLOCK_NAME}", "implementation": info.implementation,
+            "reported_resolution_s": info.resolution, "measured_tick_s": measured,
+            "resolution_s": max(info.resolution, measured), "floor_ticks": FLOOR_TICKS, "target_ticks": TARGET_TICKS}
+
+
+def clock_resolution() -> float:
+    """The tick CPU timings are checked against, in seconds (``clock_info()["resolution_s"]``)."""
+    return clock_info()["resolution_s"]
+
+
+def floor_reason(spans_s: Sequence[float], tick_s: float, *, floor_ticks: int = FLOOR_TICKS,
+                 repeats: bool = True) -> Optional[str]:
+    """Why the timings `spans_s` (seconds, one per timing) sit on the floor of a clock whose tick is
+    `tick_s`, or None when they do not:
+
+    - a timing read 0 or less (the clock did not move), or their median spans fewer than `floor_ticks`
+      ticks (within a few ticks of the resolution);
+    - with `repeats` (timings of single calls) and three timings or more: at least three and 80% of
+      them read the median to within half a tick (the same reading), or every one is a whole multiple
+      (to within half a tick) of the shortest, itself at least TARGET_TICKS ticks long, and one at least
+      twice it. Single calls of real code on a shared machine do not agree that closely: a stalled
+      clock, or a quantum of the clock or the scheduler, set them. (Batches of calls average their
+      jitter away, so a steady batch may read the same each time.)
+    """
+    spans = [float(s) for s in spans_s]
+    if not spans:
+        return None
+    if min(spans) <= 0:
+        return f"a timing read {min(spans) * 1e3:.6g} ms: the clock did not move"
+    med = statistics.median(spans)
+    if med < floor_ticks * tick_s:
+        return (f"the median timing, {med * 1e3:.6g} ms, is within {floor_ticks} ticks of the clock's "
+                f"resolution ({tick_s * 1e3:.3g} ms)")
+    if repeats and len(spans) >= 3:
+        same = sum(abs(s - med) <= tick_s / 2 for s in spans)
+        if same >= max(3, 0.8 * len(spans)):
+            return f"{same} of {len(spans)} timings read {med * 1e3:.6g} ms"
+        low = min(spans)
+        if low >= TARGET_TICKS * tick_s and all(abs(s - round(s / low) * low) <= tick_s / 2 for s in spans):
+            return f"every timing is a whole multiple of {low * 1e3:.6g} ms, a clock or scheduler quantum"
+    return None
+
+
+def _more_inner(inner: int, spans_s: Sequence[float], tick_s: float, floor_ticks: int) -> int:
+    """The calls per timing of the next try of a timing on the floor: enough for 10 × `floor_ticks` ticks
+    at the median so far less one tick (a reading is up to one tick long), and at least 10× more."""
+    low = max(statistics.median(spans_s) - tick_s, tick_s)
+    return inner * max(10, math.ceil(10 * floor_ticks * tick_s / low))
+
+
+def _refuse_floor(label: str, reason: str, inner: int, why: str) -> None:
+    raise BenchError(
+        f"{label}: timings on the clock's floor ({reason}) at {inner} call(s) per timing, and {why}; the clock "
+        f"is too coarse or stalled, or the machine too loaded, to time it")
+
+
+def _span(fn: Callable[[], object], inner: int) -> float:
+    """Seconds of `inner` back-to-back calls of `fn`, read on CLOCK."""
+    t0 = CLOCK()
+    for _ in range(inner):
+        fn()
+    return CLOCK() - t0
+
+
+def time_cpu(fn: Callable[[], object], *, warmup: int = 1, rep: int = 5, min_time_s: float = 0.0,
+             label: str = "timing") -> dict:
+    """Median wall time of one call of `fn()` over `rep` timings (at least `min_time_s` in all), after
+    `warmup` calls. A timing is one call, unless the timings sit on the clock's floor
+    (:func:`floor_reason`): then all are taken again, each over a batch of calls that spans about
+    TARGET_TICKS ticks, and divided by the batch; one still on the floor at MAX_INNER calls, or whose
+    next try would take over RERUN_BUDGET_S, is a BenchError naming `label`.
+    Returns ``{"ms", "ms_p20", "ms_p80", "n", "inner": calls per timing, "rerun": measured again}``."""
+    tick = clock_resolution()
     for _ in range(warmup):
         fn()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < rep or time.perf_counter() - start < min_time_s:
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return _summary(times)
+    inner, rerun = 1, False
+    while True:
+        spans: list[float] = []
+        start = CLOCK()
+        while len(spans) < rep or (CLOCK() - start < min_time_s and len(spans) < MAX_TIMINGS):
+            spans.append(_span(fn, inner))
+        reason = floor_reason(spans, tick, repeats=inner == 1)
+        if reason is None:
+            break
+        more = _more_inner(inner, spans, tick, FLOOR_TICKS)
+        expected = rep * more / inner * max(statistics.median(spans), tick)
+        if more > MAX_INNER:
+            _refuse_floor(label, reason, inner, f"{more} calls per timing would pass the limit of {MAX_INNER}")
+        if expected > RERUN_BUDGET_S:
+            _refuse_floor(label, reason, inner, f"a try at {more} calls per timing could take {expected:.0f} s")
+        inner, rerun = more, True
+    return {**_summary([s * 1e3 / inner for s in spans]), "inner": inner, "rerun": rerun}
 
 
-def time_gpu(fn: Callable[[], object], *, warmup: int = 25, rep: int = 100) -> dict:
-    """triton.testing.do_bench median and (0.2, 0.8) quantiles, in ms."""
+def time_interleaved(fns: dict[str, Callable[[], object]], *, rounds: int, warmup: int = 1,
+                     label: str = "timing") -> dict[str, dict]:
+    """Wall times of several candidates ``{name: fn}`` measured round by round: each round times every
+    candidate once, in an order that rotates from round to round, so that a slow stretch of a shared
+    machine falls on all of them alike; `warmup` untimed rounds first. The floor is handled as in
+    :func:`time_cpu`, per candidate: a candidate on the floor gets batches of calls, and all candidates
+    are measured again together. Returns ``{name: {"ms", "ms_p20", "ms_p80", "n", "inner", "rerun",
+    "times_ms": the per-call time of each round}}``; a failure names ``label: name``."""
+    names = list(fns)
+    tick = clock_resolution()
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    inner = dict.fromkeys(names, 1)
+    rerun = dict.fromkeys(names, False)
+    while True:
+        spans: dict[str, list[float]] = {name: [] for name in names}
+        for k in range(rounds):
+            for name in names[k % len(names):] + names[:k % len(names)]:
+                spans[name].append(_span(fns[name], inner[name]))
+        floor = {name: reason for name in names
+                 if (reason := floor_reason(spans[name], tick, repeats=inner[name] == 1)) is not None}
+        if not floor:
+            break
+        more = {name: _more_inner(inner[name], spans[name], tick, FLOOR_TICKS) if name in floor else inner[name]
+                for name in names}
+        expected = sum(rounds * more[n] / inner[n] * max(statistics.median(spans[n]), tick) for n in names)
+        for name, reason in floor.items():
+            if more[name] > MAX_INNER:
+                _refuse_floor(f"{label}: {name}", reason, inner[name],
+                              f"{more[name]} calls per timing would pass the limit of {MAX_INNER}")
+            if expected > RERUN_BUDGET_S:
+                _refuse_floor(f"{label}: {name}", reason, inner[name],
+                              f"a try at {more[name]} calls per timing could take {expected:.0f} s")
+            rerun[name] = True
+        inner = more
+    out = {}
+    for name in names:
+        per_call = [s * 1e3 / inner[name] for s in spans[name]]
+        out[name] = {**_summary(per_call), "inner": inner[name], "rerun": rerun[name], "times_ms": per_call}
+    return out
+
+
+def time_gpu(fn: Callable[[], object], *, warmup: int = 25, rep: int = 100, label: str = "timing") -> dict:
+    """triton.testing.do_bench median and (0.2, 0.8) quantiles, in ms. A median within GPU_FLOOR_TICKS
+    ticks of the CUDA events' resolution is measured again over batches of calls (divided by the batch;
+    do_bench then flushes L2 before each batch, not each call); still there at MAX_INNER calls, it is a
+    BenchError naming `label`. ``inner`` and ``rerun`` as in :func:`time_cpu`."""
     from triton.testing import do_bench
 
-    med, p20, p80 = do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.5, 0.2, 0.8])
-    return {"ms": med, "ms_p20": p20, "ms_p80": p80, "n": None, "rep_ms": rep}  # do_bench's rep is a time
+    inner, rerun, tick = 1, False, CUDA_EVENT_RESOLUTION_S
+    while True:
+        batch = fn if inner == 1 else (lambda k=inner: [fn() for _ in range(k)])
+        med, p20, p80 = do_bench(batch, warmup=warmup, rep=rep, quantiles=[0.5, 0.2, 0.8])
+        reason = floor_reason([med * 1e-3], tick, floor_ticks=GPU_FLOOR_TICKS, repeats=False)
+        if reason is None:
+            break
+        more = _more_inner(inner, [med * 1e-3], tick, GPU_FLOOR_TICKS)
+        if more > MAX_INNER:
+            _refuse_floor(label, reason, inner, f"{more} calls per timing would pass the limit of {MAX_INNER}")
+        inner, rerun = more, True
+    # do_bench's rep is a time
+    return {"ms": med / inner, "ms_p20": p20 / inner, "ms_p80": p80 / inner, "n": None, "rep_ms": rep,
+            "inner": inner, "rerun": rerun}
+
+
+def timing_fields(**timings: dict) -> dict:
+    """The row fields that say how a row's timings were taken, from the dicts :func:`time_cpu`,
+    :func:`time_gpu` or :func:`time_interleaved` returned: ``{"inner_reps": {name: calls per timing},
+    "rerun_at_floor": whether any was measured again because it sat on the clock's floor}``."""
+    return {"inner_reps": {name: t.get("inner", 1) for name, t in timings.items()},
+            "rerun_at_floor": any(bool(t.get("rerun")) for t in timings.values())}
 
 
 def gbps(nbytes: int, ms: float) -> float:
@@ -348,6 +553,9 @@ def write_results(
     if out_dir is None:
         _refuse_tracked(out / f"{name}.json", "out_dir")
     meta = env_metadata(device)
+    # Whether any row's timings sat on the clock's floor and were measured again (timing_fields).
+    meta["rows_rerun_at_floor"] = sum(bool(row.get("rerun_at_floor")) for row in rows)
+    meta["rerun_at_floor"] = meta["rows_rerun_at_floor"] > 0
     full_rows = []
     for row in rows:
         full = dict(row)

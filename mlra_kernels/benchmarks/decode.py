@@ -36,7 +36,8 @@ stops the run before any time is reported.
 
 Results: decode_<device>[_<dtype>].json in --out, by default ./bench/results of the current folder, where a
 result file git tracks is replaced only when --out names its folder (``python bench/bench_decode.py``
-from the checkout root names bench/results, the committed results).
+from the checkout root names bench/results, the committed results). Each row records its calls per
+timing (``inner_reps``: more than one where a timing sat on the clock's floor and was taken again).
 """
 
 from __future__ import annotations
@@ -44,15 +45,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-import time
 from typing import Callable, Optional
 
 import torch
 from tqdm.auto import tqdm
 
 from mlra_kernels.benchmarks.common import (
-    BenchError, BenchParser, _summary, check_output, comma_list, gbps, out_help, positive_int, run_main, time_cpu,
-    time_gpu, write_results,
+    BenchError, BenchParser, check_output, comma_list, gbps, out_help, positive_int, run_main, time_cpu, time_gpu,
+    time_interleaved, timing_fields, write_results,
 )
 from mlra_kernels.models import GPT2, GPT2Config
 from mlra_kernels.models.gpt2 import LayerCache, MHASelfAttention, MLRASelfAttention
@@ -123,7 +123,8 @@ def _filled_cache(name: str, cfg: GPT2Config, B: int, S: int, device, dtype) -> 
 def read_bandwidth(device: str, rep: int) -> float:
     """GB/s of ``buffer.sum()`` over 256 MB: the machine's read rate, measured in this run."""
     buf = torch.randn(64 * 2**20, device=device)  # 256 MB of fp32
-    timer = time_gpu if device == "cuda" else (lambda f: time_cpu(f, warmup=1, rep=rep))
+    label = "read bandwidth (sum of 256 MB)"
+    timer = (lambda f: time_gpu(f, label=label)) if device == "cuda" else (lambda f: time_cpu(f, rep=rep, label=label))
     t = timer(lambda: buf.sum())
     rate = gbps(buf.numel() * 4, t["ms"])
     del buf
@@ -205,6 +206,7 @@ def _row(stack: _LayerStack, name: str, t: dict, device: str, dtype, bw: float) 
         "bytes": nbytes, "cache_bytes": stack.cache_bytes, "gbps": gbps(nbytes, t["ms"]),
         "read_bw_gbps": bw, "fraction_of_read_bw": gbps(nbytes, t["ms"]) / bw,
         "tokens_per_s": B / (t["ms"] / 1e3),
+        **timing_fields(step=t),
     }
 
 
@@ -213,19 +215,14 @@ def bench_point_cpu(names: list[str], B: int, S: int, d: int, H: int, dtype, rou
     round times one pass of every variant's stack, in an order that rotates from round to round, so that
     a slow stretch of a shared machine falls on all of them alike. Median and 20/80% quantiles."""
     stacks = {name: _LayerStack(name, B, S, d, H, "cpu", dtype) for name in names}
-    times: dict[str, list[float]] = {name: [] for name in names}
-    with torch.no_grad():
-        for name in names:
-            stacks[name].step()  # warm-up
-        for k in range(rounds):
-            order = names[k % len(names):] + names[:k % len(names)]
-            for name in order:
-                t0 = time.perf_counter()
-                stacks[name].step()
-                times[name].append((time.perf_counter() - t0) * 1e3 / len(stacks[name].layers))
+    with torch.no_grad():  # one warm-up round, then timings of whole passes (on the clock's floor: batches)
+        passes = time_interleaved({name: stacks[name].step for name in names}, rounds=rounds, warmup=1,
+                                  label=f"decode step B={B} S={S}")
     rows = []
     for name in names:
-        row = _row(stacks[name], name, _summary(times[name]), "cpu", dtype, bw)
+        depth = len(stacks[name].layers)
+        t = dict(passes[name], **{key: passes[name][key] / depth for key in ("ms", "ms_p20", "ms_p80")})
+        row = _row(stacks[name], name, t, "cpu", dtype, bw)
         row["decode_path"] = stacks[name].decode_path()
         rows.append(row)
     return rows
@@ -235,7 +232,7 @@ def bench_step(name: str, B: int, S: int, d: int, H: int, device: str, dtype, bw
     """One variant's step on the GPU (``do_bench``, which flushes L2 between repetitions)."""
     stack = _LayerStack(name, B, S, d, H, device, dtype)
     with torch.no_grad():
-        t = time_gpu(stack.step)
+        t = time_gpu(stack.step, label=f"decode step {name} B={B} S={S}")
     row = _row(stack, name, t, device, dtype, bw)
     row["decode_path"] = stack.decode_path()
     return row
@@ -292,21 +289,23 @@ def bench_generate(device: str, dtype, B: int, prompt: int, new: int, rounds: in
     times, round by round in rotating order so that a slow stretch of the machine falls on all alike;
     the median and the 20th/80th percentiles."""
     cases = _generate_cases(device, dtype, B, prompt, new)
-    seconds: dict[str, list[float]] = {name: [] for name, _, _ in cases}
-    for i in range(rounds):
-        for name, _, run_once in cases[i % len(cases):] + cases[:i % len(cases)]:
-            t0 = time.perf_counter()
+
+    def timed(run_once):
+        def call():
             run_once()
             if device == "cuda":
                 torch.cuda.synchronize()
-            seconds[name].append(time.perf_counter() - t0)
+        return call
+
+    t = time_interleaved({name: timed(run_once) for name, _, run_once in cases}, rounds=rounds, warmup=0,
+                         label="generate")  # the cases warmed up when built
     rows = []
     for name, fields, _ in cases:
-        s, slow, fast = _time_quantiles(seconds[name])
+        s, slow, fast = _time_quantiles([ms / 1e3 for ms in t[name]["times_ms"]])
         rows.append({"op": "generate", "variant": name, **fields, "layers": 4, "d": 512, "H": 8, "B": B,
                      "prompt": prompt, "new_tokens": new, "rounds": rounds, "s": s, "tokens_per_s": B * new / s,
                      "tokens_per_s_p20": B * new / slow, "tokens_per_s_p80": B * new / fast,
-                     "device_type": device,
+                     "device_type": device, **timing_fields(generate=t[name]),
                      "dtype": str(dtype).replace("torch.", "") if fields["model"].startswith("mlra") else "float32"})
     return rows
 

@@ -38,7 +38,8 @@ Usage:
 bf16 on CPU); flags given explicitly are used as given. Results: <--out-dir>/<--out>.json, the folder by
 default ./bench/results of the current folder (a relative --out-dir is taken from there too), where a
 result file git tracks is replaced only when --out-dir names its folder; python bench/bench_mlra.py from
-the checkout root names bench/results, the committed results.
+the checkout root names bench/results, the committed results. Each row records its timings' calls per
+timing (inner_reps: more than one where a timing sat on the clock's floor and was taken again).
 """
 
 from __future__ import annotations
@@ -48,7 +49,6 @@ import math
 import os
 import re
 import sys
-import time
 
 import torch
 
@@ -59,7 +59,8 @@ import torch.nn.functional as F  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from mlra_kernels.benchmarks.common import (  # noqa: E402
-    BenchError, BenchParser, _summary, check_output, out_help, positive_int, run_main, time_gpu, write_results,
+    BenchError, BenchParser, check_output, out_help, positive_int, run_main, time_gpu, time_interleaved,
+    timing_fields, write_results,
 )
 from mlra_kernels.ops.mlra import mlra_attention  # noqa: E402
 from mlra_kernels.ops.mlra import kernel_path  # noqa: E402
@@ -182,11 +183,11 @@ def _phases(fn, leaves, go):
     return {"fwd": fwd, "bwd": bwd, "fwdbwd": fwdbwd}, out
 
 
-def timings(fn, leaves, go, cuda=True):
+def timings(fn, leaves, go, cuda=True, label="timing"):
     """One candidate's times on the GPU (``do_bench``) with its peak memory of forward+backward (the CPU
     candidates are timed together, by :func:`interleaved_cpu_timings`)."""
     phases, out = _phases(fn, leaves, go)
-    res = {name: time_gpu(f) for name, f in phases.items()}
+    res = {name: time_gpu(f, label=f"{label} {name}") for name, f in phases.items()}
     del out
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
@@ -201,27 +202,22 @@ def timings(fn, leaves, go, cuda=True):
 CPU_ROUNDS = 9
 
 
-def interleaved_cpu_timings(candidates: dict, go, rounds: int = CPU_ROUNDS) -> dict:
+def interleaved_cpu_timings(candidates: dict, go, rounds: int = CPU_ROUNDS, label: str = "timing") -> dict:
     """CPU times of several candidates ``{name: (fn, leaves)}``, measured round by round: each round runs
     every candidate's phase once, in an order that rotates from round to round, so that a slow stretch
     of a shared 2-core machine falls on all of them alike instead of on whichever ran then. Median and
-    20/80% quantiles per candidate and phase, after one warm-up round."""
+    20/80% quantiles per candidate and phase, after one warm-up round (``common.time_interleaved``:
+    timings on the clock's floor are taken again over batches of calls)."""
     names = list(candidates)
     phases = {}
     for name, (fn, leaves) in candidates.items():
         phases[name] = _phases(fn, leaves, go)
     res = {name: {} for name in names}
     for phase in ("fwd", "bwd", "fwdbwd"):
-        times = {name: [] for name in names}
-        for k in range(rounds + 1):
-            order = names[k % len(names):] + names[:k % len(names)]
-            for name in order:
-                t0 = time.perf_counter()
-                phases[name][0][phase]()
-                if k:  # round 0 warms up
-                    times[name].append((time.perf_counter() - t0) * 1e3)
+        t = time_interleaved({name: phases[name][0][phase] for name in names}, rounds=rounds, warmup=1,
+                             label=f"{label} {phase}")
         for name in names:
-            res[name][phase] = _summary(times[name])
+            res[name][phase] = t[name]
     del phases
     return res
 
@@ -302,15 +298,16 @@ def bench_row(model, d, H, T, B, g, r, dtype_name, device):
         raise BenchError(f"row check failed for {model} T={T} g={g} r={r} {dtype_name}: {err:.3e} vs {base_err:.3e}")
 
     mlra_leaves, mha_leaves = [x, down, up, bias], [x, w, bias]
+    what = f"{model} T={T} g={g} r={r} {dtype_name}"
     if cuda:
         name_a, t_a = best_backend(lambda be: unfused_mlra(x, down, up, bias, H, g, be), mlra_leaves, go, cuda)
         name_b, t_b = best_backend(lambda be: mha(x, w, bias, H, be), mha_leaves, go, cuda)
-        t_c = timings(ours, mlra_leaves, go, cuda)
+        t_c = timings(ours, mlra_leaves, go, cuda, label=f"{what} ours")
     else:  # one SDPA backend on the CPU; the three candidates measured round by round
         name_a = name_b = "default"
         t = interleaved_cpu_timings({"unfused": (lambda: unfused_mlra(x, down, up, bias, H, g), mlra_leaves),
                                      "mha": (lambda: mha(x, w, bias, H), mha_leaves),
-                                     "ours": (ours, mlra_leaves)}, go)
+                                     "ours": (ours, mlra_leaves)}, go, label=what)
         t_a, t_b, t_c = t["unfused"], t["mha"], t["ours"]
     saved = {
         "unfused": saved_bytes(lambda: unfused_mlra(x, down, up, bias, H, g, None if not cuda else name_a), mlra_leaves),
@@ -336,6 +333,8 @@ def bench_row(model, d, H, T, B, g, r, dtype_name, device):
     row["speedup_fwdbwd_vs_unfused"] = t_a["fwdbwd"]["ms"] / t_c["fwdbwd"]["ms"]
     row["speedup_fwd_vs_mha"] = t_b["fwd"]["ms"] / t_c["fwd"]["ms"]
     row["saved_ratio_vs_unfused"] = saved["ours"][0] / saved["unfused"][0]
+    row.update(timing_fields(**{f"{key}_{phase}": t[phase] for key, t in (("unfused", t_a), ("mha", t_b), ("ours", t_c))
+                                for phase in ("fwd", "bwd", "fwdbwd")}))
     return row
 
 

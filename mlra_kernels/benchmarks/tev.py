@@ -12,7 +12,8 @@ matrices, the one-liner on every benchmarked matrix); nothing is written if a ch
 stops early, and an earlier result file is replaced only by a complete one.
 Results: tev_<device>.json in --out (default: ./bench/results of the current folder, where a file git
 tracks is not replaced: pass --out to name its folder; python bench/bench_tev.py from the checkout root
-names bench/results, the committed results); rows carry device, versions, commit, date.
+names bench/results, the committed results); rows carry device, versions, commit, date, and how each
+time was taken (inner_reps: calls per timing, more than one where a timing sat on the clock's floor).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from tqdm.auto import tqdm
 
 from mlra_kernels.benchmarks.common import (
     BenchError, BenchParser, check_output, comma_list, gbps, out_help, positive_int, run_main, time_cpu,
-    time_gpu, write_results,
+    time_gpu, timing_fields, write_results,
 )
 from mlra_kernels.ops.tev import tev, tev_reference
 from mlra_kernels.ops.tev.reference import tev_one_liner
@@ -100,14 +101,17 @@ def bench_one(v: int, d: int, dtype_name: str, device: str, rep: int) -> dict:
     def run_sum():
         return w.sum().item()
 
+    what = f"{v}x{d} {dtype_name}"
     if device == "cuda":
-        t_tev, t_one, t_sum = time_gpu(run_tev), time_gpu(run_one_liner), time_gpu(run_sum)
+        t_tev = time_gpu(run_tev, label=f"{what} tev")
+        t_one = time_gpu(run_one_liner, label=f"{what} one-liner")
+        t_sum = time_gpu(run_sum, label=f"{what} sum")
     else:
         big = nbytes > 1 << 30
         kw = dict(warmup=1, rep=3 if big else rep, min_time_s=0.0 if big else 0.5)
-        t_tev = time_cpu(run_tev, **kw)
-        t_one = time_cpu(run_one_liner, warmup=0 if big else 1, rep=2 if big else rep)
-        t_sum = time_cpu(run_sum, **kw)
+        t_tev = time_cpu(run_tev, label=f"{what} tev", **kw)
+        t_one = time_cpu(run_one_liner, warmup=0 if big else 1, rep=2 if big else rep, label=f"{what} one-liner")
+        t_sum = time_cpu(run_sum, label=f"{what} sum", **kw)
     row = {
         "op": "tev",
         "device_type": device,
@@ -126,6 +130,7 @@ def bench_one(v: int, d: int, dtype_name: str, device: str, rep: int) -> dict:
         "sum_ms": t_sum["ms"],
         "sum_gbps": gbps(nbytes, t_sum["ms"]),
         "fraction_of_sum_read_rate": t_sum["ms"] / t_tev["ms"],
+        **timing_fields(tev=t_tev, one_liner=t_one, sum=t_sum),
     }
     del w
     return row
