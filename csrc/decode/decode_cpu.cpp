@@ -14,7 +14,7 @@
 // scores, and with causal the keys after new token i (of t, at position L - t + i) score fp32's lowest
 // value, the sums clamped there, so that a row whose keys are all masked averages the values of all L
 // positions. A masked key next to one that is not gets a weight of exactly 0 (exp2_8 underflows to 0).
-// NaN propagates as through SDPA: a NaN score makes its row NaN (the running max keeps NaN), and a NaN
+// NaN propagates as through SDPA: a NaN score makes its row NaN (its weight is NaN), and a NaN
 // value at a position below L makes NaN every row of its sequence and group, masked there or not
 // (0 · NaN); a row whose every score is -inf (infinite inputs) gives NaN, softmax's 0/0.
 #include <ATen/ATen.h>
@@ -139,13 +139,12 @@ MLRA_INLINE v8f hsum8x8(v8f v0, v8f v1, v8f v2, v8f v3, v8f v4, v8f v5, v8f v6, 
 
 // 2^t for t <= 0 (scores minus their running max, in base 2), eight at a time: 2^n · 2^f with
 // n = round(t), f in [-1/2, 1/2] and 2^f = e^(f·ln 2) by its Taylor series to degree 7 (relative error
-// below 1e-8, under one fp32 ulp). Exactly 0 for t < -126 (where 2^t is below fp32's smallest normal):
-// a masked key, whose score is fp32's lowest, weighs nothing. NaN stays NaN.
+// below 1e-8, under one fp32 ulp). Exactly 0 for t < -126.5, where n = -127 gives 2^n the exponent bits
+// of 0: a masked key, whose score is fp32's lowest, weighs nothing. NaN stays NaN.
 MLRA_INLINE v8f exp2_8(v8f t) {
   typedef uint32_t v8u __attribute__((vector_size(32)));
-  const v8f magic = v8f{} + 12582912.f, lo = v8f{} - 126.f;
-  const v8i under = t < lo;
-  t = under ? lo : t;
+  const v8f magic = v8f{} + 12582912.f, lo = v8f{} - 127.f;
+  t = t < lo ? lo : t;
   const v8f u = t + magic;  // round to nearest: the integer sits in u's low mantissa bits
   const v8f n = u - magic;
   const v8f f = (t - n) * 0.693147180559945309f;
@@ -157,8 +156,8 @@ MLRA_INLINE v8f exp2_8(v8f t) {
   p = p * f + 0.5f;
   p = p * f + 1.f;
   p = p * f + 1.f;
-  const v8u e = (((v8u)u - (v8u)magic) + 127u) << 23;  // vector casts keep the bits; n + 127 >= 1
-  return under ? v8f{} : p * (v8f)e;
+  const v8u e = (((v8u)u - (v8u)magic) + 127u) << 23;  // vector casts keep the bits; n + 127 >= 0
+  return p * (v8f)e;
 }
 
 MLRA_INLINE float exp2_1(float t) {
@@ -320,16 +319,19 @@ MLRA_INLINE void run_task(const Problem& p, int64_t b, int64_t grp, int64_t j0, 
       float* s = s_buf + m * kKeyBlock;
       v8f vmax = v8f{} + neg_inf;
       int64_t jj = 0;
-      for (; jj + 8 <= nb; jj += 8) {  // a NaN score sticks, so that its row comes out NaN
+      for (; jj + 8 <= nb; jj += 8) {  // NaN scores are passed over here; their exp2 below is NaN
         const v8f x = load8(s + jj);
-        vmax = (x > vmax) | (x != x) ? x : vmax;
+        vmax = x > vmax ? x : vmax;
       }
-      float bmax = nan_max(nan_max(nan_max(vmax[0], vmax[1]), nan_max(vmax[2], vmax[3])),
-                           nan_max(nan_max(vmax[4], vmax[5]), nan_max(vmax[6], vmax[7])));
-      for (; jj < nb; ++jj) bmax = nan_max(bmax, s[jj]);
-      if (bmax == neg_inf) {  // every score -inf (infinite inputs; masked scores are at least fp32's lowest)
-        std::fill(s, s + nb, 0.f);
-        continue;
+      float bmax = std::max(std::max(std::max(vmax[0], vmax[1]), std::max(vmax[2], vmax[3])),
+                            std::max(std::max(vmax[4], vmax[5]), std::max(vmax[6], vmax[7])));
+      for (; jj < nb; ++jj) bmax = std::max(bmax, s[jj]);
+      if (bmax == neg_inf) {  // every score NaN or -inf (non-finite inputs: masked ones are at least fp32's lowest)
+        if (std::none_of(s, s + nb, [](float x) { return x != x; })) {  // all -inf: the block weighs nothing
+          std::fill(s, s + nb, 0.f);
+          continue;
+        }
+        bmax = std::numeric_limits<float>::quiet_NaN();  // a NaN score: the row is NaN
       }
       const float new_max = nan_max(mx[m], bmax);
       const float corr = mx[m] == neg_inf ? 0.f : exp2_1(mx[m] - new_max);
@@ -761,16 +763,16 @@ at::Tensor latent_decode_step_cpu(const at::Tensor& x, const at::Tensor& w_in, c
   check_operand(v_cache, "v_cache", kOp);
   const int64_t B = x.size(0), t = x.size(1), d = x.size(2);
   const int64_t G = k_cache.size(1), cap = k_cache.size(2), R = k_cache.size(3), H = num_heads;
-  TORCH_CHECK(k_cache.size(0) == B, kOp, ": k_cache must be [B, g, capacity, r] with the B=", B, " sequences of x, got ",
-              k_cache.sizes());
+  TORCH_CHECK(k_cache.size(0) == B, kOp, ": k_cache must be [B, g, capacity, r] with the B=", B,
+              " sequences of x, got ", k_cache.sizes());
   TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), kOp, ": v_cache must have the shape of k_cache, ", k_cache.sizes(),
               ", got ", v_cache.sizes());
-  TORCH_CHECK(G >= 1 && R >= 1, kOp, ": k_cache must have at least one latent group g and a latent width r >= 1 ([B, g, "
-              "capacity, r]), got ", k_cache.sizes());
+  TORCH_CHECK(G >= 1 && R >= 1, kOp, ": k_cache must have at least one latent group g and a latent width r >= 1 ",
+              "([B, g, capacity, r]), got ", k_cache.sizes());
   TORCH_CHECK(t >= 1, kOp, ": x must hold at least one new token, got shape ", x.sizes());
-  TORCH_CHECK(pos >= 0 && t <= cap && pos <= cap - t, kOp, ": pos=", pos, " with t=", t, " new tokens: positions [", pos,
-              ", ", pos <= std::numeric_limits<int64_t>::max() - t ? std::to_string(pos + t) : std::string("2^63 or more"),
-              ") do not fit a cache of ", cap, " positions (k_cache.size(2))");
+  const std::string end = pos <= std::numeric_limits<int64_t>::max() - t ? std::to_string(pos + t) : "2^63 or more";
+  TORCH_CHECK(pos >= 0 && t <= cap && pos <= cap - t, kOp, ": pos=", pos, " with t=", t, " new tokens: positions [",
+              pos, ", ", end, ") do not fit a cache of ", cap, " positions (k_cache.size(2))");
   TORCH_CHECK(seqlens.device().is_cpu() && seqlens.scalar_type() == at::kInt && seqlens.dim() == 1 &&
                   seqlens.size(0) == B && seqlens.is_contiguous(),
               kOp, ": seqlens must be a contiguous int32 CPU [B] = [", B, "] tensor, got ", seqlens.scalar_type(), " ",
@@ -834,7 +836,8 @@ at::Tensor latent_decode_step_cpu(const at::Tensor& x, const at::Tensor& w_in, c
           by_heads ? wrong_heads("w_v") : "", by_heads ? formed_for(wv.size(0)) : "");
   }
   TORCH_CHECK(!b_v.has_value() || w_v.has_value(), kOp, ": b_v is given without w_v");
-  if (b_v.has_value()) check(*b_v, "b_v", {H, dh}, "[num_heads, d/num_heads] for " + heads + ", d=" + std::to_string(d));
+  if (b_v.has_value())
+    check(*b_v, "b_v", {H, dh}, "[num_heads, d/num_heads] for " + heads + ", d=" + std::to_string(d));
   if (w_v.has_value()) {
     check(w_out, "w_out", {d, d}, "W_O, [d, d] with w_v, for the width d=" + std::to_string(d) + " of x");
   } else {

@@ -226,7 +226,7 @@ def test_step_op_refuses_caches_that_share_memory():
     message = "k_cache and v_cache share memory: the step writes k_cache, v_cache and seqlens in place"
     _refused_untouched(message, x, w, k_buf, k_buf, seqlens, 9)  # one tensor for both
     _refused_untouched(message, x, w, k_buf[:, :, :10], k_buf[:, :, 2:], seqlens, 7)  # overlapping views
-    flat = torch.randn(2 * 12 * 64 + 16)  # rows of 32 every 64 numbers, v's 16 numbers after k's: each half in the other
+    flat = torch.randn(2 * 12 * 64 + 16)  # rows of 32 every 64 numbers, v's 16 after k's: half of each in the other
     k_rows, v_rows = (flat[o:o + 2 * 12 * 64].view(2, 1, 12, 64)[..., :32] for o in (0, 16))
     _refused_untouched(message, x, w, k_rows, v_rows, seqlens, 9)
     _refused_untouched("k_cache has elements that share memory", x, w, k_buf[:, :, :1].expand(2, 1, 12, 32), v_buf,
