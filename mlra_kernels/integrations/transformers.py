@@ -28,10 +28,16 @@ What the converted attention supports:
   (``g`` "heads" of width ``r``) in the cache's key/value slots, so the cache holds ``2·g·r`` numbers
   per token and layer instead of
   ``2·d``; sequence length, cropping, beam reordering and ``torch.compile(fullgraph=True)`` of a decode
-  step on a ``StaticCache`` work unchanged;
+  step on a ``StaticCache`` work unchanged. A cache the layer cannot read is refused with the layer, the
+  cache's shape and the latents' shape: one of another shape (a dense model's per-head K/V, a model
+  converted at another rank), and a dense model's cache whose K/V have the latents' very shape
+  (``rank = d_h``, ``latent_groups = H``), told apart by a mark the converted layers leave on the cache
+  layers they write;
 - ``output_attentions=True``: the layer then runs ``mlra_decode`` and returns its weights, with either
   attention implementation, and transformers collects them, since the layer is a ``GPT2Attention``
-  subclass;
+  subclass (a model converted after a forward that collected them keeps transformers' hooks: conversion
+  moves them to the new layers). With gradients on, the layer's output is computed from the returned
+  weights, so ``attentions[i].retain_grad()`` gets their gradient;
 - ``reorder_and_upcast_attn`` is ignored (the ops compute in the input dtype, with fp32 softmax on GPU);
 - gradient checkpointing, beam search, batched prompts with padding, and ``save_pretrained`` followed by
   :func:`from_pretrained`;
