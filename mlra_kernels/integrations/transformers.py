@@ -307,7 +307,8 @@ class MLRAGPT2Attention(modeling_gpt2.GPT2Attention):
         slots for this layer are not latents ``[B, g, S, r]`` of this model's shape, or one written by a
         dense GPT-2 whose per-head keys ``[B, H, S, d_h]`` have that very shape (``rank = d_h`` and
         ``latent_groups = H``; told apart by the mark the converted layers leave on the cache layers they
-        write, :func:`_cache_update`)."""
+        write, :func:`_cache_update`). A layer allocated for another shape that holds nothing yet is
+        allocated again by the update that follows."""
         layer = _cache_layer(cache, self.layer_idx)
         if layer is None:
             return
@@ -321,6 +322,12 @@ class MLRAGPT2Attention(modeling_gpt2.GPT2Attention):
             if not isinstance(t, Tensor) or t.dim() != 4:
                 continue
             if (t.shape[0], t.shape[1], t.shape[3]) != (batch, g, r):
+                if not torch.compiler.is_compiling() and not getattr(layer, _LATENT_MARK, False) and (
+                        int(cached) if isinstance(cached, Tensor) else cached) == 0:
+                    # Allocated ahead for another shape but never written (transformers allocates a StaticCache
+                    # with per-head shapes for a chunked prefill): the update allocates it again for the latents.
+                    layer.is_initialized = False
+                    return
                 origin = ("the per-head layout [B, H, S, d_h] of a dense (unconverted) GPT-2's cache, which a "
                           "converted model cannot read" if (t.shape[1], t.shape[3]) == (H, dh) else
                           "a cache written by another model (a dense GPT-2, or one converted with another rank or "

@@ -478,8 +478,12 @@ def test_a_dense_models_cache_of_the_latents_shape_is_refused(dtype):
     dense = ref(prompt, use_cache=True).past_key_values
     assert isinstance(dense, DynamicCache) and dense.layers[0].keys.shape == (2, 4, 5, D // 4)
     match = r"layer 0\): the cache holds 5 positions .* dense \(unconverted\) GPT-2.*\[B, g, S, r\] = \[2, 4, S, 8\]"
-    with pytest.raises(ValueError, match=match):
-        mlra(nxt, **{_cache_kw(mlra): dense}, use_cache=True)
+    hand = DynamicCache()  # one built by hand from per-head K/V
+    for i, layer in enumerate(dense.layers):
+        hand.update(layer.keys.clone(), layer.values.clone(), i)
+    for cache in (dense, hand):
+        with pytest.raises(ValueError, match=match):
+            mlra(nxt, **{_cache_kw(mlra): cache}, use_cache=True)
     with pytest.raises(ValueError, match=match):
         mlra.generate(torch.cat([prompt, nxt], 1), past_key_values=dense, max_new_tokens=2, do_sample=False,
                       pad_token_id=0)
@@ -520,6 +524,31 @@ def test_a_cache_of_another_shape_is_refused_in_the_callers_terms(dtype):
                 mlra(nxt, **{_cache_kw(mlra): cache}, use_cache=True)
             assert "[B, g, S, r] = [2, 2, S, 32]" in str(err.value) and "fresh cache" in str(err.value)
         assert cache.get_seq_length() == 5  # nothing was written
+
+
+def test_a_static_cache_allocated_ahead_for_per_head_kv_is_allocated_again():
+    """transformers allocates a StaticCache ahead with per-head shapes [B, H, S, d_h] (early_initialization, as
+    generate() does for a chunked prefill): a layer that holds nothing yet is allocated again for the latents."""
+    from transformers import StaticCache
+
+    mlra = convert_gpt2(_model(dtype=torch.float32), rank=D // 4, latent_groups=1)
+    prompt = torch.randint(1, 83, (2, 6), generator=torch.Generator().manual_seed(2))
+    cache = StaticCache(config=mlra.config, max_cache_len=16)
+    cache.early_initialization(2, 4, D // 4, torch.float32, torch.device("cpu"))
+    kw = _decode_kwargs(mlra, cache, 0)
+    kw["position_ids"] = torch.arange(6)[None]
+    if "cache_position" in kw:
+        kw["cache_position"] = torch.arange(6)
+    got = mlra(prompt, **kw).logits
+    torch.testing.assert_close(got, mlra(prompt).logits, rtol=1e-5, atol=1e-5)
+    assert cache.layers[0].keys.shape == (2, 1, 16, D // 4)
+    from transformers.generation.utils import GenerationMixin
+
+    if not hasattr(GenerationMixin, "_get_static_cache_init_shape"):
+        return  # releases whose generate() does not allocate ahead (5.0's chunked prefill overruns a static cache)
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, cache_implementation="static")
+    torch.testing.assert_close(mlra.generate(prompt, prefill_chunk_size=4, **kw), mlra.generate(prompt, **kw),
+                               rtol=0, atol=0)
 
 
 def test_svd_conversion_on_the_meta_device():
