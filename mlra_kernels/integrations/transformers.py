@@ -339,8 +339,8 @@ class MLRAGPT2Attention(modeling_gpt2.GPT2Attention):
             if n > 0:
                 raise ValueError(
                     f"{where}: the cache holds {n} positions for this layer that no converted layer wrote: it comes "
-                    f"from a dense (unconverted) GPT-2, whose per-head keys and values [B, H, S, d_h] = "
-                    f"[{batch}, {H}, {n}, {dh}] have the shape of this model's latents (rank = d_h = {dh}, "
+                    f"from a dense (unconverted) GPT-2, whose per-head keys and values [B, H, S, d_h] "
+                    f"({list(layer.keys.shape)}) have the shape of this model's latents (rank = d_h = {dh}, "
                     f"latent_groups = H = {H}). A converted model keeps the {expected} in its cache, not per-head "
                     f"keys and values, so it cannot read a dense model's cache: {fix}.")
 
