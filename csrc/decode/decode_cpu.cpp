@@ -863,6 +863,12 @@ at::Tensor latent_decode_step_cpu(const at::Tensor& x, const at::Tensor& w_in, c
                   "in place, so they must not overlap each other or any other argument");
     }
   }
+  // The new tokens are written at [pos, pos + t) and attended as the last t of seqlens[b] + t positions.
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(lengths[b] == pos, kOp, ": seqlens[", b, "] = ", lengths[b], " differs from pos=", pos,
+                ": the step writes the new tokens at positions [pos, pos + t) of every sequence, so every sequence "
+                "must hold pos positions");
+  }
   const at::Tensor x2 = x.reshape({1, N, x.size(2)});
   const at::Tensor y = at::empty({1, N, n_in}, x.options());
   rows_gemm(x2, w_in.unsqueeze(0), b_in, y);  // [q̃ or c_Q | c_K | c_V] of every new token

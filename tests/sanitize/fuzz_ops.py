@@ -377,8 +377,7 @@ class Fuzz:
         pos = self.rng.randint(0, cap - t)
         weights = self.step_weights(H, G, R, d, self.rng.random() < 0.5, self.rng.random() < 0.5)
         k_cache, v_cache = self.step_caches(B, G, cap, R)
-        seqlens = self.torch.tensor([self.rng.choice([pos, self.rng.randint(0, cap - t)]) for _ in range(B)],
-                                    dtype=self.torch.int32)
+        seqlens = self.torch.full((B,), pos, dtype=self.torch.int32)  # every sequence holds pos positions
         x = self.layout((B, t, d), self.torch.float32, keep_last=self.rng.random() < 0.7)
         return x, weights, k_cache, v_cache, seqlens, pos, H, self.rng.uniform(0.05, 0.6)
 
@@ -406,7 +405,8 @@ class Fuzz:
         args = [x, *weights, k_cache, v_cache, seqlens, pos, H, scale]
         case = self.rng.randrange(12)
         if case == 0:
-            seqlens[self.rng.randrange(B)] = self.rng.choice([2**31 - 1, -1, cap - t + 1, -(2**31)])
+            other = (pos + 1) % (cap - t + 1) if cap > t else -1  # in range, but not pos
+            seqlens[self.rng.randrange(B)] = self.rng.choice([2**31 - 1, -1, cap - t + 1, -(2**31), other])
         elif case == 1:
             args[12] = self.rng.choice([2**63 - 1, -1, cap - t + 1, -(2**63)])
         elif case == 2:

@@ -207,6 +207,12 @@ def test_step_op_refuses_lengths_that_would_leave_the_cache_or_int32():
     _refused_untouched(r"seqlens\[1\] = -1 is negative", x, w, k_buf, v_buf, seqlens, 9)
 
 
+def test_step_op_refuses_lengths_that_differ_from_pos():
+    x, w, k_buf, v_buf, seqlens = _step_case(capacity=12, S=9)
+    seqlens[1] = 7  # sequence 1 would attend the new token as position 7 while it is written at 9
+    _refused_untouched(r"seqlens\[1\] = 7 differs from pos=9", x, w, k_buf, v_buf, seqlens, 9)
+
+
 def test_step_op_refuses_a_position_past_int64():
     x, w, k_buf, v_buf, seqlens = _step_case(capacity=10)
     pos = 2**63 - 1  # pos + t would overflow int64
