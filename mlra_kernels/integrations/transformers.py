@@ -560,7 +560,11 @@ def convert_gpt2(model: nn.Module, rank: Optional[int] = None, latent_groups: in
     The relative error of each projection is stored as ``block.attn.svd_error`` (None on the meta
     device). Each new attention module keeps the training / evaluation mode of the one it replaces.
     The model's config records ``mlra_rank`` and ``mlra_latent_groups``, so that a saved model loads
-    back with :func:`from_pretrained`. See the module docstring for what the converted attention supports.
+    back with :func:`from_pretrained`. Its ``save_pretrained`` also writes each layer's dense ``c_attn``
+    (the product of the factors), so the folder loads with plain ``GPT2LMHeadModel.from_pretrained`` too,
+    as the equivalent dense GPT-2 (its load report lists the factors as unexpected keys). The model's
+    class becomes a subclass of its own, of the same name, that does this. See the module docstring for
+    what the converted attention supports.
 
     Example::
 
@@ -586,6 +590,8 @@ def convert_gpt2(model: nn.Module, rank: Optional[int] = None, latent_groups: in
         block.attn = attn
     cfg = model.config
     cfg.mlra_rank, cfg.mlra_latent_groups = rank, latent_groups
+    if isinstance(model, transformers.PreTrainedModel) and type(model) not in _LOADERS.values():
+        model.__class__ = _loader_class(type(model))  # its save_pretrained also writes the dense c_attn
     return model
 
 
@@ -617,8 +623,52 @@ def _loader_class(cls: type) -> type:
             cls.__init__(self, config, *args, **kwargs)
             convert_gpt2(self, rank=config.mlra_rank, latent_groups=config.mlra_latent_groups, init="random")
 
-        _LOADERS[cls] = type(cls.__name__, (cls,), {"__init__": __init__, "__module__": __name__})
+        def save_pretrained(self, save_directory, *args, state_dict=None, **kwargs):
+            state_dict = dict(self.state_dict() if state_dict is None else state_dict)
+            state_dict.update(_dense_qkv(self, state_dict))
+            return cls.save_pretrained(self, save_directory, *args, state_dict=state_dict, **kwargs)
+
+        def __reduce_ex__(self, protocol):  # the class is made here at run time: pickle its base instead
+            return _new_converted, (cls,), self.__getstate__()
+
+        save_pretrained.__doc__ = _SAVE_DOC
+        # The dense c_attn that save_pretrained writes beside the factors is for plain transformers only.
+        ignore = list(getattr(cls, "_keys_to_ignore_on_load_unexpected", None) or []) + [r"attn\.c_attn\.(weight|bias)$"]
+        _LOADERS[cls] = type(cls.__name__, (cls,), {
+            "__init__": __init__, "save_pretrained": save_pretrained, "__reduce_ex__": __reduce_ex__,
+            "__module__": __name__,
+            "_keys_to_ignore_on_load_unexpected": ignore,
+        })
     return _LOADERS[cls]
+
+
+def _new_converted(base: type) -> nn.Module:
+    """An empty instance of the converted class of ``base`` (unpickling; the state is set after)."""
+    cls = _loader_class(base)
+    return cls.__new__(cls)
+
+
+_SAVE_DOC = """``save_pretrained`` of transformers, with each converted layer's dense Q/K/V projection (``c_attn``,
+the product of its factors) saved beside the factors, so that the folder also loads, as the equivalent
+dense GPT-2, with plain ``GPT2LMHeadModel.from_pretrained``; :func:`from_pretrained` loads the factors."""
+
+
+@torch.no_grad()
+def _dense_qkv(model: nn.Module, state_dict: dict) -> dict:
+    """``{"<layer>.c_attn.weight": [d, 3·d], "<layer>.c_attn.bias": [3·d]}`` of every converted layer whose
+    factors ``state_dict`` holds: the dense projection the factors represent, in ``Conv1D``'s layout."""
+    dense = {}
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if not isinstance(module, MLRAGPT2Attention) or f"{prefix}qkv.down" not in state_dict:
+            continue
+        qkv = module.qkv
+        if qkv.down.is_meta:
+            continue
+        dense[f"{prefix}c_attn.weight"] = qkv.dense_weight().t().contiguous()
+        bias = qkv.bias if qkv.bias is not None else qkv.down.new_zeros(3 * qkv.embed_dim)
+        dense[f"{prefix}c_attn.bias"] = bias.detach().clone()
+    return dense
 
 
 def from_pretrained(path: Any, *args: Any, model_class: Optional[type] = None, **kwargs: Any) -> nn.Module:

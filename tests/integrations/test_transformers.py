@@ -670,6 +670,33 @@ def test_save_and_load_with_from_pretrained(tmp_path):
         from_pretrained(tmp_path / "dense")
 
 
+@pytest.mark.parametrize("groups", [1, 2])
+def test_a_saved_converted_model_loads_in_plain_transformers_as_its_dense_equivalent(tmp_path, groups):
+    """save_pretrained also writes each layer's dense c_attn (the factors' product): plain
+    GPT2LMHeadModel.from_pretrained gives the same logits, and from_pretrained loads the factors quietly."""
+    from mlra_kernels.integrations.transformers import from_pretrained
+
+    model = convert_gpt2(_model("sdpa", dtype=torch.float64), rank=8, latent_groups=groups)
+    ids = torch.randint(0, 83, (2, 9), generator=torch.Generator().manual_seed(21))
+    model.save_pretrained(tmp_path / "saved")
+    plain, info = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "saved", output_loading_info=True,
+                                                               dtype=torch.float64)
+    assert type(plain) is transformers.GPT2LMHeadModel and not info["missing_keys"]
+    torch.testing.assert_close(plain.eval()(ids).logits, model(ids).logits, rtol=1e-10, atol=1e-10)
+    loaded, info = from_pretrained(tmp_path / "saved", output_loading_info=True, dtype=torch.float64)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_a_converted_model_pickles_whole(tmp_path):
+    model = convert_gpt2(_model("sdpa", dtype=torch.float32), rank=8)
+    torch.save(model, tmp_path / "model.pt")
+    again = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert type(again) is type(model) and isinstance(again, transformers.GPT2LMHeadModel)
+    ids = torch.randint(0, 83, (2, 5), generator=torch.Generator().manual_seed(22))
+    torch.testing.assert_close(again(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
 def test_from_pretrained_reads_checkpoints_with_the_earlier_factor_names(tmp_path):
     from safetensors.torch import load_file, save_file
 
