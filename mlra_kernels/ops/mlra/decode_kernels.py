@@ -55,11 +55,11 @@ def _dot(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _masked_scores(b_s, o_n, o_pos, p_kpm, m_n, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr):
-    """Scores ``[BM, BN]`` (log2 units) with key padding added, masked keys at LOWEST, and the keys past
-    the split at -inf (they are not part of the sequence)."""
+    """Scores ``[BM, BN]`` (log2 units) with key padding added, masked keys at LOWEST (a NaN score stays
+    NaN), and the keys past the split at -inf (they are not part of the sequence)."""
     if HAS_KPM:
         b_s += tl.load(p_kpm + o_n, mask=m_n, other=0.0)[None, :] * 1.4426950408889634
-    b_s = tl.maximum(b_s, -3.4028234663852886e38)
+    b_s = tl.maximum(b_s, -3.4028234663852886e38, propagate_nan=tl.PropagateNan.ALL)
     if CAUSAL:
         b_s = tl.where(o_n[None, :] > o_pos[:, None], -3.4028234663852886e38, b_s)
     return tl.where(m_n[None, :], b_s, float("-inf"))
@@ -118,8 +118,10 @@ def _mlra_decode_fwd_kernel(
         b_v = tl.load(p_v + o_n[:, None] * stride_vs + o_r[None, :], mask=m_c, other=0.0)  # [BN, BR]
         b_s = _dot(b_q, tl.trans(b_k), PREC, UPCAST) * qk_scale  # [BM, BN]
         b_s = _masked_scores(b_s, o_n, o_pos, p_kpm, m_n, CAUSAL, HAS_KPM)
-        # Every tile holds at least one key in range, so the new max is finite.
-        b_mnew = tl.maximum(b_mi, tl.max(b_s, 1))
+        # Every tile holds at least one key in range, so the new max is finite unless a score is NaN:
+        # then the row's max is NaN, so that the row comes out NaN as through SDPA (tl.max skips NaN).
+        b_nan = tl.max(tl.where(b_s != b_s, 1, 0), 1) > 0  # [BM]
+        b_mnew = tl.where(b_nan, float("nan"), tl.maximum(b_mi, tl.max(b_s, 1), propagate_nan=tl.PropagateNan.ALL))
         b_alpha = tl.exp2(b_mi - b_mnew)
         b_p = tl.exp2(b_s - b_mnew[:, None])  # [BM, BN]
         b_li = b_li * b_alpha + tl.sum(b_p, 1)

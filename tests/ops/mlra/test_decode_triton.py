@@ -156,6 +156,20 @@ def test_split_merge(dtype):
     assert (zs[1] - zs[2]).abs().max().item() <= 4 * torch.finfo(dt).eps * exact.abs().max().item()
 
 
+@pytest.mark.parametrize("splits", [1, 3])
+def test_a_nan_query_row_comes_out_nan(splits):
+    """A NaN in a new token makes its sequence's rows NaN, as through SDPA; the other sequence is unchanged."""
+    B, g, hpg, t, S, r = 2, 1, 3, 1, 800, 16
+    gen = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(shape, generator=gen).to(DEVICE) for shape in ((B, g, hpg * t, r), (B, g, S, r), (B, g, S, r)))
+    lengths = torch.tensor([800, 500], device=DEVICE)
+    clean = _kernel_z(q, k, v, None, lengths, t, splits)
+    q[0, 0, 1, 5] = float("nan")
+    z = _kernel_z(q, k, v, None, lengths, t, splits)
+    assert z[0, 0, 1].isnan().all() and torch.equal(z[1], clean[1])
+    assert torch.equal(z[0, 0, 0], clean[0, 0, 0])  # the rows without the NaN
+
+
 def test_grid_depends_on_capacity_not_length(monkeypatch):
     """The launch of a step on one preallocated cache is the same whatever the lengths (CUDA graphs)."""
     mod = launcher.kernels("decode_kernels")
