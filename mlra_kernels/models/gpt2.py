@@ -133,7 +133,7 @@ class LayerCache:
         if self._k.shape[0] != B:
             raise ValueError(f"the cache holds {self._k.shape[0]} sequences, but the new tokens are a batch of {B}: "
                              "pass the cache of this batch")
-        if self._k.dtype != x.dtype:
+        if self._k.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):  # autocast: mlra_decode casts
             raise TypeError(f"cache_k is {self._k.dtype} but x is {x.dtype}: a cache keeps the dtype it was made in; "
                             f"run the model in {self._k.dtype} or start a new cache")
         if self._k.device != x.device:
