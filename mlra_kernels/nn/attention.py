@@ -93,7 +93,7 @@ class MLRAttention(nn.Module):
         bias: add the Q/K/V bias ``in_proj_bias`` (``[3·d]``) and the ``out_proj`` bias.
         batch_first: inputs and outputs are ``[B, T, d]`` instead of ``[T, B, d]``.
 
-    Parameters:
+    Attributes:
         down_proj_weight: ``[3·g·r, d]``, ``A_Q; A_K; A_V`` in ``nn.Linear`` layout.
         up_proj_weight: ``[3, d, r]``, ``up[p, h·d_h:(h+1)·d_h]`` is ``B_{P,h}``.
         in_proj_bias: ``[3·d]`` or ``None``, ordered q, k, v like ``nn.MultiheadAttention``; it may be

@@ -23,7 +23,7 @@ class MLRAProjection(nn.Module):
         latent_groups: latent groups ``g``; must divide ``num_heads``.
         bias: hold the Q/K/V bias ``[3·d]``.
 
-    Parameters:
+    Attributes:
         down: ``[3·g·r, d]``, ``A_Q; A_K; A_V`` in ``nn.Linear`` layout (``c = x @ down.T``).
         up: ``[3, d, r]``; ``up[p, h·d_h:(h+1)·d_h]`` is ``B_{P,h}``.
         bias: ``[3·d]`` (q, k, v, as ``nn.MultiheadAttention.in_proj_bias``) or None.

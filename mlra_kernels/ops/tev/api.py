@@ -177,9 +177,10 @@ def tev(
 
     Raises:
         ValueError: weight is not 2-D, is empty, or is not on the CPU or a CUDA device (a meta tensor has no
-        data). TypeError: unsupported dtype; ``rows`` not integer indices; ``process_group`` not a
-        ProcessGroup. IndexError: an entry of ``rows`` is outside [0, V). ImportError: the compiled extension
-        is missing or stale.
+            data).
+        TypeError: unsupported dtype; ``rows`` not integer indices; ``process_group`` not a ProcessGroup.
+        IndexError: an entry of ``rows`` is outside [0, V).
+        ImportError: the compiled extension is missing or stale.
 
     Example:
         >>> import torch, mlra_kernels
