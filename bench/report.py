@@ -1,15 +1,18 @@
 """Markdown tables from the committed benchmark results (bench/results/*.json).
 
-    python bench/report.py                    # print the tables
-    python bench/report.py --readme README.md # rewrite the README's benchmark block
+    python bench/report.py                                             # print the tables
+    python bench/report.py --readme README.md --docs docs/benchmarks.md  # rewrite both blocks
 
-The README's experiment block has its own generator, the one that writes its results:
-`python experiments/tev_repro.py --only-plots --out experiments/results/cpu --readme README.md`.
+``--readme`` rewrites the headline block (``<!-- bench-headline:begin -->`` ... ``end``): one row per
+result file with its headline ratios, and where, how and on what it was measured. ``--docs`` rewrites the
+full tables block (``<!-- bench-tables:begin -->`` ... ``end``) of the benchmarks page. The
+reproduction's block has its own generator, the one that writes its results:
+`python experiments/tev_repro.py --only-plots --out experiments/results/cpu --page docs/reproduction.md`.
 
 Every table is preceded by the line that produced it: command, device, versions, commit and date, all
 read from the result file's metadata. Nothing here measures anything. A result file that is not JSON or
-lacks a field is named in a one-line error; the README is rewritten through a temporary file, so a
-failure leaves it as it was.
+lacks a field is named in a one-line error. Every block is rendered and found before any file is written,
+each file through a temporary file, so a bad result file or a missing block leaves them all as they were.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ class ReportError(Exception):
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 BEGIN, END = "<!-- bench-tables:begin -->", "<!-- bench-tables:end -->"
+HEADLINE_BEGIN, HEADLINE_END = "<!-- bench-headline:begin -->", "<!-- bench-headline:end -->"
 
 
 def provenance(meta: dict, path: pathlib.Path) -> str:
@@ -72,9 +76,9 @@ def mlra_table(data: dict) -> str:
     return table(header, rows)
 
 
-def _span(values: list[float]) -> str:
-    lo, hi = min(values), max(values)
-    return f"{lo:.2f}×" if f"{lo:.2f}" == f"{hi:.2f}" else f"{lo:.2f}–{hi:.2f}×"
+def _span(values: list[float], digits: int = 2) -> str:
+    lo, hi = (f"{v:.{digits}f}" for v in (min(values), max(values)))
+    return f"{lo}×" if lo == hi else f"{lo}–{hi}×"
 
 
 def mlra_headline(data: dict) -> str:
@@ -162,9 +166,8 @@ def pytest_benchmark_table(data: dict, path: pathlib.Path) -> str:
     return head + "\n\n" + table(["case", "implementation", "median ms", "vs fastest"], rows)
 
 
-def render(results: pathlib.Path = RESULTS) -> str:
-    parts = []
-    # The training benchmark first, then decoding, then the rest: the README leads with the MLRA ratios.
+def _results(results: pathlib.Path):
+    """(path, data) of every result file, the training benchmark first, then decoding, then the rest."""
     order = {"mlra": 0, "decode": 1}
     for path in sorted(results.glob("*.json"), key=lambda p: (order.get(p.name.split("_")[0], 2), p.name)):
         try:
@@ -173,6 +176,21 @@ def render(results: pathlib.Path = RESULTS) -> str:
             raise ReportError(f"{path}: cannot read it as JSON ({' '.join(str(err).split())})") from None
         if not isinstance(data, dict):
             raise ReportError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        yield path, data
+
+
+def _malformed(path: pathlib.Path, err: Exception) -> ReportError:
+    what = f"no field {err.args[0]!r}" if isinstance(err, KeyError) else f"a malformed field ({err})"
+    return ReportError(f"{path}: {what}; is it a result file of bench/bench_*.py?")
+
+
+_FIELD_ERRORS = (KeyError, TypeError, ValueError, IndexError, AttributeError)
+
+
+def render(results: pathlib.Path = RESULTS) -> str:
+    """The full tables, one per result file, each under the line that produced it."""
+    parts = []
+    for path, data in _results(results):
         try:
             if "benchmarks" in data and "machine_info" in data:
                 parts.append(f"**CPU, pytest-benchmark.** {pytest_benchmark_table(data, path)}")
@@ -196,12 +214,94 @@ def render(results: pathlib.Path = RESULTS) -> str:
             else:
                 continue
             parts.append(f"**{title}.** {provenance(data['meta'], path)}\n\n{body}")
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
-            what = f"no field {err.args[0]!r}" if isinstance(err, KeyError) else f"a malformed field ({err})"
-            raise ReportError(f"{path}: {what}; is it a result file of bench/bench_*.py?") from None
+        except _FIELD_ERRORS as err:
+            raise _malformed(path, err) from None
     if not parts:
         return "_No benchmark results are committed yet._"
     return "\n\n".join(parts)
+
+
+def _values(rows: list[dict], key: str, fmt: str = "{}") -> str:
+    vals = list(dict.fromkeys(r[key] for r in rows))
+    return fmt.format(vals[0]) if len(vals) == 1 else f"{fmt.format(min(vals))}–{fmt.format(max(vals))}"
+
+
+def _headline_row(path: pathlib.Path, data: dict) -> list[str] | None:
+    """[what was timed, its headline ratios]; None for a file with no headline (smoke shapes, profiles)."""
+    rows = data.get("rows")
+    if not rows:
+        return None
+    if path.name.startswith("mlra_") and "smoke" not in path.name:
+        what = (f"MLRA layer, forward+backward (d = {_values(rows, 'd')}, H = {_values(rows, 'H')}, "
+                f"T = {_values(rows, 'T')}, {_values(rows, 'dtype')})")
+        parts = []
+        # Wide latents at g = 1, and grouped narrow ones (attention on the latents, 2·max(16, r) <= d_h).
+        for pick in (lambda r: r["g"] == 1, lambda r: r["g"] > 1 and 2 * max(16, r["r"]) <= r["d_h"]):
+            sel = [r for r in rows if pick(r)]
+            if sel:
+                parts.append(f"g = {_values(sel, 'g')}, r = {_values(sel, 'r')}: "
+                             f"{_span([r['speedup_fwdbwd_vs_unfused'] for r in sel])} unfused MLRA, "
+                             f"{_span([r['mha_fwdbwd_ms'] / r['ours_fwdbwd_ms'] for r in sel])} MHA")
+        return [what, "; ".join(parts)] if parts else None
+    if path.name.startswith("decode_"):
+        steps = [r for r in rows if r["op"] == "decode_step"]
+        long = [r for r in steps if r["S"] >= 2048]
+        if not long:
+            return None
+        what = (f"decode step of one layer (d = {_values(steps, 'd')}, H = {_values(steps, 'H')}, "
+                f"{_values(steps, 'dtype')}, B = {_values(long, 'B')}, {_values(long, 'S', '{:,}')} cached tokens)")
+        parts = []
+        for v in dict.fromkeys(r["variant"] for r in long):
+            if v == "mha" or v.endswith("-torch"):
+                continue
+            sel = [r for r in long if r["variant"] == v and r.get("speedup_vs_mha")]
+            if sel:
+                label = f"g = {_values(sel, 'g')}, r = {_values(sel, 'r')}" if sel[0].get("g") else v
+                parts.append(f"{label}: {_span([r['speedup_vs_mha'] for r in sel])} MHA")
+        per_token = {r["variant"]: r["cache_numbers_per_token"] for r in steps}
+        if "mha" in per_token and "mlra-g1" in per_token:
+            parts.append(f"cache {per_token['mha'] / per_token['mlra-g1']:.0f}× smaller")
+        return [what, "; ".join(parts)] if parts else None
+    if path.name.startswith("tev_"):
+        shapes = [r["shape"] for r in rows]
+        what = (f"TEV reduction ({min(s[0] for s in shapes):,} to {max(s[0] for s in shapes):,} rows × "
+                f"{_values([{'d': s[1]} for s in shapes], 'd', '{:,}')}, {', '.join(dict.fromkeys(r['dtype'] for r in rows))})")
+        fractions = [r["fraction_of_sum_read_rate"] for r in rows if r.get("fraction_of_sum_read_rate")]
+        result = f"{_span([r['speedup_vs_one_liner'] for r in rows], 1)} `torch.std(E.float(), dim=1)`"
+        if fractions:
+            result += f"; {100 * min(fractions):.0f}–{100 * max(fractions):.0f}% of `E.sum()`'s read rate"
+        return [what, result]
+    return None
+
+
+def headline(results: pathlib.Path = RESULTS) -> str:
+    """The README's small table: one row per result file, its headline ratios and where it was measured."""
+    rows, device_types = [], set()
+    for path, data in _results(results):
+        try:
+            if "meta" not in data:
+                continue
+            row = _headline_row(path, data)
+            if row is None:
+                continue
+            meta = data["meta"]
+            device_types.add(meta["device_type"])
+            where = f"{meta['device']} ({meta['device_type'].upper()}" + (
+                f", {meta['threads']} threads)" if meta.get("threads") else ")")
+            versions = f"torch {meta['torch']}" + (f", Triton {meta['triton']}" if meta.get("triton") else "")
+            rows.append(row + [f"`{meta.get('command', '(command not recorded)')}`", where, versions,
+                               f"`{meta['commit']}`, {meta['date'][:10]}"])
+        except _FIELD_ERRORS as err:
+            raise _malformed(path, err) from None
+    if not rows:
+        return "_No benchmark results are committed yet._"
+    lines = ["| benchmark | speed-up: the baseline's time / ours | command | device | versions | commit, date |",
+             "|---|---|---|---|---|---|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    note = "Both sides of a ratio are timed in the same run; above 1× is faster."
+    if "cuda" not in device_types:
+        note += " No GPU result is committed yet: every figure here was measured on a CPU."
+    return "\n".join(lines) + "\n\n" + note
 
 
 def _replace_block(doc: str, begin: str, end: str, text: str, name: str) -> str:
@@ -226,31 +326,41 @@ def _write_atomic(path: pathlib.Path, text: str) -> None:
         raise
 
 
-def run(args: argparse.Namespace) -> None:
-    text = render()
-    if args.readme is None:
-        print(text)
-        return
-    readme = args.readme
-    if not readme.exists():
-        raise ReportError(f"--readme {readme}: no such file")
-    if not readme.is_file():
-        raise ReportError(f"--readme {readme}: not a regular file")
+def _read(flag: str, path: pathlib.Path) -> str:
+    if not path.exists():
+        raise ReportError(f"{flag} {path}: no such file")
+    if not path.is_file():
+        raise ReportError(f"{flag} {path}: not a regular file")
     try:
-        doc = readme.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
-        raise ReportError(f"--readme {readme}: cannot read it ({getattr(err, 'strerror', None) or err})") from None
-    doc = _replace_block(doc, BEGIN, END, text, str(readme))
-    try:
-        _write_atomic(readme, doc)
-    except OSError as err:
-        raise ReportError(f"--readme {readme}: cannot write it ({err.strerror or err}); it was left as it was") from None
-    print(f"rewrote the benchmark block of {readme}")
+        raise ReportError(f"{flag} {path}: cannot read it ({getattr(err, 'strerror', None) or err})") from None
+
+
+def run(args: argparse.Namespace) -> None:
+    # (flag, file, markers, what the block holds, how to render it)
+    targets = [t for t in (("--readme", args.readme, HEADLINE_BEGIN, HEADLINE_END, "headline", headline),
+                           ("--docs", args.docs, BEGIN, END, "tables", render)) if t[1] is not None]
+    if not targets:
+        print(render())
+        print("\n" + headline())
+        return
+    new = [(flag, path, _replace_block(_read(flag, path), begin, end, make(), str(path)), what)
+           for flag, path, begin, end, what, make in targets]
+    for flag, path, doc, what in new:
+        try:
+            _write_atomic(path, doc)
+        except OSError as err:
+            raise ReportError(f"{flag} {path}: cannot write it ({err.strerror or err}); it was left as it was") from None
+        print(f"rewrote the {what} block of {path}")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--readme", type=pathlib.Path, help="file whose bench block to rewrite in place")
+    p.add_argument("--readme", type=pathlib.Path, metavar="PATH",
+                   help=f"rewrite the headline table between {HEADLINE_BEGIN} and {HEADLINE_END} of PATH (README.md)")
+    p.add_argument("--docs", type=pathlib.Path, metavar="PATH",
+                   help=f"rewrite the full tables between {BEGIN} and {END} of PATH (docs/benchmarks.md)")
     args = p.parse_args(argv)
     try:
         run(args)
