@@ -225,6 +225,10 @@ setup(
         # experiments/tev_repro.py: the byte-level BPE vocabulary (mlra_kernels.data)
         "experiments": ["tokenizers"],
         "hf": [TRANSFORMERS, "safetensors"],  # alias of "transformers"
+        # the documentation site (mkdocs.yml; .ci/run builds it with --strict). The lowest versions that
+        # build it: mkdocs 1.6 (link and anchor validation), and the Python handler 1.17, the first whose
+        # options take griffe's warn_unknown_params / warn_missing_types.
+        "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.30", "mkdocstrings-python>=1.17"],
     },
     entry_points={"console_scripts": ["mlra = mlra_kernels.cli:main"]},
     zip_safe=False,
