@@ -8,7 +8,7 @@
 # script goes on after a failed step, so one failure does
 # not cost the rest of the run; $OUT/steps.json records every step's status and duration. Copy
 # $OUT/*.json into bench/results/ (tev_cuda, decode_cuda, mlra_<gpu>) and run
-# `python bench/report.py --readme README.md` to regenerate the README tables from them.
+# `python bench/report.py --readme README.md --docs docs/benchmarks.md` to regenerate the README and docs tables from them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}

@@ -1,5 +1,5 @@
 """The runtime switches of the MLRA op, in one place. Each is read when it is needed, so that setting the
-environment variable before the call (not before the import) is enough; the README lists them.
+environment variable before the call (not before the import) is enough; docs/paths.md lists them.
 
 - ``MLRA_BACKEND``: ``auto`` (default) or one path of :data:`mlra_kernels.ops.mlra.backend.PATHS`, to
   force the path of every call that can take it (``with use_backend(...)`` does the same in code).
