@@ -180,3 +180,20 @@ def need_cpu_decode_kernel():
     path = kernel_path(torch.zeros(1, 1, 32), op="decode", requires_grad=False)
     if path != "cpu-kernel":
         pytest.skip(f"a float32 CPU decode step takes {path!r} here, not the C++ kernel (is the extension built?)")
+
+
+def run_example(code: str, what: str, folder) -> None:
+    """Run a documentation example as a user would: a fresh interpreter in an empty ``folder``, the package
+    importable from the checkout, Triton in its default mode; skip one that needs transformers without it."""
+    import importlib.util
+
+    import pytest
+
+    if "transformers" in code and importlib.util.find_spec("transformers") is None:
+        pytest.skip("transformers is not installed (pip install '.[transformers]')")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("TRITON_INTERPRET", None)  # as a user runs them (the kernel tests set it for themselves)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=folder, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, f"{what} example failed:\n{code}\n--- stderr ---\n{proc.stderr[-3000:]}"

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from tests.helpers import REPO
+from tests.helpers import REPO, run_example
 
 DOCS = REPO / "docs"
 PAGES = sorted(DOCS.rglob("*.md"))
@@ -47,14 +47,7 @@ def test_every_page_is_in_the_site_nav():
 @pytest.mark.parametrize("page, code", BLOCKS, ids=[
     f"{p.relative_to(DOCS).as_posix()}-{sum(q == p for q, _ in BLOCKS[:i])}" for i, (p, _) in enumerate(BLOCKS)])
 def test_docs_example_runs(page, code, tmp_path):
-    if "transformers" in code and importlib.util.find_spec("transformers") is None:
-        pytest.skip("transformers is not installed (pip install '.[transformers]')")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env.pop("TRITON_INTERPRET", None)  # as a user runs them (the kernel tests set it for themselves)
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, f"{page.name} example failed:\n{code}\n--- stderr ---\n{proc.stderr[-3000:]}"
+    run_example(code, page.name, tmp_path)
 
 
 def test_benchmark_tables_are_generated_from_the_results():

@@ -3,14 +3,12 @@ README stays a user's page: its first two commands are the ones .ci/run and new 
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import pathlib
 import re
-import subprocess
-import sys
 
 import pytest
+
+from tests.helpers import run_example
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -33,11 +31,4 @@ def test_readme_stays_short():
 
 @pytest.mark.parametrize("code", BLOCKS, ids=[f"block{i}" for i in range(len(BLOCKS))])
 def test_readme_example_runs(code, tmp_path):
-    if "transformers" in code and importlib.util.find_spec("transformers") is None:
-        pytest.skip("transformers is not installed (pip install '.[transformers]')")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env.pop("TRITON_INTERPRET", None)  # as a user runs them (the kernel tests set it for themselves)
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, f"README example failed:\n{code}\n--- stderr ---\n{proc.stderr[-3000:]}"
+    run_example(code, "README", tmp_path)
