@@ -254,12 +254,14 @@ def mlra_decode(
     need_weights: bool = False,
     cache_seqlens: Optional[Tensor] = None,
 ) -> tuple[Tensor, Optional[Tensor]]:
-    """Attention of the new tokens ``x`` over the latent cache: ``(out [B, t, d], weights or None)``.
+    """Attention of the new tokens ``x`` over the latent cache: ``(out [B, t, H·d_h], weights or None)``.
 
     Args:
         x: ``[B, t, d]`` new tokens (one for a decode step; all of them for a prefill that wants the
             weights or a general mask).
-        down, up, bias: the MLRA factors (layout in ``mlra_kernels.ops.mlra.layout``).
+        down, up, bias: the MLRA factors (layout in ``mlra_kernels.ops.mlra.layout``): a whole layer's, or
+            a subset of whole latent groups of its heads (its output is then those heads' columns, and the
+            caches hold those groups' latents).
         cache_k, cache_v: cached latents ``c_K, c_V``, the new tokens' included: ``[B, g, S, r]``
             (group-major, read as they are: ``kv_latents(..., group_major=True)`` gives this layout) or
             ``[B, S, g·r]``. Any strides: a view of a preallocated cache works.
@@ -269,7 +271,7 @@ def mlra_decode(
             says it all.
         key_padding_mask: ``[B, S]``, bool (True = padding) or float (added).
         attn_mask: ``[t, S]`` or ``[B | 1, 1 | H, t, S]``, bool (True = masked) or float (added).
-        scale: score scale; default ``1/sqrt(d_h)``.
+        scale: score scale; default ``1/sqrt(d_h)``, ``d_h = up.shape[1] // num_heads``.
         dropout_p: dropout on the attention probabilities (torch's default generator).
         need_weights: also return the attention weights ``[B, H, t, S]`` (after dropout).
         cache_seqlens: ``[B]`` integer tensor or None: how many of the ``S`` cached positions each sequence
@@ -305,8 +307,9 @@ def mlra_decode(
     if isinstance(cache_k, Tensor) and isinstance(cache_v, Tensor):
         x, down, up, bias, cache_k, cache_v = layout.autocast(x, down, up, bias, cache_k, cache_v)
     layout.check_factors(x, down, up, bias, H, g)
-    B, t, d = x.shape
-    r, dh = up.shape[2], d // H
+    B, t, _ = x.shape
+    r, D = up.shape[2], up.shape[1]  # D = H·d_h: d for a whole layer's heads
+    dh = D // H
     k, v = _grouped_caches(x, cache_k, cache_v, B, g, r)
     S = k.shape[2]
     if v.shape[2] != S or S < t:
@@ -351,7 +354,7 @@ def mlra_decode(
         out = torch.bmm(z_h, up_vt)  # [H, B·t, d_h]
     else:
         out = torch.baddbmm(b_v.view(H, 1, dh), z_h, up_vt)
-    return out.view(H, B, t, dh).permute(1, 2, 0, 3).reshape(B, t, d), weights
+    return out.view(H, B, t, dh).permute(1, 2, 0, 3).reshape(B, t, D), weights
 
 
 def _torch_attention(q_abs, k, v, s, *, B, H, g, t, causal, key_padding_mask, attn_mask, lengths, dropout_p,

@@ -109,19 +109,20 @@ def mlra_attention_dense(
 
     Args:
         query: ``[B, T, d]``; key, value: ``[B, S, d]`` (the same tensor as ``query`` for self-attention).
-        down, up, bias: the MLRA factors (layout in ``mlra_kernels.ops.mlra.layout``): q is projected
-            from ``query``, k from ``key`` and v from ``value``.
+        down, up, bias: the MLRA factors (layout in ``mlra_kernels.ops.mlra.layout``, a whole layer's or a
+            subset of whole latent groups of its heads): q is projected from ``query``, k from ``key`` and v
+            from ``value``.
         num_heads, latent_groups: ``H`` and ``g``.
         causal: mask keys after each query (queries aligned to the end of the keys).
         key_padding_mask: ``[B, S]``; attn_mask: ``[T, S]`` or ``[B·H, T, S]``; bool (True = masked) or
             float (added to the scores).
         dropout_p: dropout on the attention probabilities (torch's default generator).
-        scale: score scale; default ``1/sqrt(d_h)``.
+        scale: score scale; default ``1/sqrt(d_h)``, ``d_h = up.shape[1] // num_heads``.
         need_weights: also return the weights ``[B, H, T, S]`` (after dropout, as
             ``nn.MultiheadAttention`` returns them).
 
     Returns:
-        ``(out [B, T, d], weights or None)``: the head outputs, concatenated, before ``W_O``.
+        ``(out [B, T, H·d_h], weights or None)``: the head outputs, concatenated, before ``W_O``.
     """
     layout.check_types(query, down, up, bias, key_padding_mask, attn_mask)
     for name, t in (("key", key), ("value", value)):
@@ -138,7 +139,8 @@ def mlra_attention_dense(
                          f"{tuple(value.shape)}")
     S = key.shape[1]
     layout.check_masks(query, H, key_padding_mask, attn_mask, keys=S)
-    s = float(scale) if scale is not None else 1.0 / math.sqrt(d // H)
+    D = up.shape[1]  # H·d_h: d for a whole layer's heads
+    s = float(scale) if scale is not None else 1.0 / math.sqrt(D // H)
     if is_self:
         q, k, v = layout.heads_token_major(layout.latents(query, down), up, bias, H, g)
     else:
@@ -152,5 +154,5 @@ def mlra_attention_dense(
     p, _ = _probabilities(q, k, s, mask)
     if dropout_p > 0.0:
         p = p * (torch.rand(p.shape, device=p.device) >= dropout_p) / (1.0 - dropout_p)
-    o = (p @ v).transpose(1, 2).reshape(B, T, d)
+    o = (p @ v).transpose(1, 2).reshape(B, T, D)
     return o, (p if need_weights else None)

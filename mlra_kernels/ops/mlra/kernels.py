@@ -1,7 +1,7 @@
 """Triton kernels for MLRA attention: forward, and the FlashAttention-2 style backward.
 
 The per-head q, k and v tiles are rebuilt on chip from the latents ``c [B, T, 3, g, r]`` and the
-up-projections ``up [3, d, r]`` (``q = c_Q · B_Qᵀ + b_Q``); they are never written to memory.
+up-projections ``up [3, H·d_h, r]`` (``q = c_Q · B_Qᵀ + b_Q``); they are never written to memory.
 
 Scores are kept in base-2 units (``s · log2(e)``) so that the softmax uses ``exp2``; the stored
 log-sum-exp is in natural-log units. A query row whose keys are all masked gets ``lse = +inf``,

@@ -132,7 +132,8 @@ def mlra_fwd(
     c: Tensor, up: Tensor, bias: Optional[Tensor], kpm: Optional[Tensor], *,
     num_heads: int, latent_groups: int, causal: bool, scale: float, dropout_p: float, seed: int,
 ) -> tuple[Tensor, Tensor]:
-    """Attention output ``o [B, T, d]`` and ``lse [B, H, T]`` (fp32) from latents ``c [B, T, 3·g·r]``."""
+    """Attention output ``o [B, T, H·d_h]`` (``H·d_h = up.shape[1]``) and ``lse [B, H, T]`` (fp32) from latents
+    ``c [B, T, 3·g·r]``."""
     B, T, _ = c.shape
     d, r = up.shape[1], up.shape[2]
     _, _, _, H, hpg, _, dh = _dims((B, T, d), num_heads, latent_groups, r)
@@ -160,7 +161,7 @@ def mlra_bwd_qkv(
     c: Tensor, up: Tensor, bias: Optional[Tensor], kpm: Optional[Tensor], o: Tensor, lse: Tensor, do: Tensor, *,
     num_heads: int, latent_groups: int, causal: bool, scale: float, dropout_p: float, seed: int,
 ) -> Tensor:
-    """Per-head gradients of q, k and v, ``[B, T, 3, d]`` in the input dtype."""
+    """Per-head gradients of q, k and v, ``[B, T, 3, H·d_h]`` in the input dtype."""
     B, T, _ = c.shape
     d, r = up.shape[1], up.shape[2]
     _, _, _, H, hpg, _, dh = _dims((B, T, d), num_heads, latent_groups, r)

@@ -6,9 +6,17 @@ Layout (the contract shared by every path, module and integration):
 - ``x``:    ``[B, T, d]``
 - ``down``: ``[3·g·r, d]``, the stacked down-projections ``A_Q; A_K; A_V`` in ``nn.Linear`` layout, so
   ``c = x @ down.T``. Inside one projection the ``g`` groups are contiguous blocks of ``r`` rows.
-- ``up``:   ``[3, d, r]``. ``up[p, h·d_h:(h+1)·d_h, :]`` is ``B_{P,h}`` (``[d_h, r]``). Head ``h`` reads
-  latent group ``h // (H // g)``, so the heads of one group are contiguous.
-- ``bias``: ``[3·d]``, ordered like ``nn.MultiheadAttention.in_proj_bias`` (q, then k, then v).
+- ``up``:   ``[3, H·d_h, r]``. ``up[p, h·d_h:(h+1)·d_h, :]`` is ``B_{P,h}`` (``[d_h, r]``). Head ``h``
+  reads latent group ``h // (H // g)``, so the heads of one group are contiguous.
+- ``bias``: ``[3·H·d_h]``, ordered like ``nn.MultiheadAttention.in_proj_bias`` (q, then k, then v).
+- the output: ``[B, T, H·d_h]``, the heads' outputs side by side.
+
+The head width is ``d_h = up.shape[1] // num_heads``. For the whole layer ``H·d_h = d``. An op also runs
+**head-local** (tensor parallelism, DESIGN.md): given the factors of a subset of whole latent groups
+(``g = 1``: any subset of the heads of the one group) — ``up`` and ``bias`` restricted to those heads,
+``down`` to those groups' rows of each projection (``[3·g_loc·r, d]``), ``num_heads = H_loc``,
+``latent_groups = g_loc`` — its output ``[B, T, H_loc·d_h]`` is those heads' columns of the whole op's, and
+its factors' gradients the matching slices of the whole op's.
 
 With ``g = 1`` the dense projection is ``W_P = up[p] @ down[p·r:(p+1)·r]``: the block
 ``in_proj_weight[p·d:(p+1)·d]`` of ``nn.MultiheadAttention``, or ``c_attn.weight.T`` of GPT-2.
@@ -99,7 +107,8 @@ def check_scalars(num_heads: Any, latent_groups: Any, causal: Any, dropout_p: An
 
 def check_factors(x: Tensor, down: Tensor, up: Tensor, bias: Optional[Tensor], num_heads: int, latent_groups: int,
                   x_name: str = "x") -> None:
-    """Shapes, dtypes and devices of the input and the factors."""
+    """Shapes, dtypes and devices of the input ``[B, T, d]`` and the factors of ``num_heads`` heads of width
+    ``d_h = up.shape[1] // num_heads`` (all of a layer's, or a subset of whole latent groups of them)."""
     if x.dim() != 3:
         raise ValueError(f"{x_name} must be a [B, T, d] tensor, got shape {tuple(x.shape)}")
     B, T, d = x.shape
@@ -107,19 +116,23 @@ def check_factors(x: Tensor, down: Tensor, up: Tensor, bias: Optional[Tensor], n
         raise ValueError(f"{x_name} must have B >= 1 and T >= 1, got shape {tuple(x.shape)}")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{x_name} must be float32, float16, bfloat16 or float64, got {x.dtype}")
-    if d % num_heads:
-        raise ValueError(f"num_heads={num_heads} must divide the model width d={d}")
     if num_heads % latent_groups:
         raise ValueError(f"latent_groups={latent_groups} must divide num_heads={num_heads}")
-    if up.dim() != 3 or up.shape[0] != 3 or up.shape[1] != d:
-        raise ValueError(f"up must be [3, d={d}, r], got {tuple(up.shape)}")
+    if up.dim() != 3 or up.shape[0] != 3:
+        raise ValueError(f"up must be [3, H·d_h, r], got {tuple(up.shape)}")
+    width = up.shape[1]  # H·d_h: d for the whole layer, less for a subset of its heads
+    if width < 1 or width % num_heads:
+        raise ValueError(f"up.shape[1]={width} must be a positive multiple of num_heads={num_heads} "
+                         f"(up is [3, H·d_h, r]), got up of shape {tuple(up.shape)}")
     r = up.shape[2]
     if not 1 <= r <= d:
         raise ValueError(f"the rank r={r} (up.shape[-1]) must be between 1 and d={d}")
     if down.shape != (3 * latent_groups * r, d):
-        raise ValueError(f"down must be [3·g·r, d] = [{3 * latent_groups * r}, {d}], got {tuple(down.shape)}")
-    if bias is not None and bias.shape != (3 * d,):
-        raise ValueError(f"bias must be [3·d] = [{3 * d}], got {tuple(bias.shape)}")
+        raise ValueError(f"down must be [3·g·r, d] = [{3 * latent_groups * r}, {d}] (g={latent_groups}, r={r}, "
+                         f"d={x_name}.shape[-1]), got {tuple(down.shape)}")
+    if bias is not None and bias.shape != (3 * width,):
+        raise ValueError(f"bias must be [3·H·d_h] = [{3 * width}] (H={num_heads}, d_h={width // num_heads}), "
+                         f"got {tuple(bias.shape)}")
     for name, t in (("down", down), ("up", up), ("bias", bias)):
         if t is None:
             continue
@@ -184,7 +197,7 @@ def heads_token_major(c: Tensor, up: Tensor, bias: Optional[Tensor], num_heads: 
 
 
 def qkv_buffer(c: Tensor, up: Tensor, bias: Optional[Tensor], g: int, out: Optional[Tensor] = None) -> Tensor:
-    """The per-head projections of the latents ``c`` ``[B, T, 3·g·r]`` as one ``[3·g, B·T, d/g]`` tensor
+    """The per-head projections of the latents ``c`` ``[B, T, 3·g·r]`` as one ``[3·g, B·T, H·d_h/g]`` tensor
     (one batched GEMM over the (projection, group) blocks, bias included; written into ``out`` when
     given); :func:`heads_of` views it."""
     B, T, _ = c.shape
@@ -209,7 +222,7 @@ def heads_of(qkv: Tensor, B: int, T: int, num_heads: int, g: int) -> list[Tensor
 
 def expand(c: Tensor, up_p: Tensor, bias_p: Optional[Tensor], num_heads: int, g: int) -> Tensor:
     """One projection's latent ``c`` ``[B, S, g·r]`` to its heads ``[B, H, S, d_h]`` with the up-projection
-    ``up_p`` ``[d, r]`` and bias ``bias_p`` ``[d]`` (or None)."""
+    ``up_p`` ``[H·d_h, r]`` and bias ``bias_p`` ``[H·d_h]`` (or None)."""
     B, S, gr = c.shape
     d, r = up_p.shape
     H, dh, hpg = num_heads, d // num_heads, num_heads // g
@@ -240,7 +253,7 @@ def expand_rows(c: Tensor, up_p: Tensor, bias_p: Optional[Tensor], num_heads: in
 
 
 def projection(up: Tensor, bias: Optional[Tensor], p: int) -> tuple[Tensor, Optional[Tensor]]:
-    """``(up[p] [d, r], bias[p·d:(p+1)·d] or None)`` of projection ``p`` (0 = q, 1 = k, 2 = v)."""
+    """``(up[p] [H·d_h, r], its H·d_h bias entries or None)`` of projection ``p`` (0 = q, 1 = k, 2 = v)."""
     d = up.shape[1]
     return up[p], (bias[p * d:(p + 1) * d] if bias is not None else None)
 
@@ -248,32 +261,34 @@ def projection(up: Tensor, bias: Optional[Tensor], p: int) -> tuple[Tensor, Opti
 def factor_grads(
     dqkv: Sequence[Tensor], c: Tensor, x: Tensor, down: Tensor, up: Tensor, g: int
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """From the per-head gradients of q, k and v (three ``[N, d]`` tensors whose rows may be strided) back
-    to ``(dx, ddown, dup, dbias)``: per projection, batched GEMMs over its ``g`` groups, then one GEMM
+    """From the per-head gradients of q, k and v (three ``[N, H·d_h]`` tensors whose rows may be strided)
+    back to ``(dx, ddown, dup, dbias)``: per projection, batched GEMMs over its ``g`` groups, then one GEMM
     each for ``dx`` and ``ddown`` over all ``3·g·r`` latent columns."""
     B, T, d = x.shape
-    N, r, k = B * T, up.shape[-1], d // g
+    width = up.shape[1]
+    N, r, k = B * T, up.shape[-1], width // g
     c_n = c.reshape(N, 3, g, r)
     dc = c.new_empty(N, 3, g, r)
-    dup = c.new_empty(3, d, r)
-    dbias = c.new_empty(3, d)
+    dup = c.new_empty(3, width, r)
+    dbias = c.new_empty(3, width)
     for p, dq in enumerate(dqkv):
-        dq_g = dq.view(N, g, k).transpose(0, 1)  # [g, N, d/g], a view
+        dq_g = dq.view(N, g, k).transpose(0, 1)  # [g, N, H·d_h/g], a view
         dc[:, p] = torch.bmm(dq_g, up[p].view(g, k, r)).transpose(0, 1)
         torch.bmm(dq_g.transpose(1, 2), c_n[:, p].transpose(0, 1), out=dup[p].view(g, k, r))
         torch.sum(dq, 0, out=dbias[p])
     dc_n = dc.view(N, 3 * g * r)
     dx = (dc_n @ down).view(B, T, d)
     ddown = dc_n.t() @ x.reshape(N, d)
-    return dx, ddown, dup, dbias.view(3 * d)
+    return dx, ddown, dup, dbias.view(3 * width)
 
 
 def dense_from_factors(down: Tensor, up: Tensor, num_heads: int, latent_groups: int) -> Tensor:
-    """The dense ``[3·d, d]`` Q/K/V weight (``nn.Linear`` layout) that the factors represent."""
-    d, r, g = up.shape[1], up.shape[2], latent_groups
+    """The dense ``[3·H·d_h, d]`` Q/K/V weight (``nn.Linear`` layout) that the factors represent: ``[3·d, d]``
+    for a whole layer's."""
+    width, r, g, d = up.shape[1], up.shape[2], latent_groups, down.shape[1]
     return torch.einsum(
-        "pgor,pgri->pgoi", up.reshape(3, g, d // g, r), down.reshape(3, g, r, d)
-    ).reshape(3 * d, d)
+        "pgor,pgri->pgoi", up.reshape(3, g, width // g, r), down.reshape(3, g, r, d)
+    ).reshape(3 * width, d)
 
 
 class Factors(NamedTuple):
@@ -337,7 +352,8 @@ def factors_from_dense(
 def kv_latents(x: Tensor, down: Tensor, latent_groups: int, *, group_major: bool = False) -> tuple[Tensor, Tensor]:
     """The latents ``c_K, c_V`` of ``x`` ``[B, T, d]``: what a latent KV cache stores. ``[B, T, g·r]``, or
     with ``group_major`` ``[B, g, T, r]`` (views), the layout in which a decode step reads each group's
-    cached latents as one contiguous block."""
+    cached latents as one contiguous block. ``down`` ``[3·g·r, d]`` may be the rows of a subset of a
+    layer's latent groups (``latent_groups`` = how many it holds): the latents are then those groups'."""
     gr = down.shape[0] // 3
     c = latents(x, down[gr:])
     c_k, c_v = c[..., :gr], c[..., gr:]

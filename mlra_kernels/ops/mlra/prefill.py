@@ -119,17 +119,17 @@ def _latent_heads(c: Tensor, p: int, num_heads: int, g: int, width: int) -> Tens
 
 
 def _lift(z: Tensor, up: Tensor, bias: Optional[Tensor], r: int) -> Tensor:
-    """``O [B, T, d]``: each head's ``Z_h`` ``[B, H, T, ≥r]`` lifted by ``B_V,hᵀ``, plus the V bias."""
+    """``O [B, T, H·d_h]``: each head's ``Z_h`` ``[B, H, T, ≥r]`` lifted by ``B_V,hᵀ``, plus the V bias."""
     B, H, T, _ = z.shape
-    d = up.shape[1]
-    dh = d // H
+    D = up.shape[1]
+    dh = D // H
     z_h = z[..., :r].permute(1, 0, 2, 3).reshape(H, B * T, r)
     up_v = up[2].view(H, dh, r).transpose(1, 2)  # [H, r, d_h]
     if bias is None:
         o = torch.bmm(z_h, up_v)
     else:
-        o = torch.baddbmm(bias[2 * d:].view(H, 1, dh), z_h, up_v)  # [H, N, d_h]
-    return o.transpose(0, 1).reshape(B, T, d)
+        o = torch.baddbmm(bias[2 * D:].view(H, 1, dh), z_h, up_v)  # [H, N, d_h]
+    return o.transpose(0, 1).reshape(B, T, D)
 
 
 def _absorbed_attention(c: Tensor, up: Tensor, bias: Optional[Tensor], num_heads: int, g: int, width: int):
@@ -143,8 +143,8 @@ def _absorbed_grads(grad_o, c, x, down, up, bias, z, lse, num_heads, g, causal, 
     """``(dx, ddown, dup, dbias)`` of the latent path, from torch's fused CPU attention's own backward.
     ``z`` is the forward's ``Z`` ``[B, H, T, width]``; ``q̃``, ``k``, ``v`` are rebuilt from ``c``."""
     B, T, d = x.shape
-    H, r, width = num_heads, up.shape[2], z.shape[-1]
-    dh, hpg, N = d // H, H // g, B * T
+    H, r, width, D = num_heads, up.shape[2], z.shape[-1], up.shape[1]  # D = H·d_h, the output width
+    dh, hpg, N = D // H, H // g, B * T
     m, beta = _absorbed_weights(up, bias, H)
     q_abs = _absorbed_query(c, m, beta, g, width)
     k, v = (_latent_heads(c, p, H, g, width) for p in (1, 2))
@@ -171,11 +171,11 @@ def _absorbed_grads(grad_o, c, x, down, up, bias, z, lse, num_heads, g, causal, 
     dup_k = torch.bmm(up_q, dm)
     if bias is not None:
         dbeta = dq_abs.sum(0)  # [H, r]
-        db_q = torch.bmm(up_k, dbeta.unsqueeze(-1)).view(d)
-        dup_k = dup_k + bias[:d].view(H, dh, 1) * dbeta.view(H, 1, r)
-        dbias = torch.cat([db_q, db_q.new_zeros(d), grad_o.reshape(N, d).sum(0)])
+        db_q = torch.bmm(up_k, dbeta.unsqueeze(-1)).view(D)
+        dup_k = dup_k + bias[:D].view(H, dh, 1) * dbeta.view(H, 1, r)
+        dbias = torch.cat([db_q, db_q.new_zeros(D), grad_o.reshape(N, D).sum(0)])
     else:  # the returned bias gradient is unused
-        dbias = grad_o.new_zeros(3 * d)
+        dbias = grad_o.new_zeros(3 * D)
     dc = grad_o.new_empty(N, 3, g, r)
     dc[:, 0] = torch.bmm(dq_g, _m_by_group(m, g).transpose(1, 2)).transpose(0, 1)
     if hpg == 1:  # a group per head: its latents' gradients are the head's own
@@ -186,18 +186,18 @@ def _absorbed_grads(grad_o, c, x, down, up, bias, z, lse, num_heads, g, causal, 
     dc_n = dc.view(N, 3 * g * r)
     dx = (dc_n @ down).view(B, T, d)
     ddown = dc_n.t() @ x.reshape(N, d)
-    dup = torch.stack([dup_q.reshape(d, r), dup_k.reshape(d, r), dup_v.reshape(d, r)])
+    dup = torch.stack([dup_q.reshape(D, r), dup_k.reshape(D, r), dup_v.reshape(D, r)])
     return dx, ddown, dup, dbias
 
 
 def _heads(t: Tensor, num_heads: int) -> Tensor:
-    """``[B, T, d]`` to ``[B, H, T, d_h]``, token-major (a view)."""
+    """``[B, T, H·d_h]`` to ``[B, H, T, d_h]``, token-major (a view)."""
     B, T, d = t.shape
     return t.view(B, T, num_heads, d // num_heads).transpose(1, 2)
 
 
 def _merge(t: Tensor) -> Tensor:
-    """``[B, H, T, d_h]`` to ``[B, T, d]``, contiguous."""
+    """``[B, H, T, d_h]`` to ``[B, T, H·d_h]``, contiguous."""
     B, H, T, dh = t.shape
     return t.transpose(1, 2).reshape(B, T, H * dh).contiguous()
 
@@ -208,8 +208,8 @@ def mlra_attention_fwd(
     seed: Optional[Tensor], num_heads: int, latent_groups: int, causal: bool, dropout_p: float, scale: float,
     path: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(o [B, T, d], lse [B, H, T] fp32, aux)``. ``kpm`` is an additive fp32 ``[B, T]`` key mask. ``aux``
-    is what the path's backward needs besides ``o`` and ``lse``: the latent path's latents and attention
+    """``(o [B, T, H·d_h], lse [B, H, T] fp32, aux)`` (``H·d_h = up.shape[1]``). ``kpm`` is an additive fp32
+    ``[B, T]`` key mask. ``aux`` is what the path's backward needs besides ``o`` and ``lse``: the latent path's latents and attention
     output ``Z`` (``[B, T, H, max(16, r)]``), the fused CPU path's ``q, k, v`` (``layout.qkv_buffer``) and latents, flattened
     into one tensor; empty for the others."""
     seed_i = int(seed.item()) if seed is not None else 0
@@ -217,8 +217,8 @@ def mlra_attention_fwd(
     if path == "torch-cpu":
         # q, k, v and the latents are kept for the backward (aux), as unfused attention keeps them: on a CPU,
         # compute and not memory bounds the step, and recomputing them would cost more than it saves.
-        B, T, d = x.shape
-        n_qkv = 3 * B * T * d
+        B, T, _ = x.shape
+        n_qkv = 3 * B * T * up.shape[1]
         aux = x.new_empty(n_qkv + B * T * down.shape[0])
         c = layout.latents(x, down, out=aux[n_qkv:].view(B, T, down.shape[0]))
         buf = layout.qkv_buffer(c, up, bias, latent_groups, out=aux[:n_qkv].view(3 * latent_groups, B * T, -1))
@@ -227,7 +227,7 @@ def mlra_attention_fwd(
         return _merge(o), lse.float().contiguous(), aux
     if path == "torch-cpu-latent":
         # The latents and Z are kept (aux): recomputing c would be one more GEMM as large as the forward's.
-        B, T, d = x.shape
+        B, T, _ = x.shape
         r = up.shape[2]
         width = latent_width(r, x.device)
         n_c = B * T * down.shape[0]
@@ -255,14 +255,15 @@ def mlra_attention_fwd(
 
 @mlra_attention_fwd.register_fake
 def _(x, down, up, bias, kpm, attn_mask, seed, num_heads, latent_groups, causal, dropout_p, scale, path):
-    B, T, d = x.shape
+    B, T, _ = x.shape
+    D = up.shape[1]
     if path == "torch-cpu-latent":
         aux = x.new_empty((B * T * (down.shape[0] + num_heads * latent_width(up.shape[2], x.device)),))
     elif path == "torch-cpu":
-        aux = x.new_empty((B * T * (3 * d + down.shape[0]),))
+        aux = x.new_empty((B * T * (3 * D + down.shape[0]),))
     else:
         aux = x.new_empty(0)
-    return x.new_empty((B, T, d)), x.new_empty((B, num_heads, T), dtype=torch.float32), aux
+    return x.new_empty((B, T, D)), x.new_empty((B, num_heads, T), dtype=torch.float32), aux
 
 
 @torch.library.custom_op("mlra::mlra_attention_bwd", mutates_args=())
@@ -271,13 +272,14 @@ def mlra_attention_bwd(
     attn_mask: Optional[Tensor], seed: Optional[Tensor], o: Tensor, lse: Tensor, aux: Tensor,
     num_heads: int, latent_groups: int, causal: bool, dropout_p: float, scale: float, path: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(dx, ddown, dup, dbias)``; ``dbias`` is ``[3·d]`` even when there is no bias."""
-    B, T, d = x.shape
+    """``(dx, ddown, dup, dbias)``; ``dbias`` is ``[3·H·d_h]`` even when there is no bias."""
+    B, T, _ = x.shape
+    D = up.shape[1]  # H·d_h: the output's width
     g = latent_groups
     seed_i = int(seed.item()) if seed is not None else 0
     grad_o = grad_o.contiguous()
     if path == "torch-cpu":  # q, k, v and the latents, as the forward kept them
-        buf, c = aux[:3 * B * T * d].view(3 * g, B * T, d // g), aux[3 * B * T * d:].view(B, T, down.shape[0])
+        buf, c = aux[:3 * B * T * D].view(3 * g, B * T, D // g), aux[3 * B * T * D:].view(B, T, down.shape[0])
     elif path == "torch-cpu-latent":  # the latents and Z, as the forward kept them
         n_c = B * T * down.shape[0]
         c, z = aux[:n_c].view(B, T, down.shape[0]), aux[n_c:].view(B, T, num_heads, -1).transpose(1, 2)
@@ -291,26 +293,26 @@ def mlra_attention_bwd(
             c, up.contiguous(), bias.contiguous() if bias is not None else None, kpm, o, lse, grad_o,
             num_heads=num_heads, latent_groups=g, causal=causal, scale=scale, dropout_p=dropout_p, seed=seed_i,
         )
-        dqkv = dqkv.view(B * T, 3, d).unbind(1)
+        dqkv = dqkv.view(B * T, 3, D).unbind(1)
     elif path == "torch-cpu":
         q, k, v = layout.heads_of(buf, B, T, num_heads, g)
         grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             _heads(grad_o, num_heads), q, k, v, _heads(o.contiguous(), num_heads), lse, 0.0, causal, scale=scale,
         )
-        dqkv = [t.transpose(1, 2).reshape(B * T, d) for t in grads]  # token-major: views, no copy
+        dqkv = [t.transpose(1, 2).reshape(B * T, D) for t in grads]  # token-major: views, no copy
     else:
         q, k, v, mask, keep = _torch_inputs(c, up, bias, kpm, attn_mask, seed_i, num_heads, g, causal,
                                             dropout_p, x)
         grads = dense.attention_grads(_heads(grad_o, num_heads), q, k, v, scale=scale, bias=mask,
                                       dropout_p=dropout_p, keep=keep)
-        dqkv = [t.transpose(1, 2).reshape(B * T, d) for t in grads]
+        dqkv = [t.transpose(1, 2).reshape(B * T, D) for t in grads]
     return layout.factor_grads(dqkv, c, x, down, up, g)
 
 
 @mlra_attention_bwd.register_fake
 def _(grad_o, x, down, up, bias, kpm, attn_mask, seed, o, lse, aux, num_heads, latent_groups, causal, dropout_p,
       scale, path):
-    return torch.empty_like(x), torch.empty_like(down), torch.empty_like(up), x.new_empty((3 * x.shape[-1],))
+    return torch.empty_like(x), torch.empty_like(down), torch.empty_like(up), x.new_empty((3 * up.shape[1],))
 
 
 def _setup_context(ctx, inputs, output):
@@ -337,8 +339,9 @@ mlra_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 def _sdpa_composition(x, down, up, bias, num_heads: int, g: int, causal: bool, dropout_p: float, scale: float):
     """The ``"sdpa"`` path: the latent and up-projection GEMMs, then ``scaled_dot_product_attention`` (on
     the latents where they are at most half a head wide), all differentiated by autograd."""
-    B, T, d = x.shape
-    r, dh = up.shape[2], d // num_heads
+    B, T, _ = x.shape
+    r, D = up.shape[2], up.shape[1]
+    dh = D // num_heads
     c = layout.latents(x, down)
     if backend.latent_is_narrow(r, dh, x.device.type):
         q_abs, k, v = _absorbed_attention(c, up, bias, num_heads, g, latent_width(r, x.device))
@@ -346,7 +349,7 @@ def _sdpa_composition(x, down, up, bias, num_heads: int, g: int, causal: bool, d
         return _lift(z, up, bias, r)
     q, k, v = layout.heads_token_major(c, up, bias, num_heads, g)
     o = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale)
-    return o.transpose(1, 2).reshape(B, T, d)
+    return o.transpose(1, 2).reshape(B, T, D)
 
 
 def mlra_attention(
@@ -363,7 +366,8 @@ def mlra_attention(
     dropout_p: float = 0.0,
     scale: Optional[float] = None,
 ) -> Tensor:
-    """Multi-head Low-Rank self-attention; returns the concatenated head outputs ``[B, T, d]``.
+    """Multi-head Low-Rank self-attention; returns the concatenated head outputs ``[B, T, H·d_h]``
+    (``[B, T, d]`` for a whole layer's heads).
 
     For each projection ``P`` in (q, k, v): the latent ``c_P = x · A_Pᵀ`` (``g·r`` wide), then per head
     ``P_h = c_P[group(h)] · B_{P,h}ᵀ + b_{P,h}``, then softmax attention with scale ``1/sqrt(d_h)``. The
@@ -375,10 +379,10 @@ def mlra_attention(
             first casts them to its dtype (float64 excepted, as autocast does).
         down: ``[3·g·r, d]`` stacked down-projections ``A_Q; A_K; A_V`` in ``nn.Linear`` layout
             (``c = x @ down.T``); inside one projection the ``g`` groups are consecutive blocks of ``r`` rows.
-        up: ``[3, d, r]``; ``up[p, h·d_h:(h+1)·d_h]`` is ``B_{P,h}`` (``[d_h, r]``). Head ``h`` reads latent
-            group ``h // (H // g)``.
-        bias: ``[3·d]`` or None, ordered q, k, v like ``nn.MultiheadAttention.in_proj_bias``.
-        num_heads: ``H``; must divide ``d``.
+        up: ``[3, H·d_h, r]`` (``H·d_h = d`` for a whole layer); ``up[p, h·d_h:(h+1)·d_h]`` is ``B_{P,h}``
+            (``[d_h, r]``). Head ``h`` reads latent group ``h // (H // g)``.
+        bias: ``[3·H·d_h]`` or None, ordered q, k, v like ``nn.MultiheadAttention.in_proj_bias``.
+        num_heads: ``H``; must divide ``up.shape[1]``, and the head width is ``d_h = up.shape[1] // H``.
         latent_groups: ``g``; must divide ``H``. ``g = 1`` is the paper's form (``W_P = up[p] @ A_P``).
         causal: mask keys after the query (default True).
         key_padding_mask: ``[B, T]``, bool (True = padding, not attended) or float (added to the scores).
@@ -397,6 +401,11 @@ def mlra_attention(
 
     A query whose keys are all masked outputs zeros. All of ``x``, ``down``, ``up`` and ``bias`` get
     gradients. The K bias cancels in the softmax, so its gradient is zero.
+
+    Head-local (tensor parallelism): the factors of a subset of whole latent groups of a layer's heads
+    (``g = 1``: any of its heads), as ``mlra_kernels.ops.mlra.layout`` describes, give those heads' columns
+    of the layer's output, and the matching slices of its factors' gradients; ``dx`` is their part of the
+    layer's ``dx`` (the sum over the subsets that cover the heads). Dropout draws its own mask per call.
 
     Converting weights (``g = 1``, rank ``r``): the dense q/k/v weight ``W`` (``[3·d, d]``, ``nn.Linear``
     layout) is ``nn.MultiheadAttention.in_proj_weight`` or GPT-2's ``c_attn.weight.T`` (``Conv1D`` stores
@@ -434,10 +443,11 @@ def mlra_attention(
             x, x, x, down, up, bias, num_heads=num_heads, latent_groups=latent_groups, causal=causal,
             key_padding_mask=key_padding_mask, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale,
         )[0]
+    dh = up.shape[1] // num_heads
     choice = backend.choose(x, key_padding_mask=key_padding_mask, dropout_p=dropout_p, attn_mask=attn_mask,
-                            rank=up.shape[-1], head_dim=x.shape[-1] // num_heads)
+                            rank=up.shape[-1], head_dim=dh)
     backend.warn_if_slow(choice)
-    scale = float(scale) if scale is not None else 1.0 / math.sqrt(x.shape[-1] // num_heads)
+    scale = float(scale) if scale is not None else 1.0 / math.sqrt(dh)
     if choice.path == "sdpa":
         return _sdpa_composition(x, down, up, bias, num_heads, latent_groups, causal, dropout_p, scale)
     kpm = None

@@ -9,9 +9,10 @@ does not lean on the code it checks):
 - ``x``:    ``[B, T, d]``
 - ``down``: ``[3·g·r, d]``, the stacked down-projections ``A_Q; A_K; A_V`` in ``nn.Linear`` layout,
   so ``c = x @ down.T``. Inside one projection the ``g`` groups are contiguous blocks of ``r`` rows.
-- ``up``:   ``[3, d, r]``. ``up[p, h·d_h:(h+1)·d_h, :]`` is ``B_{P,h}`` (``[d_h, r]``). Head ``h`` reads
-  latent group ``h // (H // g)``, so the heads of one group are contiguous.
-- ``bias``: ``[3·d]``, ordered like ``nn.MultiheadAttention.in_proj_bias`` (q, then k, then v).
+- ``up``:   ``[3, H·d_h, r]`` (``H·d_h = d`` for a whole layer). ``up[p, h·d_h:(h+1)·d_h, :]`` is
+  ``B_{P,h}`` (``[d_h, r]``). Head ``h`` reads latent group ``h // (H // g)``, so the heads of one group are
+  contiguous. The head width is ``d_h = up.shape[1] // num_heads``.
+- ``bias``: ``[3·H·d_h]``, ordered like ``nn.MultiheadAttention.in_proj_bias`` (q, then k, then v).
 
 With ``g = 1`` the dense projection is ``W_P = up[p] @ down[p·r:(p+1)·r]``: a ``d×d`` matrix in
 ``nn.Linear`` layout, the same block ``in_proj_weight[p·d:(p+1)·d]`` holds in
@@ -35,7 +36,7 @@ def mlra_dims(x: Tensor, down: Tensor, up: Tensor, num_heads: int, latent_groups
     """Return ``(B, T, d, H, g, r, d_h)`` read from already validated arguments."""
     B, T, d = x.shape
     r = up.shape[-1]
-    return B, T, d, num_heads, latent_groups, r, d // num_heads
+    return B, T, d, num_heads, latent_groups, r, up.shape[1] // num_heads
 
 
 def mlra_qkv_reference(
@@ -145,11 +146,11 @@ def mlra_attention_reference(
     scale: Optional[float] = None,
     dropout_mask: Optional[Tensor] = None,
 ) -> Tensor:
-    """MLRA self-attention, ``[B, T, d]`` in and out (head outputs concatenated, before W_O)."""
-    B, T, d = x.shape
+    """MLRA self-attention, ``[B, T, d]`` in, ``[B, T, H·d_h]`` out (head outputs concatenated, before W_O)."""
+    B, T, _ = x.shape
     q, k, v = mlra_qkv_reference(x, down, up, bias, num_heads=num_heads, latent_groups=latent_groups)
     o, _ = attention_reference(
         q, k, v, scale=scale, causal=causal, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
         dropout_p=dropout_p, dropout_mask=dropout_mask,
     )
-    return o.transpose(1, 2).reshape(B, T, d)
+    return o.transpose(1, 2).reshape(B, T, -1)
