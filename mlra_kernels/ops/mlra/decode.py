@@ -211,10 +211,10 @@ def _check_lengths(cache_seqlens: Optional[Tensor], B: int, t: int, S: int, devi
         raise ValueError(f"cache_seqlens is on {cache_seqlens.device} but x is on {device}")
     if device.type != "cpu" or B == 0 or torch.compiler.is_compiling():
         return  # on a GPU the check would wait for the device: the kernel clamps instead (see mlra_decode)
-    lo, hi = torch.stack(torch.aminmax(cache_seqlens.to(torch.int64))).tolist()
-    if lo < t or hi > S:
-        bad = lo if lo < t else hi
-        b = int((cache_seqlens == bad).nonzero()[0, 0])
+    lengths = cache_seqlens.tolist()  # B numbers: cheaper than a reduction
+    if min(lengths) < t or max(lengths) > S:
+        b = next(i for i, n in enumerate(lengths) if not t <= n <= S)
+        bad = lengths[b]
         raise ValueError(f"cache_seqlens[{b}] = {bad} is outside [t, S] = [{t}, {S}]: each sequence's length counts "
                          "its cached positions, the t new tokens included, and cannot exceed the cache's S positions")
 
@@ -277,7 +277,8 @@ def mlra_decode(
         cache_seqlens: ``[B]`` integer tensor or None: how many of the ``S`` cached positions each sequence
             uses, the new tokens included. ``t <= cache_seqlens[b] <= S`` is checked on the CPU; on a GPU the
             check would wait for the device, so the kernel clamps instead: it reads the first
-            ``min(cache_seqlens[b], S)`` positions (none, and gives zeros, for a length of 0 or less). The
+            ``min(cache_seqlens[b], S)`` positions (none, and gives zeros, for a length of 0 or less; the
+            lengths are read as int32, so larger values wrap). The
             new tokens are the last ``t`` of them; later positions are ignored. With it the caches can be
             the whole preallocated buffers, sequences can have unequal lengths, and on CUDA the kernel's
             grid stays the same from step to step (CUDA graphs).

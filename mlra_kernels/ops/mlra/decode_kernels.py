@@ -61,7 +61,7 @@ def _masked_scores(b_s, o_n, o_pos, p_kpm, m_n, CAUSAL: tl.constexpr, HAS_KPM: t
         b_s += tl.load(p_kpm + o_n, mask=m_n, other=0.0)[None, :] * 1.4426950408889634
     b_s = tl.maximum(b_s, -3.4028234663852886e38, propagate_nan=tl.PropagateNan.ALL)
     if CAUSAL:
-        b_s = tl.where(o_n[None, :] > o_pos[:, None], -3.4028234663852886e38, b_s)
+        b_s = tl.where((o_n[None, :] > o_pos[:, None]) & (b_s == b_s), -3.4028234663852886e38, b_s)
     return tl.where(m_n[None, :], b_s, float("-inf"))
 
 

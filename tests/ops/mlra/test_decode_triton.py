@@ -170,6 +170,16 @@ def test_a_nan_query_row_comes_out_nan(splits):
     assert torch.equal(z[0, 0, 0], clean[0, 0, 0])  # the rows without the NaN
 
 
+def test_a_nan_key_masked_by_causality_still_makes_its_row_nan():
+    """As the C++ kernel and the torch path's additive mask: a NaN score stays NaN where it is masked."""
+    B, g, hpg, t, S, r = 1, 1, 2, 2, 300, 16
+    gen = torch.Generator().manual_seed(10)
+    q, k, v = (torch.randn(shape, generator=gen).to(DEVICE) for shape in ((B, g, hpg * t, r), (B, g, S, r), (B, g, S, r)))
+    k[0, 0, S - 1, 0] = float("nan")  # the last key: masked for new token 0, seen by new token 1
+    z = _kernel_z(q, k, v, None, None, t, 1)
+    assert z.isnan().all(dim=-1).all()
+
+
 def test_grid_depends_on_capacity_not_length(monkeypatch):
     """The launch of a step on one preallocated cache is the same whatever the lengths (CUDA graphs)."""
     mod = launcher.kernels("decode_kernels")
