@@ -130,9 +130,18 @@ def _plain(obj: Any, depth: int = 0) -> Any:
 
 
 def _elements(obj: Any) -> int:
-    """Elements of a tensor or numpy array (0 for anything else)."""
+    """Elements of a tensor or numpy array, items of a list, tuple or dict (nested ones counted once each
+    level, up to the cap), 0 for anything else."""
     if isinstance(obj, Tensor):
         return obj.numel()
+    if isinstance(obj, (list, tuple, dict)):
+        items = obj.values() if isinstance(obj, dict) else obj
+        n = 0
+        for item in items:
+            n += max(1, _elements(item))
+            if n > _MAX_EXTRA_ELEMENTS:
+                break
+        return n
     size = getattr(obj, "size", None) if hasattr(obj, "tolist") else None
     return size if isinstance(size, int) else 0
 

@@ -325,7 +325,7 @@ def test_odd_extra_values_are_recorded_or_left_out_with_one_warning(tmp_path):
     odd = dict(vec=torch.ones(3), half=torch.tensor(2.5, dtype=torch.bfloat16), count=torch.tensor(7),
                flag=torch.tensor(True), one=torch.full((1,), 0.25), arr=np.array([[1.0, np.inf]]),
                ratio=float("inf"), nested={"a": [float("nan"), 1], (1, 2): torch.tensor(3.0)}, obj=object(),
-               big=torch.zeros(100_001), tev_mean=5.0, meta={"name": "x"})
+               big=torch.zeros(100_001), biglist=[0.5] * 20_000, tev_mean=5.0, meta={"name": "x"})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with TEVMonitor(_emb(), every=1, path=log) as mon:
@@ -335,11 +335,11 @@ def test_odd_extra_values_are_recorded_or_left_out_with_one_warning(tmp_path):
     assert rec["vec"] == [1.0, 1.0, 1.0] and rec["half"] == 2.5 and rec["one"] == 0.25
     assert rec["count"] == 7 and type(rec["count"]) is int and rec["flag"] is True
     assert rec["arr"] == [[1.0, float("inf")]] and rec["obj"].startswith("<object")
-    assert "big" not in rec and "meta" not in rec and rec["tev_mean"] != 5.0
+    assert "big" not in rec and "biglist" not in rec and "meta" not in rec and rec["tev_mean"] != 5.0
     assert "loss" not in rec  # a loss that is not one number is left out
     messages = [str(w.message) for w in caught if "TEVMonitor" in str(w.message)]
-    assert len(messages) == 4, messages  # one per left-out value, not one per step
-    for part in ("'big'", "'tev_mean'", "'meta'", "loss"):
+    assert len(messages) == 5, messages  # one per left-out value, not one per step
+    for part in ("'big'", "'biglist'", "'tev_mean'", "'meta'", "loss"):
         assert sum(part in m for m in messages) == 1, (part, messages)
     lines = [_strict_json(line) for line in log.read_text().splitlines()]  # valid JSON: NaN/inf are null
     first = lines[1]

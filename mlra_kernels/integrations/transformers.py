@@ -313,8 +313,8 @@ class MLRAGPT2Attention(modeling_gpt2.GPT2Attention):
         if layer is None:
             return
         g, r, H, dh = self.latent_groups, self.rank, self.num_heads, self.head_dim
-        where = f"MLRAGPT2Attention (layer {self.layer_idx})"
-        expected = f"latents c_K, c_V as [B, g, S, r] = [{batch}, {g}, S, {r}] (g = latent_groups, r = rank)"
+        where = f"MLRAGPT2Attention (layer {self.layer_idx})"  # the messages are formed only to raise
+        expected = "latents c_K, c_V as [B, g, S, r] = [{}, {}, S, {}] (g = latent_groups, r = rank)"
         fix = ("start from a fresh cache (no past_key_values, or a new DynamicCache or StaticCache) or pass the "
                "cache that this converted model returned")
         for name in ("keys", "values"):
@@ -333,7 +333,7 @@ class MLRAGPT2Attention(modeling_gpt2.GPT2Attention):
                           "a cache written by another model (a dense GPT-2, or one converted with another rank or "
                           "latent_groups) or for another batch size")
                 raise ValueError(f"{where}: the cache holds {name} of shape {list(t.shape)} for this layer, but this "
-                                 f"model keeps its {expected} there. That is {origin}: {fix}.")
+                                 f"model keeps its {expected.format(batch, g, r)} there. That is {origin}: {fix}.")
         if (g, r) == (H, dh) and not getattr(layer, _LATENT_MARK, False) and not torch.compiler.is_compiling():
             n = int(cached) if isinstance(cached, Tensor) else cached
             if n > 0:
@@ -341,7 +341,8 @@ class MLRAGPT2Attention(modeling_gpt2.GPT2Attention):
                     f"{where}: the cache holds {n} positions for this layer that no converted layer wrote: it comes "
                     f"from a dense (unconverted) GPT-2, whose per-head keys and values [B, H, S, d_h] "
                     f"({list(layer.keys.shape)}) have the shape of this model's latents (rank = d_h = {dh}, "
-                    f"latent_groups = H = {H}). A converted model keeps the {expected} in its cache, not per-head "
+                    f"latent_groups = H = {H}). A converted model keeps the {expected.format(batch, g, r)} in its "
+                    "cache, not per-head "
                     f"keys and values, so it cannot read a dense model's cache: {fix}.")
 
     def _decode_step(self, x: Tensor, cache: Any, cache_position: Optional[Tensor], attention_mask: Optional[Tensor],
@@ -563,8 +564,9 @@ def convert_gpt2(model: nn.Module, rank: Optional[int] = None, latent_groups: in
     back with :func:`from_pretrained`. Its ``save_pretrained`` also writes each layer's dense ``c_attn``
     (the product of the factors), so the folder loads with plain ``GPT2LMHeadModel.from_pretrained`` too,
     as the equivalent dense GPT-2 (its load report lists the factors as unexpected keys). The model's
-    class becomes a subclass of its own, of the same name, that does this. See the module docstring for
-    what the converted attention supports.
+    class becomes a subclass of its own, of the same name, that does this. Forward hooks on a replaced
+    attention layer are registered again on its replacement (handles to the old ones no longer remove
+    them). See the module docstring for what the converted attention supports.
 
     Example::
 
@@ -656,18 +658,20 @@ dense GPT-2, with plain ``GPT2LMHeadModel.from_pretrained``; :func:`from_pretrai
 @torch.no_grad()
 def _dense_qkv(model: nn.Module, state_dict: dict) -> dict:
     """``{"<layer>.c_attn.weight": [d, 3·d], "<layer>.c_attn.bias": [3·d]}`` of every converted layer whose
-    factors ``state_dict`` holds: the dense projection the factors represent, in ``Conv1D``'s layout."""
+    factors ``state_dict`` holds: the dense projection of the factors in ``state_dict`` (which may differ from
+    the live parameters: sharded, cast, or edited), in ``Conv1D``'s layout and the factors' dtype."""
+    from mlra_kernels.ops.mlra.layout import dense_from_factors
+
     dense = {}
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
-        if not isinstance(module, MLRAGPT2Attention) or f"{prefix}qkv.down" not in state_dict:
+        down, up = state_dict.get(f"{prefix}qkv.down"), state_dict.get(f"{prefix}qkv.up")
+        if not isinstance(module, MLRAGPT2Attention) or down is None or up is None or down.is_meta:
             continue
-        qkv = module.qkv
-        if qkv.down.is_meta:
-            continue
-        dense[f"{prefix}c_attn.weight"] = qkv.dense_weight().t().contiguous()
-        bias = qkv.bias if qkv.bias is not None else qkv.down.new_zeros(3 * qkv.embed_dim)
-        dense[f"{prefix}c_attn.bias"] = bias.detach().clone()
+        weight = dense_from_factors(down, up, module.num_heads, module.latent_groups)  # [3·d, d]
+        dense[f"{prefix}c_attn.weight"] = weight.t().contiguous()
+        bias = state_dict.get(f"{prefix}qkv.bias")
+        dense[f"{prefix}c_attn.bias"] = bias.detach().clone() if bias is not None else down.new_zeros(weight.shape[0])
     return dense
 
 

@@ -686,6 +686,14 @@ def test_a_saved_converted_model_loads_in_plain_transformers_as_its_dense_equiva
     loaded, info = from_pretrained(tmp_path / "saved", output_loading_info=True, dtype=torch.float64)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+    # A state_dict handed to save_pretrained (as the Trainer does) is what both loaders see, in its dtype.
+    edited = {k: (v * 2 if k.endswith("qkv.down") else v).float() for k, v in model.state_dict().items()}
+    model.save_pretrained(tmp_path / "edited", state_dict=edited)
+    mlra = from_pretrained(tmp_path / "edited", dtype=torch.float32)
+    plain = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "edited", dtype=torch.float32).eval()
+    assert plain.transformer.h[0].attn.c_attn.weight.dtype == torch.float32
+    torch.testing.assert_close(plain(ids).logits, mlra(ids).logits, rtol=1e-4, atol=1e-4)
+    assert (mlra(ids).logits.double() - model(ids).logits).abs().max() > 1e-2  # the edit is in both
 
 
 def test_a_converted_model_pickles_whole(tmp_path):
