@@ -1,5 +1,11 @@
 """Build of mlra-kernels and its compiled extension mlra_kernels._C.
 
+_C is built on LibTorch's stable ABI (torch/csrc/stable, targeting torch TORCH_MIN) and Python's limited
+C API (abi3, PY_LIMITED_API), so one build works with every torch from TORCH_MIN on, CPU and CUDA builds
+alike, and with every CPython the wheel's abi3 tag admits: the wheel is tagged cp39-abi3 and requires
+torch>=TORCH_MIN. It links libtorch_cpu's C shims only; the CUDA part carries its own CUDA runtime
+(linked statically), so a CPU-only torch loads it too.
+
 The CPU part is always built. The CUDA part is built when the installed torch has CUDA (torch.version.cuda)
 and a CUDA toolkit with nvcc is found; no GPU is needed. Switches (environment variables):
 
@@ -10,6 +16,8 @@ and a CUDA toolkit with nvcc is found; no GPU is needed. Switches (environment v
 
 Development install:  pip install --no-build-isolation -e .
 Wheel:                pip wheel --no-build-isolation --no-deps -w dist .
+(With build isolation pip builds against the newest torch of pyproject.toml's range; the result works with
+every torch from TORCH_MIN on all the same.)
 """
 
 from __future__ import annotations
@@ -58,6 +66,24 @@ from torch.utils import cpp_extension  # noqa: E402
 CSRC = ROOT / "csrc"
 BUILD_INFO = ROOT / "mlra_kernels" / "_build_info.json"
 DEFAULT_ARCH_LIST = "8.0;8.6;8.9;9.0+PTX"
+# The oldest torch _C works with: the stable-ABI version the sources target (TORCH_TARGET_VERSION), the
+# wheel's torch requirement, and what mlra_kernels._ext checks at load. CMakeLists.txt and
+# tests/sanitize/fuzz_ops.py read it from here; pyproject.toml's build requirement states it too.
+TORCH_MIN = "2.11"
+# Python's limited API: the oldest CPython the abi3 wheel is for (the wheel tag and Py_LIMITED_API).
+PY_LIMITED_API = "cp39"
+
+
+def torch_target_version(version: str = TORCH_MIN) -> str:
+    """TORCH_TARGET_VERSION for torch `version` ("2.11" -> 0x020b000000000000, torch/csrc/stable/version.h)."""
+    major, minor = (int(p) for p in version.split(".")[:2])
+    return f"0x{(major << 56) | (minor << 48):016x}"
+
+
+def py_limited_api_hex(tag: str = PY_LIMITED_API) -> str:
+    """Py_LIMITED_API for an abi3 tag ("cp39" -> 0x03090000)."""
+    major, minor = int(tag[2]), int(tag[3:])
+    return f"0x{major:02x}{minor:02x}0000"
 
 
 def read_sources() -> dict[str, list[str]]:
@@ -142,6 +168,11 @@ def build_info(with_cuda: bool, reason: str, arch_list: str | None, debug: bool)
         "nvcc": nvcc_version(nvcc) if nvcc else None,
         "debug": debug,
         "python": sys.version.split()[0],
+        # On the stable ABI _C works with every torch from torch_min on (mlra_kernels._ext checks it), and
+        # with every CPython from python_abi's on.
+        "stable_abi": True,
+        "torch_min": TORCH_MIN,
+        "python_abi": f"{PY_LIMITED_API}-abi3",
     }
 
 
@@ -152,12 +183,26 @@ class BuildExt(cpp_extension.BuildExtension):
     """torch's BuildExtension (ninja) that also writes _build_info.json next to the built _C, so an
     in-place / editable build and a wheel each carry the record of exactly what was compiled."""
 
+    def _add_compile_flag(self, extension, flag) -> None:
+        # torch adds its own -DPy_LIMITED_API (its oldest CPython) to a py_limited_api extension; ours, which
+        # matches the wheel's abi3 tag, is already in the flags.
+        if flag.startswith("-DPy_LIMITED_API="):
+            return
+        super()._add_compile_flag(extension, flag)
+
     def run(self):
         super().run()
         for ext in self.extensions:
-            out_dir = pathlib.Path(self.get_ext_fullpath(ext.name)).parent
+            built = pathlib.Path(self.get_ext_fullpath(ext.name))
+            out_dir = built.parent
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / BUILD_INFO.name).write_text(json.dumps(BUILD_INFO_RECORD, indent=2) + "\n")
+            # An in-place build from before the abi3 build left _C.cpython-*.so, which Python would import
+            # first; only the file just built may stay.
+            stem = ext.name.rsplit(".", 1)[-1]
+            for old in out_dir.glob(f"{stem}.*"):
+                if old.suffix in (".so", ".pyd") and old.name != built.name:
+                    old.unlink()
 
 
 def extensions():
@@ -172,13 +217,16 @@ def extensions():
     BUILD_INFO_RECORD.update(build_info(with_cuda, reason, arch_list, debug))
 
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    # No -std flag: torch picks the language standard its headers need (C++17 or C++20).
-    # -fopenmp: at::parallel_for is an OpenMP pragma in the ATen headers (AT_PARALLEL_OPENMP); without it
-    # the loop runs on one thread. The OpenMP runtime itself is the one torch has already loaded.
-    cxx = opt + ["-fopenmp"] + (["-DMLRA_DEBUG"] if debug else [])
-    nvcc = ["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"]
+    # No -std flag: torch picks the language standard its headers need (C++17 or C++20). Threads come from
+    # torch::stable::parallel_for, which runs torch's own thread pool: no -fopenmp here.
+    stable = [f"-DTORCH_TARGET_VERSION={torch_target_version()}", f"-DPy_LIMITED_API={py_limited_api_hex()}"]
+    cxx = opt + stable + (["-DMLRA_DEBUG"] if debug else [])
+    nvcc = ["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"]  # tev_cuda.cu includes no torch or Python header
     files = sources["cpu"] + sources["python"]
-    kwargs = dict(include_dirs=[str(CSRC)], extra_link_args=["-fopenmp"])
+    kwargs = dict(include_dirs=[str(CSRC)], py_limited_api=True)
+    # Only libtorch_cpu, the home of the stable C shims: _C references no C++ symbol of libtorch, and never
+    # torch_python (Python's limited API), c10_cuda or torch_cuda (so that a CPU-only torch loads it).
+    libraries = ["torch_cpu"]
     if with_cuda:
         files += sources["cuda"]
         cxx.append("-DMLRA_WITH_CUDA")
@@ -187,10 +235,15 @@ def extensions():
             # After the toolkit's own headers, so the toolkit wins where both have a header.
             # (tev_cuda.cu includes no torch headers, so nvcc does not need them.)
             cxx += ["-idirafter", inc]
+        # The CUDA runtime linked in, its symbols kept inside _C: no libcudart.so of one CUDA version to find
+        # at load, and torch's own runtime (any CUDA version) is left alone. The kernels run on any driver
+        # that supports the toolkit's CUDA version.
+        libraries += ["cudart_static", "dl", "rt", "pthread"]
         ext = cpp_extension.CUDAExtension("mlra_kernels._C", files, extra_compile_args={"cxx": cxx, "nvcc": nvcc},
-                                          **kwargs)
+                                          extra_link_args=["-Wl,--exclude-libs,libcudart_static.a"], **kwargs)
     else:
         ext = cpp_extension.CppExtension("mlra_kernels._C", files, extra_compile_args={"cxx": cxx}, **kwargs)
+    ext.libraries = libraries
     return [ext]
 
 
@@ -207,8 +260,9 @@ setup(
     package_data={"mlra_kernels": ["_build_info.json"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExt.with_options(use_ninja=True)},
+    options={"bdist_wheel": {"py_limited_api": PY_LIMITED_API}},
     install_requires=[
-        "torch>=2.4",
+        f"torch>={TORCH_MIN}",
         "triton; platform_system == 'Linux'",
         "numpy",
         "tqdm",

@@ -1,9 +1,14 @@
 """Loading of the compiled extension ``mlra_kernels._C``.
 
 Nothing here runs at ``import mlra_kernels``. The first call that needs a native op calls :func:`load`,
-which checks that ``_C`` was built against the installed torch before importing it, and turns every
-failure (missing, stale, or built for another torch) into one :class:`ExtensionNotAvailableError` that
-says how to rebuild.
+which checks that ``_C`` fits the installed torch before importing it, and turns every failure (missing,
+stale, or built for a torch it cannot run with) into one :class:`ExtensionNotAvailableError` that says what
+to do.
+
+``_C`` is built on LibTorch's stable ABI: one build works with every torch from the version it targets
+(``torch_min`` in ``_build_info.json``, setup.py's TORCH_MIN) on, whatever torch it was compiled against.
+A build from before the stable ABI (no ``stable_abi`` in its record) works only with the exact torch it was
+built against. How ``_C`` was built is recorded in ``_build_info.json`` only; the module itself is empty.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import importlib
 import json
 import pathlib
+import re
 from types import ModuleType
 from typing import Optional
 
@@ -32,6 +38,18 @@ def build_info_file() -> Optional[dict]:
         return None
 
 
+def built_with_cuda() -> bool:
+    """Whether the CUDA kernels are compiled into ``_C`` (from the build record; False without one)."""
+    info = build_info_file() or {}
+    return bool(info.get("with_cuda", False))
+
+
+def _major_minor(version: str) -> Optional[tuple[int, int]]:
+    """(2, 11) for "2.11.0+cu130", "2.11" or "2.11.0.dev20260101"; None for what is not a version."""
+    m = re.match(r"\s*(\d+)\.(\d+)", str(version))
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
 def _rebuild_hint(torch_version: str) -> str:
     return (
         f"Rebuild it against the installed torch {torch_version}: run `{BUILD_COMMAND}` in the mlra-kernels "
@@ -48,7 +66,17 @@ def load() -> ModuleType:
 
     hint = _rebuild_hint(torch.__version__)
     info = build_info_file()
-    if info is not None and info.get("torch") not in (None, torch.__version__):
+    stable = info is not None and bool(info.get("stable_abi"))
+    if stable:
+        minimum = str(info.get("torch_min"))
+        running, needed = _major_minor(torch.__version__), _major_minor(minimum)
+        if running is not None and needed is not None and running < needed:
+            raise ExtensionNotAvailableError(
+                f"mlra_kernels._C was built against torch {info.get('torch')} on LibTorch's stable ABI, which "
+                f"works with torch {minimum} or newer, but torch {torch.__version__} is installed. Upgrade torch "
+                f"(pip install 'torch>={minimum}'); mlra-kernels does not build against an older torch."
+            )
+    elif info is not None and info.get("torch") not in (None, torch.__version__):
         raise ExtensionNotAvailableError(
             f"mlra_kernels._C was built against torch {info['torch']} but torch {torch.__version__} is installed. "
             + hint
@@ -68,9 +96,9 @@ def load() -> ModuleType:
                 f"Build it: run `{BUILD_COMMAND}` in the mlra-kernels source checkout."
             ) from None
         raise ExtensionNotAvailableError(f"mlra_kernels._C could not be loaded ({text}). " + hint) from err
-    built = getattr(_C, "torch_version", None)
+    built = getattr(_C, "torch_version", None)  # a build from before the stable ABI says it here
     running = torch.__version__.split("+", 1)[0]
-    if built is not None and built != running:
+    if not stable and built is not None and built != running:
         raise ExtensionNotAvailableError(
             f"mlra_kernels._C was built against torch {built} but torch {torch.__version__} is installed. " + hint
         )

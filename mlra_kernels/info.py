@@ -1,7 +1,9 @@
 """Build and runtime information: ``mlra info`` or ``python -m mlra_kernels.info``.
 
-Prints the torch and Triton versions the extension was built against and the ones running now,
-whether ``_C`` has CUDA code and for which architectures, and whether a GPU is visible.
+Prints the torch and Triton versions the extension was built against and the ones running now (and,
+for a build on LibTorch's stable ABI, the oldest torch it works with), whether ``_C`` has CUDA code and
+for which architectures, and whether a GPU is visible. How ``_C`` was built comes from its record,
+``mlra_kernels/_build_info.json``, written by setup.py next to it.
 """
 
 from __future__ import annotations
@@ -21,33 +23,27 @@ def _triton_version() -> Optional[str]:
 
 
 def build_info() -> dict:
-    """How ``_C`` was built: ``torch``, ``triton``, ``cuda`` (bool: CUDA code compiled in), ``cuda_archs``
-    (list), ``cuda_version`` (toolkit), ``debug``, and ``extension`` ("ok" or why it cannot load)."""
+    """How ``_C`` was built: ``torch`` (compiled against), ``torch_min`` (the oldest torch it works with: a
+    build on LibTorch's stable ABI; None for one that needs exactly ``torch``), ``triton``, ``cuda`` (bool: CUDA
+    code compiled in), ``cuda_archs`` (list), ``cuda_version`` (the toolkit, whose CUDA runtime is linked in),
+    ``debug``, and ``extension`` ("ok" or why it cannot load)."""
     recorded = _ext.build_info_file() or {}
+    cuda = bool(recorded.get("with_cuda", False))
     info = {
         "torch": recorded.get("torch"),
+        "torch_min": recorded.get("torch_min") if recorded.get("stable_abi") else None,
         "triton": recorded.get("triton"),
-        "cuda": bool(recorded.get("with_cuda", False)),
-        "cuda_archs": [a for a in (recorded.get("cuda_arch_list") or "").replace(" ", ";").split(";") if a],
-        "cuda_version": recorded.get("nvcc"),
+        "cuda": cuda,
+        "cuda_archs": [a for a in (recorded.get("cuda_arch_list") or "").replace(" ", ";").split(";") if a]
+        if cuda else [],
+        "cuda_version": recorded.get("nvcc") if cuda else None,
         "debug": bool(recorded.get("debug", False)),
         "extension": "ok",
     }
     try:
-        mod = _ext.load()
+        _ext.load()
     except ImportError as err:
         info["extension"] = str(err)
-        return info
-    # What the loaded binary says wins over the record file.
-    info["cuda"] = bool(mod.with_cuda)
-    if not mod.with_cuda:
-        info["cuda_archs"] = []
-    if mod.cuda_runtime_version is not None:
-        v = int(mod.cuda_runtime_version)
-        info["cuda_version"] = f"{v // 1000}.{(v % 1000) // 10}"
-    if info["torch"] is None:
-        info["torch"] = mod.torch_version
-    info["debug"] = bool(mod.debug)
     return info
 
 
@@ -78,7 +74,9 @@ def format_info() -> str:
     b, r = build_info(), runtime_info()
     lines = [
         f"mlra-kernels {mlra_kernels.__version__}",
-        f"  torch   built against {b['torch'] or 'unknown'}, running {r['torch']} (CUDA {r['torch_cuda']})",
+        f"  torch   built against {b['torch'] or 'unknown'}"
+        + (f" (stable ABI: works with torch {b['torch_min']} or newer)" if b["torch_min"] else "")
+        + f", running {r['torch']} (CUDA {r['torch_cuda']})",
         f"  triton  built against {b['triton'] or 'unknown'}, running {r['triton'] or 'not installed'}",
     ]
     if b["extension"] != "ok":

@@ -91,11 +91,11 @@ def test_undefined_symbol_becomes_rebuild_message():
     assert "Traceback" not in out.stdout
 
 
-def test_torch_version_mismatch_message():
+def test_a_torch_older_than_the_stable_abi_target_is_refused():
     out = run_py(
         """
         import torch
-        torch.__version__ = "0.0.1"
+        torch.__version__ = "2.10.0"
         import mlra_kernels
         try:
             mlra_kernels.tev(torch.randn(4, 4))
@@ -104,5 +104,38 @@ def test_torch_version_mismatch_message():
         """
     )
     assert out.returncode == 0, out.stderr
-    assert "built against torch" in out.stdout and "0.0.1 is installed" in out.stdout
+    assert "built against torch" in out.stdout and "2.10.0 is installed" in out.stdout
+    assert "works with torch 2.11 or newer" in out.stdout and "pip install 'torch>=2.11'" in out.stdout
+
+
+def test_any_torch_from_the_stable_abi_target_on_is_accepted():
+    """A build on the stable ABI is not tied to the torch it was compiled against."""
+    out = run_py(
+        """
+        import torch
+        torch.__version__ = "2.99.0+cpu"
+        import mlra_kernels
+        s = mlra_kernels.tev(torch.randn(64, 16))
+        assert s.rows == 64
+        print("ok")
+        """
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith("ok")
+
+
+def test_a_build_from_before_the_stable_abi_needs_its_own_torch(tmp_path):
+    """A record without stable_abi (an older in-place build): another torch is refused with how to rebuild."""
+    pkg = tmp_path / "mlra_kernels"
+    pkg.mkdir()
+    for name in ("__init__.py", "_ext.py"):
+        (pkg / name).write_text((REPO / "mlra_kernels" / name).read_text())
+    (pkg / "_build_info.json").write_text('{"torch": "2.9.0+cu128", "with_cuda": true}')
+    out = subprocess.run(
+        [sys.executable, "-c", "from mlra_kernels import _ext\ntry:\n    _ext.load()\nexcept ImportError as err:\n"
+         "    print('MSG:', err)"],
+        capture_output=True, text=True, timeout=240, env=dict(os.environ, PYTHONPATH=str(tmp_path)), cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "built against torch 2.9.0+cu128 but torch" in out.stdout
     assert "pip install --no-build-isolation -e ." in out.stdout

@@ -5,7 +5,7 @@
 // latent group and every new token) attend the group's cached latents c_K, c_V [B, g, S, r] and give
 // Z [B, g, M, r]. Every row of a group is scored against each cached latent while it is in cache, so
 // each cached number is read once per step for all heads (a GEMM with M = H/g rows would first copy
-// the cache into its packed panels). The cache positions are split across tasks (at::parallel_for) so
+// the cache into its packed panels). The cache positions are split across tasks (torch::stable::parallel_for) so
 // that one sequence's step still fills every core; each task keeps a running max and sum per row, and
 // the tasks of one (sequence, group) are merged by their log-sum-exp, in a fixed order.
 //
@@ -17,16 +17,17 @@
 // NaN propagates as through SDPA: a NaN score makes its row NaN (its weight is NaN), and a NaN
 // value at a position below L makes NaN every row of its sequence and group, masked there or not
 // (0 · NaN); a row whose every score is -inf (infinite inputs) gives NaN, softmax's 0/0.
-#include <ATen/ATen.h>
-#include <ATen/MemoryOverlap.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
+#include "stable_abi.h"  // first: it checks that the build targets a torch version
+
+#include <torch/csrc/inductor/aoti_torch/generated/c_shim_cpu.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <utility>
@@ -402,7 +403,7 @@ bool has_avx2() {
 // y[p, n, j] = x[p, n, :] · w[p, j, :] + bias[p, j] for n < N (a step's B·t rows, at most kGemmRows):
 // each weight row is streamed once from memory for all N rows, the weight rows split across threads.
 // torch's GEMM for so few rows reads the weight at about a third of the machine's read rate here.
-constexpr int64_t kGemmRows = 16;         // more rows: at::bmm / at::linear, which are compute-bound there
+constexpr int64_t kGemmRows = 16;         // more rows: torch's bmm / baddbmm, which are compute-bound there
 constexpr int64_t kGemmTaskFloats = 8192;  // the weight floats (32 KB) a task reads at least
 constexpr int64_t kGemmPrefetch = 4096;    // 16 KB: measured best of 2-16 KB on this project's 2-core host
 
@@ -490,46 +491,216 @@ MLRA_TARGET_AVX2 __attribute__((noinline)) void gemm_tasks_avx2(const Gemm& g, i
 }
 #endif
 
-// y [P, N, J] (any strides) = x [P, N, K] (unit stride in K) · w [P, J, K]ᵀ (contiguous) + bias [P, J]. With
-// more than kGemmRows rows, at::baddbmm / at::bmm write y instead.
-void rows_gemm(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, const at::Tensor& y) {
-  const int64_t P = x.size(0), N = x.size(1), K = x.size(2), J = w.size(1);
-  TORCH_CHECK(w.size(0) == P && w.size(2) == K && w.is_contiguous() && w.scalar_type() == at::kFloat,
-              "mlra::latent_decode_step_cpu: a step weight must be a contiguous float32 [", P, ", J, ", K,
-              "] tensor, got ", w.scalar_type(), " ", w.sizes());
-  TORCH_CHECK(!bias.has_value() || (bias->numel() == P * J && bias->is_contiguous() &&
-                                    bias->scalar_type() == at::kFloat),
-              "mlra::latent_decode_step_cpu: a step bias must be a contiguous float32 tensor of ", P * J,
-              " numbers, got ", bias.has_value() ? bias->sizes() : at::IntArrayRef{});
-  if (N > kGemmRows || x.stride(2) != 1) {
+// --- The step's operands and intermediates as torch would view them --------------------------------
+//
+// Float32 memory with torch's geometry (sizes and strides), so that the step takes the views and copies
+// that its ATen form took (view, reshape, transpose, permute, narrow, select, unsqueeze), without creating
+// a tensor for each: the strides, those of size-1 dimensions included, decide the GEMM path below.
+struct Span {
+  float* data;
+  std::vector<int64_t> sizes, strides;
+};
+
+// Float32 buffers that live as long as the step.
+struct Pool {
+  std::vector<std::unique_ptr<float[]>> buffers;
+  float* alloc(int64_t n) {
+    buffers.emplace_back(new float[static_cast<size_t>(std::max<int64_t>(n, 1))]);
+    return buffers.back().get();
+  }
+};
+
+int64_t numel_of(const std::vector<int64_t>& sizes) {
+  int64_t n = 1;
+  for (int64_t s : sizes) n *= s;
+  return n;
+}
+
+// A contiguous tensor's strides, as torch sets them (a size-0 or size-1 dimension counts as 1).
+std::vector<int64_t> contiguous_strides(const std::vector<int64_t>& sizes) {
+  std::vector<int64_t> st(sizes.size());
+  int64_t s = 1;
+  for (size_t i = sizes.size(); i-- > 0;) {
+    st[i] = s;
+    s *= std::max<int64_t>(sizes[i], 1);
+  }
+  return st;
+}
+
+// torch's is_contiguous: dimensions of size 1 have any stride.
+bool is_contiguous(const Span& s) {
+  if (numel_of(s.sizes) == 0) return true;
+  int64_t expected = 1;
+  for (size_t i = s.sizes.size(); i-- > 0;) {
+    if (s.sizes[i] == 1) continue;
+    if (s.strides[i] != expected) return false;
+    expected *= s.sizes[i];
+  }
+  return true;
+}
+
+// The strides of `shape` as a view of `s`, as torch computes them for view and reshape
+// (at::detail::computeStride), or none where the view is impossible (reshape then copies).
+std::optional<std::vector<int64_t>> view_strides(const Span& s, const std::vector<int64_t>& shape) {
+  const std::vector<int64_t>& os = s.sizes;
+  const std::vector<int64_t>& ot = s.strides;
+  if (os.empty()) return std::vector<int64_t>(shape.size(), 1);
+  const int64_t numel = numel_of(os);
+  if (numel == 0 && os == shape) return ot;
+  std::vector<int64_t> ns(shape.size());
+  if (numel == 0) {
+    for (int64_t d = static_cast<int64_t>(shape.size()) - 1; d >= 0; --d)
+      ns[d] = d == static_cast<int64_t>(shape.size()) - 1 ? 1 : std::max<int64_t>(shape[d + 1], 1) * ns[d + 1];
+    return ns;
+  }
+  int64_t view_d = static_cast<int64_t>(shape.size()) - 1;
+  int64_t chunk_base_stride = ot.back(), tensor_numel = 1, view_numel = 1;
+  for (int64_t tensor_d = static_cast<int64_t>(os.size()) - 1; tensor_d >= 0; --tensor_d) {
+    tensor_numel *= os[tensor_d];
+    if (tensor_d == 0 || (os[tensor_d - 1] != 1 && ot[tensor_d - 1] != tensor_numel * chunk_base_stride)) {
+      while (view_d >= 0 && (view_numel < tensor_numel || shape[view_d] == 1)) {
+        ns[view_d] = view_numel * chunk_base_stride;
+        view_numel *= shape[view_d];
+        --view_d;
+      }
+      if (view_numel != tensor_numel) return std::nullopt;
+      if (tensor_d > 0) {
+        chunk_base_stride = ot[tensor_d - 1];
+        tensor_numel = 1;
+        view_numel = 1;
+      }
+    }
+  }
+  if (view_d != -1) return std::nullopt;
+  return ns;
+}
+
+// A float32 tensor's memory: read only, unless `writes`.
+Span span_of(const Tensor& t, bool writes = false) {
+  const Shape sz = t.sizes(), st = t.strides();
+  float* data = writes ? static_cast<float*>(t.mutable_data_ptr()) : const_cast<float*>(t.const_data_ptr<float>());
+  return Span{data, {sz.begin(), sz.end()}, {st.begin(), st.end()}};
+}
+
+Span empty_span(const std::vector<int64_t>& sizes, Pool& pool) {
+  return Span{pool.alloc(numel_of(sizes)), sizes, contiguous_strides(sizes)};
+}
+
+Span view(const Span& s, const std::vector<int64_t>& shape) {
+  auto st = view_strides(s, shape);
+  MLRA_CHECK(st.has_value(), "mlra::latent_decode_step_cpu: internal error: a view that torch would not take");
+  return Span{s.data, shape, *st};
+}
+
+// dst = src, element by element (equal sizes, any strides).
+void copy_into(const Span& dst, const Span& src) {
+  const int64_t n = numel_of(src.sizes);
+  const size_t D = src.sizes.size();
+  std::vector<int64_t> idx(D, 0);
+  int64_t d_off = 0, s_off = 0;
+  for (int64_t e = 0; e < n; ++e) {
+    dst.data[d_off] = src.data[s_off];
+    for (size_t i = D; i-- > 0;) {  // the next index, last dimension fastest
+      if (++idx[i] < src.sizes[i]) {
+        d_off += dst.strides[i];
+        s_off += src.strides[i];
+        break;
+      }
+      d_off -= (src.sizes[i] - 1) * dst.strides[i];
+      s_off -= (src.sizes[i] - 1) * src.strides[i];
+      idx[i] = 0;
+    }
+  }
+}
+
+Span contiguous(const Span& s, Pool& pool) {
+  if (is_contiguous(s)) return s;
+  Span out = empty_span(s.sizes, pool);
+  copy_into(out, s);
+  return out;
+}
+
+// torch's reshape: a view where one exists, else a contiguous copy viewed as `shape`.
+Span reshape(const Span& s, const std::vector<int64_t>& shape, Pool& pool) {
+  if (auto st = view_strides(s, shape)) return Span{s.data, shape, *st};
+  Span copy = empty_span(s.sizes, pool);
+  copy_into(copy, s);
+  return view(copy, shape);
+}
+
+Span transpose(Span s, size_t a, size_t b) {
+  std::swap(s.sizes[a], s.sizes[b]);
+  std::swap(s.strides[a], s.strides[b]);
+  return s;
+}
+
+Span permute(const Span& s, const std::vector<size_t>& dims) {
+  Span out{s.data, {}, {}};
+  for (size_t d : dims) {
+    out.sizes.push_back(s.sizes[d]);
+    out.strides.push_back(s.strides[d]);
+  }
+  return out;
+}
+
+Span narrow(Span s, size_t dim, int64_t start, int64_t length) {
+  s.data += start * s.strides[dim];
+  s.sizes[dim] = length;
+  return s;
+}
+
+Span select(Span s, size_t dim, int64_t index) {
+  s.data += index * s.strides[dim];
+  s.sizes.erase(s.sizes.begin() + static_cast<std::ptrdiff_t>(dim));
+  s.strides.erase(s.strides.begin() + static_cast<std::ptrdiff_t>(dim));
+  return s;
+}
+
+Span unsqueeze0(Span s) {
+  s.strides.insert(s.strides.begin(), s.sizes.empty() ? 1 : s.sizes[0] * s.strides[0]);
+  s.sizes.insert(s.sizes.begin(), 1);
+  return s;
+}
+
+// y [P, N, J] (any strides) = x [P, N, K] · w [P, J, K]ᵀ (contiguous) + bias [P, J] (contiguous). With more than
+// kGemmRows rows, or x not of unit stride in K, torch's CPU bmm / baddbmm (the C shims of its out= kernels)
+// write y instead, on tensors over the same memory and strides. The step has checked every shape.
+void rows_gemm(const Span& x, const Span& w, const std::optional<Span>& bias, const Span& y) {
+  const int64_t P = x.sizes[0], N = x.sizes[1], K = x.sizes[2], J = w.sizes[1];
+  if (N > kGemmRows || x.strides[2] != 1) {
+    const auto over = [](const Span& s) {
+      return torch::stable::from_blob(s.data, s.sizes, s.strides, Device(torch::headeronly::kCPU), ScalarType::Float);
+    };
+    const Tensor xt = over(x), wt = over(transpose(w, 1, 2)), yt = over(y);
     if (bias.has_value()) {
-      at::baddbmm_out(const_cast<at::Tensor&>(y), bias->view({P, 1, J}), x, w.transpose(1, 2));
+      const Tensor bt = over(view(*bias, {P, 1, J}));
+      TORCH_ERROR_CODE_CHECK(aoti_torch_cpu_baddbmm_out(yt.get(), bt.get(), xt.get(), wt.get(), 1.0, 1.0));
     } else {
-      at::bmm_out(const_cast<at::Tensor&>(y), x, w.transpose(1, 2));
+      TORCH_ERROR_CODE_CHECK(aoti_torch_cpu_bmm_out(yt.get(), xt.get(), wt.get()));
     }
     return;
   }
   if (P == 0 || N == 0 || J == 0) return;
   Gemm g{};
-  g.x = x.data_ptr<float>();
-  g.x_sp = x.stride(0);
-  g.x_sn = x.stride(1);
-  g.w = w.data_ptr<float>();
-  g.w_sp = w.stride(0);
-  g.w_sj = w.stride(1);
-  g.bias = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  g.x = x.data;
+  g.x_sp = x.strides[0];
+  g.x_sn = x.strides[1];
+  g.w = w.data;
+  g.w_sp = w.strides[0];
+  g.w_sj = w.strides[1];
+  g.bias = bias.has_value() ? bias->data : nullptr;
   g.b_sp = J;
-  g.y = y.data_ptr<float>();
-  g.y_sp = y.stride(0);
-  g.y_sn = y.stride(1);
-  g.y_sj = y.stride(2);
+  g.y = y.data;
+  g.y_sp = y.strides[0];
+  g.y_sn = y.strides[1];
+  g.y_sj = y.strides[2];
   g.P = P;
   g.N = N;
   g.J = J;
   g.K = K;
   g.rows_per_task = std::max<int64_t>(2, (kGemmTaskFloats / std::max<int64_t>(K, 1) + 1) / 2 * 2);
   g.tasks_per_p = (J + g.rows_per_task - 1) / g.rows_per_task;
-  at::parallel_for(0, P * g.tasks_per_p, 1, [&](int64_t t0, int64_t t1) {
+  torch::stable::parallel_for(0, P * g.tasks_per_p, 1, [&](int64_t t0, int64_t t1) {
 #if defined(MLRA_DECODE_AVX2)
     if (has_avx2()) {
       gemm_tasks_avx2(g, t0, t1);
@@ -540,14 +711,22 @@ void rows_gemm(const at::Tensor& x, const at::Tensor& w, const std::optional<at:
   });
 }
 
-void check_operand(const at::Tensor& t, const char* name, const char* op = "mlra::latent_decode_cpu",
+void check_operand(const Tensor& t, const char* name, const char* op = "mlra::latent_decode_cpu",
                    bool bf16_too = false) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.scalar_type() == at::kFloat || (bf16_too && t.scalar_type() == at::kBFloat16), op, ": ", name,
-              bf16_too ? " must be float32 or bfloat16, got " : " must be float32, got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be 4-D [B, g, ·, r], got shape ", t.sizes());
-  TORCH_CHECK(t.stride(3) == 1 || t.size(3) == 1, op, ": ", name, " must have a contiguous last dimension, got strides ",
-              t.strides());
+  MLRA_CHECK(t.is_cpu(), op, ": ", name, " must be a CPU tensor, got ", name_of(t.device()));
+  MLRA_CHECK(t.scalar_type() == ScalarType::Float || (bf16_too && t.scalar_type() == ScalarType::BFloat16), op, ": ",
+             name, bf16_too ? " must be float32 or bfloat16, got " : " must be float32, got ", t.scalar_type());
+  MLRA_CHECK(t.dim() == 4, op, ": ", name, " must be 4-D [B, g, ·, r], got shape ", Dims(t.sizes()));
+  MLRA_CHECK(t.stride(3) == 1 || t.size(3) == 1, op, ": ", name, " must have a contiguous last dimension, got strides ",
+             Dims(t.strides()));
+}
+
+// Whether some element of a tensor shares its memory with another: a dimension of more than one element
+// with stride 0 (as from expand()), what at::has_internal_overlap reports as MemOverlap::Yes.
+bool has_internal_overlap(const Tensor& t) {
+  for (int64_t i = 0; i < t.dim(); ++i)
+    if (t.size(i) > 1 && t.stride(i) == 0) return true;
+  return false;
 }
 
 // Whether some element of `dims` (stride, size > 1 pairs, strides descending; reach[i]: Σ (size - 1)·stride
@@ -567,12 +746,12 @@ bool offset_reachable(const std::vector<std::pair<int64_t, int64_t>>& dims, cons
   return false;
 }
 
-// Whether two CPU tensors may share memory: no when they are in different storages, when their byte ranges
-// are apart, or when they are equally strided views of one buffer whose offset no index difference bridges
-// (k = buf[..., :r], v = buf[..., r:]); yes in every other case where their ranges meet.
-bool may_overlap(const at::Tensor& a, const at::Tensor& b) {
-  if (a.numel() == 0 || b.numel() == 0 || !a.is_alias_of(b)) return false;
-  const auto span = [](const at::Tensor& x) {  // bytes from the start of its first element to the end of its last
+// Whether two CPU tensors may share memory: no when their byte ranges are apart (tensors of different
+// storages always are), or when they are equally strided views of one buffer whose offset no index
+// difference bridges (k = buf[..., :r], v = buf[..., r:]); yes in every other case where their ranges meet.
+bool may_overlap(const Tensor& a, const Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0) return false;
+  const auto span = [](const Tensor& x) {  // bytes from the start of its first element to the end of its last
     int64_t n = 1;
     for (int64_t i = 0; i < x.dim(); ++i) n += (x.size(i) - 1) * x.stride(i);
     return n * static_cast<int64_t>(x.element_size());
@@ -580,7 +759,7 @@ bool may_overlap(const at::Tensor& a, const at::Tensor& b) {
   const auto a0 = reinterpret_cast<intptr_t>(a.data_ptr()), b0 = reinterpret_cast<intptr_t>(b.data_ptr());
   if (a0 + span(a) <= b0 || b0 + span(b) <= a0) return false;
   const int64_t size = static_cast<int64_t>(a.element_size());
-  if (a.sizes() != b.sizes() || a.strides() != b.strides() || a.scalar_type() != b.scalar_type() ||
+  if (!a.sizes().equals(b.sizes()) || !a.strides().equals(b.strides()) || a.scalar_type() != b.scalar_type() ||
       (b0 - a0) % size != 0)
     return true;
   std::vector<std::pair<int64_t, int64_t>> dims;
@@ -599,100 +778,26 @@ bool may_overlap(const at::Tensor& a, const at::Tensor& b) {
 // The score scale as the kernel uses it (float32): positive and finite, as decode's Python checks it.
 float checked_scale(double scale, const char* op) {
   const float s = static_cast<float>(scale);
-  TORCH_CHECK(std::isfinite(s) && s > 0.f, op, ": scale must be a positive finite float32 number, got ", scale);
+  MLRA_CHECK(std::isfinite(s) && s > 0.f, op, ": scale must be a positive finite float32 number, got ", scale);
   return s;
 }
 
-}  // namespace
-
-at::Tensor latent_decode_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                             const std::optional<at::Tensor>& kpm, const std::optional<at::Tensor>& lengths,
-                             int64_t t_new, bool causal, double scale) {
-  check_operand(q, "q", "mlra::latent_decode_cpu", true);
-  check_operand(k, "k", "mlra::latent_decode_cpu", true);
-  check_operand(v, "v", "mlra::latent_decode_cpu", true);
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
-              "mlra::latent_decode_cpu: q, k and v must have one dtype, got ", q.scalar_type(), ", ", k.scalar_type(),
-              " and ", v.scalar_type());
-  const bool bf16 = q.scalar_type() == at::kBFloat16;
-  const int64_t B = q.size(0), G = q.size(1), M = q.size(2), R = q.size(3), S = k.size(2);
-  TORCH_CHECK(k.size(0) == B && k.size(1) == G && k.size(3) == R && v.sizes() == k.sizes(),
-              "mlra::latent_decode_cpu: k and v must be [B, g, S, r] = [", B, ", ", G, ", S, ", R,
-              "] alike, got ", k.sizes(), " and ", v.sizes());
-  TORCH_CHECK(t_new >= 1 && M % t_new == 0, "mlra::latent_decode_cpu: t_new=", t_new, " must divide the ", M,
-              " query rows");
-  const float scale_f = checked_scale(scale, "mlra::latent_decode_cpu");
-  // bfloat16 rows are few (B·g·M·r numbers): read as float32 once; the caches are read as they are.
-  const at::Tensor qf = bf16 ? q.to(at::kFloat) : q;
-  Problem p{};
-  p.q = qf.data_ptr<float>();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.B = B;
-  p.G = G;
-  p.M = M;
-  p.S = S;
-  p.R = R;
-  p.q_sb = qf.stride(0);
-  p.q_sg = qf.stride(1);
-  p.q_sm = qf.stride(2);
-  p.k_sb = k.stride(0);
-  p.k_sg = k.stride(1);
-  p.k_ss = k.stride(2);
-  p.v_sb = v.stride(0);
-  p.v_sg = v.stride(1);
-  p.v_ss = v.stride(2);
-  p.t_new = t_new;
-  p.causal = causal;
-  p.scale = scale_f;
-  p.prefetch = M >= 4;
-  if (kpm.has_value()) {
-    const at::Tensor& pad = *kpm;
-    TORCH_CHECK(pad.device().is_cpu() && pad.scalar_type() == at::kFloat && pad.dim() == 2 && pad.size(0) == B &&
-                    pad.size(1) == S && (pad.stride(1) == 1 || S == 1),
-                "mlra::latent_decode_cpu: kpm must be a float32 CPU [B, S] = [", B, ", ", S,
-                "] tensor with a contiguous key dimension, got ", pad.scalar_type(), " ", pad.sizes(), " strides ",
-                pad.strides(), " on ", pad.device());
-    p.kpm = pad.data_ptr<float>();
-    p.kpm_sb = pad.stride(0);
-  }
-  at::Tensor len;
-  if (lengths.has_value()) {
-    len = lengths->contiguous();
-    TORCH_CHECK(len.device().is_cpu() && len.dim() == 1 && len.size(0) == B,
-                "mlra::latent_decode_cpu: lengths must be a CPU [B] = [", B, "] tensor, got ", len.sizes(), " on ",
-                len.device());
-    if (len.scalar_type() == at::kInt) {
-      p.len32 = len.data_ptr<int32_t>();
-    } else {
-      TORCH_CHECK(len.scalar_type() == at::kLong, "mlra::latent_decode_cpu: lengths must be int32 or int64, got ",
-                  len.scalar_type());
-      p.len64 = len.data_ptr<int64_t>();
-    }
-  }
-  // Every sequence holds its t_new new tokens, and at most the S positions of the caches.
-  TORCH_CHECK(lengths.has_value() || B == 0 || S >= t_new, "mlra::latent_decode_cpu: the caches hold S=", S,
-              " positions, fewer than the t_new=", t_new, " new tokens (without lengths every sequence is S long)");
-  for (int64_t b = 0; lengths.has_value() && b < B; ++b) {
-    const int64_t L = length_of(p, b);
-    TORCH_CHECK(L >= t_new && L <= S, "mlra::latent_decode_cpu: lengths (cache_seqlens)[", b, "] = ", L,
-                " is outside [t_new, S] = [", t_new, ", ", S,
-                "]: a sequence holds its t_new new tokens and at most the caches' S positions");
-  }
-  auto z = at::empty({B, G, M, R}, qf.options());
-  if (B == 0 || G == 0 || M == 0 || R == 0) return bf16 ? z.to(at::kBFloat16) : z;
+// The attention of latent_decode_cpu on a checked problem: z [B, g, M, r] (contiguous, float32).
+void attend(Problem& p, bool bf16, float* zp) {
+  const int64_t B = p.B, G = p.G, M = p.M, R = p.R;
+  if (B == 0 || G == 0 || M == 0 || R == 0) return;
   // Enough tasks for every thread (a few each, for balance), none shorter than kMinSplit keys, over the
   // positions in use (a preallocated cache is mostly empty early in a generation).
   int64_t used = 0;
   for (int64_t b = 0; b < B; ++b) used = std::max(used, length_of(p, b));
-  const int64_t threads = at::get_num_threads();
+  const int64_t threads = static_cast<int64_t>(torch::stable::get_num_threads());
   const int64_t want = std::max<int64_t>(1, (4 * threads + B * G - 1) / (B * G));
   p.splits = std::max<int64_t>(1, std::min(want, (used + kMinSplit - 1) / kMinSplit));
   p.split_len = std::max<int64_t>(1, (used + p.splits - 1) / p.splits);
   const int64_t tasks = B * G * p.splits;
   std::vector<float> acc(static_cast<size_t>(tasks * M * R)), mx(static_cast<size_t>(tasks * M)),
       sm(static_cast<size_t>(tasks * M));
-  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+  torch::stable::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> s_buf(static_cast<size_t>(M * (kKeyBlock + R)));
 #if defined(MLRA_DECODE_AVX2)
     if (has_avx2()) {
@@ -709,9 +814,8 @@ at::Tensor latent_decode_cpu(const at::Tensor& q, const at::Tensor& k, const at:
       run_tasks_default<float>(p, t0, t1, acc.data(), mx.data(), sm.data(), s_buf.data());
   });
   // Merge the splits of each (sequence, group) by their log-sum-exp, in split order.
-  float* zp = z.data_ptr<float>();
   const int64_t splits = p.splits;
-  at::parallel_for(0, B * G, 1, [&](int64_t bg0, int64_t bg1) {
+  torch::stable::parallel_for(0, B * G, 1, [&](int64_t bg0, int64_t bg1) {
     for (int64_t bg = bg0; bg < bg1; ++bg) {
       for (int64_t m = 0; m < M; ++m) {
         float gmax = -std::numeric_limits<float>::infinity();
@@ -739,7 +843,86 @@ at::Tensor latent_decode_cpu(const at::Tensor& q, const at::Tensor& k, const at:
       }
     }
   });
-  return bf16 ? z.to(at::kBFloat16) : z;
+}
+
+}  // namespace
+
+Tensor latent_decode_cpu(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& kpm,
+                         const std::optional<Tensor>& lengths, int64_t t_new, bool causal, double scale) {
+  check_operand(q, "q", "mlra::latent_decode_cpu", true);
+  check_operand(k, "k", "mlra::latent_decode_cpu", true);
+  check_operand(v, "v", "mlra::latent_decode_cpu", true);
+  MLRA_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+             "mlra::latent_decode_cpu: q, k and v must have one dtype, got ", q.scalar_type(), ", ", k.scalar_type(),
+             " and ", v.scalar_type());
+  const bool bf16 = q.scalar_type() == ScalarType::BFloat16;
+  const int64_t B = q.size(0), G = q.size(1), M = q.size(2), R = q.size(3), S = k.size(2);
+  MLRA_CHECK(k.size(0) == B && k.size(1) == G && k.size(3) == R && v.sizes().equals(k.sizes()),
+             "mlra::latent_decode_cpu: k and v must be [B, g, S, r] = [", B, ", ", G, ", S, ", R, "] alike, got ",
+             Dims(k.sizes()), " and ", Dims(v.sizes()));
+  MLRA_CHECK(t_new >= 1 && M % t_new == 0, "mlra::latent_decode_cpu: t_new=", t_new, " must divide the ", M,
+             " query rows");
+  const float scale_f = checked_scale(scale, "mlra::latent_decode_cpu");
+  // bfloat16 rows are few (B·g·M·r numbers): read as float32 once; the caches are read as they are.
+  const Tensor qf = bf16 ? torch::stable::to(q, ScalarType::Float) : q;
+  Problem p{};
+  p.q = qf.const_data_ptr<float>();
+  p.k = k.const_data_ptr();
+  p.v = v.const_data_ptr();
+  p.B = B;
+  p.G = G;
+  p.M = M;
+  p.S = S;
+  p.R = R;
+  p.q_sb = qf.stride(0);
+  p.q_sg = qf.stride(1);
+  p.q_sm = qf.stride(2);
+  p.k_sb = k.stride(0);
+  p.k_sg = k.stride(1);
+  p.k_ss = k.stride(2);
+  p.v_sb = v.stride(0);
+  p.v_sg = v.stride(1);
+  p.v_ss = v.stride(2);
+  p.t_new = t_new;
+  p.causal = causal;
+  p.scale = scale_f;
+  p.prefetch = M >= 4;
+  if (kpm.has_value()) {
+    const Tensor& pad = *kpm;
+    MLRA_CHECK(pad.is_cpu() && pad.scalar_type() == ScalarType::Float && pad.dim() == 2 && pad.size(0) == B &&
+                   pad.size(1) == S && (pad.stride(1) == 1 || S == 1),
+               "mlra::latent_decode_cpu: kpm must be a float32 CPU [B, S] = [", B, ", ", S,
+               "] tensor with a contiguous key dimension, got ", pad.scalar_type(), " ", Dims(pad.sizes()),
+               " strides ", Dims(pad.strides()), " on ", name_of(pad.device()));
+    p.kpm = pad.const_data_ptr<float>();
+    p.kpm_sb = pad.stride(0);
+  }
+  std::optional<Tensor> len;
+  if (lengths.has_value()) {
+    len = lengths->is_contiguous() ? *lengths : torch::stable::contiguous(*lengths);
+    MLRA_CHECK(len->is_cpu() && len->dim() == 1 && len->size(0) == B,
+               "mlra::latent_decode_cpu: lengths must be a CPU [B] = [", B, "] tensor, got ", Dims(len->sizes()),
+               " on ", name_of(len->device()));
+    if (len->scalar_type() == ScalarType::Int) {
+      p.len32 = len->const_data_ptr<int32_t>();
+    } else {
+      MLRA_CHECK(len->scalar_type() == ScalarType::Long,
+                 "mlra::latent_decode_cpu: lengths must be int32 or int64, got ", len->scalar_type());
+      p.len64 = len->const_data_ptr<int64_t>();
+    }
+  }
+  // Every sequence holds its t_new new tokens, and at most the S positions of the caches.
+  MLRA_CHECK(lengths.has_value() || B == 0 || S >= t_new, "mlra::latent_decode_cpu: the caches hold S=", S,
+             " positions, fewer than the t_new=", t_new, " new tokens (without lengths every sequence is S long)");
+  for (int64_t b = 0; lengths.has_value() && b < B; ++b) {
+    const int64_t L = length_of(p, b);
+    MLRA_CHECK(L >= t_new && L <= S, "mlra::latent_decode_cpu: lengths (cache_seqlens)[", b, "] = ", L,
+               " is outside [t_new, S] = [", t_new, ", ", S,
+               "]: a sequence holds its t_new new tokens and at most the caches' S positions");
+  }
+  Tensor z = torch::stable::empty({B, G, M, R}, ScalarType::Float, std::nullopt, Device(torch::headeronly::kCPU));
+  attend(p, bf16, z.mutable_data_ptr<float>());
+  return bf16 ? torch::stable::to(z, ScalarType::BFloat16) : z;
 }
 
 // mlra::latent_decode_step_cpu: a layer's whole decode step on the pre-multiplied weights of decode.py's
@@ -748,62 +931,62 @@ at::Tensor latent_decode_cpu(const at::Tensor& q, const at::Tensor& k, const at:
 // latents c_K, c_V, which are written into the caches at positions [pos, pos + t) while seqlens grows by
 // t; the attention runs over the caches as latent_decode_cpu does (causal, seqlens); the output is
 // Z·W_OVᵀ + b' (B_V folded into W_O) or (Z·B_Vᵀ + b_V)·W_Oᵀ + b_O.
-at::Tensor latent_decode_step_cpu(const at::Tensor& x, const at::Tensor& w_in, const std::optional<at::Tensor>& b_in,
-                                  const std::optional<at::Tensor>& m, const std::optional<at::Tensor>& beta,
-                                  const std::optional<at::Tensor>& w_v, const std::optional<at::Tensor>& b_v,
-                                  const at::Tensor& w_out, const std::optional<at::Tensor>& b_out, at::Tensor k_cache,
-                                  at::Tensor v_cache, at::Tensor seqlens, int64_t pos, int64_t num_heads,
-                                  double scale) {
+Tensor latent_decode_step_cpu(const Tensor& x, const Tensor& w_in, const std::optional<Tensor>& b_in,
+                              const std::optional<Tensor>& m, const std::optional<Tensor>& beta,
+                              const std::optional<Tensor>& w_v, const std::optional<Tensor>& b_v, const Tensor& w_out,
+                              const std::optional<Tensor>& b_out, Tensor k_cache, Tensor v_cache, Tensor seqlens,
+                              int64_t pos, int64_t num_heads, double scale) {
   constexpr const char* kOp = "mlra::latent_decode_step_cpu";
   // Every argument is checked before anything is written: a failed call leaves the caches and seqlens as
   // they were. Messages name the argument, what it was and what was expected.
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 3, kOp,
-              ": x must be a float32 CPU [B, t, d] tensor, got ", x.scalar_type(), " ", x.sizes(), " on ", x.device());
+  MLRA_CHECK(x.is_cpu() && x.scalar_type() == ScalarType::Float && x.dim() == 3, kOp,
+             ": x must be a float32 CPU [B, t, d] tensor, got ", x.scalar_type(), " ", Dims(x.sizes()), " on ",
+             name_of(x.device()));
   check_operand(k_cache, "k_cache", kOp);
   check_operand(v_cache, "v_cache", kOp);
   const int64_t B = x.size(0), t = x.size(1), d = x.size(2);
   const int64_t G = k_cache.size(1), cap = k_cache.size(2), R = k_cache.size(3), H = num_heads;
-  TORCH_CHECK(k_cache.size(0) == B, kOp, ": k_cache must be [B, g, capacity, r] with the B=", B,
-              " sequences of x, got ", k_cache.sizes());
-  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), kOp, ": v_cache must have the shape of k_cache, ", k_cache.sizes(),
-              ", got ", v_cache.sizes());
-  TORCH_CHECK(G >= 1 && R >= 1, kOp, ": k_cache must have at least one latent group g and a latent width r >= 1 ",
-              "([B, g, capacity, r]), got ", k_cache.sizes());
-  TORCH_CHECK(t >= 1, kOp, ": x must hold at least one new token, got shape ", x.sizes());
+  MLRA_CHECK(k_cache.size(0) == B, kOp, ": k_cache must be [B, g, capacity, r] with the B=", B,
+             " sequences of x, got ", Dims(k_cache.sizes()));
+  MLRA_CHECK(v_cache.sizes().equals(k_cache.sizes()), kOp, ": v_cache must have the shape of k_cache, ",
+             Dims(k_cache.sizes()), ", got ", Dims(v_cache.sizes()));
+  MLRA_CHECK(G >= 1 && R >= 1, kOp, ": k_cache must have at least one latent group g and a latent width r >= 1 ",
+             "([B, g, capacity, r]), got ", Dims(k_cache.sizes()));
+  MLRA_CHECK(t >= 1, kOp, ": x must hold at least one new token, got shape ", Dims(x.sizes()));
   const std::string end = pos <= std::numeric_limits<int64_t>::max() - t ? std::to_string(pos + t) : "2^63 or more";
-  TORCH_CHECK(pos >= 0 && t <= cap && pos <= cap - t, kOp, ": pos=", pos, " with t=", t, " new tokens: positions [",
-              pos, ", ", end, ") do not fit a cache of ", cap, " positions (k_cache.size(2))");
-  TORCH_CHECK(seqlens.device().is_cpu() && seqlens.scalar_type() == at::kInt && seqlens.dim() == 1 &&
-                  seqlens.size(0) == B && seqlens.is_contiguous(),
-              kOp, ": seqlens must be a contiguous int32 CPU [B] = [", B, "] tensor, got ", seqlens.scalar_type(), " ",
-              seqlens.sizes(), " on ", seqlens.device());
-  int32_t* lengths = seqlens.data_ptr<int32_t>();
+  MLRA_CHECK(pos >= 0 && t <= cap && pos <= cap - t, kOp, ": pos=", pos, " with t=", t, " new tokens: positions [",
+             pos, ", ", end, ") do not fit a cache of ", cap, " positions (k_cache.size(2))");
+  MLRA_CHECK(seqlens.is_cpu() && seqlens.scalar_type() == ScalarType::Int && seqlens.dim() == 1 &&
+                 seqlens.size(0) == B && seqlens.is_contiguous(),
+             kOp, ": seqlens must be a contiguous int32 CPU [B] = [", B, "] tensor, got ", seqlens.scalar_type(), " ",
+             Dims(seqlens.sizes()), " on ", name_of(seqlens.device()));
+  int32_t* lengths = seqlens.mutable_data_ptr<int32_t>();
   // seqlens grows by t: each length must stay within the caches' capacity (and int32).
   const int64_t room = std::min<int64_t>(cap, std::numeric_limits<int32_t>::max());
   for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(lengths[b] >= 0, kOp, ": seqlens[", b, "] = ", lengths[b], " is negative");
-    TORCH_CHECK(lengths[b] <= room - t, kOp, ": seqlens[", b, "] = ", lengths[b], " cannot grow by the t=", t,
-                " new tokens: a length must stay at most ", room,
-                cap <= room ? " (the capacity of k_cache, its size(2))" : " (int32's largest value)");
+    MLRA_CHECK(lengths[b] >= 0, kOp, ": seqlens[", b, "] = ", lengths[b], " is negative");
+    MLRA_CHECK(lengths[b] <= room - t, kOp, ": seqlens[", b, "] = ", lengths[b], " cannot grow by the t=", t,
+               " new tokens: a length must stay at most ", room,
+               cap <= room ? " (the capacity of k_cache, its size(2))" : " (int32's largest value)");
   }
-  TORCH_CHECK(H >= 1 && H % G == 0, kOp, ": num_heads=", H, " must be a positive multiple of the caches' g=", G,
-              " latent groups (k_cache.size(1))");
-  TORCH_CHECK(H <= d && d % H == 0, kOp, ": num_heads=", H, " must divide the width d=", d, " of x");
+  MLRA_CHECK(H >= 1 && H % G == 0, kOp, ": num_heads=", H, " must be a positive multiple of the caches' g=", G,
+             " latent groups (k_cache.size(1))");
+  MLRA_CHECK(H <= d && d % H == 0, kOp, ": num_heads=", H, " must divide the width d=", d, " of x");
   checked_scale(scale, kOp);
   const int64_t hpg = H / G, gr = G * R, N = B * t;
   const int64_t dh = d / H, n_q = m.has_value() ? gr : H * R, n_in = n_q + 2 * gr;
-  const auto sizes_of = [](const at::Tensor& w) {  // "[a, b]", and the strides of a tensor that is not contiguous
+  const auto sizes_of = [](const Tensor& w) {  // "[a, b]", and the strides of a tensor that is not contiguous
     std::ostringstream out;
-    out << w.sizes();
-    if (!w.is_contiguous()) out << " (not contiguous: strides " << w.strides() << ")";
+    out << Dims(w.sizes());
+    if (!w.is_contiguous()) out << " (not contiguous: strides " << Dims(w.strides()) << ")";
     return out.str();
   };
   // A step weight: a contiguous float32 CPU tensor of one shape; `why` says where that shape comes from.
-  const auto check = [&](const at::Tensor& w, const char* name, at::IntArrayRef shape, const std::string& why,
+  const auto check = [&](const Tensor& w, const char* name, const Dims& shape, const std::string& why,
                          const std::string& prefix = "", const std::string& hint = "") {
-    TORCH_CHECK(w.sizes() == shape && w.is_contiguous() && w.scalar_type() == at::kFloat && w.device().is_cpu(), kOp,
-                ": ", prefix, name, " must be a contiguous float32 CPU ", shape, " tensor (", why, "), got ",
-                w.scalar_type(), " ", sizes_of(w), " on ", w.device(), hint);
+    MLRA_CHECK(shape == w.sizes() && w.is_contiguous() && w.scalar_type() == ScalarType::Float && w.is_cpu(), kOp,
+               ": ", prefix, name, " must be a contiguous float32 CPU ", shape, " tensor (", why, "), got ",
+               w.scalar_type(), " ", sizes_of(w), " on ", name_of(w.device()), hint);
   };
   // A weight whose shape is right but for its number of heads, heads·r rows (or heads of d/heads): the
   // messages name num_heads, and the number of heads the weight was formed for.
@@ -814,28 +997,29 @@ at::Tensor latent_decode_step_cpu(const at::Tensor& x, const at::Tensor& w_in, c
            ": were the step weights formed for another number of heads?";
   };
   const std::string hgr = heads + ", g=" + std::to_string(G) + " and r=" + std::to_string(R) + " (g, r: k_cache's)";
-  TORCH_CHECK(w_in.dim() == 2 && w_in.size(0) == n_in && w_in.size(1) == d, kOp, ": w_in must be [", n_in, ", ", d,
-              "] for H=", H, ", g=", G, ", r=", R, ", got ", w_in.sizes(), " (rows: the query's, num_heads·r, or g·r ",
-              "with m, then 2·g·r for the latents; columns: the width d of x; H is num_heads, g and r are k_cache's)");
+  MLRA_CHECK(w_in.dim() == 2 && w_in.size(0) == n_in && w_in.size(1) == d, kOp, ": w_in must be [", n_in, ", ", d,
+             "] for H=", H, ", g=", G, ", r=", R, ", got ", Dims(w_in.sizes()), " (rows: the query's, num_heads·r, ",
+             "or g·r with m, then 2·g·r for the latents; columns: the width d of x; H is num_heads, g and r are ",
+             "k_cache's)");
   check(w_in, "w_in", {n_in, d}, "w_in's rows");
   if (b_in.has_value()) check(*b_in, "b_in", {n_in}, "one per row of w_in");
   if (m.has_value()) {
-    const at::Tensor& mm = *m;
+    const Tensor& mm = *m;
     const bool by_heads = mm.dim() == 3 && mm.size(0) == G && mm.size(2) == R && mm.size(1) % R == 0 &&
                           mm.size(1) != hpg * R;
     check(mm, "m", {G, hpg * R, R}, "[g, (num_heads/g)·r, r] for " + hgr, by_heads ? wrong_heads("m") : "",
           by_heads ? formed_for(mm.size(1) / R * G) : "");
   }
-  TORCH_CHECK(!beta.has_value() || m.has_value(), kOp, ": beta is given without m");
+  MLRA_CHECK(!beta.has_value() || m.has_value(), kOp, ": beta is given without m");
   if (beta.has_value()) check(*beta, "beta", {G, hpg * R}, "[g, (num_heads/g)·r] for " + hgr);
   if (w_v.has_value()) {
-    const at::Tensor& wv = *w_v;
+    const Tensor& wv = *w_v;
     const bool by_heads = wv.dim() == 3 && wv.size(0) >= 1 && wv.size(0) != H && wv.size(0) * wv.size(1) == d &&
                           wv.size(2) == R;
     check(wv, "w_v", {H, dh, R}, "[num_heads, d/num_heads, r] for " + hgr + ", d=" + std::to_string(d) + " of x",
           by_heads ? wrong_heads("w_v") : "", by_heads ? formed_for(wv.size(0)) : "");
   }
-  TORCH_CHECK(!b_v.has_value() || w_v.has_value(), kOp, ": b_v is given without w_v");
+  MLRA_CHECK(!b_v.has_value() || w_v.has_value(), kOp, ": b_v is given without w_v");
   if (b_v.has_value())
     check(*b_v, "b_v", {H, dh}, "[num_heads, d/num_heads] for " + heads + ", d=" + std::to_string(d));
   if (w_v.has_value()) {
@@ -848,61 +1032,96 @@ at::Tensor latent_decode_step_cpu(const at::Tensor& x, const at::Tensor& w_in, c
   if (b_out.has_value()) check(*b_out, "b_out", {d}, "the width d of x");
   // The step writes k_cache, v_cache and seqlens in place: none of them may share memory with another argument
   // (k and v both views of one buffer are fine where their elements are apart).
-  const std::vector<std::pair<const char*, const at::Tensor*>> args = {
+  const std::vector<std::pair<const char*, const Tensor*>> args = {
       {"k_cache", &k_cache}, {"v_cache", &v_cache}, {"seqlens", &seqlens}, {"x", &x}, {"w_in", &w_in},
       {"b_in", b_in ? &*b_in : nullptr}, {"m", m ? &*m : nullptr}, {"beta", beta ? &*beta : nullptr},
       {"w_v", w_v ? &*w_v : nullptr}, {"b_v", b_v ? &*b_v : nullptr}, {"w_out", &w_out},
       {"b_out", b_out ? &*b_out : nullptr}};
   for (size_t i = 0; i < 3; ++i) {
-    TORCH_CHECK(at::has_internal_overlap(*args[i].second) != at::MemOverlap::Yes, kOp, ": ", args[i].first,
-                " has elements that share memory (strides ", args[i].second->strides(),
-                ", as from expand()): the step writes it, so each element needs its own memory");
+    MLRA_CHECK(!has_internal_overlap(*args[i].second), kOp, ": ", args[i].first, " has elements that share memory ",
+               "(strides ", Dims(args[i].second->strides()),
+               ", as from expand()): the step writes it, so each element needs its own memory");
     for (size_t j = i + 1; j < args.size(); ++j) {
-      TORCH_CHECK(args[j].second == nullptr || !may_overlap(*args[i].second, *args[j].second), kOp, ": ",
-                  args[i].first, " and ", args[j].first, " share memory: the step writes k_cache, v_cache and seqlens "
-                  "in place, so they must not overlap each other or any other argument");
+      MLRA_CHECK(args[j].second == nullptr || !may_overlap(*args[i].second, *args[j].second), kOp, ": ",
+                 args[i].first, " and ", args[j].first, " share memory: the step writes k_cache, v_cache and ",
+                 "seqlens in place, so they must not overlap each other or any other argument");
     }
   }
   // The new tokens are written at [pos, pos + t) and attended as the last t of seqlens[b] + t positions.
   for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(lengths[b] == pos, kOp, ": seqlens[", b, "] = ", lengths[b], " differs from pos=", pos,
-                ": the step writes the new tokens at positions [pos, pos + t) of every sequence, so every sequence "
-                "must hold pos positions");
+    MLRA_CHECK(lengths[b] == pos, kOp, ": seqlens[", b, "] = ", lengths[b], " differs from pos=", pos,
+               ": the step writes the new tokens at positions [pos, pos + t) of every sequence, so every sequence "
+               "must hold pos positions");
   }
-  const at::Tensor x2 = x.reshape({1, N, x.size(2)});
-  const at::Tensor y = at::empty({1, N, n_in}, x.options());
-  rows_gemm(x2, w_in.unsqueeze(0), b_in, y);  // [q̃ or c_Q | c_K | c_V] of every new token
-  const at::Tensor lat = y.view({B, t, n_in}).narrow(2, n_q, 2 * gr).view({B, t, 2, G, R});
-  k_cache.narrow(2, pos, t).copy_(lat.select(2, 0).transpose(1, 2));
-  v_cache.narrow(2, pos, t).copy_(lat.select(2, 1).transpose(1, 2));
+  // From here on the step works on raw memory with torch's geometry (Span): the views and copies of the step
+  // as torch's ops take them, the intermediates in buffers of its own.
+  Pool pool;
+  const auto bias_of = [](const std::optional<Tensor>& b) {
+    return b.has_value() ? std::optional<Span>(span_of(*b)) : std::nullopt;
+  };
+  const Span x2 = reshape(span_of(x), {1, N, d}, pool);
+  const Span y = empty_span({1, N, n_in}, pool);
+  rows_gemm(x2, unsqueeze0(span_of(w_in)), bias_of(b_in), y);  // [q̃ or c_Q | c_K | c_V] of every new token
+  const Span lat = view(narrow(view(y, {B, t, n_in}), 2, n_q, 2 * gr), {B, t, 2, G, R});
+  copy_into(narrow(span_of(k_cache, true), 2, pos, t), transpose(select(lat, 2, 0), 1, 2));
+  copy_into(narrow(span_of(v_cache, true), 2, pos, t), transpose(select(lat, 2, 1), 1, 2));
   for (int64_t b = 0; b < B; ++b) lengths[b] = static_cast<int32_t>(lengths[b] + t);  // seqlens += t, checked above
-  at::Tensor q;  // [g, B·t, (head, r)] for now
+  Span q;  // [g, B·t, (head, r)] for now
   if (m.has_value()) {
-    const at::Tensor c_q = y.view({N, n_in}).narrow(1, 0, gr).view({N, G, R}).transpose(0, 1);  // [g, B·t, r]
-    q = at::empty({G, N, hpg * R}, x.options());
-    rows_gemm(c_q, *m, beta, q);  // q̃ = c_Q·M_h + β_h
+    const Span c_q = transpose(view(narrow(view(y, {N, n_in}), 1, 0, gr), {N, G, R}), 0, 1);  // [g, B·t, r]
+    q = empty_span({G, N, hpg * R}, pool);
+    rows_gemm(c_q, span_of(*m), bias_of(beta), q);  // q̃ = c_Q·M_h + β_h
   } else {
-    q = y.view({N, n_in}).narrow(1, 0, n_q).view({N, G, hpg * R}).transpose(0, 1);
+    q = transpose(view(narrow(view(y, {N, n_in}), 1, 0, n_q), {N, G, hpg * R}), 0, 1);
   }
-  q = q.view({G, B, t, hpg, R}).permute({1, 0, 3, 2, 4}).reshape({B, G, hpg * t, R});  // a view when t = 1
-  if (q.stride(3) != 1) q = q.contiguous();
-  const at::Tensor z = latent_decode_cpu(q, k_cache, v_cache, std::nullopt, seqlens, t, true, scale);
-  const at::Tensor z5 = z.view({B, G, hpg, t, R});
-  at::Tensor out = at::empty({1, N, d}, x.options());
+  q = reshape(permute(view(q, {G, B, t, hpg, R}), {1, 0, 3, 2, 4}), {B, G, hpg * t, R}, pool);  // a view when t = 1
+  if (q.strides[3] != 1) q = contiguous(q, pool);
+  // The attention over the caches, as latent_decode_cpu(q, k_cache, v_cache, None, seqlens, t, true, scale) runs
+  // it; its checks hold here (the step's are stricter).
+  const int64_t M = hpg * t;
+  Problem p{};
+  p.q = q.data;
+  p.q_sb = q.strides[0];
+  p.q_sg = q.strides[1];
+  p.q_sm = q.strides[2];
+  p.k = k_cache.const_data_ptr();
+  p.v = v_cache.const_data_ptr();
+  p.B = B;
+  p.G = G;
+  p.M = M;
+  p.S = cap;
+  p.R = R;
+  p.k_sb = k_cache.stride(0);
+  p.k_sg = k_cache.stride(1);
+  p.k_ss = k_cache.stride(2);
+  p.v_sb = v_cache.stride(0);
+  p.v_sg = v_cache.stride(1);
+  p.v_ss = v_cache.stride(2);
+  p.len32 = lengths;
+  p.t_new = t;
+  p.causal = true;
+  p.scale = static_cast<float>(scale);
+  p.prefetch = M >= 4;
+  const Span z = empty_span({B, G, M, R}, pool);
+  attend(p, false, z.data);
+  const Span z5 = view(z, {B, G, hpg, t, R});
+  Tensor out = torch::stable::empty({B, t, d}, ScalarType::Float, std::nullopt, Device(torch::headeronly::kCPU));
+  const Span out3{static_cast<float*>(out.mutable_data_ptr()), {1, N, d}, contiguous_strides({1, N, d})};
   if (!w_v.has_value()) {  // Z · W_OVᵀ + b'
-    rows_gemm(z5.permute({0, 3, 1, 2, 4}).reshape({1, N, H * R}), w_out.unsqueeze(0), b_out, out);
-    return out.view({B, t, d});
+    rows_gemm(reshape(permute(z5, {0, 3, 1, 2, 4}), {1, N, H * R}, pool), unsqueeze0(span_of(w_out)), bias_of(b_out),
+              out3);
+    return out;
   }
-  const at::Tensor z_h = z5.permute({1, 2, 0, 3, 4}).reshape({H, N, R});  // a view when t = 1
-  const at::Tensor o = at::empty({N, H * dh}, x.options());
-  rows_gemm(z_h, *w_v, b_v, o.view({N, H, dh}).transpose(0, 1));  // Z_h·B_{V,h}ᵀ + b_{V,h}, heads side by side
-  rows_gemm(o.unsqueeze(0), w_out.unsqueeze(0), b_out, out);
-  return out.view({B, t, d});
+  const Span z_h = reshape(permute(z5, {1, 2, 0, 3, 4}), {H, N, R}, pool);  // a view when t = 1
+  const Span o = empty_span({N, H * dh}, pool);
+  rows_gemm(z_h, span_of(*w_v), bias_of(b_v), transpose(view(o, {N, H, dh}), 0, 1));  // Z_h·B_{V,h}ᵀ + b_{V,h}
+  rows_gemm(unsqueeze0(o), unsqueeze0(span_of(w_out)), bias_of(b_out), out3);
+  return out;
 }
 
 }  // namespace mlra::decode
 
-TORCH_LIBRARY_FRAGMENT(mlra, m) {
+STABLE_TORCH_LIBRARY_FRAGMENT(mlra, m) {
   m.def(
       "latent_decode_step_cpu(Tensor x, Tensor w_in, Tensor? b_in, Tensor? m, Tensor? beta, Tensor? w_v, "
       "Tensor? b_v, Tensor w_out, Tensor? b_out, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) seqlens, "
@@ -912,7 +1131,7 @@ TORCH_LIBRARY_FRAGMENT(mlra, m) {
       "float scale) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(mlra, CPU, m) {
-  m.impl("latent_decode_cpu", &mlra::decode::latent_decode_cpu);
-  m.impl("latent_decode_step_cpu", &mlra::decode::latent_decode_step_cpu);
+STABLE_TORCH_LIBRARY_IMPL(mlra, CPU, m) {
+  m.impl("latent_decode_cpu", TORCH_BOX(&mlra::decode::latent_decode_cpu));
+  m.impl("latent_decode_step_cpu", TORCH_BOX(&mlra::decode::latent_decode_step_cpu));
 }

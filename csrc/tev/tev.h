@@ -11,26 +11,25 @@
 //   per_token  [R] float32 TEV_i (NaN for rows left out) when per_token is true, else [0].
 #pragma once
 
-#include <ATen/core/Tensor.h>
-
 #include <optional>
 #include <tuple>
 
+#include "stable_abi.h"
 #include "tev/tev_common.h"
 
 namespace mlra::tev {
 
 // Checks the arguments (rank, dtype, emptiness, devices) and allocates the two outputs on weight's device.
-std::tuple<at::Tensor, at::Tensor> check_and_allocate(
-    const at::Tensor& weight, const std::optional<at::Tensor>& rows, bool per_token);
+std::tuple<Tensor, Tensor> check_and_allocate(
+    const Tensor& weight, const std::optional<Tensor>& rows, bool per_token);
 
 // Describes weight / rows / per_token as raw pointers, sizes and strides.
-Problem make_problem(const at::Tensor& weight, const std::optional<at::Tensor>& rows, const at::Tensor& per_token);
+Problem make_problem(const Tensor& weight, const std::optional<Tensor>& rows, const Tensor& per_token);
 
-// CPU kernel: at::parallel_for over chunks of rows, chunk partials merged in a fixed order.
+// CPU kernel: torch::stable::parallel_for over chunks of rows, chunk partials merged in a fixed order.
 void tev_cpu(const Problem& problem, Partial* out);
 
-std::tuple<at::Tensor, at::Tensor> tev_partials_cpu(
-    const at::Tensor& weight, const std::optional<at::Tensor>& rows, bool per_token);
+std::tuple<Tensor, Tensor> tev_partials_cpu(
+    const Tensor& weight, const std::optional<Tensor>& rows, bool per_token);
 
 }  // namespace mlra::tev

@@ -1,8 +1,7 @@
-// TEV reduction on the CPU: at::parallel_for over fixed chunks of rows; chunk partials merge (Chan) in
+// TEV reduction on the CPU: torch::stable::parallel_for over fixed chunks of rows; chunk partials merge (Chan) in
 // chunk order, so the result does not depend on the thread count. The row kernel (tev_cpu_kernel.h) is
 // compiled twice, with AVX2 / FMA / F16C intrinsics (x86-64) and portable auto-vectorised loops, and picked at run time.
-#include <ATen/Parallel.h>
-
+#include <algorithm>
 #include <vector>
 
 #include "tev/tev.h"
@@ -45,7 +44,7 @@ void tev_cpu(const Problem& problem, Partial* out) {
   std::vector<Partial> partials(static_cast<size_t>(n_chunks), empty_partial());
   // At least kMinThreadElems elements per thread: below that, waking threads costs more than it saves.
   const int64_t grain = std::max<int64_t>(1, kMinThreadElems / (rows_per_chunk * problem.dim));
-  at::parallel_for(0, n_chunks, grain, [&](int64_t c_begin, int64_t c_end) {
+  torch::stable::parallel_for(0, n_chunks, grain, [&](int64_t c_begin, int64_t c_end) {
     for (int64_t c = c_begin; c < c_end; ++c) {
       const int64_t r_end = std::min(problem.n_rows, (c + 1) * rows_per_chunk);
       partials[static_cast<size_t>(c)] = reduce_rows(problem, c * rows_per_chunk, r_end);

@@ -20,6 +20,7 @@ import math
 import os
 import pathlib
 import random
+import re
 import subprocess
 import sys
 import time
@@ -76,6 +77,15 @@ def run_parent(argv: list[str]) -> int:
 # --- the child: build, load, fuzz ------------------------------------------------------------------------
 
 
+def torch_target_define() -> str:
+    """-DTORCH_TARGET_VERSION for setup.py's TORCH_MIN, as setup.py builds _C (the sources are on LibTorch's
+    stable ABI and refuse to build without it)."""
+    found = re.search(r'^TORCH_MIN = "(\d+)\.(\d+)"$', (ROOT / "setup.py").read_text(), re.M)
+    assert found, "setup.py: no TORCH_MIN"
+    major, minor = int(found.group(1)), int(found.group(2))
+    return f"-DTORCH_TARGET_VERSION=0x{(major << 56) | (minor << 48):016x}"
+
+
 def build_and_load(csrc: pathlib.Path, build_dir: pathlib.Path) -> None:
     os.environ.pop("LD_PRELOAD", None)  # the compilers this build starts run without ASan
     with open("/proc/self/maps") as maps:
@@ -86,7 +96,7 @@ def build_and_load(csrc: pathlib.Path, build_dir: pathlib.Path) -> None:
     cpp_extension.load(
         name="mlra_sanitize", sources=cpu_sources(csrc), extra_include_paths=[str(csrc)],
         build_directory=str(build_dir),
-        extra_cflags=["-O1", "-g", "-fopenmp", *FLAGS], extra_ldflags=["-fopenmp", *FLAGS], with_cuda=False,
+        extra_cflags=["-O1", "-g", torch_target_define(), *FLAGS], extra_ldflags=FLAGS, with_cuda=False,
         is_python_module=False, verbose=False)
 
 

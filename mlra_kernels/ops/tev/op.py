@@ -48,7 +48,7 @@ def tev_partials(weight: Tensor, rows: Optional[Tensor] = None, per_token: bool 
     of the right shapes, as any op does on the meta device.
     """
     ensure_loaded()
-    if weight.is_cuda and not getattr(_ext.load(), "with_cuda", False):
+    if weight.is_cuda and not _ext.built_with_cuda():
         raise _ext.ExtensionNotAvailableError(
             "tev: weight is a CUDA tensor but mlra_kernels._C was built without CUDA (no nvcc was found, or "
             "MLRA_SKIP_CUDA_BUILD=1 was set). Rebuild it on a host with the CUDA toolkit: run "

@@ -409,7 +409,7 @@ def test_cuda_weight_with_a_cpu_only_extension_says_how_to_rebuild(monkeypatch):
             return True
 
     ensure_loaded()
-    monkeypatch.setattr(_ext, "load", lambda: types.SimpleNamespace(with_cuda=False))
+    monkeypatch.setattr(_ext, "build_info_file", lambda: {"with_cuda": False})
     w = torch.Tensor._make_subclass(LooksCuda, torch.randn(4, 8))
     with pytest.raises(_ext.ExtensionNotAvailableError, match="built without CUDA.*pip install --no-build-isolation"):
         op.tev_partials(w)

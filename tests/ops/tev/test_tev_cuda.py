@@ -35,7 +35,7 @@ def _loaded():
     ensure_loaded()
     from mlra_kernels import _ext
 
-    if not _ext.load().with_cuda:
+    if not _ext.built_with_cuda():
         pytest.fail("a GPU is visible but mlra_kernels._C was built without CUDA; rebuild with nvcc available")
 
 
