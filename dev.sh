@@ -8,7 +8,7 @@
 #   ./dev.sh shell         print the line that activates the environment
 #
 # Environment: PYTHON (default python3), MLRA_VENV (default .venv), MLRA_TORCH (the pip requirement for
-# torch, default "torch>=2.4"), MLRA_PIP_EXTRA (more requirements installed with it, space-separated,
+# torch, default "torch>=2.11"), MLRA_PIP_EXTRA (more requirements installed with it, space-separated,
 # e.g. "triton==3.6.0 numpy<2.4"), TORCH_CUDA_ARCH_LIST (default: the visible GPU, else 9.0),
 # MLRA_SKIP_CUDA_BUILD=1, MAX_JOBS.
 set -euo pipefail
@@ -41,8 +41,8 @@ ensure_env() {
         echo "==> installing torch and build tools into $VENV"
         "$VENV/bin/python" -m pip install --upgrade pip
         read -r -a extra_reqs <<< "${MLRA_PIP_EXTRA:-}"
-        "$VENV/bin/python" -m pip install "${MLRA_TORCH:-torch>=2.4}" ${extra_reqs[@]+"${extra_reqs[@]}"} \
-            setuptools wheel ninja pybind11 numpy
+        "$VENV/bin/python" -m pip install "${MLRA_TORCH:-torch>=2.11}" ${extra_reqs[@]+"${extra_reqs[@]}"} \
+            setuptools wheel ninja numpy
         echo "==> building mlra-kernels (TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$(default_arch_list)})"
         TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$(default_arch_list)} MAX_JOBS=${MAX_JOBS:-2} \
             "$VENV/bin/python" -m pip install --no-build-isolation -e ".[test]"
