@@ -3,7 +3,7 @@
     python tests/smoke_wheel.py [--source DIR ...] [--expect-torch 2.13]
 
 Run it with the Python of the environment the wheel is installed in, from a folder that is not the source
-checkout (with ``--source`` naming the checkout, it fails if ``mlra_kernels`` is imported from there; with
+checkout (with ``--source`` naming the checkout, it fails if the checkout's ``mlra_kernels`` is imported; with
 ``--expect-torch``, if the running torch is not that version). It checks, through the compiled extension
 ``mlra_kernels._C``:
 
@@ -53,8 +53,8 @@ def smoke_build(sources: list[str], expect_torch: str | None) -> None:
 
     where = pathlib.Path(mlra_kernels.__file__).resolve().parent
     for source in sources:
-        check(f"mlra_kernels is imported from outside {source}", pathlib.Path(source).resolve() not in where.parents,
-              str(where))
+        package = (pathlib.Path(source) / "mlra_kernels").resolve()
+        check(f"mlra_kernels is not the package of the source tree {source}", where != package, str(where))
     if expect_torch is not None:
         version = torch.__version__.split("+")[0]
         check(f"the running torch is {expect_torch}", (version + ".").startswith(expect_torch + "."),
