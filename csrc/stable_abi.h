@@ -8,7 +8,7 @@
 #pragma once
 
 #if !defined(TORCH_TARGET_VERSION)
-#error "build with -DTORCH_TARGET_VERSION=<setup.py's TORCH_MIN> (setup.py, CMakeLists.txt and the sanitizer build set it)"
+#error "build with -DTORCH_TARGET_VERSION for setup.py's TORCH_MIN (setup.py, CMakeLists.txt and fuzz_ops.py set it)"
 #endif
 
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>

@@ -141,7 +141,8 @@ def smoke_decode() -> None:
         k_cache[:, :, :pos], v_cache[:, :, :pos] = c_k, c_v
         seqlens = torch.full((B,), pos, dtype=torch.int32)
         out = torch.ops.mlra.latent_decode_step_cpu(seq[:, pos:].float(), w.w_in, w.b_in, w.m, w.beta, w.w_v, w.b_v,
-                                                    w.w_out, w.b_out, k_cache, v_cache, seqlens, pos, H, 1 / (d // H) ** 0.5)
+                                                    w.w_out, w.b_out, k_cache, v_cache, seqlens, pos, H,
+                                                    1 / (d // H) ** 0.5)
         ok, detail = close(out, ref, 3e-4)
         ok = ok and bool((seqlens == pos + t).all())
         check(f"decode step: mlra::latent_decode_step_cpu, {B * t} rows", ok, detail + f", seqlens {seqlens.tolist()}")

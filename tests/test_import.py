@@ -132,8 +132,8 @@ def test_a_build_from_before_the_stable_abi_needs_its_own_torch(tmp_path):
         (pkg / name).write_text((REPO / "mlra_kernels" / name).read_text())
     (pkg / "_build_info.json").write_text('{"torch": "2.9.0+cu128", "with_cuda": true}')
     out = subprocess.run(
-        [sys.executable, "-c", "from mlra_kernels import _ext\ntry:\n    _ext.load()\nexcept ImportError as err:\n"
-         "    print('MSG:', err)"],
+        [sys.executable, "-c",
+         ("from mlra_kernels import _ext\ntry:\n    _ext.load()\nexcept ImportError as err:\n    print('MSG:', err)")],
         capture_output=True, text=True, timeout=240, env=dict(os.environ, PYTHONPATH=str(tmp_path)), cwd=tmp_path,
     )
     assert out.returncode == 0, out.stderr

@@ -5,9 +5,9 @@
 // latent group and every new token) attend the group's cached latents c_K, c_V [B, g, S, r] and give
 // Z [B, g, M, r]. Every row of a group is scored against each cached latent while it is in cache, so
 // each cached number is read once per step for all heads (a GEMM with M = H/g rows would first copy
-// the cache into its packed panels). The cache positions are split across tasks (torch::stable::parallel_for) so
-// that one sequence's step still fills every core; each task keeps a running max and sum per row, and
-// the tasks of one (sequence, group) are merged by their log-sum-exp, in a fixed order.
+// the cache into its packed panels). The cache positions are split across tasks (torch::stable::parallel_for,
+// torch's thread pool) so that one sequence's step still fills every core; each task keeps a running max and
+// sum per row, and the tasks of one (sequence, group) are merged by their log-sum-exp, in a fixed order.
 //
 // Masks, as decode's torch path and the CUDA kernel apply them: positions at or past a sequence's length
 // L (lengths [B], or S; t_new <= L <= S, checked) are not attended; key padding kpm [B, S] is added to the

@@ -398,8 +398,6 @@ def test_torch_compile_fullgraph():
 
 
 def test_cuda_weight_with_a_cpu_only_extension_says_how_to_rebuild(monkeypatch):
-    import types
-
     from mlra_kernels import _ext
     from mlra_kernels.ops.tev import op
 
