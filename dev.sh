@@ -33,7 +33,7 @@ default_arch_list() {
 
 ensure_env() {
     if [ ! -x "$VENV/bin/python" ]; then
-        "$PYTHON" -c 'import sys; assert sys.version_info >= (3, 9), "Python 3.9 or newer is needed"'
+        "$PYTHON" -c 'import sys; assert sys.version_info >= (3, 10), "Python 3.10 or newer is needed"'
         echo "==> creating $VENV"
         "$PYTHON" -m venv "$VENV"
     fi

@@ -255,7 +255,7 @@ setup(
     name="mlra-kernels",
     version="0.1.0",
     description="Fused kernels for Multi-head Low-Rank Attention (MLRA) and Token Embedding Variability (TEV)",
-    python_requires=">=3.9",
+    python_requires=">=3.10",  # torch 2.11, the oldest supported, needs 3.10
     packages=find_packages(include=["mlra_kernels", "mlra_kernels.*"]),
     package_data={"mlra_kernels": ["_build_info.json"]},
     ext_modules=extensions(),
