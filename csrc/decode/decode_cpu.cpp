@@ -967,7 +967,8 @@ Tensor latent_decode_step_cpu(const Tensor& x, const Tensor& w_in, const std::op
     MLRA_CHECK(lengths[b] >= 0, kOp, ": seqlens[", b, "] = ", lengths[b], " is negative");
     MLRA_CHECK(lengths[b] <= room - t, kOp, ": seqlens[", b, "] = ", lengths[b], " cannot grow by the t=", t,
                " new tokens: a length must stay at most ", room,
-               cap <= room ? " (the capacity of k_cache, its size(2))" : " (int32's largest value)");
+               cap <= room ? " (the capacity of k_cache, its size(2))" : " (int32's largest value)",
+               lengths[b] != pos ? "; every sequence must hold pos=" + std::to_string(pos) + " positions" : "");
   }
   MLRA_CHECK(H >= 1 && H % G == 0, kOp, ": num_heads=", H, " must be a positive multiple of the caches' g=", G,
              " latent groups (k_cache.size(1))");

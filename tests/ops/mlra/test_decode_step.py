@@ -202,7 +202,8 @@ def test_step_op_refuses_lengths_that_would_leave_the_cache_or_int32():
     _refused_untouched(r"seqlens\[0\] = 2147483647 cannot grow by the t=1 new tokens: a length must stay at most 10 "
                        r"\(the capacity of k_cache", x, w, k_buf, v_buf, seqlens, 9)
     seqlens[0], seqlens[1] = 9, 10  # checked for every sequence before anything is written
-    _refused_untouched(r"seqlens\[1\] = 10 cannot grow", x, w, k_buf, v_buf, seqlens, 9)
+    _refused_untouched(r"seqlens\[1\] = 10 cannot grow .*; every sequence must hold pos=9 positions", x, w, k_buf,
+                       v_buf, seqlens, 9)
     seqlens[1] = -1
     _refused_untouched(r"seqlens\[1\] = -1 is negative", x, w, k_buf, v_buf, seqlens, 9)
 
