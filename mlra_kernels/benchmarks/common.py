@@ -196,6 +196,10 @@ MAX_TIMINGS = 10_000  # the most timings one measurement takes, whatever its min
 # is batched the same way.
 CUDA_EVENT_RESOLUTION_S = 0.5e-6
 GPU_FLOOR_TICKS = 4
+# Single-call timings of at least SCHED_QUANTUM_MIN_S that all lie within SCHED_QUANTUM_TOL of whole
+# multiples of the shortest (one of them twice it or more) were set by the scheduler's time slices.
+SCHED_QUANTUM_MIN_S = 1e-3
+SCHED_QUANTUM_TOL = 0.03
 
 
 @functools.lru_cache(maxsize=None)
@@ -261,6 +265,12 @@ def floor_reason(spans_s: Sequence[float], tick_s: float, *, floor_ticks: int = 
         low = min(spans)
         if low >= TARGET_TICKS * tick_s and all(abs(s - round(s / low) * low) <= tick_s / 2 for s in spans):
             return f"every timing is a whole multiple of {low * 1e3:.6g} ms, a clock or scheduler quantum"
+        # A loaded machine's scheduler hands out slices of a few ms: a thread of the pool that waits for
+        # one makes every timing a multiple of it, to within a few percent.
+        if (low >= SCHED_QUANTUM_MIN_S and max(spans) >= 1.9 * low
+                and all(abs(s / low - round(s / low)) <= SCHED_QUANTUM_TOL for s in spans)):
+            return (f"every timing is within {SCHED_QUANTUM_TOL:.0%} of a whole multiple of {low * 1e3:.3g} ms, "
+                    "a scheduler time slice")
     return None
 
 
@@ -553,6 +563,14 @@ def write_results(
     if out_dir is None:
         _refuse_tracked(out / f"{name}.json", "out_dir")
     meta = env_metadata(device)
+    # A 1-minute load average above the CPU count: other work shared the CPUs (a heuristic: it lags).
+    meta["loaded"] = bool(meta["device_type"] == "cpu" and meta["loadavg_1m"] is not None
+                          and meta["cpu_count"] and meta["loadavg_1m"] > meta["cpu_count"])
+    if meta["loaded"]:
+        print(f"warning: {name}: the 1-minute load average was {meta['loadavg_1m']:.2f} on {meta['cpu_count']} "
+              "CPUs while this ran: other work shared the CPUs, so these timings and ratios may say more about it "
+              "than about the code; run again on a quiet machine (the result file records loaded: true)",
+              file=sys.stderr)
     # Whether any row's timings sat on the clock's floor and were measured again (timing_fields).
     meta["rows_rerun_at_floor"] = sum(bool(row.get("rerun_at_floor")) for row in rows)
     meta["rerun_at_floor"] = meta["rows_rerun_at_floor"] > 0

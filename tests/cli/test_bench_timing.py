@@ -76,6 +76,7 @@ TICK = 1e-6
     ([9e-3, 8e-3, 8e-3, 8e-3, 8e-3], "4 of 5 timings read 8 ms"),  # but the first
     ([100e-6, 100.4e-6, 100e-6], "3 of 3 timings read"),         # the same to within half a tick
     ([8e-3, 16e-3, 8e-3, 8e-3, 24e-3], "whole multiple of 8 ms"),  # a scheduler or clock quantum
+    ([8.01e-3, 16.02e-3, 8.03e-3, 7.99e-3, 15.97e-3], "scheduler time slice"),  # slices, with their jitter
 ])
 def test_timings_on_the_floor_are_detected(spans, needle):
     reason = common.floor_reason(spans, TICK)
@@ -89,6 +90,8 @@ def test_timings_on_the_floor_are_detected(spans, needle):
     [9e-3, 7e-3, 8e-3, 8e-3, 8e-3],                 # three of five the same: not 80%
     [100e-6, 101e-6, 100e-6],                       # one tick apart: two readings of a coarse clock
     [8e-3, 16.4e-3, 8e-3],                          # not a whole multiple
+    [1.2e-3, 2.5e-3, 1.3e-3],                       # a slow repeat, not a multiple to within 3%
+    [0.4e-3, 0.81e-3, 0.4e-3],                      # under a millisecond: not a time slice
 ])
 def test_real_timings_are_accepted(spans):
     assert common.floor_reason(spans, TICK) is None
@@ -220,3 +223,14 @@ def test_tev_rows_say_how_each_time_was_taken():
     assert set(row["inner_reps"]) == {"tev", "one_liner", "sum"}
     assert all(isinstance(k, int) and k >= 1 for k in row["inner_reps"].values())
     assert row["rerun_at_floor"] is (max(row["inner_reps"].values()) > 1)
+
+
+def test_a_loaded_machine_is_warned_about_and_recorded(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(common.os, "getloadavg", lambda: (5.5, 5.0, 4.0))
+    monkeypatch.setattr(common.os, "cpu_count", lambda: 2)
+    path = common.write_results("probe", [{"op": "x", "ms": 1.0}], out_dir=tmp_path)
+    assert json.loads(path.read_text())["meta"]["loaded"] is True
+    assert "load average was 5.50 on 2 CPUs" in capsys.readouterr().err
+    monkeypatch.setattr(common.os, "getloadavg", lambda: (1.0, 1.0, 1.0))
+    path = common.write_results("probe", [{"op": "x", "ms": 1.0}], out_dir=tmp_path)
+    assert json.loads(path.read_text())["meta"]["loaded"] is False and "load average" not in capsys.readouterr().err
