@@ -274,11 +274,11 @@ setup(
         # tokenizers: the BPE vocabulary of the experiment.
         "test": ["pytest", "pytest-benchmark", "hypothesis", TRANSFORMERS, "safetensors", "accelerate", "lightning",
                  "tokenizers"],
-        "transformers": [TRANSFORMERS, "safetensors"],
+        "transformers": [TRANSFORMERS, "safetensors", "accelerate>=1.1"],  # accelerate: for transformers' Trainer
         "lightning": ["lightning"],
         # experiments/tev_repro.py: the byte-level BPE vocabulary (mlra_kernels.data)
         "experiments": ["tokenizers"],
-        "hf": [TRANSFORMERS, "safetensors"],  # alias of "transformers"
+        "hf": [TRANSFORMERS, "safetensors", "accelerate>=1.1"],  # alias of "transformers"
         # the documentation site (mkdocs.yml; .ci/run builds it with --strict). The lowest versions that
         # build it: mkdocs 1.6 (link and anchor validation), and the Python handler 1.17, the first whose
         # options take griffe's warn_unknown_params / warn_missing_types.
