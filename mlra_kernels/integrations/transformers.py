@@ -64,7 +64,7 @@ from mlra_kernels.ops.mlra.backend import DECODE_KERNELS
 from mlra_kernels.ops.mlra.decode import (
     StepWeightsMemo, check_step_caches, decode_path, latent_attention, step_latents, step_output, step_plan,
 )
-from mlra_kernels.ops.mlra.layout import check_config, default_rank, projection
+from mlra_kernels.ops.mlra.layout import check_config, default_rank
 
 try:
     import transformers
@@ -298,8 +298,6 @@ class MLRAGPT2Attention(modeling_gpt2.GPT2Attention):
             attn_mask=attn_mask, key_padding_mask=key_padding_mask, cache_seqlens=lengths,
             scale=self._scale(), dropout_p=dropout, need_weights=want_weights,
         )
-        if weights is not None and weights.requires_grad:
-            out = _output_of_weights(weights, c_v, qkv.up, qkv.bias, self.latent_groups)
         return self.resid_dropout(self.c_proj(out)), weights
 
     def _check_cache(self, cache: Any, batch: int, cached: Any) -> None:
@@ -365,25 +363,6 @@ class MLRAGPT2Attention(modeling_gpt2.GPT2Attention):
         if getattr(self, "_step_memo", None) is not None:  # not yet during __init__
             self._step_memo.clear()
         return super()._apply(fn, *args, **kwargs)
-
-
-def _output_of_weights(weights: Tensor, c_v: Tensor, up: Tensor, bias: Optional[Tensor], latent_groups: int) -> Tensor:
-    """The heads' outputs ``[B, t, d]`` (before ``c_proj``) from the attention weights ``P`` ``[B, H, t, S]``
-    that ``mlra_decode`` returned and the cached ``c_V`` ``[B, g, S, r]``: ``(P·c_V)·B_Vᵀ + b_V``, by the same
-    operations as its torch path, so the same numbers. The output then depends on the returned weights
-    themselves (not on a tensor they are a view of), so a gradient reaches them
-    (``attentions[i].retain_grad()``). It is the gradient of this form: it differs from a dense layer's
-    (``P·V``, ``V = c_V·B_Vᵀ + b_V``) by ``dO·b_V``, the same for every key, which the softmax's backward
-    cancels; every parameter gets the dense layer's gradient."""
-    B, H, t, S = weights.shape
-    d, r = up.shape[1], up.shape[2]
-    dh, g = d // H, int(latent_groups)
-    z = weights.reshape(B, g, H // g * t, S) @ c_v.to(weights.dtype)  # P · c_V, [B, g, (H/g)·t, r]
-    z_h = z.reshape(B, H, t, r).transpose(0, 1).reshape(H, B * t, r)
-    up_v, b_v = projection(up.to(weights.dtype), bias.to(weights.dtype) if bias is not None else None, 2)
-    up_vt = up_v.view(H, dh, r).transpose(1, 2)
-    out = torch.bmm(z_h, up_vt) if b_v is None else torch.baddbmm(b_v.view(H, 1, dh), z_h, up_vt)  # [H, B·t, d_h]
-    return out.view(H, B, t, dh).permute(1, 2, 0, 3).reshape(B, t, d)
 
 
 def _rename_flat_factors(state_dict, prefix, *args) -> None:

@@ -371,8 +371,10 @@ def _torch_attention(q_abs, k, v, s, *, B, H, g, t, causal, key_padding_mask, at
         p = torch.softmax(scores + mask if mask is not None else scores, dim=-1)
         if dropout_p > 0.0:
             p = torch.nn.functional.dropout(p, dropout_p)
+        if need_weights:  # Z from the returned weights themselves, so a gradient reaches them (retain_grad)
+            weights = p.view(B, H, t, S)
+            p = weights.view(p.shape)
         z = p @ v
-        weights = p.view(B, H, t, S) if need_weights else None
     else:
         z = F.scaled_dot_product_attention(q_abs, k, v, attn_mask=mask, scale=s)  # [B, g, (H/g)·t, r]
     return z, weights
