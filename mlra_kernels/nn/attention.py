@@ -12,7 +12,7 @@ from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 from mlra_kernels._mask_memo import memo_by_tensor
 from mlra_kernels._warnings import warn_once
 from mlra_kernels.nn.projection import MLRAProjection
-from mlra_kernels.ops.mlra import mlra_attention, mlra_attention_dense
+from mlra_kernels.ops.mlra import masks, mlra_attention, mlra_attention_dense
 from mlra_kernels.ops.mlra.layout import default_rank, factorize
 
 # Why a call left the fused op, and how to get it back: one warning per reason and process, through
@@ -67,12 +67,6 @@ class InputShapeError(ValueError, AssertionError):
 def _check_mask_dtype(mask: Optional[Tensor], name: str) -> None:
     if mask is not None and mask.dtype != torch.bool and not torch.is_floating_point(mask):
         raise AssertionError(f"only bool and floating types of {name} are supported")
-
-
-def _as_additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
-    if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
-    return mask
 
 
 class MLRAttention(nn.Module):
@@ -334,8 +328,11 @@ class MLRAttention(nn.Module):
                 "Support for mismatched key_padding_mask and attn_mask is deprecated. Use same type for both instead.",
                 stacklevel=4,
             )
-            key_padding_mask = _as_additive(key_padding_mask, query.dtype)
-            attn_mask = _as_additive(attn_mask, query.dtype)
+            # As nn.MultiheadAttention: a bool mask becomes -inf in the query's dtype, a float one is kept.
+            if key_padding_mask.dtype == torch.bool:
+                key_padding_mask = masks.additive(key_padding_mask, query.dtype, empty_rows="zeros")
+            if attn_mask.dtype == torch.bool:
+                attn_mask = masks.additive(attn_mask, query.dtype, empty_rows="zeros")
         if is_causal and attn_mask is None:
             raise RuntimeError(
                 "Need attn_mask if specifying the is_causal hint. You may use the Transformer module "

@@ -39,56 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mlra_kernels._warnings import warn_once
-from mlra_kernels.ops.mlra import backend, layout
-
-
-def _causal_masked(t: int, S: int, lengths: Optional[Tensor], device: torch.device) -> Tensor:
-    """Bool ``[B | 1, 1, t, S]``: True where key ``j`` is after new token ``i``, at position ``L - t + i``
-    (``L``: the sequence's length, ``S`` without ``lengths``)."""
-    i, j = torch.arange(t, device=device), torch.arange(S, device=device)
-    if lengths is None:
-        return (j[None, :] > (S - t + i)[:, None]).view(1, 1, t, S)
-    pos = lengths.view(-1, 1).to(torch.int64) - t + i.view(1, t)  # [B, t]
-    return (j.view(1, 1, S) > pos.unsqueeze(-1)).unsqueeze(1)
-
-
-def _decode_mask(
-    B: int, H: int, g: int, t: int, S: int, *, causal: bool, key_padding_mask: Optional[Tensor],
-    attn_mask: Optional[Tensor], dtype: torch.dtype, device: torch.device, lengths: Optional[Tensor] = None,
-) -> Optional[Tensor]:
-    """One additive mask ``[B | 1, g | 1, (H/g)·t, S]`` for the grouped queries, finite on the keys in use
-    (a query with no key left averages the values instead of giving NaN); with ``lengths`` the positions
-    at or past a sequence's length are -inf: they are not part of it, and not averaged."""
-    lowest = torch.finfo(dtype).min
-    mask = None
-
-    def add(extra: Tensor) -> None:  # extra: broadcastable to [B, H, t, S]
-        nonlocal mask
-        mask = extra if mask is None else mask + extra
-
-    def additive(m: Tensor) -> Tensor:
-        if m.dtype == torch.bool:
-            return torch.zeros(m.shape, dtype=dtype, device=device).masked_fill(m, lowest)
-        return m.to(dtype).clamp(min=lowest)
-
-    if causal and (t > 1 or lengths is not None):
-        add(additive(_causal_masked(t, S, lengths, device)))
-    if key_padding_mask is not None:
-        add(additive(key_padding_mask).view(B, 1, 1, S))
-    if attn_mask is not None:
-        add(additive(attn_mask if attn_mask.dim() == 4 else attn_mask.view(1, 1, t, S)))
-    if mask is not None:
-        mask = mask.clamp(min=lowest)
-    if lengths is not None:
-        unused = torch.arange(S, device=device).view(1, S) >= lengths.view(B, 1)  # [B, S]
-        out = torch.zeros((B, 1, 1, S), dtype=dtype, device=device).masked_fill(unused.view(B, 1, 1, S), float("-inf"))
-        mask = out if mask is None else mask + out
-    if mask is None:
-        return None
-    b, h = mask.shape[0], mask.shape[1]
-    if h == 1:  # the same mask for every head: repeat it over the heads of a group
-        return mask.view(b, 1, 1, t, S).expand(b, 1, H // g, t, S).reshape(b, 1, H // g * t, S)
-    return mask.expand(b, H, t, S).reshape(b, g, H // g * t, S)
+from mlra_kernels.ops.mlra import backend, layout, masks
 
 
 @torch.library.custom_op("mlra::mlra_decode_attn", mutates_args=())
@@ -166,8 +117,10 @@ def mlra_decode_attn_cpu(
     if _extension_loads():
         return torch.ops.mlra.latent_decode_cpu(q, k, v, kpm, lengths, t_new, causal, scale)
     B, g, M, _ = q.shape
-    mask = _decode_mask(B, M // t_new * g, g, t_new, k.shape[2], causal=causal, key_padding_mask=kpm,
-                        attn_mask=None, dtype=q.dtype, device=q.device, lengths=lengths)
+    H, S = M // t_new * g, k.shape[2]
+    mask = masks.grouped(masks.combine(B, H, t_new, S, causal=causal, key_padding_mask=kpm, attn_mask=None,
+                                       dtype=q.dtype, device=q.device, empty_rows="average", lengths=lengths),
+                         H, g, t_new, S)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).contiguous()
 
 
@@ -185,17 +138,6 @@ def _cpu_decode_attention(q, k, v, kpm, lengths, t_new: int, causal: bool, scale
     if not torch.compiler.is_compiling() and _extension_loads():
         return torch.ops.mlra.latent_decode_cpu(q, k, v, kpm, lengths, t_new, causal, scale)
     return mlra_decode_attn_cpu(q, k, v, kpm, lengths, t_new, causal, scale)
-
-
-def _additive_kpm(key_padding_mask: Optional[Tensor]) -> Optional[Tensor]:
-    """The kernel's key padding: fp32, added to the scores (-inf where a bool mask says padding), with
-    its key dimension contiguous (the kernel reads one row per sequence with unit stride)."""
-    if key_padding_mask is None:
-        return None
-    if key_padding_mask.dtype == torch.bool:
-        return torch.zeros(key_padding_mask.shape, dtype=torch.float32, device=key_padding_mask.device).masked_fill(
-            key_padding_mask, float("-inf"))
-    return key_padding_mask.detach().to(torch.float32).contiguous()
 
 
 def _check_lengths(cache_seqlens: Optional[Tensor], B: int, t: int, S: int, device: torch.device) -> None:
@@ -363,8 +305,9 @@ def _torch_attention(q_abs, k, v, s, *, B, H, g, t, causal, key_padding_mask, at
     """The ``"torch"`` path's ``(Z [B, g, (H/g)·t, r], weights or None)``: SDPA on the latents with one
     additive mask, or the scores in memory for dropout and the weights."""
     S = k.shape[2]
-    mask = _decode_mask(B, H, g, t, S, causal=causal, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
-                        dtype=q_abs.dtype, device=q_abs.device, lengths=lengths)
+    mask = masks.grouped(masks.combine(B, H, t, S, causal=causal, key_padding_mask=key_padding_mask,
+                                       attn_mask=attn_mask, dtype=q_abs.dtype, device=q_abs.device,
+                                       empty_rows="average", lengths=lengths), H, g, t, S)
     weights = None
     if need_weights or dropout_p > 0.0:
         scores = (q_abs @ k.transpose(-1, -2)) * s  # [B, g, (H/g)·t, S]
@@ -513,7 +456,7 @@ def latent_attention(
     """``Z [B, g, M, r]`` by one of the decode kernels (``path``: ``"cpu-kernel"``, ``"triton"`` or
     ``"triton-interpreter"``, as :func:`~mlra_kernels.ops.mlra.backend.choose_decode` chose) from
     ``q̃ [B, g, M, r]`` and the caches ``[B, g, S, r]``; inputs as :func:`mlra_decode` checks them."""
-    kpm = _additive_kpm(key_padding_mask)
+    kpm = masks.kernel_key_padding(key_padding_mask)
     if path == "cpu-kernel":
         if k.stride(-1) != 1 or v.stride(-1) != 1:  # a token-major cache of one latent column per group
             k, v = k.contiguous(), v.contiguous()

@@ -6,9 +6,8 @@ key padding and dropout. Its public call :func:`mlra_attention_dense` is differe
 the prefill variant's ``"torch"`` path uses :func:`attention_lse` and its hand-written
 :func:`attention_grads`, which keep only ``O`` and the log-sum-exp for the backward, as the kernels do.
 
-Masks follow ``nn.MultiheadAttention``: a boolean mask marks positions that may *not* be attended
-(``True`` = masked), a float mask is added to the scores. A query whose keys are all masked outputs
-zeros (``nn.MultiheadAttention`` gives NaN there).
+Masks follow ``nn.MultiheadAttention`` (:mod:`~mlra_kernels.ops.mlra.masks`); a query whose keys are all
+masked outputs zeros (``nn.MultiheadAttention`` gives NaN there).
 """
 
 from __future__ import annotations
@@ -19,35 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from mlra_kernels.ops.mlra import layout
-
-
-def attention_bias(
-    B: int, H: int, T: int, S: int, *, causal: bool, key_padding_mask: Optional[Tensor],
-    attn_mask: Optional[Tensor], dtype: torch.dtype, device: torch.device,
-) -> Optional[Tensor]:
-    """Every mask as one additive bias broadcastable to ``[B, H, T, S]`` (``-inf`` = masked), or None.
-    Causal queries are aligned to the end of the keys (``T <= S``), as for a decoding step."""
-    parts = []
-
-    def additive(mask: Tensor) -> Tensor:
-        if mask.dtype == torch.bool:
-            return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(mask, float("-inf"))
-        return mask.to(dtype)
-
-    if causal:
-        above = torch.ones(T, S, dtype=torch.bool, device=device).triu(S - T + 1)
-        parts.append(additive(above).view(1, 1, T, S))
-    if key_padding_mask is not None:
-        parts.append(additive(key_padding_mask).view(B, 1, 1, S))
-    if attn_mask is not None:
-        parts.append(additive(attn_mask).view(*((1, 1) if attn_mask.dim() == 2 else (B, H)), T, S))
-    if not parts:
-        return None
-    out = parts[0]
-    for extra in parts[1:]:
-        out = out + extra
-    return out
+from mlra_kernels.ops.mlra import layout, masks
 
 
 def _probabilities(q: Tensor, k: Tensor, scale: float, bias: Optional[Tensor]) -> tuple[Tensor, Tensor]:
@@ -149,8 +120,8 @@ def mlra_attention_dense(
             layout.expand(layout.latents(t, down[p * rows:(p + 1) * rows]), *layout.projection(up, bias, p), H, g)
             for p, t in enumerate((query, key, value))
         )
-    mask = attention_bias(B, H, T, S, causal=causal, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
-                          dtype=q.dtype, device=q.device)
+    mask = masks.combine(B, H, T, S, causal=causal, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
+                         dtype=q.dtype, device=q.device, empty_rows="zeros")
     p, _ = _probabilities(q, k, s, mask)
     if dropout_p > 0.0:
         p = p * (torch.rand(p.shape, device=p.device) >= dropout_p) / (1.0 - dropout_p)

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mlra_kernels.ops.mlra import backend, dense, layout
+from mlra_kernels.ops.mlra import backend, dense, layout, masks
 
 
 def _dropout_keep_cpu(B: int, H: int, T: int, dropout_p: float, seed: int) -> Tensor:
@@ -44,8 +44,8 @@ def _torch_inputs(c, up, bias, kpm, attn_mask, seed, num_heads, g, causal, dropo
     """Per-head q, k, v, the additive mask and the dropout keep mask of the ``"torch"`` path."""
     B, T, _ = x.shape
     q, k, v = layout.heads_token_major(c, up, bias, num_heads, g)
-    mask = dense.attention_bias(B, num_heads, T, T, causal=causal, key_padding_mask=kpm, attn_mask=attn_mask,
-                                dtype=q.dtype, device=q.device)
+    mask = masks.combine(B, num_heads, T, T, causal=causal, key_padding_mask=kpm, attn_mask=attn_mask,
+                         dtype=q.dtype, device=q.device, empty_rows="zeros")
     keep = _dropout_keep_cpu(B, num_heads, T, dropout_p, seed).to(x.device) if dropout_p > 0.0 else None
     return q, k, v, mask, keep
 
@@ -450,13 +450,7 @@ def mlra_attention(
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(dh)
     if choice.path == "sdpa":
         return _sdpa_composition(x, down, up, bias, num_heads, latent_groups, causal, dropout_p, scale)
-    kpm = None
-    if key_padding_mask is not None:
-        if key_padding_mask.dtype == torch.bool:
-            kpm = torch.zeros(key_padding_mask.shape, dtype=torch.float32, device=x.device)
-            kpm = kpm.masked_fill(key_padding_mask, float("-inf"))
-        else:
-            kpm = key_padding_mask.detach().to(torch.float32).contiguous()
+    kpm = masks.kernel_key_padding(key_padding_mask)
     if attn_mask is not None:
         attn_mask = attn_mask.detach()
     seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64) if dropout_p > 0.0 else None

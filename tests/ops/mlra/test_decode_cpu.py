@@ -14,7 +14,8 @@ import torch
 from mlra_kernels import _ext, _warnings
 from mlra_kernels.ops.mlra import backend, explain, kernel_path, mlra_decode, use_backend
 from mlra_kernels.ops.mlra import decode as decode_mod
-from mlra_kernels.ops.mlra.decode import _additive_kpm, _torch_attention, mlra_decode_attn_cpu
+from mlra_kernels.ops.mlra.decode import _torch_attention, mlra_decode_attn_cpu
+from mlra_kernels.ops.mlra.masks import kernel_key_padding
 from tests.helpers import DECODE_SHAPES, assert_within_torch_error, decode_case, padding, run_decode
 
 try:
@@ -371,7 +372,7 @@ def test_the_op_rejects_what_it_cannot_read():
 def test_opcheck_and_compile(dtype):
     gen = torch.Generator().manual_seed(7)
     q, k, v = (torch.randn(shape, generator=gen).to(dtype) for shape in ((2, 2, 3, 16), (2, 2, 40, 16), (2, 2, 40, 16)))
-    kpm = _additive_kpm(padding(2, 40, "bool"))
+    kpm = kernel_key_padding(padding(2, 40, "bool"))
     lengths = torch.tensor([40, 25], dtype=torch.int32)
     torch.library.opcheck(torch.ops.mlra.mlra_decode_attn_cpu.default, (q, k, v, kpm, lengths, 1, True, 0.25))
 

@@ -18,7 +18,8 @@ pytest.importorskip("triton", reason="the decode kernel needs triton")
 from mlra_kernels import _warnings  # noqa: E402
 from mlra_kernels.ops.mlra import backend, config, explain, kernel_path, launcher  # noqa: E402
 from mlra_kernels.ops.mlra import mlra_decode, use_backend  # noqa: E402
-from mlra_kernels.ops.mlra.decode import _additive_kpm, _torch_attention  # noqa: E402
+from mlra_kernels.ops.mlra.decode import _torch_attention  # noqa: E402
+from mlra_kernels.ops.mlra.masks import kernel_key_padding  # noqa: E402
 from mlra_kernels.ops.mlra.reference import mlra_attention_reference  # noqa: E402
 from tests.helpers import (  # noqa: E402
     DECODE_SHAPES, DEVICE, DTYPES, assert_within_torch_error, decode_case, padding, run_decode,
@@ -148,7 +149,7 @@ def test_split_merge(dtype):
     for n in (1, 2, 5):
         mod = launcher.kernels("decode_kernels")
         assert mod.plan(B, g, hpg * t, S, r, 8, n)["splits"] == n
-        z = _kernel_z(q, k, v, _additive_kpm(kpm), lengths, t, n)
+        z = _kernel_z(q, k, v, kernel_key_padding(kpm), lengths, t, n)
         assert torch.isfinite(z).all()
         err = (z.double() - exact).abs().max().item()
         assert err <= 8 * torch.finfo(dt).eps * exact.abs().max().item(), f"{n} splits: error {err:.3e}"
