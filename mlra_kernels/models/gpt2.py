@@ -235,10 +235,11 @@ class MLRASelfAttention(nn.Module):
         qkv, H, g = self.qkv, self.n_head, self.latent_groups
         p = self.dropout if self.training else 0.0
         if cache is None:
-            y = mlra_attention(x, qkv.down, qkv.up, qkv.bias, num_heads=H, latent_groups=g, causal=True, dropout_p=p)
+            down, up, bias, H, g = qkv.op_factors()  # under tensor parallelism, this rank's heads
+            y = mlra_attention(x, down, up, bias, num_heads=H, latent_groups=g, causal=True, dropout_p=p)
             if use_cache:
                 cache = LayerCache(self.block_size, seq_dim=2, layout=self.cache_layout)
-                cache.append(*kv_latents(x, qkv.down, g, group_major=True))
+                cache.append(*kv_latents(x, down, g, group_major=True))
                 if not torch.compiler.is_compiling():
                     self._step_memo.clear()  # a prefill: the steps that follow form the step weights afresh
         else:

@@ -367,10 +367,10 @@ class MLRAttention(nn.Module):
                 causal, attn_mask = True, None
         dropout_p = self.dropout if self.training else 0.0
 
+        down, up, bias, H, g = self.qkv.op_factors()  # under tensor parallelism, this rank's heads
         if is_self and not need_weights and attn_mask is None:
             out = mlra_attention(
-                query, self.qkv.down, self.qkv.up, self.qkv.bias,
-                num_heads=self.num_heads, latent_groups=self.latent_groups, causal=causal,
+                query, down, up, bias, num_heads=H, latent_groups=g, causal=causal,
                 key_padding_mask=key_padding_mask, dropout_p=dropout_p,
             )
             weights = None
@@ -382,9 +382,12 @@ class MLRAttention(nn.Module):
                     _warn_unfused("need_weights")
                 if is_self and attn_mask is not None:
                     _warn_unfused("attn_mask")
+            if H != self.num_heads and (need_weights or (attn_mask is not None and attn_mask.dim() == 3)):
+                raise NotImplementedError("MLRAttention under tensor parallelism: need_weights=True and a per-head "
+                                          "[B·H, T, S] attn_mask are not supported (each rank holds some heads)")
             out, weights = mlra_attention_dense(
-                query, key, value, self.qkv.down, self.qkv.up, self.qkv.bias, num_heads=self.num_heads,
-                latent_groups=self.latent_groups, causal=causal, key_padding_mask=key_padding_mask,
+                query, key, value, down, up, bias, num_heads=H,
+                latent_groups=g, causal=causal, key_padding_mask=key_padding_mask,
                 attn_mask=attn_mask, dropout_p=dropout_p, need_weights=need_weights,
             )
         out = self.out_proj(out)

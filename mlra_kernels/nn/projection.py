@@ -28,10 +28,13 @@ class MLRAProjection(nn.Module):
         up: ``[3, d, r]``; ``up[p, h·d_h:(h+1)·d_h]`` is ``B_{P,h}``.
         bias: ``[3·d]`` (q, k, v, as ``nn.MultiheadAttention.in_proj_bias``) or None.
 
-    It computes nothing itself: attention modules pass ``down``, ``up`` and ``bias`` to the public ops.
+    It computes nothing itself: attention modules pass :meth:`op_factors` to the public ops.
     Initialisation is GPT-2's N(0, 0.02) for both factors and a zero bias (DESIGN.md: the variance
     argument relies on it); :meth:`load_dense_` sets the factors from a dense weight by truncated SVD.
     """
+
+    # Set by mlra_kernels.distributed.MLRAProjectionParallel: the factors are then sharded by head.
+    _tp = None
 
     def __init__(
         self, embed_dim: int, num_heads: int, rank: Optional[int] = None, latent_groups: int = 1,
@@ -55,6 +58,13 @@ class MLRAProjection(nn.Module):
         nn.init.normal_(self.up, std=0.02)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
+
+    def op_factors(self) -> tuple[Tensor, Tensor, Optional[Tensor], int, int]:
+        """``(down, up, bias, num_heads, latent_groups)`` to hand the MLRA ops: the parameters themselves, or
+        under tensor parallelism (:mod:`mlra_kernels.distributed`) this rank's local factors and counts."""
+        if self._tp is None:
+            return self.down, self.up, self.bias, self.num_heads, self.latent_groups
+        return self._tp.local_factors(self)
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, rank={self.rank}, "

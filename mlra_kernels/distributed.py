@@ -1,0 +1,239 @@
+"""Tensor parallelism for MLRA on torch's own engine (DeviceMesh, DTensor, ``parallelize_module``).
+
+Each rank of a 1-D tensor-parallel mesh holds whole latent groups of heads (``g = 1``: some heads of the
+one group) and runs the head-local MLRA ops on local tensors; the output projection is row-parallel, so
+a layer costs one all-reduce forward and one backward, as MHA's does. See ``docs/scaling.md``.
+
+Parameter layouts under TP (the parameter names stay; state dicts hold the unsharded tensors):
+
+- ``up``   ``[3, d, r]``      ``Shard(1)``: this rank's heads.
+- ``bias`` held as a view ``[3, d]``, ``Shard(1)``: this rank's heads of q, k and v.
+- ``down`` ``[3·g·r, d]`` ``Replicate()`` at ``g = 1``; for ``g > 1`` held as a view ``[3, g·r, d]``,
+  ``Shard(1)``: this rank's groups of each projection.
+
+A flat ``Shard(0)`` of ``bias`` or ``down`` would hand a rank q's rows but not its k and v rows, and
+``_StridedShard`` holds several disjoint row blocks per rank, which distributed checkpoints record as
+one; the ``[3, ·]`` views keep each rank's part one box of the view. The state-dict hooks give the flat
+unsharded tensors and take them back, so checkpoints keep their keys and shapes.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
+
+from mlra_kernels.nn.projection import MLRAProjection
+
+__all__ = ["MLRAProjectionParallel", "MLRAttentionParallel", "tensor_parallel", "sum_grad"]
+
+
+def sum_grad(t: Tensor, mesh: DeviceMesh) -> Tensor:
+    """``t`` unchanged forward; backward, its gradient summed over ``mesh`` (all-reduce).
+
+    For a tensor replicated over the tensor-parallel ranks that feeds head-local work: each rank's
+    gradient is the part of its heads, and the sum is the whole. Written with DTensor: a ``Replicate``
+    view whose local gradient is declared ``Partial``.
+    """
+    return DTensor.from_local(t, mesh, (Replicate(),), run_check=False).to_local(grad_placements=(Partial(),))
+
+
+class _TPFactors:
+    """What ``MLRAProjection.op_factors`` needs under TP: the mesh and the local head and group counts."""
+
+    __slots__ = ("mesh", "num_heads", "latent_groups", "down_sharded")
+
+    def __init__(self, mesh: DeviceMesh, num_heads: int, latent_groups: int, down_sharded: bool) -> None:
+        self.mesh, self.num_heads, self.latent_groups, self.down_sharded = mesh, num_heads, latent_groups, down_sharded
+
+    def local_factors(self, proj: MLRAProjection):
+        down, up, bias = proj.down, proj.up, proj.bias
+        if self.down_sharded:  # [3, g_loc·r, d] -> [3·g_loc·r, d]
+            down = down.to_local().reshape(-1, down.shape[-1])
+        elif torch.is_grad_enabled():  # replicated: every rank's gradient is its heads' part
+            down = sum_grad(down.to_local(), self.mesh)
+        else:
+            down = down.to_local()
+        if bias is not None:  # [3, H_loc·d_h] -> [3·H_loc·d_h]
+            bias = bias.to_local().reshape(-1)
+        return down, up.to_local(), bias, self.num_heads, self.latent_groups
+
+
+def _check_mesh(mesh: DeviceMesh, name: str = "device_mesh") -> int:
+    if not isinstance(mesh, DeviceMesh):
+        raise TypeError(f"{name} must be a torch.distributed DeviceMesh, got {type(mesh).__name__}")
+    if mesh.ndim != 1:
+        raise ValueError(f"{name} must be the 1-D tensor-parallel mesh (e.g. mesh['tp']), got a {mesh.ndim}-D mesh")
+    return mesh.size()
+
+
+def _check_degree(tp: int, num_heads: int, latent_groups: int, name: str) -> None:
+    if num_heads % tp:
+        raise ValueError(f"{name}: the tensor-parallel degree {tp} must divide num_heads={num_heads}")
+    if latent_groups > 1 and latent_groups % tp:
+        raise ValueError(f"{name}: with latent_groups={latent_groups} > 1 the tensor-parallel degree {tp} must "
+                         f"divide latent_groups (each rank holds whole groups); use latent_groups=1, or a degree "
+                         f"dividing {latent_groups}")
+
+
+class MLRAProjectionParallel(ParallelStyle):
+    """Shard an :class:`~mlra_kernels.nn.MLRAProjection` by head over a 1-D tensor-parallel mesh.
+
+    ``up`` and ``bias`` are sharded by head; ``down`` is replicated at ``g = 1`` and sharded by latent
+    group when the degree divides ``g``. ``MLRAProjection.op_factors()`` then gives this rank's local
+    factors with ``num_heads = H/tp`` and ``latent_groups = g/tp`` (``1`` at ``g = 1``), and the gradient
+    of a replicated ``down`` is summed over the mesh. The module that calls the op must also sum its
+    input's gradient over the mesh (:func:`sum_grad`); :class:`MLRAttentionParallel` does both.
+    As torch's styles, it distributes the values of rank ``src_data_rank`` (``parallelize_module``'s
+    argument, default 0).
+    """
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        if not isinstance(module, MLRAProjection):
+            raise TypeError(f"MLRAProjectionParallel applies to an MLRAProjection, got {type(module).__name__}")
+        if module._tp is not None:
+            raise ValueError("this MLRAProjection is already tensor-parallel")
+        tp = _check_mesh(device_mesh)
+        H, g = module.num_heads, module.latent_groups
+        _check_degree(tp, H, g, "MLRAProjection")
+        src = self.src_data_rank
+
+        def put(name: str, view: tuple, placement) -> None:
+            p = getattr(module, name)
+            dt = distribute_tensor(p.detach().view(view), device_mesh, [placement], src_data_rank=src)
+            module.register_parameter(name, nn.Parameter(dt, requires_grad=p.requires_grad))
+
+        down_sharded = g > 1
+        put("up", tuple(module.up.shape), Shard(1))
+        if down_sharded:
+            put("down", (3, -1, module.embed_dim), Shard(1))
+        else:
+            put("down", tuple(module.down.shape), Replicate())
+        if module.bias is not None:
+            put("bias", (3, -1), Shard(1))
+        module._tp = _TPFactors(device_mesh, H // tp, max(1, g // tp), down_sharded)
+        flat = ["bias"] + (["down"] if down_sharded else [])
+        module.register_state_dict_post_hook(_full_flat_state(flat))
+        module.register_load_state_dict_pre_hook(_sharded_view_state(flat))
+        return module
+
+
+def _full_flat_state(names: list):
+    """State-dict hook: the ``[3, ·]`` view parameters as their unsharded flat tensors."""
+
+    def hook(module, state_dict, prefix, local_metadata) -> None:
+        for name in names:
+            key = prefix + name
+            if key in state_dict and isinstance(state_dict[key], DTensor):
+                t = state_dict[key]
+                state_dict[key] = t.full_tensor().reshape(-1, *t.shape[2:])
+    return hook
+
+
+def _sharded_view_state(names: list):
+    """Load hook: an unsharded flat tensor (plain or a DTensor) becomes this rank's part of the view."""
+
+    def hook(module, state_dict, prefix, *args) -> None:
+        for name in names:
+            key, param = prefix + name, getattr(module, name)
+            t = state_dict.get(key)
+            if t is None or param is None or not isinstance(param, DTensor) or t.shape == param.shape:
+                continue
+            if isinstance(t, DTensor):
+                t = t.full_tensor()
+            if t.numel() != param.numel():
+                continue  # the usual shape-mismatch error follows
+            state_dict[key] = distribute_tensor(t.reshape(param.shape).to(param.dtype), param.device_mesh,
+                                                param.placements, src_data_rank=None)
+    return hook
+
+
+_INPUTS = ("query", "key", "value")
+
+
+class MLRAttentionParallel(ParallelStyle):
+    """Tensor-parallel MLRA attention: an ``MLRAttention`` or GPT-2's ``MLRASelfAttention``.
+
+    The factors (``qkv``) as :class:`MLRAProjectionParallel`, the output projection (``out_proj`` or
+    ``c_proj``) as torch's ``RowwiseParallel``, and the inputs (``query, key, value``, or GPT-2's ``x``:
+    local tensors, replicated over the mesh) given a gradient summed over the mesh. Outputs are local
+    tensors, replicated. ``need_weights=True`` and a per-head ``[B·H, T, S]`` mask are refused under TP.
+    """
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        qkv = getattr(module, "qkv", None)
+        out = getattr(module, "out_proj", None) or getattr(module, "c_proj", None)
+        if not isinstance(qkv, MLRAProjection) or not isinstance(out, nn.Linear):
+            raise TypeError("MLRAttentionParallel applies to a module with an MLRAProjection `qkv` and an nn.Linear "
+                            f"`out_proj` or `c_proj` (MLRAttention, GPT-2's MLRASelfAttention), got "
+                            f"{type(module).__name__}")
+        for style, sub in ((MLRAProjectionParallel(), qkv), (RowwiseParallel(), out)):
+            style.src_data_rank = self.src_data_rank
+            style._apply(sub, device_mesh)
+        n = 3 if hasattr(module, "out_proj") else 1
+        mesh = device_mesh
+
+        def mark_inputs(mod, args, kwargs):
+            if not torch.is_grad_enabled():
+                return None
+            seen: dict = {}
+
+            def mark(t):
+                if not isinstance(t, Tensor):
+                    return t
+                if id(t) not in seen:  # query is key is value stays so: self-attention is told by identity
+                    seen[id(t)] = sum_grad(t, mesh)
+                return seen[id(t)]
+
+            args = tuple(mark(a) if i < n else a for i, a in enumerate(args))
+            kwargs = {k: (mark(v) if k in _INPUTS[:n] or (n == 1 and k == "x") else v) for k, v in kwargs.items()}
+            return args, kwargs
+
+        module.register_forward_pre_hook(mark_inputs, with_kwargs=True)
+        return module
+
+
+def tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
+    """Apply tensor parallelism in place to an MLRA :class:`~mlra_kernels.models.GPT2`; returns it.
+
+    Per block: attention as :class:`MLRAttentionParallel` (``attn.qkv`` by head, ``attn.c_proj``
+    row-parallel), ``mlp.c_fc`` column-parallel and ``mlp.c_proj`` row-parallel; embeddings, LayerNorms
+    and the tied LM head stay plain replicated parameters. Parameter names are unchanged, so state dicts
+    and distributed checkpoints keep their keys and unsharded shapes. Compose in torchtitan's order:
+    TP, then activation checkpointing, ``torch.compile`` and FSDP2 (``fully_shard`` on the data-parallel
+    mesh). Every rank of ``tp_mesh`` must see the same inputs and build the model from the same seed.
+
+    Args:
+        model: an MLRA ``GPT2`` (``attention="mlra"``).
+        tp_mesh: the 1-D tensor-parallel mesh (``mesh["tp"]`` of a 2-D mesh); its size must divide
+            ``n_head`` and, for ``latent_groups > 1``, ``latent_groups``.
+
+    Example::
+
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+        tensor_parallel(model, mesh["tp"])
+        for block in model.h:
+            fully_shard(block, mesh=mesh["dp"])
+        fully_shard(model, mesh=mesh["dp"])
+    """
+    from mlra_kernels.models import GPT2
+
+    if not isinstance(model, GPT2):
+        raise TypeError(f"model must be an mlra_kernels.models.GPT2, got {type(model).__name__}")
+    cfg = model.config
+    if cfg.attention != "mlra":
+        raise ValueError(f"tensor_parallel supports MLRA attention; model.config.attention is {cfg.attention!r}")
+    tp = _check_mesh(tp_mesh, "tp_mesh")
+    if cfg.n_head % tp:
+        raise ValueError(f"tp_mesh: the tensor-parallel degree {tp} must divide n_head={cfg.n_head}")
+    if cfg.latent_groups > 1 and cfg.latent_groups % tp:
+        raise ValueError(f"tp_mesh: the tensor-parallel degree {tp} must divide latent_groups={cfg.latent_groups} "
+                         "(each rank holds whole latent groups); use latent_groups=1 or a degree that divides it")
+    plan = {"attn": MLRAttentionParallel(), "mlp.c_fc": ColwiseParallel(), "mlp.c_proj": RowwiseParallel()}
+    for block in model.h:
+        parallelize_module(block, tp_mesh, plan)
+    return model
