@@ -1,7 +1,8 @@
 """The one backend choice of an MLRA call: which path runs, and why.
 
-The public call asks :func:`choose` once; the forward, the backward (the path travels with the saved
-tensors), :func:`kernel_path` and the one-time "not the fast path" warnings all read that answer.
+The public call asks :func:`choose` once and runs the path's entry in :data:`PREFILL_OPS` (whose op
+carries its own backward); :func:`kernel_path` and the one-time "not the fast path" warnings read the same
+answer.
 
 Paths:
 
@@ -29,8 +30,9 @@ kernel of the compiled extension, the default for float32 and bfloat16 CPU tenso
 torch's SDPA on the latents, CPU and GPU). Forcing ``"sdpa"``, ``"torch-cpu"`` or ``"torch-cpu-latent"`` gives
 decode its torch path, which is that same composition.
 
-A newcomer's path (say, a sliding-window kernel) is one more name in :data:`PATHS`, one more rule in
-:func:`choose`, and its launch in the variant file.
+A newcomer's path (say, a sliding-window kernel) is one file ``path_<name>.py`` (its custom ops, their
+fakes and backward, and its entry point), its row in :data:`PREFILL_OPS`, its name in :data:`PATHS` and
+one more rule in :func:`choose`.
 
 Forcing a path: ``MLRA_BACKEND=<path>`` in the environment, or ``with use_backend("<path>"):`` in code
 (tests steer the choice this way). A forced path that cannot run the call raises, saying why.
@@ -41,15 +43,28 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import Tensor
 
 from mlra_kernels._warnings import warn_once
 from mlra_kernels.ops.mlra import config
+from mlra_kernels.ops.mlra import path_sdpa, path_torch, path_torch_cpu, path_torch_cpu_latent, path_triton
 
 PATHS = ("sdpa", "triton", "triton-interpreter", "torch-cpu", "torch-cpu-latent", "torch")
+
+# Each prefill path's entry point, ``(x, down, up, bias, kpm, attn_mask, num_heads, latent_groups, causal,
+# dropout_p, scale) -> o``; ``mlra_attention`` calls the chosen one. The interpreter is a mode of Triton,
+# not other kernels: both Triton paths run one op.
+PREFILL_OPS: dict[str, Callable[..., Tensor]] = {
+    "sdpa": path_sdpa.attention,
+    "triton": path_triton.attention,
+    "triton-interpreter": path_triton.attention,
+    "torch-cpu": path_torch_cpu.attention,
+    "torch-cpu-latent": path_torch_cpu_latent.attention,
+    "torch": path_torch.attention,
+}
 
 # torch's fused CPU attention needs this many tokens to beat the T×T path (which is also the more exact:
 # at T = 1 the fused backward leaves fp32 noise in dq and dk, whose exact value is 0).

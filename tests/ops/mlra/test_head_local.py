@@ -331,13 +331,17 @@ def test_the_custom_ops_check_at_local_shapes():
     """The registered forward and backward (their fakes included) at a local width, H·d_h != d."""
     c = whole_and_local("g2-group1", True, B=1, T=20)
     x, down, up, b = (t.float() for t in c["ins_loc"])
-    for path in ("torch", "torch-cpu"):
-        fwd = (x, down, up, b, None, None, None, c["H_loc"], c["g_loc"], True, 0.0, 0.25, path)
-        torch.library.opcheck(torch.ops.mlra.mlra_attention_fwd.default, fwd)
-        o, lse, aux = torch.ops.mlra.mlra_attention_fwd(*fwd)
-        assert o.shape == (1, 20, up.shape[1]) != x.shape
-        torch.library.opcheck(torch.ops.mlra.mlra_attention_bwd.default,
-                              (c["go_loc"].float(), *fwd[:7], o, lse, aux, *fwd[7:]))
+    go, scalars, ops = c["go_loc"].float(), (c["H_loc"], c["g_loc"], True), torch.ops.mlra
+    fwd = (x, down, up, b, None, None, None, *scalars, 0.0, 0.25)  # the "torch" path's op
+    torch.library.opcheck(ops.mlra_attention_torch_fwd.default, fwd)
+    o = ops.mlra_attention_torch_fwd(*fwd)
+    assert o.shape == (1, 20, up.shape[1]) != x.shape
+    torch.library.opcheck(ops.mlra_attention_torch_bwd.default, (go, *fwd))
+    fwd = (x, down, up, b, *scalars, 0.25)  # the "torch-cpu" path's op
+    torch.library.opcheck(ops.mlra_attention_torch_cpu_fwd.default, fwd)
+    o, lse, qkv, c_ = ops.mlra_attention_torch_cpu_fwd(*fwd)
+    assert o.shape == (1, 20, up.shape[1]) != x.shape
+    torch.library.opcheck(ops.mlra_attention_torch_cpu_bwd.default, (go, x, down, up, o, lse, qkv, c_, *scalars, 0.25))
 
 
 @pytest.mark.parametrize(

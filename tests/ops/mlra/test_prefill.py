@@ -205,14 +205,14 @@ def _op_args(dtype=torch.float32, dropout=0.0):
     kpm = torch.zeros(B, T, device=DEVICE).masked_fill(key_padding("random", B, T), float("-inf"))
     seed = torch.tensor([1234]) if dropout > 0 else None
     leaves = [t.to(dtype).requires_grad_() for t in (x, down, up, b)]
-    path = kernel_path(x.to(dtype), kpm, dropout)
-    return (*leaves, kpm, None, seed, H, g, True, dropout, 1.0 / math.sqrt(dh), path)
+    return (*leaves, kpm, seed, H, g, True, dropout, 1.0 / math.sqrt(dh))
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["plain", "dropout"])
 def test_opcheck(dropout):
+    """The Triton paths' op (the interpreter is a mode of Triton: one op for both)."""
     _require_kernels(torch.empty(1, device=DEVICE))
-    torch.library.opcheck(torch.ops.mlra.mlra_attention_fwd.default, _op_args(dropout=dropout))
+    torch.library.opcheck(torch.ops.mlra.mlra_attention_triton_fwd.default, _op_args(dropout=dropout))
 
 
 def test_torch_compile_fullgraph_no_graph_break():

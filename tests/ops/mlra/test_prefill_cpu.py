@@ -77,12 +77,16 @@ def test_cpu_path_opcheck_and_compile():
     x, down, up, b, go = make_inputs(1, 20, 2, 1, 8, 16, device="cpu")
     x, down, up, b = (t.float() for t in (x, down, up, b))
     assert kernel_path(x) == "torch-cpu"
-    for path in ("torch-cpu", "torch-cpu-latent"):
-        fwd_args = (x, down, up, b, None, None, None, 2, 1, True, 0.0, 0.25, path)
-        torch.library.opcheck(torch.ops.mlra.mlra_attention_fwd.default, fwd_args)
-        o, lse, aux = torch.ops.mlra.mlra_attention_fwd(*fwd_args)
-        torch.library.opcheck(torch.ops.mlra.mlra_attention_bwd.default,
-                              (go.float(), x, down, up, b, None, None, None, o, lse, aux, 2, 1, True, 0.0, 0.25, path))
+    fwd_args = (x, down, up, b, 2, 1, True, 0.25)
+    ops = torch.ops.mlra
+    torch.library.opcheck(ops.mlra_attention_torch_cpu_fwd.default, fwd_args)
+    o, lse, qkv, c = ops.mlra_attention_torch_cpu_fwd(*fwd_args)
+    torch.library.opcheck(ops.mlra_attention_torch_cpu_bwd.default,
+                          (go.float(), x, down, up, o, lse, qkv, c, 2, 1, True, 0.25))
+    torch.library.opcheck(ops.mlra_attention_torch_cpu_latent_fwd.default, fwd_args)
+    _, lse, c, z = ops.mlra_attention_torch_cpu_latent_fwd(*fwd_args)
+    torch.library.opcheck(ops.mlra_attention_torch_cpu_latent_bwd.default,
+                          (go.float(), x, down, up, b, lse, c, z, 2, 1, True, 0.25))
 
     def f(x, down, up, b):
         return (mlra_kernels.mlra_attention(x, down, up, b, num_heads=2) * go.float()).sum()

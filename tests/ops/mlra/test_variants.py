@@ -193,11 +193,11 @@ def test_torch_path_dropout_backward_in_every_dtype(dtype):
     grads = torch.autograd.grad(loss, leaves)
     assert all(g.dtype == dtype and torch.isfinite(g).all() for g in grads)
     if dtype == torch.float64:  # against autograd through the same dropout mask, drawn again from the seed
-        from mlra_kernels.ops.mlra import prefill
+        from mlra_kernels.ops.mlra import path_torch
 
         torch.manual_seed(3)
         seed = int(torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64).item())
-        keep = prefill._dropout_keep_cpu(2, 4, 20, 0.2, seed)
+        keep = path_torch.dropout_keep_cpu(2, 4, 20, 0.2, seed)
         ref_leaves = [t.clone().requires_grad_() for t in (x, down, up, bias)]
         ref = mlra_attention_reference(*ref_leaves, num_heads=4, latent_groups=2, dropout_p=0.2, dropout_mask=keep)
         torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
