@@ -13,11 +13,9 @@ checkout (with ``--source`` naming the checkout, it fails if the checkout's ``ml
 - a decode step through the C++ paths: ``mlra_decode`` on float32 CPU tensors takes the ``cpu-kernel`` path
   (``mlra::latent_decode_cpu``), and the whole-step op ``mlra::latent_decode_step_cpu`` (one token, and more
   than 16 rows, where it calls torch's batched GEMM), each against float64;
-- ``torch.library.opcheck`` of the three C++ ops: all of its tests for ``mlra::tev_partials`` and for
-  ``mlra::mlra_decode_attn_cpu``, the custom op (with a fake kernel) that runs ``mlra::latent_decode_cpu``;
-  the schema and autograd-registration tests for ``mlra::latent_decode_cpu`` and
-  ``mlra::latent_decode_step_cpu`` themselves (they have no fake kernel of their own), the second of which
-  also checks that the step writes exactly ``k_cache``, ``v_cache`` and ``seqlens``.
+- ``torch.library.opcheck`` (all of its tests) of the three C++ ops, each with its fake kernel:
+  ``mlra::tev_partials``, ``mlra::latent_decode_cpu`` and ``mlra::latent_decode_step_cpu`` (the last also
+  checks that the step writes exactly ``k_cache``, ``v_cache`` and ``seqlens``).
 
 Prints one line per check and exits 0 when all pass.
 """
@@ -111,8 +109,8 @@ def smoke_prefill() -> None:
 def smoke_decode() -> None:
     from mlra_kernels import kernel_path, mlra_decode
     from mlra_kernels.ops.mlra import kv_latents
-    from mlra_kernels.ops.mlra.decode import step_weights
     from mlra_kernels.ops.mlra.reference import mlra_attention_reference
+    from mlra_kernels.ops.mlra.step_weights import step_weights
 
     # mlra_decode: the new token of each sequence over a latent cache, through the C++ split-KV kernel.
     B, S, d, H, g, r = 2, 40, 64, 4, 2, 16
@@ -149,7 +147,7 @@ def smoke_decode() -> None:
 
 
 def smoke_opcheck() -> None:
-    from mlra_kernels.ops.mlra.decode import step_weights
+    from mlra_kernels.ops.mlra.step_weights import step_weights
     from mlra_kernels.ops.tev.op import ensure_loaded
 
     ensure_loaded()  # the fake kernel of mlra::tev_partials
@@ -164,15 +162,8 @@ def smoke_opcheck() -> None:
     lengths = torch.tensor([50, 30], dtype=torch.int32)
     kpm = torch.zeros(B, S)
     kpm[1, 3] = float("-inf")
-    import mlra_kernels.ops.mlra.decode  # noqa: F401  (registers mlra::mlra_decode_attn_cpu)
-
-    torch.library.opcheck(torch.ops.mlra.mlra_decode_attn_cpu.default, (q, k, v, kpm, lengths, 1, True, 0.25))
-    check("opcheck mlra::mlra_decode_attn_cpu over mlra::latent_decode_cpu (all tests)", True)
-    some = ("test_schema", "test_autograd_registration")
-    result = torch.library.opcheck(torch.ops.mlra.latent_decode_cpu.default, (q, k, v, kpm, lengths, 1, True, 0.25),
-                                   test_utils=some)
-    check("opcheck mlra::latent_decode_cpu (schema, autograd registration)", set(result.values()) == {"SUCCESS"},
-          str(result))
+    result = torch.library.opcheck(torch.ops.mlra.latent_decode_cpu.default, (q, k, v, kpm, lengths, 1, True, 0.25))
+    check("opcheck mlra::latent_decode_cpu (all tests)", set(result.values()) == {"SUCCESS"}, str(result))
 
     H, d, cap, pos = 4, 64, 20, 7
     down, up = torch.randn(3 * g * r, d, generator=gen) * 0.1, torch.randn(3, d, r, generator=gen) * 0.1
@@ -181,9 +172,8 @@ def smoke_opcheck() -> None:
     args = (torch.randn(B, 1, d, generator=gen), sw.w_in, sw.b_in, sw.m, sw.beta, sw.w_v, sw.b_v, sw.w_out, sw.b_out,
             torch.randn(B, g, cap, r, generator=gen), torch.randn(B, g, cap, r, generator=gen),
             torch.full((B,), pos, dtype=torch.int32), pos, H, 0.25)
-    result = torch.library.opcheck(torch.ops.mlra.latent_decode_step_cpu.default, args, test_utils=some)
-    check("opcheck mlra::latent_decode_step_cpu (schema, autograd registration)", set(result.values()) == {"SUCCESS"},
-          str(result))
+    result = torch.library.opcheck(torch.ops.mlra.latent_decode_step_cpu.default, args)
+    check("opcheck mlra::latent_decode_step_cpu (all tests)", set(result.values()) == {"SUCCESS"}, str(result))
 
 
 def main(argv: list[str] | None = None) -> int:

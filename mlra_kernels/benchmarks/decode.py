@@ -57,8 +57,9 @@ from mlra_kernels.benchmarks.common import (
 from mlra_kernels.models import GPT2, GPT2Config
 from mlra_kernels.models.gpt2 import LayerCache, MHASelfAttention, MLRASelfAttention
 from mlra_kernels.ops.mlra import kernel_path, kv_latents, mlra_decode, use_backend
-from mlra_kernels.ops.mlra.decode import step_plan
+from mlra_kernels.ops.mlra.backend import DECODE_KERNELS
 from mlra_kernels.ops.mlra.reference import mlra_attention_reference
+from mlra_kernels.ops.mlra.step_weights import StepWeightsMemo
 
 VARIANTS = ("mha", "mlra-g1", "mlra-gH")
 # The MLRA layers with decode's torch path forced: on CUDA, the baseline of the Triton decode kernel.
@@ -164,13 +165,12 @@ class _LayerStack:
         """The weights one step reads: on a decode kernel path (eager) the layer's pre-multiplied step
         weights, otherwise its parameters."""
         layer = self.layers[0]
-        if self.name != "mha" and not self.forced:
-            with torch.no_grad():
-                _, fused = step_plan(self.x, layer.qkv, layer.c_proj, torch.nn.Linear, owner="benchmark",
-                                     dropout_p=0.0, training=layer.training)
-                if fused:
-                    w = layer._step_weights()
-                    return sum(t.numel() * t.element_size() for t in w if isinstance(t, torch.Tensor))
+        if self.name != "mha" and not self.forced and not layer.training:
+            if kernel_path(self.x, op="decode", requires_grad=False) in DECODE_KERNELS:
+                qkv = layer.qkv
+                w = StepWeightsMemo().get(qkv.down, qkv.up, qkv.bias, layer.c_proj.weight, layer.c_proj.bias,
+                                          num_heads=layer.n_head, latent_groups=layer.latent_groups)
+                return sum(t.numel() * t.element_size() for t in w if isinstance(t, torch.Tensor))
         return sum(p.numel() * p.element_size() for p in layer.parameters())
 
     def _add(self, device, dtype) -> None:

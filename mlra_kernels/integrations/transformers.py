@@ -58,12 +58,9 @@ from torch import Tensor, nn
 
 from mlra_kernels._mask_memo import memo_by_tensor
 from mlra_kernels._warnings import warn_once
+from mlra_kernels.nn.fold import foldable_output
 from mlra_kernels.nn.projection import MLRAProjection
-from mlra_kernels.ops.mlra import kv_latents, mlra_attention, mlra_decode
-from mlra_kernels.ops.mlra.backend import DECODE_KERNELS
-from mlra_kernels.ops.mlra.decode import (
-    StepWeightsMemo, check_step_caches, decode_path, latent_attention, step_latents, step_output, step_plan,
-)
+from mlra_kernels.ops.mlra import StepWeightsMemo, decode_step, kv_latents, mlra_attention, mlra_decode
 from mlra_kernels.ops.mlra.layout import check_config, default_rank
 
 try:
@@ -277,26 +274,30 @@ class MLRAGPT2Attention(modeling_gpt2.GPT2Attention):
                 self._warn_general_mask(attention_mask)
 
         one_row = _is_one_row_per_sequence(attention_mask, B, T)
-        if cache is not None and not want_weights and (attention_mask is None or one_row):
-            path, fused = step_plan(hidden_states, qkv, self.c_proj, Conv1D, owner="MLRAGPT2Attention",
-                                    dropout_p=dropout, training=self.training)
-            if fused:
-                return self._decode_step(hidden_states, cache, cache_position, attention_mask, path), None
-
-        c_k, c_v = kv_latents(hidden_states, qkv.down, self.latent_groups, group_major=True)  # 2 × [B, g, T, r]
-        if cache is not None:
-            c_k, c_v = _cache_update(cache, c_k, c_v, self.layer_idx, cache_position)
         attn_mask, key_padding_mask, lengths = _as_masked(attention_mask), None, None
         if one_row:
-            # A decode step's mask is key padding: the form the decode kernel fuses (a general mask is not).
-            runs_kernel = decode_path(hidden_states, qkv, dropout_p=dropout, need_weights=want_weights) in DECODE_KERNELS
-            key_padding_mask, lengths = _step_padding(attention_mask, B, runs_kernel)
+            # A decode step's mask is key padding, with the lengths the token sees: the form the kernels fuse.
+            key_padding_mask, lengths = _step_padding(attention_mask, B, True)
             attn_mask = None
+        causal = attention_mask is None or self._eager_causal()
+        if cache is not None:
+            fold = None
+            if not want_weights and attn_mask is None:
+                fold = foldable_output(self.c_proj, Conv1D, owner="MLRAGPT2Attention", training=self.training,
+                                       transposed=True)
+            out, weights = decode_step(
+                hidden_states, qkv.down, qkv.up, qkv.bias, num_heads=self.num_heads, latent_groups=self.latent_groups,
+                cache=lambda c_k, c_v: _cache_update(cache, c_k, c_v, self.layer_idx, cache_position),
+                out_proj=self.c_proj, out_weights=fold, memo=self._step_memo, scale=self._scale(), causal=causal,
+                attn_mask=attn_mask, key_padding_mask=key_padding_mask, cache_seqlens=lengths, dropout_p=dropout,
+                need_weights=want_weights)
+            return (self.resid_dropout(out) if self.training else out), weights  # dropout: identity in eval mode
+
+        c_k, c_v = kv_latents(hidden_states, qkv.down, self.latent_groups, group_major=True)  # 2 × [B, g, T, r]
         out, weights = mlra_decode(
             hidden_states, qkv.down, qkv.up, qkv.bias, cache_k=c_k, cache_v=c_v, num_heads=self.num_heads,
-            latent_groups=self.latent_groups, causal=attention_mask is None or self._eager_causal(),
-            attn_mask=attn_mask, key_padding_mask=key_padding_mask, cache_seqlens=lengths,
-            scale=self._scale(), dropout_p=dropout, need_weights=want_weights,
+            latent_groups=self.latent_groups, causal=causal, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
+            cache_seqlens=lengths, scale=self._scale(), dropout_p=dropout, need_weights=want_weights,
         )
         return self.resid_dropout(self.c_proj(out)), weights
 
@@ -342,22 +343,6 @@ class MLRAGPT2Attention(modeling_gpt2.GPT2Attention):
                     f"latent_groups = H = {H}). A converted model keeps the {expected.format(batch, g, r)} in its "
                     "cache, not per-head "
                     f"keys and values, so it cannot read a dense model's cache: {fix}.")
-
-    def _decode_step(self, x: Tensor, cache: Any, cache_position: Optional[Tensor], attention_mask: Optional[Tensor],
-                     path: str) -> Tensor:
-        """A step on a kernel path on the layer's step weights (``decode.step_weights``, ``c_proj`` folded in
-        where that reads less): one GEMM for q̃, c_K and c_V, the cache's own update, the kernel with the
-        step's mask as key padding and lengths, one GEMM (or two) for the output."""
-        qkv, B, T = self.qkv, x.shape[0], x.shape[1]
-        w = self._step_memo.get(qkv.down, qkv.up, qkv.bias, self.c_proj.weight, self.c_proj.bias,
-                                num_heads=self.num_heads, latent_groups=self.latent_groups, out_weight_transposed=True)
-        q_abs, c_k, c_v = step_latents(x, w)
-        k, v = _cache_update(cache, c_k, c_v, self.layer_idx, cache_position)
-        check_step_caches(x, k, v, self.latent_groups, qkv.up.shape[2])  # after the update, as the unfused path
-        key_padding_mask, lengths = _step_padding(attention_mask, B, True) if attention_mask is not None else (None, None)
-        z = latent_attention(path, q_abs, k, v, t=T, scale=self._scale(), causal=attention_mask is None or self._eager_causal(),
-                             key_padding_mask=key_padding_mask, cache_seqlens=lengths)
-        return step_output(z, w, T)
 
     def _apply(self, fn, *args, **kwargs):
         if getattr(self, "_step_memo", None) is not None:  # not yet during __init__
@@ -708,7 +693,7 @@ class TEVTrainerCallback(TrainerCallback):
     """A ``transformers.TrainerCallback`` that logs µ_TEV / σ_TEV with a :class:`TEVMonitor`.
 
     Args:
-        path: JSONL file (written on the main process only).
+        path: JSONL file (written by global rank 0 only).
         every: record every ``every`` optimizer steps.
         name: run name for the log header.
         mode: an existing ``path`` is refused (``"x"``, default), continued (``"a"``: a resumed run) or
@@ -719,6 +704,9 @@ class TEVTrainerCallback(TrainerCallback):
     ``loss``. µ_TEV and σ_TEV (of the latest record) are also added to the Trainer's own logs
     (``tev_mean``, ``tev_std``) at its logging steps. TEV is read after the step's optimizer update;
     the record is written at the Trainer's log of that step, or before the next step begins.
+
+    Under ``torch.distributed`` every process records, so that a sharded embedding (FSDP2's ``DTensor``) is
+    merged over its ranks, and only global rank 0 writes the log; see :class:`~mlra_kernels.TEVMonitor`.
 
     Example::
 
@@ -739,9 +727,9 @@ class TEVTrainerCallback(TrainerCallback):
             self.monitor.record(step, loss=loss)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        from mlra_kernels.monitor import TEVMonitor
+        from mlra_kernels.monitor import TEVMonitor, distributed_initialized
 
-        if model is not None and state.is_world_process_zero:
+        if model is not None and (state.is_world_process_zero or distributed_initialized()):
             self.monitor = TEVMonitor(model, every=self.every, path=self.path, name=self.name, mode=self.mode)
 
     def on_step_begin(self, args, state, control, **kwargs):

@@ -11,13 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mlra_kernels.nn.fold import foldable_output
 from mlra_kernels.nn.projection import MLRAProjection
-from mlra_kernels.ops.mlra import kv_latents, mlra_attention, mlra_decode
-from mlra_kernels.ops.mlra.backend import DECODE_KERNELS
-from mlra_kernels.ops.mlra.decode import (
-    StepWeights, StepWeightsMemo, check_step_caches, latent_attention, step_latents, step_op_loads, step_output,
-    step_plan,
-)
+from mlra_kernels.ops.mlra import LatentCache, StepWeightsMemo, decode_step, kv_latents, mlra_attention
 from mlra_kernels.ops.mlra.layout import check_config, positive_int
 
 @dataclass
@@ -98,6 +94,13 @@ class LayerCache:
     def check_room(self, t: int) -> None:
         if self._length + t > self.capacity:
             raise ValueError(f"the cache holds {self.capacity} positions; {self._length} + {t} do not fit")
+
+    def allocate(self, shape: tuple, like: Tensor) -> None:
+        """Allocate the buffers: ``shape`` with ``capacity`` positions in ``seq_dim``, ``like``'s dtype and device."""
+        shape = list(shape)
+        shape[self.seq_dim] = self.capacity
+        self._k, self._v = like.new_empty(shape), like.new_empty(shape)
+        self.seqlens = torch.full((shape[0],), self._length, dtype=torch.int32, device=like.device)
 
     def advance(self, t: int) -> None:
         """Count ``t`` positions that a step op wrote into the buffers itself (it also grew ``seqlens``)."""
@@ -212,9 +215,8 @@ class MLRASelfAttention(nn.Module):
 
     Training and a prefill call the fused ``mlra_kernels.mlra_attention``. With a KV cache the cache
     holds the latents ``c_K, c_V`` (``g·r`` numbers each per token), and later tokens attend them in the
-    absorbed form: K and V themselves are never rebuilt. On a decode kernel path in eager evaluation mode
-    a step runs on the layer's pre-multiplied step weights (``c_proj`` included, :meth:`_decode_step`),
-    otherwise through ``mlra_decode`` and ``c_proj``.
+    absorbed form: K and V themselves are never rebuilt. A cached step is one call of ``decode_step``,
+    which folds a plain ``c_proj`` into its step weights where it can, and calls it otherwise.
     """
 
     def __init__(self, cfg: GPT2Config) -> None:
@@ -244,47 +246,18 @@ class MLRASelfAttention(nn.Module):
                     self._step_memo.clear()  # a prefill: the steps that follow form the step weights afresh
         else:
             cache.check_for(self.cache_layout, x)
-            path, fused = step_plan(x, qkv, self.c_proj, nn.Linear, owner="MLRASelfAttention", dropout_p=p,
-                                    training=self.training)
-            if fused:
-                return self._decode_step(x, cache, path), cache
-            c_k, c_v = cache.append(*kv_latents(x, qkv.down, g, group_major=True))
-            lengths = None
-            if path in DECODE_KERNELS:
-                # The CUDA kernel's grid follows the cache's shape, so the whole buffer (lengths on the device)
-                # keeps every step's launch the same: a step can be captured in a CUDA graph. The CPU kernel
-                # splits the positions in use across threads, whatever the buffer's size.
-                (c_k, c_v), lengths = cache.buffers(), cache.seqlens
-            y, _ = mlra_decode(x, qkv.down, qkv.up, qkv.bias, cache_k=c_k, cache_v=c_v, num_heads=H,
-                               latent_groups=g, dropout_p=p, cache_seqlens=lengths)
-        return self.resid_dropout(self.c_proj(y)), cache
-
-    def _decode_step(self, x: Tensor, cache: LayerCache, path: str) -> Tensor:
-        """One decode step on :func:`step_weights` (formed once per prefill and weight version): one GEMM gives q̃, c_K
-        and c_V; the latents are written into the cache in place; the kernel reads the whole buffers with
-        the lengths on the device; one GEMM (or B_V then W_O, whichever reads less) gives the output."""
-        w = self._step_weights()
-        t = x.shape[1]
-        if path == "cpu-kernel" and x.dtype == torch.float32 and cache.seqlens is not None and step_op_loads():
+            B, t = x.shape[0], x.shape[1]
             cache.check_room(t)
+            if cache.buffers()[0] is None:  # a cache made by hand, nothing written yet
+                cache.allocate((B, g, 0, self.rank), x)
             k, v = cache.buffers()
-            out = torch.ops.mlra.latent_decode_step_cpu(  # writes the latents at cache.length, seqlens += t
-                x, w.w_in, w.b_in, w.m, w.beta, w.w_v, w.b_v, w.w_out, w.b_out, k, v, cache.seqlens, cache.length,
-                self.n_head, self._scale)
-            cache.advance(t)
-            return out
-        if cache.buffers()[0] is not None:  # as mlra_decode checks them, before anything is written
-            check_step_caches(x, *cache.buffers(), self.latent_groups, self.rank)
-        q_abs, c_k, c_v = step_latents(x, w)
-        cache.append(c_k, c_v)
-        k, v = cache.buffers()
-        z = latent_attention(path, q_abs, k, v, t=t, scale=self._scale, cache_seqlens=cache.seqlens)
-        return step_output(z, w, t)
-
-    def _step_weights(self) -> StepWeights:
-        qkv = self.qkv
-        return self._step_memo.get(qkv.down, qkv.up, qkv.bias, self.c_proj.weight, self.c_proj.bias,
-                                   num_heads=self.n_head, latent_groups=self.latent_groups)
+            y, _ = decode_step(
+                x, qkv.down, qkv.up, qkv.bias, cache=LatentCache(k, v, cache.seqlens, cache.length), num_heads=H,
+                latent_groups=g, out_proj=self.c_proj, memo=self._step_memo, scale=self._scale, dropout_p=p,
+                out_weights=foldable_output(self.c_proj, nn.Linear, owner="MLRASelfAttention", training=self.training))
+            cache.advance(t)  # the step wrote the latents and grew seqlens
+            return (self.resid_dropout(y) if self.training else y), cache  # dropout is the identity in eval mode
+        return self.resid_dropout(self.c_proj(y)), cache
 
     def _apply(self, fn, *args, **kwargs):
         if getattr(self, "_step_memo", None) is not None:  # not yet during __init__

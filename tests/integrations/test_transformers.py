@@ -776,13 +776,16 @@ def _kernel_or_skip():
 
 @pytest.fixture
 def decode_calls(monkeypatch):
-    """Record what the converted attention hands mlra_decode (or, for a step on its step weights, the
-    kernel call latent_attention, which takes no general mask), and count the decode kernel's launches."""
+    """Record what the converted attention hands mlra_decode (through decode_step, mlra_decode's path
+    decode_on; for a step on its step weights, the kernel call latent_attention, which takes no general
+    mask), and count the decode kernel's launches."""
     import mlra_kernels.integrations.transformers as integration
     import mlra_kernels.ops.mlra.decode as decode
+    import mlra_kernels.ops.mlra.step as step
 
     calls, kernel = [], []
-    real_decode, real_op, real_attention = integration.mlra_decode, decode.mlra_decode_attn, integration.latent_attention
+    real_decode, real_op, real_attention = integration.mlra_decode, decode.mlra_decode_attn, step.latent_attention
+    real_decode_on = step.decode_on
 
     def spy(*args, **kwargs):
         calls.append(kwargs)
@@ -792,7 +795,12 @@ def decode_calls(monkeypatch):
         calls.append(dict(kwargs, attn_mask=None))
         return real_attention(*args, **kwargs)
 
-    monkeypatch.setattr(integration, "latent_attention", spy_attention)
+    def spy_on(*args, **kwargs):
+        calls.append(kwargs)
+        return real_decode_on(*args, **kwargs)
+
+    monkeypatch.setattr(step, "latent_attention", spy_attention)
+    monkeypatch.setattr(step, "decode_on", spy_on)
 
     def op(*args):
         kernel.append(args[0].shape)

@@ -210,28 +210,28 @@ def test_token_id_check_compiles_without_a_graph_break():
 
 
 def _decode_spy(monkeypatch):
-    """Record the shapes of the caches and lengths each MLRA decode step attends: what it hands
-    ``mlra_decode``, or on a kernel path in eager mode (the step on pre-multiplied weights) the kernel
-    call ``latent_attention``."""
-    import mlra_kernels.models.gpt2 as gpt2
+    """Record the shapes of the caches and lengths each MLRA decode step attends: what ``decode_step`` hands
+    ``mlra_decode``'s path (``decode_on``), or on a kernel path in eager mode (the step on pre-multiplied
+    weights) the kernel call ``latent_attention``."""
+    import mlra_kernels.ops.mlra.step as step
 
     calls = []
-    real, real_attention = gpt2.mlra_decode, gpt2.latent_attention
+    real, real_attention = step.decode_on, step.latent_attention
 
     def record(k, v, lengths):
         lens = None if lengths is None else (tuple(lengths.shape), lengths.tolist())
         calls.append(dict(k=tuple(k.shape), v=tuple(v.shape), lens=lens))
 
-    def spy(x, *args, cache_k, cache_v, cache_seqlens=None, **kw):
+    def spy(*args, cache_k, cache_v, cache_seqlens=None, **kw):
         record(cache_k, cache_v, cache_seqlens)
-        return real(x, *args, cache_k=cache_k, cache_v=cache_v, cache_seqlens=cache_seqlens, **kw)
+        return real(*args, cache_k=cache_k, cache_v=cache_v, cache_seqlens=cache_seqlens, **kw)
 
     def spy_attention(path, q_abs, k, v, *, cache_seqlens=None, **kw):
         record(k, v, cache_seqlens)
         return real_attention(path, q_abs, k, v, cache_seqlens=cache_seqlens, **kw)
 
-    monkeypatch.setattr(gpt2, "mlra_decode", spy)
-    monkeypatch.setattr(gpt2, "latent_attention", spy_attention)
+    monkeypatch.setattr(step, "decode_on", spy)
+    monkeypatch.setattr(step, "latent_attention", spy_attention)
     return calls
 
 
@@ -471,9 +471,9 @@ def test_decode_step_keeps_the_gradient_of_a_trainable_output_projection():
 def test_python_decode_step_checks_the_cache_before_writing(monkeypatch):
     """The step weights' Python step (CUDA, or a _C without the whole-step op) checks the cache as
     mlra_decode does: a cache of another dtype is a TypeError, and nothing is appended."""
-    import mlra_kernels.models.gpt2 as gpt2
+    from mlra_kernels import _ext
 
-    monkeypatch.setattr(gpt2, "step_op_loads", lambda: False)
+    monkeypatch.setattr(_ext, "_STEP_OP", [False])
     need_cpu_decode_kernel()
     torch.manual_seed(0)
     m = GPT2(_cfg("mlra", latent_groups=4, n_layer=1)).eval()
@@ -489,13 +489,12 @@ def test_python_decode_step_checks_the_cache_before_writing(monkeypatch):
 
 
 def test_a_build_without_the_step_op_warns_once_and_runs_the_python_step(monkeypatch):
-    from mlra_kernels import _warnings
-    from mlra_kernels.ops.mlra import decode
+    from mlra_kernels import _ext, _warnings
 
     monkeypatch.setattr(_warnings, "_WARNED", set())
-    monkeypatch.setattr(decode, "_STEP_OP", [])
-    monkeypatch.setattr(decode, "_STEP_OP_NAME", "no_such_op")
-    if not decode._extension_loads():
+    monkeypatch.setattr(_ext, "_STEP_OP", [])
+    monkeypatch.setattr(_ext, "STEP_OP_NAME", "no_such_op")
+    if not _ext.decode_kernel_loads():
         pytest.skip("the compiled extension is not available (the test command builds it)")
     torch.manual_seed(0)
     m = GPT2(_cfg("mlra", latent_groups=4, n_layer=1)).eval()

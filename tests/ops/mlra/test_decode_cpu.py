@@ -13,8 +13,7 @@ import torch
 
 from mlra_kernels import _ext, _warnings
 from mlra_kernels.ops.mlra import backend, explain, kernel_path, mlra_decode, use_backend
-from mlra_kernels.ops.mlra import decode as decode_mod
-from mlra_kernels.ops.mlra.decode import _torch_attention, mlra_decode_attn_cpu
+from mlra_kernels.ops.mlra.decode import _torch_attention
 from mlra_kernels.ops.mlra.masks import kernel_key_padding
 from tests.helpers import DECODE_SHAPES, assert_within_torch_error, decode_case, padding, run_decode
 
@@ -166,7 +165,7 @@ def test_the_op_refuses_lengths_outside_t_new_to_S(dtype, bad):
     with pytest.raises(RuntimeError, match=message):
         torch.ops.mlra.latent_decode_cpu(q, k, v, None, lengths, 2, True, 0.25)
     with pytest.raises(RuntimeError, match=message):
-        mlra_decode_attn_cpu(q, k, v, None, lengths, 2, False, 0.25)
+        torch.ops.mlra.latent_decode_cpu(q, k, v, None, lengths, 2, False, 0.25)
     with pytest.raises(RuntimeError, match=r"the caches hold S=1 positions, fewer than the t_new=2 new tokens"):
         torch.ops.mlra.latent_decode_cpu(q, k[:, :, :1], v[:, :, :1], None, None, 2, True, 0.25)
 
@@ -277,7 +276,7 @@ def test_the_splits_of_one_sequence_merge_exactly_enough():
     """One sequence, 2,000 positions and several threads' worth of splits: within fp32 rounding of float64."""
     gen = torch.Generator().manual_seed(6)
     q, k, v = (torch.randn(shape, generator=gen) for shape in ((1, 1, 8, 32), (1, 1, 2000, 32), (1, 1, 2000, 32)))
-    got = mlra_decode_attn_cpu(q, k, v, None, None, 1, True, 0.2).double()
+    got = torch.ops.mlra.latent_decode_cpu(q, k, v, None, None, 1, True, 0.2).double()
     exact, _ = _torch_attention(q.double(), k.double(), v.double(), 0.2, B=1, H=8, g=1, t=1, causal=True,
                                 key_padding_mask=None, attn_mask=None, lengths=None, dropout_p=0.0,
                                 need_weights=False)
@@ -318,7 +317,7 @@ def test_without_a_loadable_extension_it_warns_and_computes_the_same(monkeypatch
     def missing():
         raise _ext.ExtensionNotAvailableError("mlra_kernels._C is stale")
 
-    monkeypatch.setattr(decode_mod, "_EXTENSION_LOADS", [])  # forget that it loaded before
+    monkeypatch.setattr(_ext, "_DECODE_KERNEL", [])  # forget that it loaded before
     monkeypatch.setattr(_warnings, "_WARNED", set())
     calls = []
     monkeypatch.setattr(_ext, "load", lambda: calls.append(1) or missing())
@@ -341,7 +340,7 @@ def test_an_extension_built_from_older_sources_warns_and_computes_the_same(monke
                 raise AttributeError(name)
             return getattr(torch.ops.mlra, name)
 
-    monkeypatch.setattr(decode_mod, "_EXTENSION_LOADS", [])
+    monkeypatch.setattr(_ext, "_DECODE_KERNEL", [])
     monkeypatch.setattr(_warnings, "_WARNED", set())
     real_ops = torch.ops.mlra
     monkeypatch.setattr(torch.ops, "mlra", OldOps())
@@ -374,7 +373,7 @@ def test_opcheck_and_compile(dtype):
     q, k, v = (torch.randn(shape, generator=gen).to(dtype) for shape in ((2, 2, 3, 16), (2, 2, 40, 16), (2, 2, 40, 16)))
     kpm = kernel_key_padding(padding(2, 40, "bool"))
     lengths = torch.tensor([40, 25], dtype=torch.int32)
-    torch.library.opcheck(torch.ops.mlra.mlra_decode_attn_cpu.default, (q, k, v, kpm, lengths, 1, True, 0.25))
+    torch.library.opcheck(torch.ops.mlra.latent_decode_cpu.default, (q, k, v, kpm, lengths, 1, True, 0.25))
 
     B, t, S, H, g, r, dh = 2, 1, 30, 4, 1, 16, 16
     x, down, up, bias, c_k, c_v = (a.to(dtype) for a in decode_case(B, t, S, H, g, r, dh))

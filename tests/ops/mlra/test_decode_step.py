@@ -1,4 +1,4 @@
-"""A layer's whole decode step on pre-multiplied weights (``decode.step_weights``): the Python step
+"""A layer's whole decode step on pre-multiplied weights (``step_weights.step_weights``): the Python step
 (``step_latents`` / ``step_output``) in float64 against the reference attention followed by ``W_O``, and
 the C++ whole-step op ``mlra::latent_decode_step_cpu`` in float32 against float64, within 3x the error of
 the unfused float32 torch path (``mlra_decode`` then ``W_O``)."""
@@ -9,7 +9,9 @@ import torch.nn.functional as F
 
 from mlra_kernels import _ext
 from mlra_kernels.ops.mlra import kv_latents, mlra_decode, use_backend
-from mlra_kernels.ops.mlra.decode import _torch_attention, fold_rules, step_latents, step_output, step_weights
+from mlra_kernels.ops.mlra.decode import _torch_attention
+from mlra_kernels.ops.mlra.step import step_latents, step_output
+from mlra_kernels.ops.mlra.step_weights import fold_rules, step_weights
 from mlra_kernels.ops.mlra.reference import mlra_attention_reference
 from tests.helpers import assert_within_torch_error
 
