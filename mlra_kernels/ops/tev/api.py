@@ -8,7 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from .op import tev_partials
-from .stats import TEVStats, all_reduce_partials, finalize
+from .sharded import dtensor_partials, is_dtensor
+from .stats import TEVStats, all_reduce_partials, finalize, row_partials, rows_to_partials
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _DEVICES = ("cpu", "cuda")
@@ -129,15 +130,23 @@ def check_weight(w: Any, weight: Any, who: str = "tev") -> None:
         )
 
 
-def _check_process_group(process_group: Any) -> None:
+def check_process_group(process_group: Any, weight: Any = None, who: str = "tev") -> None:
+    """``process_group`` is None or a ProcessGroup, and None when ``weight`` is a DTensor (its mesh says)."""
+    if process_group is None:
+        return
     import torch.distributed as dist
 
     if not dist.is_available():
-        raise RuntimeError("tev: process_group needs torch.distributed, which this torch build does not have")
+        raise RuntimeError(f"{who}: process_group needs torch.distributed, which this torch build does not have")
     if not isinstance(process_group, dist.ProcessGroup):
         raise TypeError(
-            "tev: process_group must be a torch.distributed ProcessGroup (dist.group.WORLD, or one made by "
+            f"{who}: process_group must be a torch.distributed ProcessGroup (dist.group.WORLD, or one made by "
             f"dist.new_group) or None, got {type(process_group).__name__} {process_group!r:.80}"
+        )
+    if is_dtensor(weight):
+        raise ValueError(
+            f"{who}: weight is a DTensor, whose device mesh already says how it is spread over the ranks; leave "
+            "process_group None (process_group is for a plain tensor holding one shard of the rows)"
         )
 
 
@@ -155,19 +164,32 @@ def tev(
     (DESIGN.md). Each element is read once in its own dtype and accumulated in fp32 / fp64; rows and
     partial results merge with Welford / Chan. Runs the C++ kernel on the CPU and the CUDA kernel on a GPU.
 
+    A ``DTensor`` (FSDP2's sharded parameters, tensor parallelism, or a 2-D mesh of both) is reduced over
+    its device mesh, and every rank of the mesh must call ``tev`` with it. Each rank reads its own block,
+    and only partials cross the network, never the matrix: where a mesh dim splits the columns
+    (``Shard(1)``), [V_local, 3] per-row (count, mean, M2) partials are merged (a row's std needs the whole
+    row), computed in float64 torch rather than the compiled op; where it splits the rows (``Shard(0)``),
+    the [5] partials are merged; ``Replicate`` merges nothing. A ``Partial`` placement is refused.
+
     Args:
-        weight: [V, d] float32 / float16 / bfloat16 tensor (any strides) on the CPU or a CUDA device, or an
-            ``nn.Embedding``.
+        weight: [V, d] float32 / float16 / bfloat16 tensor (any strides) on the CPU or a CUDA device, an
+            ``nn.Embedding``, or a [V, d] ``DTensor`` with ``Shard(0)``, ``Shard(1)`` or ``Replicate`` on each
+            mesh dim.
         rows: optional [R] integer indices of the rows to include (for example the tokens that occur in the
             data): an int32 / int64 tensor, a numpy integer array, or a list / tuple / range of ints. Floats
             and booleans are refused (TypeError), never truncated or read as 0 / 1; for a boolean mask pass
-            ``mask.nonzero()[:, 0]``. Default: all V rows.
+            ``mask.nonzero()[:, 0]``. For a DTensor, indices of the whole [V, d] matrix, the same on every
+            rank. Default: all V rows.
         unbiased: σ_TEV with the (R - 1) denominator instead of R. Default False.
-        per_token: also return TEV_i of every selected row as a [R] float32 tensor. Default False.
-        process_group: for a vocab-sharded embedding, the torch.distributed ProcessGroup over which the shards
-            are spread. Each rank passes its own [V_rank, d] shard (and ``rows`` indexes that shard); the
-            (count, mean, M2) partials are merged over the group, so every rank gets the statistics of the
-            whole matrix. ``per_token`` stays local. Default None: no communication.
+        per_token: also return TEV_i of every selected row as a [R] float32 tensor. Default False. For a
+            DTensor, TEV_i of the selected rows this rank holds (those of ``weight.to_local()``, in the order
+            of ``rows``), over whole rows; ``rows`` and ``per_token`` are refused (ValueError) when the local
+            rows are not one range of the matrix (a strided shard, FSDP2 over row-wise tensor parallelism).
+        process_group: for a vocab-sharded plain tensor, the torch.distributed ProcessGroup over which the
+            shards are spread. Each rank passes its own [V_rank, d] shard (and ``rows`` indexes that shard);
+            the (count, mean, M2) partials are merged over the group, so every rank gets the statistics of
+            the whole matrix. ``per_token`` stays local. Default None: no communication (for a plain tensor),
+            or the DTensor's mesh (which must then not be given a process_group: ValueError).
 
     Returns:
         TEVStats(mean, std, per_token, rows, nonfinite_rows). Rows holding NaN or Inf are left out of
@@ -177,7 +199,7 @@ def tev(
 
     Raises:
         ValueError: weight is not 2-D, is empty, or is not on the CPU or a CUDA device (a meta tensor has no
-            data).
+            data); a DTensor with a Partial placement, on a mesh without this rank, or with ``process_group``.
         TypeError: unsupported dtype; ``rows`` not integer indices; ``process_group`` not a ProcessGroup.
         IndexError: an entry of ``rows`` is outside [0, V).
         ImportError: the compiled extension is missing or stale.
@@ -189,16 +211,41 @@ def tev(
         >>> 0.9 < s.mean < 1.1 and s.rows == 1000 and s.nonfinite_rows == 0
         True
     """
+    return tev_stats(weight, rows=rows, unbiased=unbiased, per_token=per_token, process_group=process_group)
+
+
+def tev_stats(
+    weight: Union[Tensor, nn.Embedding],
+    *,
+    rows: Any = None,
+    unbiased: bool = False,
+    per_token: bool = False,
+    process_group=None,
+    kernel: bool = True,
+) -> TEVStats:
+    """:func:`tev`, or with ``kernel=False`` the same reduction and merges in float64 torch (any floating
+    dtype, float64 included; no compiled extension needed). ``TEVMonitor`` falls back to it for a sharded
+    embedding when the extension is missing."""
     w = weight.weight if isinstance(weight, nn.Embedding) else weight
     check_weight(w, weight)
-    if w.dtype not in _DTYPES:
+    if kernel and w.dtype not in _DTYPES:
         raise TypeError(f"tev: weight dtype must be float32, float16 or bfloat16, got {w.dtype}")
+    if not w.is_floating_point():
+        raise TypeError(f"tev: weight must hold floating-point values, got {w.dtype}")
     if w.numel() == 0:
         raise ValueError(f"tev: weight is empty (shape {tuple(w.shape)}); TEV needs at least one row and one column")
-    if process_group is not None:
-        _check_process_group(process_group)
-    idx = _as_rows(rows, w.device)
-    stats, pt = tev_partials(w.detach(), idx, per_token)
+    check_process_group(process_group, w)
+    if is_dtensor(w):
+        idx = check_rows(rows, w.shape[0])  # global indices: each rank keeps those it holds
+        stats, pt = dtensor_partials(w.detach(), idx, per_token, kernel)
+        return finalize(stats, unbiased=unbiased, per_token=pt, n_vocab=w.shape[0])
+    if kernel:
+        idx = _as_rows(rows, w.device)
+        stats, pt = tev_partials(w.detach(), idx, per_token)
+    else:
+        idx = check_rows(rows, w.shape[0])
+        stats, pt = rows_to_partials(row_partials(w.detach(), None if idx is None else idx.to(w.device)))
+        pt = pt.float()
     if process_group is not None:
         stats = all_reduce_partials(stats, process_group)
     return finalize(stats, unbiased=unbiased, per_token=pt if per_token else None, n_vocab=w.shape[0])
