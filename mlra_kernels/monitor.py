@@ -29,7 +29,8 @@ def find_token_embedding(model_or_embedding: Union[nn.Module, Tensor]) -> Tensor
     Models are searched in this order: ``get_input_embeddings()`` (Hugging Face and
     :class:`mlra_kernels.models.GPT2`), an ``nn.Embedding`` named like a token embedding
     (``wte``, ``tok_embeddings``, ``embed_tokens``, ...), the only ``nn.Embedding`` of the model.
-    Wrappers with a ``.module`` (DistributedDataParallel) are unwrapped.
+    Wrappers with a ``.module`` (DistributedDataParallel) are unwrapped. Under FSDP2 the result is the
+    model's current parameter: a ``DTensor`` shard, or between forward and backward the gathered tensor.
     """
     obj = model_or_embedding
     if isinstance(obj, Tensor):
@@ -61,22 +62,28 @@ def find_token_embedding(model_or_embedding: Union[nn.Module, Tensor]) -> Tensor
 
 
 def compute_tev(
-    weight: Tensor, rows: Optional[Union[Tensor, Sequence[int]]] = None, unbiased: bool = False, use_op: bool = True
+    weight: Tensor,
+    rows: Optional[Union[Tensor, Sequence[int]]] = None,
+    unbiased: bool = False,
+    use_op: bool = True,
+    process_group=None,
 ) -> tuple[float, float, int, bool]:
     """``(µ_TEV, σ_TEV, nonfinite_rows, op_used)`` of ``weight`` through the ``mlra_kernels.tev`` op.
 
     When the op cannot run (its compiled extension is missing) this warns and computes the same
     statistics with the float64 reference, so that a training run is never stopped by its monitor;
     ``op_used`` then comes back False and later calls skip the op. float64 weights, which the op
-    does not take, also go to the reference.
+    does not take, also go to the reference. A DTensor, or a shard with a ``process_group``, is merged
+    over its ranks either way (see :func:`mlra_kernels.tev`): every rank of the group must call this.
     """
     from mlra_kernels.ops.tev import tev, tev_reference
-    from mlra_kernels.ops.tev.api import check_rows
+    from mlra_kernels.ops.tev.api import check_rows, tev_stats
+    from mlra_kernels.ops.tev.sharded import is_dtensor
 
     w = weight.detach()
     if use_op and w.dtype in (torch.float32, torch.float16, torch.bfloat16):
         try:
-            stats = tev(w, rows=rows, unbiased=unbiased)
+            stats = tev(w, rows=rows, unbiased=unbiased, process_group=process_group)
             return float(stats.mean), float(stats.std), int(stats.nonfinite_rows), True
         except ImportError as err:  # the compiled extension is missing, stale, or lacks CUDA
             warn_once(
@@ -92,8 +99,31 @@ def compute_tev(
             "float16 or bfloat16); TEV is computed with the float64 torch reference, which is slower.",
             stacklevel=4,
         )
-    stats = tev_reference(w, rows=check_rows(rows, w.shape[0], who="compute_tev"), unbiased=unbiased)
+    if process_group is not None or is_dtensor(w):
+        stats = tev_stats(w, rows=rows, unbiased=unbiased, process_group=process_group, kernel=False)
+    else:
+        stats = tev_reference(w, rows=check_rows(rows, w.shape[0], who="compute_tev"), unbiased=unbiased)
     return float(stats.mean), float(stats.std), int(stats.nonfinite_rows), use_op
+
+
+def distributed_initialized() -> bool:
+    """Whether torch.distributed has a default process group in this process."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def is_log_rank() -> bool:
+    """Whether this process writes the log: global rank 0 of torch.distributed, or when no process group is
+    initialised, the process whose ``RANK`` environment variable (set by torchrun) is unset or 0."""
+    if distributed_initialized():
+        import torch.distributed as dist
+
+        return dist.get_rank() == 0
+    try:
+        return int(os.environ.get("RANK") or 0) == 0
+    except ValueError:
+        return True
 
 
 _MODES = ("x", "a", "w")
@@ -187,6 +217,20 @@ class TEVMonitor:
     Every argument is checked here, at construction (rows against the vocabulary, the embedding's
     dtype and device), so a mistake fails before training starts rather than at the first record.
 
+    Under ``torch.distributed``, build the monitor and call :meth:`step` on every rank, at the same steps:
+
+    - The embedding is looked up in the model at each record, so a parameter replaced after the monitor
+      was built (``fully_shard`` of FSDP2, a resized vocabulary) is the one measured.
+    - A ``DTensor`` embedding (FSDP2, tensor parallelism, or both on a 2-D mesh) is merged over its device
+      mesh exactly, with no ``process_group`` argument; only partial statistics cross the network.
+    - A plain tensor with ``process_group``: each rank holds one vocab shard, merged over the group.
+    - A plain tensor without ``process_group``: each rank's tensor is taken as its own whole matrix (DDP
+      replicas are identical), and nothing is communicated.
+    - Only global rank 0 opens and writes ``path`` (without a process group, the process whose ``RANK``
+      environment variable is unset or 0): the other ranks open, lock and truncate nothing, and keep
+      their records in memory (:attr:`records`, the same values on every rank). :attr:`writes_log` says
+      which.
+
     The log, written so that a record once returned is never lost or torn:
 
     - Each record is written with one ``os.write`` of its whole line, straight to the OS (no Python
@@ -205,10 +249,12 @@ class TEVMonitor:
 
     Args:
         model_or_embedding: a model (see :func:`find_token_embedding`), an ``nn.Embedding`` or a
-            ``[V, d]`` tensor of a floating dtype, with real data on the CPU or a CUDA device. The
-            parameter is read at each record, so training updates are seen.
+            ``[V, d]`` tensor (or DTensor) of a floating dtype, with real data on the CPU or a CUDA device.
+            A model's or an ``nn.Embedding``'s current parameter is found again at each record, so
+            training updates and replaced parameters are seen; a tensor is held as given.
         every: record when ``step % every == 0`` (a positive int).
-        path: JSONL file to write (its folder is created); ``None`` keeps records in memory only.
+        path: JSONL file to write (its folder is created), by global rank 0 only; ``None`` keeps records
+            in memory only.
         rows: optional token ids to include (for example, the tokens that occur in the data): an integer
             tensor, numpy array or sequence, each in [0, V).
         unbiased: unbiased σ_TEV across rows.
@@ -218,6 +264,9 @@ class TEVMonitor:
             resumed run: the existing records stay, this monitor adds its header and records after them
             (a torn last line left by an earlier crash is cut off first), and :func:`read_jsonl` reads
             the whole file. ``"w"``: overwrite.
+        process_group: for a plain tensor that is one vocab shard on each rank, the ProcessGroup to merge
+            over (``rows`` then index each rank's shard); see :func:`mlra_kernels.tev`. Default None; must
+            be None for a DTensor, whose mesh says where it lives.
 
     Example::
 
@@ -238,8 +287,11 @@ class TEVMonitor:
         unbiased: bool = False,
         name: Optional[str] = None,
         mode: str = "x",
+        process_group=None,
     ) -> None:
-        from mlra_kernels.ops.tev.api import check_rows, check_weight
+        from mlra_kernels.ops.tev.api import check_process_group, check_rows, check_weight
+        from mlra_kernels.ops.tev.sharded import check as check_dtensor
+        from mlra_kernels.ops.tev.sharded import is_dtensor
 
         self._fd: Optional[int] = None  # first, so that close() / __del__ work whatever fails below
         if isinstance(every, bool) or not isinstance(every, int) or every <= 0:
@@ -265,9 +317,20 @@ class TEVMonitor:
             )
         if weight.numel() == 0:
             raise ValueError(f"TEVMonitor: the token embedding is empty (shape {list(weight.shape)})")
+        check_process_group(process_group, weight, who="TEVMonitor")
+        if is_dtensor(weight):
+            check_dtensor(weight, rows is not None, False, who="TEVMonitor")
         V, d = weight.shape
         rows_t = check_rows(rows, int(V), who="TEVMonitor")
-        self.weight = weight
+        if process_group is not None:  # the header gives the whole vocabulary, not this rank's shard
+            import torch.distributed as dist
+
+            total = torch.tensor([int(V)], dtype=torch.int64, device=weight.device)
+            dist.all_reduce(total, group=process_group)
+            V = int(total.item())
+        self._source = model_or_embedding
+        self.process_group = process_group
+        self.writes_log = is_log_rank()
         self.every = every
         self.rows = rows_t.to(weight.device) if rows_t is not None else None
         self.unbiased = unbiased
@@ -281,7 +344,7 @@ class TEVMonitor:
         self._cost_s = 0.0
         self._use_op = True
         self._left_out: set[str] = set()
-        if self.path is not None:
+        if self.path is not None and self.writes_log:
             self._open(mode)
             meta = {"name": name, "vocab_size": int(V), "embed_dim": int(d), "every": every,
                     "dtype": str(weight.dtype).replace("torch.", ""), "device": str(weight.device)}
@@ -361,16 +424,22 @@ class TEVMonitor:
             stacklevel=4,
         )
 
-    def _tev(self) -> tuple[float, float, int]:
-        mean, std, bad, self._use_op = compute_tev(self.weight, self.rows, self.unbiased, self._use_op)
+    @property
+    def weight(self) -> Tensor:
+        """The token embedding now: found again in the model (or ``nn.Embedding``) at each call."""
+        return find_token_embedding(self._source)
+
+    def _tev(self, weight: Tensor) -> tuple[float, float, int]:
+        mean, std, bad, self._use_op = compute_tev(weight, self.rows, self.unbiased, self._use_op, self.process_group)
         return mean, std, bad
 
     def record(self, step: int, loss: Optional[Union[float, Tensor]] = None, **extra: Any) -> dict[str, Any]:
-        """Measure and write a record now, whatever ``every`` says."""
-        if self.weight.is_cuda:
-            torch.cuda.synchronize(self.weight.device)  # queued training work is not the monitor's cost
+        """Measure and write a record now, whatever ``every`` says (on every rank, see the class notes)."""
+        weight = self.weight
+        if weight.is_cuda:
+            torch.cuda.synchronize(weight.device)  # queued training work is not the monitor's cost
         t0 = time.perf_counter()
-        mean, std, bad = self._tev()
+        mean, std, bad = self._tev(weight)
         cost = time.perf_counter() - t0
         self._cost_s += cost
         rec: dict[str, Any] = {"step": int(step), "tev_mean": mean, "tev_std": std, "nonfinite_rows": bad}

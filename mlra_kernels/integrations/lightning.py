@@ -11,11 +11,15 @@ from typing import Any, Optional
 
 from torch import Tensor
 
-from mlra_kernels.monitor import TEVMonitor
+from mlra_kernels.monitor import TEVMonitor, distributed_initialized
 
 
 class TEVLightningHooks:
     """Lightning hook methods: record TEV (and the training loss) every ``every`` optimizer steps.
+
+    Under ``torch.distributed`` a monitor runs on every rank, so that a sharded embedding (FSDP2's
+    ``DTensor``) is merged over its ranks, and only global rank 0 writes the log; without a process group,
+    only the trainer's global zero records. See :class:`~mlra_kernels.TEVMonitor`.
 
     Args:
         path: JSONL file (written on global rank 0 only).
@@ -35,7 +39,7 @@ class TEVLightningHooks:
         self._last_step: Optional[int] = None
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        if getattr(trainer, "is_global_zero", True):
+        if getattr(trainer, "is_global_zero", True) or distributed_initialized():
             self.monitor = TEVMonitor(pl_module, every=self.every, path=self.path, name=self.name, mode=self.mode)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
