@@ -262,3 +262,33 @@ def test_the_reference_path_checks_rows_too():
         compute_tev(E, rows=[2.7, 5.1])
     with pytest.raises(IndexError, match=r"outside \[0, 20\)"):
         compute_tev(E, rows=[-1])
+
+
+def test_a_replaced_embedding_is_the_one_measured():
+    """The model's embedding is looked up at each record: a parameter or module replaced later is seen."""
+    model = GPT2(GPT2Config(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=16))
+    mon = TEVMonitor(model, every=1)
+    model.wte.weight = nn.Parameter(model.wte.weight.detach() * 3.0)  # as fully_shard swaps the parameter
+    assert mon.step(0)["tev_mean"] == pytest.approx(_expected(model.wte.weight)[0], rel=1e-5)
+    model.wte = _emb(V=50, d=16, seed=2)  # as a resized vocabulary swaps the module
+    assert mon.step(1)["tev_mean"] == pytest.approx(_expected(model.wte.weight)[0], rel=1e-5)
+    assert mon.weight is model.wte.weight
+
+
+def test_only_rank_zero_writes_the_log(tmp_path, monkeypatch):
+    """Without a process group, the RANK that torchrun sets says which process writes: others open nothing."""
+    log = tmp_path / "sub" / "run.jsonl"
+    monkeypatch.setenv("RANK", "1")
+    mon = TEVMonitor(_emb(), every=1, path=log, mode="w")
+    assert mon.step(0) is not None and len(mon.records) == 1
+    mon.close()
+    assert not mon.writes_log and not log.parent.exists()
+    monkeypatch.setenv("RANK", "0")
+    with TEVMonitor(_emb(), every=1, path=log) as mon:
+        mon.step(0)
+    assert mon.writes_log and len(read_jsonl(log)[1]) == 1
+
+
+def test_process_group_is_checked_at_construction():
+    with pytest.raises(TypeError, match="TEVMonitor: process_group must be a torch.distributed ProcessGroup"):
+        TEVMonitor(_emb(), process_group="world")
