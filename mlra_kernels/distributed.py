@@ -28,6 +28,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distrib
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
 
 from mlra_kernels.nn.projection import MLRAProjection
+from mlra_kernels.ops.mlra.step import OutputProjection
 
 __all__ = ["MLRAProjectionParallel", "MLRAttentionParallel", "tensor_parallel", "sum_grad"]
 
@@ -61,6 +62,16 @@ class _TPFactors:
         if bias is not None:  # [3, H_loc·d_h] -> [3·H_loc·d_h]
             bias = bias.to_local().reshape(-1)
         return down, up.to_local(), bias, self.num_heads, self.latent_groups
+
+    def output_columns(self, linear: nn.Linear) -> OutputProjection:
+        """A row-parallel output projection's local ``W_O`` ``[d, H_loc·d_h]`` for ``decode_step`` to fold; the
+        bias is left to :meth:`sum_output`, after the sum."""
+        return OutputProjection(linear.weight.to_local(), None)
+
+    def sum_output(self, y: Tensor, bias: Optional[Tensor]) -> Tensor:
+        """The layer's output from this rank's part ``y`` ``[B, t, d]``: the sum over the mesh, plus the bias."""
+        y = DTensor.from_local(y, self.mesh, (Partial(),), run_check=False).full_tensor()
+        return y if bias is None else y + bias.to_local()
 
 
 def _check_mesh(mesh: DeviceMesh, name: str = "device_mesh") -> int:

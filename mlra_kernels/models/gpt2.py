@@ -234,10 +234,10 @@ class MLRASelfAttention(nn.Module):
         self._register_load_state_dict_pre_hook(_rename_flat_factors)
 
     def forward(self, x: Tensor, cache: Optional[LayerCache] = None, use_cache: bool = False):
-        qkv, H, g = self.qkv, self.n_head, self.latent_groups
+        qkv = self.qkv
+        down, up, bias, H, g = qkv.op_factors()  # under tensor parallelism, this rank's heads
         p = self.dropout if self.training else 0.0
         if cache is None:
-            down, up, bias, H, g = qkv.op_factors()  # under tensor parallelism, this rank's heads
             y = mlra_attention(x, down, up, bias, num_heads=H, latent_groups=g, causal=True, dropout_p=p)
             if use_cache:
                 cache = LayerCache(self.block_size, seq_dim=2, layout=self.cache_layout)
@@ -251,10 +251,18 @@ class MLRASelfAttention(nn.Module):
             if cache.buffers()[0] is None:  # a cache made by hand, nothing written yet
                 cache.allocate((B, g, 0, self.rank), x)
             k, v = cache.buffers()
+            tp = qkv._tp  # tensor parallelism: W_O's columns of this rank's heads, then the sum over the ranks
+            if tp is None:
+                out_proj = self.c_proj
+                out_weights = foldable_output(self.c_proj, nn.Linear, owner="MLRASelfAttention", training=self.training)
+            else:
+                out_proj, out_weights = None, tp.output_columns(self.c_proj)
             y, _ = decode_step(
-                x, qkv.down, qkv.up, qkv.bias, cache=LatentCache(k, v, cache.seqlens, cache.length), num_heads=H,
-                latent_groups=g, out_proj=self.c_proj, memo=self._step_memo, scale=self._scale, dropout_p=p,
-                out_weights=foldable_output(self.c_proj, nn.Linear, owner="MLRASelfAttention", training=self.training))
+                x, down, up, bias, cache=LatentCache(k, v, cache.seqlens, cache.length), num_heads=H,
+                latent_groups=g, out_proj=out_proj, memo=self._step_memo, scale=self._scale, dropout_p=p,
+                out_weights=out_weights)
+            if tp is not None:
+                y = tp.sum_output(y, self.c_proj.bias)
             cache.advance(t)  # the step wrote the latents and grew seqlens
             return (self.resid_dropout(y) if self.training else y), cache  # dropout is the identity in eval mode
         return self.resid_dropout(self.c_proj(y)), cache

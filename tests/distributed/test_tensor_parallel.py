@@ -1,0 +1,124 @@
+"""Tensor parallelism (``mlra_kernels.distributed``) over 2 CPU processes (gloo, TP = 2) against one process."""
+
+import os
+import pathlib
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from mlra_kernels.models import GPT2, GPT2Config
+
+pytestmark = [pytest.mark.distributed, pytest.mark.skipif(not dist.is_available(), reason="torch.distributed missing")]
+
+CFGS = {g: dict(vocab_size=97, block_size=24, n_layer=2, n_head=4, n_embd=32, attention="mlra", rank=8,
+                latent_groups=g) for g in (1, 2)}
+STEPS = 3
+
+
+def batches():
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, 97, (3, 13), generator=g) for _ in range(STEPS)]
+
+
+def train(model, local):
+    """AdamW steps; returns the losses, the last step's gradients and the final parameters (unsharded)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for idx in batches():
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        grads = {n: local(p.grad).reshape(-1).clone() for n, p in model.named_parameters()}
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses, grads, {n: local(p).detach().reshape(-1).clone() for n, p in model.named_parameters()}
+
+
+def _worker(rank, world, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import DTensor
+
+        from mlra_kernels.distributed import tensor_parallel
+
+        def full(t):
+            return t.full_tensor() if isinstance(t, DTensor) else t
+
+        mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
+        res = {}
+        for g, cfg in CFGS.items():
+            torch.manual_seed(0)
+            model = tensor_parallel(GPT2(GPT2Config(**cfg)).double(), mesh["tp"])
+            attn = model.h[0].attn
+            down, up, bias, H, G = attn.qkv.op_factors()
+            local = {"down": tuple(down.shape), "up": tuple(up.shape), "bias": tuple(bias.shape), "H": H, "g": G}
+            # The checkpoint of the initial model holds the unsharded tensors under the usual keys.
+            ck = os.path.join(out_dir, f"ck{g}")
+            sd = {k: full(v).clone() for k, v in model.state_dict().items()}
+            dcp.save(get_model_state_dict(model), checkpoint_id=ck)
+            losses, grads, params = train(model, full)
+            # A fresh sharded model loads the checkpoint back.
+            torch.manual_seed(7)
+            fresh = tensor_parallel(GPT2(GPT2Config(**cfg)).double(), mesh["tp"])
+            state = get_model_state_dict(fresh)
+            dcp.load(state, checkpoint_id=ck)
+            set_model_state_dict(fresh, state)
+            reloaded = {k: full(v).clone() for k, v in fresh.state_dict().items()}
+            model.eval()
+            prompt = batches()[0][:, :5]
+            tokens = model.generate(prompt, max_new_tokens=20, temperature=0)  # slides past block_size=24
+            # float32: the decode step folds this rank's columns of c_proj into its step weights.
+            fresh.float().eval()
+            tokens32 = fresh.generate(prompt, max_new_tokens=8, temperature=0)
+            res[g] = dict(local=local, sd=sd, losses=losses, grads=grads, params=params, reloaded=reloaded,
+                          tokens=tokens, tokens32=tokens32, folded=fresh.h[0].attn._step_memo.formed)
+        errors = {}
+        for name, cfg in (("heads", dict(CFGS[1], n_head=3, n_embd=24)), ("groups", dict(CFGS[1], n_head=6,
+                                                                                          n_embd=36, latent_groups=3))):
+            try:
+                tensor_parallel(GPT2(GPT2Config(**cfg)), mesh["tp"])
+            except ValueError as e:
+                errors[name] = str(e)
+        res["errors"] = errors
+        torch.save(res, pathlib.Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_tensor_parallel_matches_one_process(tmp_path):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(_worker, args=(2, str(tmp_path / "pg_init"), str(tmp_path)), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    for g, cfg in CFGS.items():
+        torch.manual_seed(0)
+        model = GPT2(GPT2Config(**cfg)).double()
+        sd = {k: v.clone() for k, v in model.state_dict().items()}
+        losses, grads, params = train(model, lambda t: t)
+        model.eval()
+        tokens = model.generate(batches()[0][:, :5], max_new_tokens=20, temperature=0)
+        torch.manual_seed(0)
+        model32 = GPT2(GPT2Config(**cfg)).eval()
+        tokens32 = model32.generate(batches()[0][:, :5], max_new_tokens=8, temperature=0)
+        for res in (r[g] for r in results):
+            # Each rank holds half the heads (g = 1: the whole latent; g = 2: one group of two).
+            assert res["local"] == {"down": (3 * (1 if g == 1 else g // 2) * 8, 32), "up": (3, 16, 8), "bias": (48,),
+                                    "H": 2, "g": 1}
+            assert set(res["sd"]) == set(sd)
+            for k, v in sd.items():
+                assert res["sd"][k].shape == v.shape and torch.equal(res["sd"][k], v), k
+                assert torch.equal(res["reloaded"][k], v), k
+            torch.testing.assert_close(torch.tensor(res["losses"]), torch.tensor(losses), rtol=1e-12, atol=0)
+            for n, grad in grads.items():
+                assert grad.abs().sum() > 0, n
+                torch.testing.assert_close(res["grads"][n], grad, rtol=1e-9, atol=1e-12, msg=n)
+                torch.testing.assert_close(res["params"][n], params[n], rtol=1e-9, atol=1e-12, msg=n)
+            assert torch.equal(res["tokens"], tokens)
+            assert torch.equal(res["tokens32"], tokens32) and res["folded"] > 0
+    for res in results:
+        assert "tp_mesh" in res["errors"]["heads"] and "n_head=3" in res["errors"]["heads"]
+        assert "tp_mesh" in res["errors"]["groups"] and "latent_groups=3" in res["errors"]["groups"]
