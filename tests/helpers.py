@@ -197,3 +197,35 @@ def run_example(code: str, what: str, folder) -> None:
     proc = subprocess.run([sys.executable, "-c", code], cwd=folder, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, f"{what} example failed:\n{code}\n--- stderr ---\n{proc.stderr[-3000:]}"
+
+
+def package_crossings(fn, caller: str, callee: str = "ops"):
+    """Run ``fn()`` under a ``sys.setprofile`` hook; returns ``(areas, calls)``: the sequence of the package
+    areas ``caller`` and ``callee`` (folders of ``mlra_kernels``, e.g. ``"models"`` and ``"ops"``) whose Python
+    code ran, each stay counted once, and the number of calls made from ``caller`` code straight into
+    ``callee`` code."""
+    root = pathlib.Path(__file__).resolve().parents[1] / "mlra_kernels"
+    prefixes = {area: str(root / area) + os.sep for area in (caller, callee)}
+    areas, calls = [], [0]
+
+    def area_of(frame):
+        name = frame.f_code.co_filename if frame is not None else ""
+        return next((area for area, prefix in prefixes.items() if name.startswith(prefix)), None)
+
+    def hook(frame, event, arg):
+        if event != "call":
+            return
+        here = area_of(frame)
+        if here is None:
+            return
+        if not areas or areas[-1] != here:
+            areas.append(here)
+        if here == callee and area_of(frame.f_back) == caller:
+            calls[0] += 1
+
+    sys.setprofile(hook)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return areas, calls[0]

@@ -925,12 +925,14 @@ Tensor latent_decode_cpu(const Tensor& q, const Tensor& k, const Tensor& v, cons
   return bf16 ? torch::stable::to(z, ScalarType::BFloat16) : z;
 }
 
-// mlra::latent_decode_step_cpu: a layer's whole decode step on the pre-multiplied weights of decode.py's
-// step_weights (one call instead of a dozen small ones from Python, whose dispatch costs as much as a
-// small layer's step): one GEMM gives the query part (q̃ itself, or c_Q and then M_h) and the new
+// mlra::latent_decode_step_cpu: a layer's whole decode step on the pre-multiplied weights of
+// ops/mlra/step_weights.py (one call instead of a dozen small ones from Python, whose dispatch costs as much
+// as a small layer's step): one GEMM gives the query part (q̃ itself, or c_Q and then M_h) and the new
 // latents c_K, c_V, which are written into the caches at positions [pos, pos + t) while seqlens grows by
 // t; the attention runs over the caches as latent_decode_cpu does (causal, seqlens); the output is
-// Z·W_OVᵀ + b' (B_V folded into W_O) or (Z·B_Vᵀ + b_V)·W_Oᵀ + b_O.
+// Z·W_OVᵀ + b' (B_V folded into W_O) or (Z·B_Vᵀ + b_V)·W_Oᵀ + b_O. The heads may be a subset of whole
+// latent groups of a layer's: d_h comes from w_out's columns (H·d_h) with w_v, and the output is [B, t, d]
+// for the width d of x either way (W_O's columns of those heads: the subsets' outputs sum to the layer's).
 Tensor latent_decode_step_cpu(const Tensor& x, const Tensor& w_in, const std::optional<Tensor>& b_in,
                               const std::optional<Tensor>& m, const std::optional<Tensor>& beta,
                               const std::optional<Tensor>& w_v, const std::optional<Tensor>& b_v, const Tensor& w_out,
@@ -972,10 +974,16 @@ Tensor latent_decode_step_cpu(const Tensor& x, const Tensor& w_in, const std::op
   }
   MLRA_CHECK(H >= 1 && H % G == 0, kOp, ": num_heads=", H, " must be a positive multiple of the caches' g=", G,
              " latent groups (k_cache.size(1))");
-  MLRA_CHECK(H <= d && d % H == 0, kOp, ": num_heads=", H, " must divide the width d=", d, " of x");
   checked_scale(scale, kOp);
   const int64_t hpg = H / G, gr = G * R, N = B * t;
-  const int64_t dh = d / H, n_q = m.has_value() ? gr : H * R, n_in = n_q + 2 * gr;
+  const int64_t n_q = m.has_value() ? gr : H * R, n_in = n_q + 2 * gr;
+  // d_h: from W_O's columns, H·d_h (the heads' width: d for a whole layer, less for a subset of its heads).
+  if (w_v.has_value()) {
+    MLRA_CHECK(w_out.dim() == 2 && w_out.size(0) == d && w_out.size(1) >= H && w_out.size(1) % H == 0, kOp,
+               ": w_out must be W_O [d, num_heads·d_h] with w_v (d=", d, " the width of x, num_heads=", H,
+               "), got ", Dims(w_out.sizes()));
+  }
+  const int64_t dh = w_v.has_value() ? w_out.size(1) / H : 0;
   const auto sizes_of = [](const Tensor& w) {  // "[a, b]", and the strides of a tensor that is not contiguous
     std::ostringstream out;
     out << Dims(w.sizes());
@@ -1015,16 +1023,17 @@ Tensor latent_decode_step_cpu(const Tensor& x, const Tensor& w_in, const std::op
   if (beta.has_value()) check(*beta, "beta", {G, hpg * R}, "[g, (num_heads/g)·r] for " + hgr);
   if (w_v.has_value()) {
     const Tensor& wv = *w_v;
-    const bool by_heads = wv.dim() == 3 && wv.size(0) >= 1 && wv.size(0) != H && wv.size(0) * wv.size(1) == d &&
+    const bool by_heads = wv.dim() == 3 && wv.size(0) >= 1 && wv.size(0) != H && wv.size(0) * wv.size(1) == H * dh &&
                           wv.size(2) == R;
-    check(wv, "w_v", {H, dh, R}, "[num_heads, d/num_heads, r] for " + hgr + ", d=" + std::to_string(d) + " of x",
+    check(wv, "w_v", {H, dh, R}, "[num_heads, d_h, r] for " + hgr + ", d_h=" + std::to_string(dh) + " of w_out",
           by_heads ? wrong_heads("w_v") : "", by_heads ? formed_for(wv.size(0)) : "");
   }
   MLRA_CHECK(!b_v.has_value() || w_v.has_value(), kOp, ": b_v is given without w_v");
   if (b_v.has_value())
-    check(*b_v, "b_v", {H, dh}, "[num_heads, d/num_heads] for " + heads + ", d=" + std::to_string(d));
+    check(*b_v, "b_v", {H, dh}, "[num_heads, d_h] for " + heads + ", d_h=" + std::to_string(dh) + " of w_out");
   if (w_v.has_value()) {
-    check(w_out, "w_out", {d, d}, "W_O, [d, d] with w_v, for the width d=" + std::to_string(d) + " of x");
+    check(w_out, "w_out", {d, H * dh}, "W_O, [d, num_heads·d_h] with w_v, for the width d=" + std::to_string(d) +
+          " of x");
   } else {
     const bool by_heads = w_out.dim() == 2 && w_out.size(0) == d && w_out.size(1) % R == 0 && w_out.size(1) != H * R;
     check(w_out, "w_out", {d, H * R}, "[d, num_heads·r] without w_v, for " + hgr + ", d=" + std::to_string(d) + " of x",

@@ -945,3 +945,21 @@ def test_trainer_callback_records_carry_the_loss_of_their_own_step(tmp_path, eve
     for r in records:  # the loss the Trainer logged at the record's step, or none: never an earlier one
         assert r.get("loss") == logged.get(r["step"]), (r["step"], r.get("loss"), logged)
     assert [log for log in seen if "loss" in log][-1]["tev_mean"] == records[-1]["tev_mean"]  # both at step 6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_cached_step_calls_the_ops_once_per_layer(dtype):
+    """The converted attention's cached step is one call of decode_step per layer (the op calls back only the
+    layer's cache update, which writes the transformers cache), on the step weights or op by op."""
+    from tests.helpers import package_crossings
+
+    if dtype == torch.float32:
+        need_cpu_decode_kernel()
+    mlra = convert_gpt2(_model(dtype=dtype), rank=D // 4, latent_groups=4)
+    prompt = torch.randint(0, 83, (2, 5), generator=torch.Generator().manual_seed(2))
+    nxt = torch.randint(0, 83, (2, 1), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        cache = mlra(prompt, use_cache=True).past_key_values
+        _, calls = package_crossings(lambda: mlra(nxt, **{_cache_kw(mlra): cache}, use_cache=True), "integrations")
+    assert calls == 2  # two layers
+    assert cache.get_seq_length() == 6

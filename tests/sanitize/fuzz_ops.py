@@ -320,8 +320,10 @@ class Fuzz:
 
     # --- mlra::latent_decode_step_cpu -------------------------------------------------------------------
 
-    def step_weights(self, H, G, R, d, fold_q, fold_o):
-        hpg, gr, dh = H // G, G * R, d // H
+    def step_weights(self, H, G, R, d, dh, fold_q, fold_o):
+        """Step weights of H heads of width dh (H·dh = d for a whole layer, other widths for a subset of its heads:
+        W_O's columns of those heads, [d, H·dh])."""
+        hpg, gr = H // G, G * R
         n_in = (H * R if fold_q else gr) + 2 * gr
         maybe = lambda t: t if self.rng.random() < 0.6 else None  # noqa: E731
         w_in = self.randn(n_in, d) / math.sqrt(d)
@@ -330,7 +332,7 @@ class Fuzz:
         beta = None if fold_q else maybe(self.randn(G, hpg * R) * 0.3)
         w_v = None if fold_o else self.randn(H, dh, R) / math.sqrt(R)
         b_v = None if fold_o else maybe(self.randn(H, dh) * 0.3)
-        w_out = self.randn(d, H * R if fold_o else d) / math.sqrt(d)
+        w_out = self.randn(d, H * R if fold_o else H * dh) / math.sqrt(d)
         b_out = maybe(self.randn(d) * 0.3)
         return [w_in, b_in, m, beta, w_v, b_v, w_out, b_out]
 
@@ -382,10 +384,11 @@ class Fuzz:
         G = self.rng.choice([g for g in (1, 2, 3, 6) if H % g == 0])
         R = self.rng.choice([1, 4, 8, 13, 16, 32])
         d = H * self.rng.choice([1, 3, 8, 16, 20])
+        dh = self.rng.choice([d // H, d // H, 1, 3, 8, 16])  # not d/H: the heads are a subset of a layer's
         B, t = self.rng.choice([(1, 1), (2, 1), (3, 2), (2, 3), (9, 2)])
         cap = self.rng.choice([t, t + 1, 40, 90, 300])
         pos = self.rng.randint(0, cap - t)
-        weights = self.step_weights(H, G, R, d, self.rng.random() < 0.5, self.rng.random() < 0.5)
+        weights = self.step_weights(H, G, R, d, dh, self.rng.random() < 0.5, self.rng.random() < 0.5)
         k_cache, v_cache = self.step_caches(B, G, cap, R)
         seqlens = self.torch.full((B,), pos, dtype=self.torch.int32)  # every sequence holds pos positions
         x = self.layout((B, t, d), self.torch.float32, keep_last=self.rng.random() < 0.7)

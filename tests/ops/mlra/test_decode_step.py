@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from mlra_kernels import _ext
-from mlra_kernels.ops.mlra import kv_latents, mlra_decode, use_backend
+from mlra_kernels.ops.mlra import (
+    LatentCache, OutputProjection, StepWeightsMemo, decode_step, kv_latents, mlra_decode, use_backend,
+)
 from mlra_kernels.ops.mlra.decode import _torch_attention
 from mlra_kernels.ops.mlra.step import step_latents, step_output
 from mlra_kernels.ops.mlra.step_weights import fold_rules, step_weights
@@ -296,3 +298,113 @@ def test_step_op_gives_nan_for_a_nan_token_and_leaves_the_others(fold):
     x[1, 0, 5] = float("nan")
     out = op(x, *_weights(w), k_buf, v_buf, seqlens, 9, H, 0.25)
     assert out[1].isnan().all() and torch.equal(out[0], clean[0])
+
+
+# Head-local steps: (H, g, r, a partition of the heads into subsets of whole latent groups) at d = 64. At g = 1
+# any heads of the one group (its down-projection whole on every subset). The output is folded into W_O at
+# g = 1 and g = H; at g = 2, r = 32 it is not, so the C++ op reads d_h from W_O's columns.
+HEAD_LOCAL = {"g1": (4, 1, 16, [(0, 2), (1, 3)]), "g2": (4, 2, 32, [(0, 1), (2, 3)]),
+              "gH": (4, 4, 8, [(0, 3), (1,), (2,)])}
+
+
+def _subset_of(case, H, g, r, heads):
+    """``(down, up, bias, w_o, groups)`` of the heads ``heads``: their groups' rows of ``down``, their columns
+    of ``up``, ``bias`` and ``W_O``, and the groups (the cache holds these groups' latents)."""
+    seq, down, up, b, w_o, b_o = case
+    d, dh, hpg = seq.shape[-1], seq.shape[-1] // H, H // g
+    groups = sorted({h // hpg for h in heads})
+    cols = torch.tensor([h * dh + i for h in heads for i in range(dh)])
+    rows = torch.tensor([p * g * r + j * r + i for p in range(3) for j in groups for i in range(r)])
+    return down[rows], up[:, cols], (b.view(3, d)[:, cols].reshape(-1) if b is not None else None), w_o[:, cols], groups
+
+
+def _run_step(seq, t, down, up, b, w_o, b_o, H, g, r):
+    """``decode_step`` of the last ``t`` tokens of ``seq`` over a cache (4 positions to spare) holding the
+    others' latents; returns ``(out, k_buf, v_buf, seqlens)``."""
+    B, S = seq.shape[0], seq.shape[1] - t
+    capacity = S + t + 4
+    k_buf = torch.full((B, g, capacity, r), 7.0, dtype=seq.dtype)
+    v_buf = torch.full((B, g, capacity, r), 7.0, dtype=seq.dtype)
+    k_buf[:, :, :S], v_buf[:, :, :S] = kv_latents(seq[:, :S], down, g, group_major=True)
+    seqlens = torch.full((B,), S, dtype=torch.int32)
+    with torch.no_grad():
+        out, _ = decode_step(seq[:, S:], down, up, b, cache=LatentCache(k_buf, v_buf, seqlens, S), num_heads=H,
+                             latent_groups=g, out_weights=OutputProjection(w_o, b_o), memo=StepWeightsMemo(),
+                             scale=(64 // 4) ** -0.5)
+    return out, k_buf, v_buf, seqlens
+
+
+def _head_local_steps(case, H, g, r, parts, t):
+    """The whole layer's step, and each subset's (the output bias given to the first subset only)."""
+    seq, down, up, b, w_o, b_o = case
+    whole = _run_step(seq, t, down, up, b, w_o, b_o, H, g, r)
+    subsets = []
+    for i, heads in enumerate(parts):
+        d_s, u_s, b_s, w_s, groups = _subset_of(case, H, g, r, heads)
+        g_loc = len(groups)
+        subsets.append((groups, _run_step(seq, t, d_s, u_s, b_s, w_s, b_o if i == 0 else None, len(heads), g_loc, r)))
+    return whole, subsets
+
+
+def _check_local_caches(whole, subsets, S):
+    _, k_all, v_all, _ = whole
+    for groups, (_, k, v, seqlens) in subsets:
+        assert seqlens.tolist() == [S] * seqlens.shape[0]
+        torch.testing.assert_close(k[:, :, :S], k_all[:, groups, :S], rtol=0, atol=0)
+        torch.testing.assert_close(v[:, :, :S], v_all[:, groups, :S], rtol=0, atol=0)
+        assert (k[:, :, S:] == 7).all() and (v[:, :, S:] == 7).all()
+
+
+@pytest.mark.parametrize("t", [1, 2])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("name", list(HEAD_LOCAL))
+def test_head_local_steps_sum_to_the_whole_layers_in_float64(name, bias, t):
+    """float64 runs decode's torch path: kv_latents, the cache write, mlra_decode and W_O's columns."""
+    H, g, r, parts = HEAD_LOCAL[name]
+    case = layer_case(H, g, r, B=2, S=9, t=t, bias=bias)
+    whole, subsets = _head_local_steps(case, H, g, r, parts, t)
+    torch.testing.assert_close(whole[0], expected(case, H, g, t), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(sum(out for _, (out, *_) in subsets), whole[0], rtol=1e-10, atol=1e-10)
+    _check_local_caches(whole, subsets, 9 + t)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("name", list(HEAD_LOCAL))
+def test_head_local_step_weights_are_exact_in_float64(name, bias):
+    """The step weights of each subset (W_O's columns of its heads) give its share of the layer's output."""
+    H, g, r, parts = HEAD_LOCAL[name]
+    t = 2
+    case = layer_case(H, g, r, B=2, S=9, t=t, bias=bias)
+    seq, b_o = case[0], case[5]
+    B = seq.shape[0]
+    total = 0.0
+    for i, heads in enumerate(parts):
+        d_s, u_s, b_s, w_s, groups = _subset_of(case, H, g, r, heads)
+        H_loc, g_loc = len(heads), len(groups)
+        w = step_weights(d_s, u_s, b_s, w_s, b_o if i == 0 else None, num_heads=H_loc, latent_groups=g_loc)
+        q_abs, c_k, c_v = step_latents(seq[:, -t:], w)
+        old_k, old_v = kv_latents(seq[:, :-t], d_s, g_loc, group_major=True)
+        k, v = torch.cat([old_k, c_k], 2), torch.cat([old_v, c_v], 2)
+        z, _ = _torch_attention(q_abs, k, v, (64 // H) ** -0.5, B=B, H=H_loc, g=g_loc, t=t, causal=True,
+                                key_padding_mask=None, attn_mask=None, lengths=None, dropout_p=0.0, need_weights=False)
+        total = total + step_output(z, w, t)
+    torch.testing.assert_close(total, expected(case, H, g, t), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("python_step", [False, True], ids=["cpp-op", "python-step"])
+@pytest.mark.parametrize("name", list(HEAD_LOCAL))
+def test_head_local_steps_on_step_weights_in_float32(name, python_step, monkeypatch):
+    """float32 on the CPU: the C++ whole-step op (or, without it, the Python step) of each subset; their sum
+    within 3x the error of the unfused float32 torch path."""
+    _step_op()
+    if python_step:
+        monkeypatch.setattr(_ext, "_STEP_OP", [False])
+    H, g, r, parts = HEAD_LOCAL[name]
+    case = layer_case(H, g, r, B=3, S=40, t=1)
+    low = _unfused_fp32(case, H, g, 1)
+    case32 = tuple(c.float() if c is not None else None for c in case)
+    whole, subsets = _head_local_steps(case32, H, g, r, parts, 1)
+    exact = expected(case, H, g, 1)
+    assert_within_torch_error(whole[0], low, exact, what="whole layer's step")
+    assert_within_torch_error(sum(out for _, (out, *_) in subsets), low, exact, what="sum of head-local steps")
+    _check_local_caches(whole, subsets, 41)
