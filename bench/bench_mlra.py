@@ -4,15 +4,8 @@
     TRITON_INTERPRET=1 python bench/bench_mlra.py --smoke     # tiny shapes on CPU under the interpreter
 """
 
-import os
 import pathlib
 import sys
-
-if "--smoke" in sys.argv:
-    import torch
-
-    if not torch.cuda.is_available():  # before triton is imported: it reads the variable once
-        os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 

@@ -8,12 +8,10 @@ Rows: the median of 7 round-by-round timings of ours and of unfused MLRA, then o
 and everything else.
 """
 
-import os
 import pathlib
 import sys
 import time
 
-os.environ.setdefault("TRITON_INTERPRET", "0")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
@@ -21,12 +19,15 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from mlra_kernels.benchmarks.common import script_default_out, write_results  # noqa: E402
 from mlra_kernels.benchmarks.mlra import unfused_mlra  # noqa: E402
-from mlra_kernels.ops.mlra import kernel_path, mlra_attention  # noqa: E402
+from mlra_kernels.ops.mlra import config, kernel_path, mlra_attention  # noqa: E402
 
 B, T, d, H, g, r, STEPS, ROUNDS = 2, 1024, 768, 12, 12, 32, 3, 7
 
 
 def main() -> int:
+    if config.interpret_requested():
+        raise SystemExit("profile_latent_cpu.py profiles the CPU path: unset TRITON_INTERPRET (it would run the "
+                         "Triton interpreter)")
     torch.manual_seed(0)
     x = torch.randn(B, T, d, requires_grad=True)
     down = (torch.randn(3 * g * r, d) / d ** 0.5).requires_grad_()

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from mlra_kernels._fileio import write_atomic
+from mlra_kernels.ops.mlra import config
 
 __all__ = ["default_cache_dir", "bpe_tokens", "encode_bpe", "train_bpe"]
 
@@ -31,10 +32,7 @@ _CHUNK = 1 << 16
 
 def default_cache_dir() -> str:
     """``$MLRA_CACHE_DIR``, else ``$XDG_CACHE_HOME/mlra-kernels``, else ``~/.cache/mlra-kernels``."""
-    if os.environ.get("MLRA_CACHE_DIR"):
-        return os.environ["MLRA_CACHE_DIR"]
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "mlra-kernels")
+    return config.cache_dir()
 
 
 def _tokenizers():

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 if not torch.cuda.is_available():
-    # Set before any test module imports triton (which reads it then): without a GPU, the kernel tests
-    # run the Triton kernels under the interpreter, whatever order pytest imports the modules in.
+    # The one place the suite sets Triton's mode, before anything imports triton (which reads it then):
+    # without a GPU the kernel tests run the Triton kernels under the interpreter, in any import order.
     os.environ.setdefault("TRITON_INTERPRET", "1")
     try:
         # Import it now, so that its mode is fixed whatever runs first: a test that sets TRITON_INTERPRET=0

@@ -51,20 +51,15 @@ import re
 import sys
 
 import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
 
-if __name__ == "__main__" and "--smoke" in sys.argv and not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import torch.nn.functional as F  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-from mlra_kernels.benchmarks.common import (  # noqa: E402
+from mlra_kernels.benchmarks.common import (
     BenchError, BenchParser, check_output, out_help, positive_int, run_main, time_gpu, time_interleaved,
     timing_fields, write_results,
 )
-from mlra_kernels.ops.mlra import mlra_attention  # noqa: E402
-from mlra_kernels.ops.mlra import kernel_path  # noqa: E402
-from mlra_kernels.ops.mlra.reference import mlra_attention_reference  # noqa: E402
+from mlra_kernels.ops.mlra import config, kernel_path, mlra_attention
+from mlra_kernels.ops.mlra.reference import mlra_attention_reference
 
 MODELS = {"small": (768, 12), "medium": (1024, 16), "large": (1280, 20)}
 SMOKE_MODEL = ("smoke", 64, 2)  # --smoke: d = 64, H = 2
@@ -420,9 +415,14 @@ def grid(args: argparse.Namespace, device: torch.device) -> list[tuple]:
 def run(args: argparse.Namespace) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cases = grid(args, device)
-    if not args.smoke and device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if not args.smoke and device.type != "cuda" and config.interpret_requested():
         raise BenchError("TRITON_INTERPRET=1 would time the Triton interpreter; unset it for the CPU benchmark, "
                          "or pass --smoke for the tiny interpreter shapes")
+    interpreted = config.triton_available() and config.interpret_requested() and config.triton_interpreted()
+    if args.smoke and device.type != "cuda" and not interpreted:
+        raise BenchError("--smoke on the CPU runs the Triton kernels under the interpreter, which Triton sets when "
+                         "it is first imported: start the run with TRITON_INTERPRET=1 in the environment "
+                         "(TRITON_INTERPRET=1 python bench/bench_mlra.py --smoke)")
     dev_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     name = args.out or "mlra_" + ("smoke_" if args.smoke else "") + re.sub(r"[^a-z0-9]+", "_", dev_name.lower()).strip("_")
     out = check_output(args.out_dir, "--out-dir", name, default=getattr(args, "default_out", None))

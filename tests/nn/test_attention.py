@@ -1,13 +1,8 @@
 """MLRAttention against nn.MultiheadAttention: shapes, masks, is_causal rules, conversion by SVD."""
 
-import os
 import warnings
 
 import torch
-
-if not torch.cuda.is_available():
-    # Triton reads this at import: the fused path then runs the Triton kernels under the interpreter.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 from torch import nn  # noqa: E402

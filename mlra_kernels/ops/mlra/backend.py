@@ -1,41 +1,13 @@
 """The one backend choice of an MLRA call: which path runs, and why.
 
-The public call asks :func:`choose` once and runs the path's entry in :data:`PREFILL_OPS` (whose op
-carries its own backward); :func:`kernel_path` and the one-time "not the fast path" warnings read the same
-answer.
+:func:`choose` picks a prefill path (:data:`PATHS`), :func:`choose_decode` a decode path
+(:data:`DECODE_PATHS`); the call runs the path's entry in :data:`PREFILL_OPS`, and :func:`kernel_path`,
+:func:`explain` and the one-time "not the fast path" warnings read the same answer. docs/paths.md says
+what each path runs and when, with the measurements behind the defaults. ``MLRA_BACKEND=<path>`` or
+``with use_backend("<path>"):`` forces a path; a forced path that cannot run the call raises, saying why.
 
-Paths:
-
-- ``"sdpa"``: the latent and up-projection GEMMs, then torch's ``scaled_dot_product_attention`` on its
-  fastest backend (on the latents where they are at most half a head wide), differentiated by
-  autograd: the default on CUDA without key padding. The fused Triton forward+backward measured 0.53×
-  of this composition on an H100 at GPT-2 small, g = 1 (PERF.md), so it is not the default until a GPU
-  run shows it ahead; the cost is memory (q, k, v are kept for the backward, as unfused attention does).
-- ``"triton"``: the fused Triton kernels on CUDA tensors: key padding (a query whose keys are all
-  padding outputs zeros), and on request.
-- ``"triton-interpreter"``: the same kernels on CPU tensors under the Triton interpreter
-  (``TRITON_INTERPRET=1`` set before ``triton`` was imported): how the CPU tests check the kernels.
-- ``"torch-cpu"``: CPU tensors; the latent GEMMs, then torch's fused CPU attention (no ``T×T`` scores).
-- ``"torch-cpu-latent"``: CPU tensors whose latent is at most half a head wide (``max(16, r) <= d_h / 2``,
-  typically ``g = H``): attention on the latents (absorbed scores and values) with torch's fused CPU
-  attention at head width ``max(16, r)`` (narrower latents padded with zeros), a fraction of the
-  per-head work.
-- ``"torch"``: plain torch with the ``T×T`` scores in memory and a hand-written backward: float64, a
-  general ``attn_mask``, and on the CPU key padding, dropout and fewer than 16 tokens.
-
-Decode (``mlra_decode``) has its own choice, :func:`choose_decode`, over :data:`DECODE_PATHS`:
-``"triton"`` (the split-KV decode kernel, the default on CUDA), ``"triton-interpreter"`` (that kernel on
-CPU tensors, only when forced: it is how the CPU tests check it), ``"cpu-kernel"`` (the C++ split-KV
-kernel of the compiled extension, the default for float32 and bfloat16 CPU tensors) and ``"torch"`` (the GEMMs and
-torch's SDPA on the latents, CPU and GPU). Forcing ``"sdpa"``, ``"torch-cpu"`` or ``"torch-cpu-latent"`` gives
-decode its torch path, which is that same composition.
-
-A newcomer's path (say, a sliding-window kernel) is one file ``path_<name>.py`` (its custom ops, their
-fakes and backward, and its entry point), its row in :data:`PREFILL_OPS`, its name in :data:`PATHS` and
-one more rule in :func:`choose`.
-
-Forcing a path: ``MLRA_BACKEND=<path>`` in the environment, or ``with use_backend("<path>"):`` in code
-(tests steer the choice this way). A forced path that cannot run the call raises, saying why.
+A new path is one file ``path_<name>.py`` (its ops, their fakes and backward, its entry point), its row
+in :data:`PREFILL_OPS`, its name in ``config.PATHS`` and one more rule in :func:`choose`.
 """
 
 from __future__ import annotations
@@ -52,7 +24,7 @@ from mlra_kernels._warnings import warn_once
 from mlra_kernels.ops.mlra import config
 from mlra_kernels.ops.mlra import path_sdpa, path_torch, path_torch_cpu, path_torch_cpu_latent, path_triton
 
-PATHS = ("sdpa", "triton", "triton-interpreter", "torch-cpu", "torch-cpu-latent", "torch")
+PATHS = config.PATHS
 
 # Each prefill path's entry point, ``(x, down, up, bias, kpm, attn_mask, num_heads, latent_groups, causal,
 # dropout_p, scale) -> o``; ``mlra_attention`` calls the chosen one. The interpreter is a mode of Triton,
@@ -101,25 +73,8 @@ def use_backend(path: str) -> Iterator[None]:
         _forced.pop()
 
 
-# Both facts are fixed for the life of a process (Triton's mode once it is imported), and are kept as plain
-# values so that ``torch.compile`` traces the choice without calling importlib (older dynamo refuses it).
-_TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
-_TRITON_INTERPRETED: list[bool] = []
-
-
-def triton_available() -> bool:
-    return _TRITON_AVAILABLE
-
-
-def triton_interpreted() -> bool:
-    """True when ``triton`` was imported under ``TRITON_INTERPRET=1`` (its kernels then run on CPU);
-    imports triton on the first call, which fixes its mode."""
-    if not _TRITON_INTERPRETED:
-        import triton.language as tl
-        from triton.runtime.interpreter import InterpretedFunction
-
-        _TRITON_INTERPRETED.append(isinstance(tl.zeros, InterpretedFunction))
-    return _TRITON_INTERPRETED[0]
+triton_available = config.triton_available
+triton_interpreted = config.triton_interpreted
 
 
 def _interpreter_ready() -> bool:

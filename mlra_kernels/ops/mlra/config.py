@@ -1,19 +1,22 @@
-"""The runtime switches of the MLRA op, in one place. Each is read when it is needed, so that setting the
-environment variable before the call (not before the import) is enough; docs/paths.md lists them.
+"""Every environment read of the package, each at the moment it is needed (setting a variable before the
+call, not before the import, is enough); docs/paths.md lists them. Nothing in the package writes the
+environment.
 
-- ``MLRA_BACKEND``: ``auto`` (default) or one path of :data:`mlra_kernels.ops.mlra.backend.PATHS`, to
-  force the path of every call that can take it (``with use_backend(...)`` does the same in code).
+- ``MLRA_BACKEND``: ``auto`` (default) or one of :data:`PATHS`, forced for every call that can take it.
 - ``MLRA_FWD_VARIANT``: ``auto`` (default), ``rebuild`` or ``absorbed``: the Triton forward kernel.
-- ``MLRA_AUTOTUNE``: ``1`` (default) autotunes the Triton kernels over a short config list; ``0`` takes
-  the first config (quicker first calls, for tests and profiling).
-- ``TRITON_INTERPRET``: Triton's own switch, read by Triton when it is first imported; ``1`` runs the
-  Triton kernels on CPU tensors under the interpreter.
+- ``MLRA_AUTOTUNE``: ``1`` (default) autotunes the Triton kernels; ``0`` takes the first config.
+- ``TRITON_INTERPRET``: Triton's own switch, which Triton reads when it is first imported; ``1`` then
+  runs the Triton kernels on CPU tensors under the interpreter.
+- ``MLRA_CACHE_DIR`` (else ``$XDG_CACHE_HOME/mlra-kernels``): the experiments' token cache.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
+# The prefill paths (backend.py chooses among them, docs/paths.md describes them).
+PATHS = ("sdpa", "triton", "triton-interpreter", "torch-cpu", "torch-cpu-latent", "torch")
 FWD_VARIANTS = ("auto", "rebuild", "absorbed")
 
 # Set by tests: fill every kernel output with NaN before the kernels run, so an element never written shows.
@@ -29,8 +32,6 @@ def _choice(name: str, default: str, allowed: tuple[str, ...]) -> str:
 
 def backend() -> str:
     """``MLRA_BACKEND``: ``"auto"`` or a path name."""
-    from mlra_kernels.ops.mlra.backend import PATHS
-
     return _choice("MLRA_BACKEND", "auto", ("auto",) + PATHS)
 
 
@@ -45,5 +46,34 @@ def autotune() -> bool:
 
 
 def interpret_requested() -> bool:
-    """``TRITON_INTERPRET`` asks for the Triton interpreter (read at call time)."""
+    """``TRITON_INTERPRET`` asks for the Triton interpreter now (whether it took effect: :func:`triton_interpreted`)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def cache_dir() -> str:
+    """``$MLRA_CACHE_DIR``, else ``$XDG_CACHE_HOME/mlra-kernels``, else ``~/.cache/mlra-kernels``."""
+    if os.environ.get("MLRA_CACHE_DIR"):
+        return os.environ["MLRA_CACHE_DIR"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "mlra-kernels")
+
+
+# Both facts are fixed for the life of a process (Triton's mode once it is imported), and are kept as plain
+# values so that ``torch.compile`` traces the choice without calling importlib (older dynamo refuses it).
+_TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+_TRITON_INTERPRETED: list[bool] = []
+
+
+def triton_available() -> bool:
+    return _TRITON_AVAILABLE
+
+
+def triton_interpreted() -> bool:
+    """True when ``triton`` was imported under ``TRITON_INTERPRET=1``, so that its own library runs under the
+    interpreter (the kernels then run on CPU tensors); imports triton on the first call, which fixes its mode."""
+    if not _TRITON_INTERPRETED:
+        import triton.language as tl
+        from triton.runtime.interpreter import InterpretedFunction
+
+        _TRITON_INTERPRETED.append(isinstance(tl.zeros, InterpretedFunction))
+    return _TRITON_INTERPRETED[0]

@@ -1,24 +1,18 @@
 """Split-KV Triton kernels for a decode step on the latent cache (flash-decoding), and their launcher.
 
-A step attends ``q̃ [B, g, M, r]`` (``M = (H/g)·t`` rows: the absorbed queries of every head of a
-group, ``t`` new tokens each) to the group's cached latents ``c_K, c_V [B, g, S, r]``:
+A step attends ``q̃ [B, g, M, r]`` (``M = (H/g)·t``: the absorbed queries of a group's heads, ``t`` new
+tokens each) to the group's cached latents ``c_K, c_V [B, g, S, r]``:
 
-- ``_mlra_decode_fwd_kernel``: one program per (row block, sequence·group, split of the cache). It
-  loads each ``[BLOCK_N, r]`` tile of ``c_K`` and ``c_V`` once for all rows of the group, keeps a
-  running max and sum, and writes its partial ``Z`` (normalised) with its log-sum-exp; with one split
-  it writes ``Z`` itself.
+- ``_mlra_decode_fwd_kernel``: one program per (row block, sequence·group, split of the cache); each
+  ``[BLOCK_N, r]`` tile is loaded once for all rows of the group; writes a normalised partial ``Z`` and
+  its log-sum-exp (with one split, ``Z`` itself).
 - ``_mlra_decode_merge_kernel``: merges the splits of each row by their log-sum-exp.
 
-The grid is fixed by the cache capacity ``S``, ``B``, ``g`` and the SM count, never by the current
-length: per-sequence lengths and key padding are read from device tensors, so a step can be captured
-in a CUDA graph and replayed as the cache fills.
-
-Masking follows the torch path of ``mlra_decode``: a masked key (causal among the new tokens, or key
-padding) scores the lowest finite float, so a query with every key masked averages the values of its
-sequence; positions at or past a sequence's length are not read at all.
-
-Scores are in base-2 units (``s · log2(e)``, for ``exp2``); so are the partial log-sum-exps.
-Imported through ``launcher.kernels("decode_kernels")``, in the mode ``triton`` was imported in.
+The grid depends on the capacity ``S``, ``B``, ``g`` and the SM count, never on the lengths (read from
+device tensors), so a step can be captured in a CUDA graph. Masked keys score the lowest finite float,
+as on ``mlra_decode``'s torch path (``masks.combine(empty_rows="average")``); positions at or past a
+sequence's length are not read. Scores and partial log-sum-exps are in base-2 units (``exp2``).
+Imported through ``launcher.kernels("decode_kernels")``.
 """
 
 from __future__ import annotations
@@ -248,7 +242,7 @@ def mlra_decode_attention(
     but the last), ``kpm``: additive fp32 ``[B, S]`` or None, ``lengths``: int ``[B]`` positions in use
     per sequence (the new tokens are the last ``t_new`` of them) or None for all ``S``.
     """
-    from mlra_kernels.ops.mlra.backend import triton_interpreted
+    from mlra_kernels.ops.mlra.config import triton_interpreted
 
     B, g, M, r = q.shape
     S = k.shape[2]

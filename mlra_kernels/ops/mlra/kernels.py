@@ -7,19 +7,16 @@ Scores are kept in base-2 units (``s · log2(e)``) so that the softmax uses ``ex
 log-sum-exp is in natural-log units. A query row whose keys are all masked gets ``lse = +inf``,
 which makes its probabilities exactly zero in the backward.
 
-The launcher imports this module once, with ``TRITON_INTERPRET`` set to match the mode ``triton``
-itself was imported in (Triton reads the variable only at its own import, so one process runs either
-compiled or interpreted kernels); ``INTERPRET`` records that mode for the autotuning configs.
+Imported through ``launcher.kernels()``, in the mode of Triton's own library; ``INTERPRET`` is that mode.
 """
-
-import os
 
 import triton
 import triton.language as tl
 
 from mlra_kernels.ops.mlra import tuning
+from mlra_kernels.ops.mlra.config import triton_interpreted
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+INTERPRET = triton_interpreted()
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453

@@ -1,24 +1,23 @@
 """Launchers for the MLRA Triton kernels: shapes, strides and grids, no math.
 
-Triton reads ``TRITON_INTERPRET`` once, when ``triton`` is first imported: its own library functions
-(``tl.max``, ``tl.rand`` ...) are then decorated either for the GPU or for the interpreter, and the two
-kinds cannot be mixed in one process. ``kernels()`` therefore imports the kernel module in whichever
-mode ``triton`` itself was imported in (``backend.triton_interpreted()``).
+The kernel modules are imported through :func:`kernels`, which decorates them in the mode of Triton's own
+library (compiled or interpreted: the two cannot be mixed in one process; docs/paths.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
-import os
 import re
+import sys
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from mlra_kernels.ops.mlra import config
-from mlra_kernels.ops.mlra.backend import triton_interpreted
+from mlra_kernels.ops.mlra.config import triton_interpreted
 
 
 def _version(text: str) -> tuple[int, ...]:
@@ -60,19 +59,49 @@ def check_interpreter_once() -> None:
         check_interpreter()
 
 
+@contextlib.contextmanager
+def _jit_mode(interpreted: bool):
+    """``@triton.jit`` decorates for the interpreter (or the compiler) inside the block, whatever
+    ``TRITON_INTERPRET`` says now. ``triton.knobs`` (Triton >= 3.4) holds the switch the decorator reads;
+    with ``propagate_env`` off, setting it writes no environment variable."""
+    try:
+        from triton import knobs
+    except ImportError:  # older Triton reads the environment variable itself
+        if interpreted != config.interpret_requested():
+            raise RuntimeError(
+                f"triton {_triton_version()} was imported {'with' if interpreted else 'without'} TRITON_INTERPRET=1, "
+                "which has changed since: keep TRITON_INTERPRET as it was when triton was imported, or install "
+                "triton>=3.4") from None
+        yield
+        return
+    runtime, propagate = knobs.runtime, knobs.propagate_env
+    had, before = "interpret" in vars(runtime), vars(runtime).get("interpret")
+    knobs.propagate_env = False
+    try:
+        runtime.interpret = interpreted
+        yield
+    finally:
+        if had:
+            runtime.interpret = before
+        else:
+            del runtime.interpret
+        knobs.propagate_env = propagate
+
+
+def _triton_version() -> str:
+    import triton
+
+    return triton.__version__
+
+
 def kernels(name: str = "kernels"):
     """The kernel module ``mlra_kernels.ops.mlra.<name>`` (``kernels``, ``decode_kernels``), decorated in
-    the same mode as Triton's own library."""
-    interpreted = triton_interpreted()
-    saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1" if interpreted else "0"
-    try:
-        return importlib.import_module(f"mlra_kernels.ops.mlra.{name}")
-    finally:
-        if saved is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = saved
+    the mode of Triton's own library (:func:`~mlra_kernels.ops.mlra.config.triton_interpreted`)."""
+    module = f"mlra_kernels.ops.mlra.{name}"
+    if module in sys.modules:
+        return sys.modules[module]
+    with _jit_mode(triton_interpreted()):
+        return importlib.import_module(module)
 
 
 def _alloc(shape, dtype, device) -> Tensor:

@@ -1,7 +1,6 @@
 """MLRA attention: the Triton kernels through the public call, against the float64 reference.
 
-Without a GPU the kernels run under the Triton interpreter. Triton reads ``TRITON_INTERPRET`` when it
-is first imported, so it is set here before anything imports triton (a conftest may set it earlier).
+Without a GPU the kernels run under the Triton interpreter (``TRITON_INTERPRET=1``, set by the conftest).
 
 Tolerance: the rule of ``tests/helpers.py`` (``assert_close_rel``).
 """
@@ -9,9 +8,6 @@ Tolerance: the rule of ``tests/helpers.py`` (``assert_close_rel``).
 import os
 
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import math  # noqa: E402
 import warnings  # noqa: E402

@@ -5,12 +5,7 @@ Example counts are bounded (the Triton interpreter runs a few seconds per exampl
 (``derandomize``) and no example database is written, so a run is repeatable and leaves no files.
 """
 
-import os
-
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton's import, as in the conftest
 
 import pytest  # noqa: E402
 
