@@ -611,3 +611,32 @@ def test_a_cache_of_another_batch_layer_count_or_lengths_is_an_error(reference_p
         cache[1].length = 4
         with pytest.raises(ValueError, match=r"different lengths \[4, 5\]"):
             m.forward_cached(torch.zeros(2, 1, dtype=torch.long), cache)
+
+
+@pytest.mark.parametrize("case", ["cpp-step", "python-step", "float64", "hooked-c_proj"])
+def test_a_decode_step_enters_the_ops_once_per_layer(case, monkeypatch):
+    """Followed from the model, a cached step of each attention layer calls into ``mlra_kernels/ops`` once
+    (``decode_step``) and comes back once: the Python code that runs alternates models, ops, models, ... with
+    one stay in ops per layer, whichever way the step runs."""
+    from mlra_kernels import _ext, _warnings
+    from tests.helpers import package_crossings
+
+    need_cpu_decode_kernel()
+    monkeypatch.setattr(_warnings, "_WARNED", set())
+    torch.manual_seed(0)
+    m = GPT2(_cfg("mlra", latent_groups=4, n_layer=2)).eval()
+    if case == "float64":
+        m.double()
+    if case == "python-step":
+        monkeypatch.setattr(_ext, "_STEP_OP", [False])
+    if case == "hooked-c_proj":
+        for block in m.h:
+            block.attn.c_proj.register_forward_hook(lambda mod, args, out: None)
+    idx = torch.randint(0, 61, (2, 10))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, cache = m.forward_cached(idx[:, :8], use_cache=True)
+        m.forward_cached(idx[:, 8:9], cache)  # forms the step weights
+        areas, calls = package_crossings(lambda: m.forward_cached(idx[:, 9:10], cache), "models")
+    assert calls == 2 and areas == ["models", "ops", "models", "ops", "models"]
+    assert cache[0].length == 10 and cache[0].seqlens.tolist() == [10, 10]
