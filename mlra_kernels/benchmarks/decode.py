@@ -17,7 +17,7 @@ layers of ``mlra_kernels.models.GPT2`` (projections, cache write, attention and 
 
 Bytes per step are the cache read (``2·B·(S+1)`` times the per-token width: ``d`` for MHA, ``g·r`` for
 MLRA) plus the weights the step reads: the parameters, or on MLRA's kernel paths the layer's
-pre-multiplied step weights (``decode.step_weights``, ``W_O`` included); ``fraction_of_read_bw`` compares the achieved rate with a plain
+pre-multiplied step weights (``step_weights.step_weights``, ``W_O`` included); ``fraction_of_read_bw`` compares the achieved rate with a plain
 ``buffer.sum()`` of 256 MB measured in the same run. The cache is filled with random values (the
 values do not change the time), and the step is timed with its length rewound, so every repetition
 appends at position ``S``. On the CPU a pass runs through a stack of copies of the layer, each with its

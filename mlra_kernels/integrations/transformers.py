@@ -14,15 +14,15 @@ What the converted attention supports:
   ``[B, 1, T, S]`` prefill mask of a ``StaticCache``); padding goes in as ``key_padding_mask``. The
   latents are still written to the cache. A padding query whose keys are all padding then outputs zeros,
   where the dense path outputs an arbitrary average; real tokens are unaffected. Decode steps (tokens
-  already cached) and any other mask run ``mlra_decode`` on the cached latents in the absorbed form
-  (no per-head K or V is ever built). A one-token step's mask (``[B | 1, 1, 1, S]``: causal, left
-  padding, a ``StaticCache``'s unwritten slots) goes in as ``key_padding_mask``, which the decode kernel
-  fuses (on its path with ``cache_seqlens`` read on the device, so the unwritten slots are skipped); any
-  other mask is applied as given (decode's torch path); a general mask in a prefill warns once that the
-  fused op is not used. On a decode kernel path in eager evaluation mode a step runs on the layer's
-  pre-multiplied step weights (``decode.step_plan``: ``c_proj`` folded in where that reads less, formed
-  again at each prefill); a ``c_proj`` that is not a plain ``Conv1D`` (a PEFT/LoRA wrapper, hooks,
-  offloading) is called as a module instead, with a one-time warning;
+  already cached) and any other mask with a cache run ``decode_step``, one call per layer, which attends
+  the cached latents in the absorbed form (no per-head K or V is ever built). A one-token step's mask
+  (``[B | 1, 1, 1, S]``: causal, left padding, a ``StaticCache``'s unwritten slots) goes in as
+  ``key_padding_mask``, with ``cache_seqlens`` read on the device, which the decode kernels fuse (so the
+  unwritten slots are skipped); any other mask is applied as given (decode's torch path); a general mask
+  in a prefill warns once that the fused op is not used. On a decode kernel path in eager evaluation
+  mode a step runs on the layer's pre-multiplied step weights (``c_proj`` folded in where that reads
+  less, formed again at each prefill); a ``c_proj`` that is not a plain ``Conv1D`` (a PEFT/LoRA wrapper,
+  hooks, offloading) is called as a module instead, with a one-time warning (``mlra_kernels.nn.fold``);
 - the cache as a ``DynamicCache`` (the default of ``generate()``) or a ``StaticCache``
   (``cache_implementation="static"``): each layer stores the latents ``c_K, c_V`` as ``[B, g, S, r]``
   (``g`` "heads" of width ``r``) in the cache's key/value slots, so the cache holds ``2·g·r`` numbers
@@ -160,7 +160,7 @@ class MLRAGPT2Attention(modeling_gpt2.GPT2Attention):
     replaced by ``qkv``, an :class:`~mlra_kernels.nn.MLRAProjection` (``qkv.down`` ``[3·g·r, d]``,
     ``qkv.up`` ``[3, d, r]``, ``qkv.bias`` ``[3·d]``); ``c_proj`` is the original ``Conv1D``. The module
     keeps the training / evaluation mode of the layer it replaces. Its forward calls the public ops:
-    ``mlra_attention`` where it can, ``mlra_decode`` on the latent cache otherwise.
+    ``mlra_attention`` where it can, ``decode_step`` with a cache, ``mlra_decode`` otherwise.
     """
 
     def __init__(self, attn: nn.Module, rank: int, latent_groups: int = 1, init: str = "svd") -> None:

@@ -123,11 +123,9 @@ def mlra_decode(
             the whole preallocated buffers, sequences can have unequal lengths, and on CUDA the kernel's
             grid stays the same from step to step (CUDA graphs).
 
-    Paths (``kernel_path(x, op="decode")`` and ``explain`` say which and why): on CUDA the split-KV
-    Triton kernel, on CPU float32 and bfloat16 tensors the C++ split-KV kernel, unless a general
-    ``attn_mask``, dropout, ``need_weights`` or gradients ask for the torch path (warned once); float16
-    and float64 on the CPU run the torch path (the Triton kernel runs on CPU tensors under ``TRITON_INTERPRET=1`` with
-    ``use_backend("triton-interpreter")``). ``MLRA_BACKEND=torch`` forces the torch path.
+    Paths (``kernel_path(x, op="decode")`` and ``explain`` say which and why; docs/paths.md): the split-KV
+    Triton kernel on CUDA, the C++ split-KV kernel for float32 and bfloat16 CPU tensors, and the torch path
+    for a general ``attn_mask``, dropout, ``need_weights`` or gradients (warned once), float16 and float64.
 
     Returns the head outputs, concatenated, before ``W_O``. A query with every key masked averages the
     values (no NaN), as the dense attention of Hugging Face models does. Differentiable (autograd).
