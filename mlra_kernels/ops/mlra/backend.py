@@ -23,6 +23,7 @@ from torch import Tensor
 from mlra_kernels._warnings import warn_once
 from mlra_kernels.ops.mlra import config
 from mlra_kernels.ops.mlra import path_sdpa, path_torch, path_torch_cpu, path_torch_cpu_latent, path_triton
+from mlra_kernels.ops.mlra.path_common import latent_is_narrow
 
 PATHS = config.PATHS
 
@@ -90,15 +91,6 @@ def _interpreter_ready() -> bool:
             "mlra_attention keeps the torch path on CPU tensors. Set it before importing triton.",
         )
     return False
-
-
-def latent_is_narrow(rank: Optional[int], head_dim: Optional[int], device_type: str = "cpu") -> bool:
-    """Attention on the latents does less work than on the heads when the latent is at most half a head.
-    On the CPU a latent narrower than 16 counts as 16: torch's CPU attention runs narrower heads no
-    faster, so the CPU path pads them to 16 (no GPU measurement says the same of SDPA's CUDA backends)."""
-    if rank is None or head_dim is None:
-        return False
-    return 2 * (max(rank, 16) if device_type == "cpu" else rank) <= head_dim
 
 
 def _auto(x: Tensor, key_padding_mask: Optional[Tensor], dropout_p: float, attn_mask: Optional[Tensor],

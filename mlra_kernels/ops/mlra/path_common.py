@@ -107,3 +107,12 @@ def lift(z: Tensor, up: Tensor, bias: Optional[Tensor], r: int) -> Tensor:
     else:
         o = torch.baddbmm(bias[2 * D:].view(H, 1, dh), z_h, up_v)  # [H, N, d_h]
     return o.transpose(0, 1).reshape(B, T, D)
+
+
+def latent_is_narrow(rank: Optional[int], head_dim: Optional[int], device_type: str = "cpu") -> bool:
+    """Attention on the latents does less work than on the heads when the latent is at most half a head.
+    On the CPU a latent narrower than 16 counts as 16: torch's CPU attention runs narrower heads no
+    faster, so the CPU path pads them to 16 (no GPU measurement says the same of SDPA's CUDA backends)."""
+    if rank is None or head_dim is None:
+        return False
+    return 2 * (max(rank, 16) if device_type == "cpu" else rank) <= head_dim

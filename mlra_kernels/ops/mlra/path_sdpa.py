@@ -9,7 +9,7 @@ from typing import Optional
 import torch.nn.functional as F
 from torch import Tensor
 
-from mlra_kernels.ops.mlra import backend, layout, path_common
+from mlra_kernels.ops.mlra import layout, path_common
 
 
 def attention(x: Tensor, down: Tensor, up: Tensor, bias: Optional[Tensor], kpm: Optional[Tensor],
@@ -19,7 +19,7 @@ def attention(x: Tensor, down: Tensor, up: Tensor, bias: Optional[Tensor], kpm: 
     B, T, _ = x.shape
     r, D = up.shape[2], up.shape[1]
     c = layout.latents(x, down)
-    if backend.latent_is_narrow(r, D // num_heads, x.device.type):
+    if path_common.latent_is_narrow(r, D // num_heads, x.device.type):
         q_abs, k, v = path_common.absorbed_qkv(c, up, bias, num_heads, latent_groups,
                                                path_common.latent_width(r, x.device))
         z = F.scaled_dot_product_attention(q_abs, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale)
