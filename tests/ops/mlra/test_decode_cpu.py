@@ -386,3 +386,20 @@ def test_opcheck_and_compile(dtype):
         compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(x, c_k, c_v)
     torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
     assert backend.DECODE_KERNELS[-1] == "cpu-kernel"
+
+
+def test_a_first_decode_under_compile_checks_the_extension_at_trace_time(monkeypatch):
+    """Whether the C++ kernel loads is read while torch.compile traces (a constant of the process), so a
+    process's first CPU decode compiles with fullgraph=True and calls mlra::latent_decode_cpu directly."""
+    monkeypatch.setattr(_ext, "_DECODE_KERNEL", [])  # as in a fresh process
+    B, t, S, H, g, r, dh = 2, 1, 30, 4, 2, 16, 16
+    x, down, up, bias, c_k, c_v = (a.float() for a in decode_case(B, t, S, H, g, r, dh))
+
+    def step(x, c_k, c_v):
+        return mlra_decode(x, down, up, bias, cache_k=c_k, cache_v=c_v, num_heads=H, latent_groups=g)[0]
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(x, c_k, c_v)
+        assert _ext._DECODE_KERNEL == [True]
+        torch.testing.assert_close(compiled, step(x, c_k, c_v), rtol=0, atol=0)
