@@ -5,6 +5,7 @@ their decode cache per rank (docs/scaling.md).
     python bench/comm_table.py --measure       # 2 CPU processes (gloo): count the collectives of one step of a
                                                # tiny GPT-2 with torch's CommDebugMode, beside this model's
                                                # numbers; writes bench/results/comm_counts_cpu.json
+    python bench/comm_table.py --page docs/scaling.md   # rewrite the page's two generated blocks
 
 Model (per layer, per step = one forward and backward; "payload" is the full tensor a collective
 reduces or gathers; a ring moves 2·(n-1)/n of it per rank for an all-reduce, (n-1)/n for an
@@ -37,6 +38,9 @@ MODELS = {  # name: (d, H, layers, tensor-parallel degree dividing H)
 TOKENS = 8 * 1024  # tokens per rank and step
 BYTES = 2  # bf16
 RESULT = pathlib.Path(__file__).resolve().parent / "results" / "comm_counts_cpu.json"
+# The generated blocks of docs/scaling.md: the tables, and the measured counts beside the model's.
+BLOCKS = {"tables": ("<!-- comm_table.py: tables -->", "<!-- /comm_table.py: tables -->"),
+          "counts": ("<!-- comm_table.py: counts -->", "<!-- /comm_table.py: counts -->")}
 
 
 def variants(d: int, H: int) -> dict:
@@ -249,10 +253,27 @@ def counts_table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def render(name: str) -> str:
+    """The generated block ``name`` of docs/scaling.md (``counts`` from the committed result file)."""
+    return tables() if name == "tables" else counts_table(json.loads(RESULT.read_text()))
+
+
+def write_page(path: str) -> None:
+    text = pathlib.Path(path).read_text(encoding="utf-8")
+    for name, (begin, end) in BLOCKS.items():
+        head, rest = text.split(begin, 1)
+        text = head + begin + "\n" + render(name) + "\n" + end + rest.split(end, 1)[1]
+    pathlib.Path(path).write_text(text, encoding="utf-8")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--measure", action="store_true", help="count a tiny CPU run's collectives (2 processes)")
+    ap.add_argument("--page", help="rewrite the generated blocks of this Markdown page")
     args = ap.parse_args(argv)
+    if args.page:
+        write_page(args.page)
+        return 0
     if not args.measure:
         print(tables())
         return 0
