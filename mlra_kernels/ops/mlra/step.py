@@ -91,7 +91,8 @@ def decode_step(
         memo: keeps the step weights between steps (cleared by the caller when the weights may have
             changed without a version counter moving); without one they are formed at every call.
         scale: score scale; default ``1/sqrt(d_h)``, ``d_h = up.shape[1] // num_heads``.
-        causal, key_padding_mask, attn_mask, dropout_p, need_weights: as :func:`mlra_decode`.
+        causal, key_padding_mask, attn_mask, dropout_p, need_weights: as :func:`mlra_decode`; with a
+            :class:`LatentCache` the masks' key positions are its capacity.
         cache_seqlens: ``[B]`` lengths of the sequences in the cache, the new tokens included, with a
             callable ``cache`` (a :class:`LatentCache` brings its own).
 
@@ -128,6 +129,10 @@ def decode_step(
     layout.check_factors(*layout.autocast(x, down, up, bias), H, g)
     c_k, c_v = layout.kv_latents(x, down, g, group_major=True)  # [B, g, t, r] each
     k, v, lengths = _write(cache, c_k, c_v, cache_seqlens, attend_all=path in backend.DECODE_KERNELS)
+    if buffers and k.shape[2] < cache.k.shape[2]:  # the filled part: the masks' positions too
+        end = k.shape[2]
+        key_padding_mask = key_padding_mask[:, :end] if key_padding_mask is not None else None
+        attn_mask = attn_mask[..., :end] if attn_mask is not None else None
     x_, down_, up_, bias_, k, v = layout.autocast(x, down, up, bias, k, v)
     y, weights = decode_on(path, x_, down_, up_, bias_, cache_k=k, cache_v=v, num_heads=H, latent_groups=g,
                            causal=causal, key_padding_mask=key_padding_mask, attn_mask=attn_mask, scale=scale,

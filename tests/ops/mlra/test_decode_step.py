@@ -408,3 +408,25 @@ def test_head_local_steps_on_step_weights_in_float32(name, python_step, monkeypa
     assert_within_torch_error(whole[0], low, exact, what="whole layer's step")
     assert_within_torch_error(sum(out for _, (out, *_) in subsets), low, exact, what="sum of head-local steps")
     _check_local_caches(whole, subsets, 41)
+
+
+def test_decode_step_masks_cover_the_latent_caches_capacity():
+    """With a LatentCache, key padding covers the cache's capacity: the kernel reads the whole buffers, the
+    torch path (float64) its filled part; both match mlra_decode over the sequence."""
+    H, g, r, S, cap = 4, 2, 8, 9, 16
+    seq, down, up, b, w_o, b_o = layer_case(H, g, r, B=2, S=S, t=1)
+    kpm = torch.zeros(2, cap, dtype=torch.bool)
+    kpm[0, 2], kpm[1, 5] = True, True
+    c_k, c_v = kv_latents(seq, down, g, group_major=True)
+    exact, _ = mlra_decode(seq[:, S:], down, up, b, cache_k=c_k, cache_v=c_v, num_heads=H, latent_groups=g,
+                           key_padding_mask=kpm[:, :S + 1])
+    for dtype in (torch.float64, torch.float32):
+        k_buf, v_buf = torch.zeros(2, g, cap, r, dtype=dtype), torch.zeros(2, g, cap, r, dtype=dtype)
+        k_buf[:, :, :S], v_buf[:, :, :S] = c_k[:, :, :S], c_v[:, :, :S]
+        seqlens = torch.full((2,), S, dtype=torch.int32)
+        out, _ = decode_step(seq[:, S:].to(dtype), down.to(dtype), up.to(dtype), b.to(dtype),
+                             cache=LatentCache(k_buf, v_buf, seqlens, S), num_heads=H, latent_groups=g,
+                             key_padding_mask=kpm)
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        torch.testing.assert_close(out.double(), exact, rtol=tol, atol=tol)
+        assert seqlens.tolist() == [S + 1, S + 1]
