@@ -77,6 +77,7 @@ def _worker(rank, world, init_file, out_dir):
             tokens32 = fresh.generate(prompt, max_new_tokens=8, temperature=0)
             res[g] = dict(local=local, sd=sd, losses=losses, grads=grads, params=params, reloaded=reloaded,
                           tokens=tokens, tokens32=tokens32, folded=fresh.h[0].attn._step_memo.formed)
+        res["attention_module"] = _mlra_attention_module(mesh["tp"], full)
         errors = {}
         for name, cfg in (("heads", dict(CFGS[1], n_head=3, n_embd=24)), ("groups", dict(CFGS[1], n_head=6,
                                                                                           n_embd=36, latent_groups=3))):
@@ -88,6 +89,37 @@ def _worker(rank, world, init_file, out_dir):
         torch.save(res, pathlib.Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def _mlra_attention_module(mesh, full):
+    """MLRAttention under MLRAttentionParallel against its unsharded copy: output and every gradient."""
+    import copy
+
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from mlra_kernels.distributed import MLRAttentionParallel
+    from mlra_kernels.nn import MLRAttention
+
+    torch.manual_seed(2)
+    ref = MLRAttention(32, 4, rank=8, latent_groups=2, batch_first=True).double()
+    tp = parallelize_module(copy.deepcopy(ref), mesh, MLRAttentionParallel())
+    x = torch.randn(2, 7, 32, dtype=torch.float64)
+    mask = torch.nn.Transformer.generate_square_subsequent_mask(7, dtype=torch.float64)
+    outs, grads = [], []
+    for m in (ref, tp):
+        q = x.clone().requires_grad_()
+        y, _ = m(q, q, q, attn_mask=mask, is_causal=True, need_weights=False)
+        (y * torch.arange(32, dtype=torch.float64)).sum().backward()
+        outs.append(y.detach())
+        grads.append([q.grad] + [full(p.grad).reshape(-1) for p in m.parameters()])
+    try:
+        tp(x, x, x, need_weights=True)
+        refused = False
+    except NotImplementedError:
+        refused = True
+    return {"out": max((a - b).abs().max().item() for a, b in zip(outs[0], outs[1])),
+            "grads": max((a.reshape(-1) - b.reshape(-1)).abs().max().item() for a, b in zip(*grads)),
+            "refused": refused}
 
 
 def test_tensor_parallel_matches_one_process(tmp_path):
@@ -120,5 +152,6 @@ def test_tensor_parallel_matches_one_process(tmp_path):
             assert torch.equal(res["tokens"], tokens)
             assert torch.equal(res["tokens32"], tokens32) and res["folded"] > 0
     for res in results:
+        assert res["attention_module"]["out"] < 1e-12 and res["attention_module"]["grads"] < 1e-12 and res["attention_module"]["refused"]
         assert "tp_mesh" in res["errors"]["heads"] and "n_head=3" in res["errors"]["heads"]
         assert "tp_mesh" in res["errors"]["groups"] and "latent_groups=3" in res["errors"]["groups"]
