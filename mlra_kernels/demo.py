@@ -27,7 +27,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from mlra_kernels._argtypes import positive_float, positive_int
+from mlra_kernels._argtypes import existing_folder_above, positive_float, positive_int
 from mlra_kernels.models import GPT2, GPT2Config
 from mlra_kernels.monitor import TEVMonitor
 
@@ -303,9 +303,7 @@ def check_out(out: str, overwrite: bool) -> None:
         raise ValueError(f"--out {out} is a file; expected a folder for the run's logs, plot and summary")
     if _is_inside(os.getcwd(), out):
         raise ValueError(f"--out {out} is the current folder or one above it; pass a new folder, e.g. runs/demo")
-    above = os.path.dirname(os.path.abspath(out))
-    while not os.path.exists(above):
-        above = os.path.dirname(above)
+    above = existing_folder_above(out)
     if not os.path.isdir(above):
         raise ValueError(f"--out {out}: {above} is a file, so the folder cannot be made there")
     if not os.path.isdir(out):

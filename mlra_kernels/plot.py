@@ -8,6 +8,7 @@ import os
 import secrets
 from typing import Any, Optional, Sequence, Union
 
+from mlra_kernels._argtypes import existing_folder_above
 from mlra_kernels.monitor import read_jsonl
 
 PathLike = Union[str, os.PathLike]
@@ -38,9 +39,7 @@ def plot_path(out: PathLike, logs: Sequence[PathLike] = ()) -> str:
     for log in logs:
         if os.path.exists(out) and os.path.exists(log) and os.path.samefile(out, log):
             raise ValueError(f"is the log {os.fspath(log)} itself; writing the plot there would overwrite it")
-    folder = os.path.dirname(os.path.abspath(out))
-    while not os.path.exists(folder):
-        folder = os.path.dirname(folder)
+    folder = existing_folder_above(out)
     if not os.path.isdir(folder):
         raise ValueError(f"{folder} is a file, so no folder can be made there for the plot")
     if not os.access(folder, os.W_OK | os.X_OK):
