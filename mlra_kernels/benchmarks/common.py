@@ -625,6 +625,43 @@ def comma_list(allowed: Sequence[str]) -> Callable[[str], list]:
     return parse
 
 
+def check_device(device: str) -> None:
+    """Refuse ``--device cuda`` without a visible GPU, before anything is measured."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BenchError("--device cuda: no GPU visible")
+
+
+def add_output_flags(p: argparse.ArgumentParser, flag: str, what: str,
+                     default_out: str | os.PathLike | None) -> argparse.ArgumentParser:
+    """Add the flags every benchmark ends with, `flag` (the results folder; `what`: the file it holds, see
+    `out_help`) and --traceback, and record `default_out` for `check_output`; returns `p`."""
+    p.add_argument(flag, default=None, help=out_help(what, default_out))
+    p.add_argument("--traceback", action="store_true", help="on an error, show the Python traceback")
+    p.set_defaults(default_out=default_out)
+    return p
+
+
+def save_results(name: str, rows: Iterable[dict], out: pathlib.Path, device: str | torch.device) -> pathlib.Path:
+    """`write_results` into the folder `check_output` returned, then print where; returns the path."""
+    path = write_results(name, rows, out_dir=out, device=device)
+    print(f"wrote {path}")
+    return path
+
+
+def bench_main(prog: str, run: Callable[[argparse.Namespace], int],
+               build_parser: Callable[..., argparse.ArgumentParser]) -> Callable[..., int]:
+    """A benchmark module's ``main(argv=None, prog=prog, default_out=None) -> int``: parse `argv` with
+    ``build_parser(prog, default_out)`` and run `run` through `run_main`."""
+
+    def main(argv: Sequence[str] | None = None, prog: str = prog,
+             default_out: str | os.PathLike | None = None) -> int:
+        """`default_out`: the results folder used when none is named (a bench/*.py script's; see
+        `script_default_out`)."""
+        return run_main(prog, run, build_parser(prog, default_out), argv)
+
+    return main
+
+
 def run_main(prog: str, body: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser,
              argv: Optional[Sequence[str]] = None) -> int:
     """Parse `argv` with `parser` and run `body(args)`; every failure is one line on stderr

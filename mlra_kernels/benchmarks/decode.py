@@ -51,8 +51,8 @@ import torch
 from tqdm.auto import tqdm
 
 from mlra_kernels.benchmarks.common import (
-    BenchError, BenchParser, check_output, comma_list, gbps, out_help, positive_int, run_main, time_cpu, time_gpu,
-    time_interleaved, timing_fields, write_results,
+    BenchError, BenchParser, add_output_flags, bench_main, check_device, check_output, comma_list, gbps,
+    positive_int, save_results, time_cpu, time_gpu, time_interleaved, timing_fields,
 )
 from mlra_kernels.models import GPT2, GPT2Config
 from mlra_kernels.models.gpt2 import LayerCache, MHASelfAttention, MLRASelfAttention
@@ -327,15 +327,11 @@ def build_parser(prog: str = "mlra bench decode", default_out=None) -> argparse.
                    help="the layers' and caches' dtype (default fp32 on CPU, bf16 on CUDA); another than the "
                         "default writes decode_<device>_<dtype>.json")
     p.add_argument("--no-generate", action="store_true", help="skip the end-to-end generate() rows")
-    p.add_argument("--out", default=None, help=out_help("decode_<device>.json", default_out))
-    p.add_argument("--traceback", action="store_true", help="on an error, show the Python traceback")
-    p.set_defaults(default_out=default_out)
-    return p
+    return add_output_flags(p, "--out", "decode_<device>.json", default_out)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise BenchError("--device cuda: no GPU visible")
+    check_device(args.device)
     d, H = args.width, args.heads
     if d % (4 * H):
         raise BenchError(f"--width {d} must be a multiple of 4·--heads = {4 * H} (the g = H latent is d/4 wide)")
@@ -370,14 +366,11 @@ def run(args: argparse.Namespace) -> int:
         for r in gen_rows:
             tqdm.write(f"generate {r['variant']:14} {r['tokens_per_s']:8.1f} tokens/s")
         rows += gen_rows
-    path = write_results(name, rows, out_dir=out, device=args.device)
-    print(f"wrote {path}")
+    save_results(name, rows, out, args.device)
     return 0
 
 
-def main(argv=None, prog: str = "mlra bench decode", default_out=None) -> int:
-    """`default_out`: the folder used without --out (a bench/*.py script's; see common.script_default_out)."""
-    return run_main(prog, run, build_parser(prog, default_out), argv)
+main = bench_main("mlra bench decode", run, build_parser)
 
 
 if __name__ == "__main__":

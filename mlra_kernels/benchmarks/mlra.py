@@ -55,8 +55,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from mlra_kernels.benchmarks.common import (
-    BenchError, BenchParser, check_output, out_help, positive_int, run_main, time_gpu, time_interleaved,
-    timing_fields, write_results,
+    BenchError, BenchParser, add_output_flags, bench_main, check_output, positive_int, save_results, time_gpu,
+    time_interleaved, timing_fields,
 )
 from mlra_kernels.ops.mlra import config, kernel_path, mlra_attention
 from mlra_kernels.ops.mlra.reference import mlra_attention_reference
@@ -376,10 +376,7 @@ def build_parser(prog: str = "mlra bench mlra", default_out=None) -> argparse.Ar
                    help=f"B·T per row (B = tokens // T, at least 1), default {FULL['tokens']} (--smoke: {SMOKE['tokens']})")
     p.add_argument("--smoke", action="store_true", help="tiny shapes; runs on CPU (Triton interpreter)")
     p.add_argument("--out", type=result_name, default=None, help="results name (default mlra_<device>)")
-    p.add_argument("--out-dir", default=None, help=out_help("the JSON", default_out))
-    p.add_argument("--traceback", action="store_true", help="on an error, show the Python traceback")
-    p.set_defaults(default_out=default_out)
-    return p
+    return add_output_flags(p, "--out-dir", "the JSON", default_out)
 
 
 def grid(args: argparse.Namespace, device: torch.device) -> list[tuple]:
@@ -441,14 +438,11 @@ def run(args: argparse.Namespace) -> int:
             f"fwd {row['ours_fwd_ms']:.3f} ms ({row['speedup_fwd_vs_mha']:.2f}x mha), "
             f"saved {row['saved_ratio_vs_unfused']:.2f}x unfused"
         )
-    path = write_results(name, rows, out_dir=out, device=device)
-    print(f"wrote {path}")
+    save_results(name, rows, out, device)
     return 0
 
 
-def main(argv=None, prog: str = "mlra bench mlra", default_out=None) -> int:
-    """`default_out`: the folder used without --out-dir (a bench/*.py script's; see common.script_default_out)."""
-    return run_main(prog, run, build_parser(prog, default_out), argv)
+main = bench_main("mlra bench mlra", run, build_parser)
 
 
 if __name__ == "__main__":

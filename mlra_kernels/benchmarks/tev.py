@@ -25,9 +25,10 @@ import sys
 import torch
 from tqdm.auto import tqdm
 
+from mlra_kernels._argtypes import parse_number
 from mlra_kernels.benchmarks.common import (
-    BenchError, BenchParser, check_output, comma_list, gbps, out_help, positive_int, run_main, time_cpu,
-    time_gpu, timing_fields, write_results,
+    BenchError, BenchParser, add_output_flags, bench_main, check_device, check_output, comma_list, gbps,
+    positive_int, save_results, time_cpu, time_gpu, timing_fields,
 )
 from mlra_kernels.ops.tev import tev, tev_reference
 from mlra_kernels.ops.tev.reference import tev_one_liner
@@ -71,10 +72,7 @@ def shapes(max_elems: float, device: str) -> list[tuple[int, int]]:
 
 def max_elems_type(text: str) -> float:
     """argparse type of --max-elems: a number of elements, at least the smallest benchmarked matrix."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of elements such as 1e8, got {text!r}") from None
+    value = parse_number(text, float, "a number of elements such as 1e8")
     if not math.isfinite(value) or value < SIZES[0]:
         raise argparse.ArgumentTypeError(
             f"expected a number of elements of at least 1e6 (the smallest matrix), got {text!r}")
@@ -144,15 +142,11 @@ def build_parser(prog: str = "mlra bench tev", default_out=None) -> argparse.Arg
     p.add_argument("--max-elems", type=max_elems_type, default=1e9,
                    help="largest V·d to run, at least 1e6 (default 1e9)")
     p.add_argument("--rep", type=positive_int, default=5, help="CPU repetitions per measurement (default 5)")
-    p.add_argument("--out", default=None, help=out_help("tev_<device>.json", default_out))
-    p.add_argument("--traceback", action="store_true", help="on an error, show the Python traceback")
-    p.set_defaults(default_out=default_out)
-    return p
+    return add_output_flags(p, "--out", "tev_<device>.json", default_out)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise BenchError("--device cuda: no GPU visible")
+    check_device(args.device)
     name = f"tev_{args.device}"
     out = check_output(args.out, "--out", name, default=getattr(args, "default_out", None))
     cases = [(v, d, dt) for v, d in shapes(args.max_elems, args.device) for dt in args.dtypes]
@@ -169,16 +163,13 @@ def run(args: argparse.Namespace) -> int:
             f"(x{row['speedup_vs_one_liner']:5.1f}) | sum {row['sum_gbps']:6.2f} GB/s "
             f"({100 * row['fraction_of_sum_read_rate']:5.1f}% of it)",
         )
-    path = write_results(name, rows, out_dir=out, device=args.device)
-    print(f"wrote {path}")
+    save_results(name, rows, out, args.device)
     worst = min(r["speedup_vs_one_liner"] for r in rows)
     print(f"lowest speedup over the one-liner: x{worst:.1f}")
     return 0
 
 
-def main(argv=None, prog: str = "mlra bench tev", default_out=None) -> int:
-    """`default_out`: the folder used without --out (a bench/*.py script's; see common.script_default_out)."""
-    return run_main(prog, run, build_parser(prog, default_out), argv)
+main = bench_main("mlra bench tev", run, build_parser)
 
 
 if __name__ == "__main__":
