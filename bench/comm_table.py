@@ -98,8 +98,8 @@ def _mb(n: float) -> str:
 
 def tables() -> str:
     out = [f"Per layer and training step; {TOKENS} tokens per rank, bf16. Payload in MiB (count × size).", "",
-           "| model | attention | params/layer | DDP all-reduce | FSDP2 all-gather + reduce-scatter | "
-           "TP all-reduce (t) | TP params/rank |",
+           ("| model | attention | params/layer | DDP all-reduce | FSDP2 all-gather + reduce-scatter | "
+            "TP all-reduce (t) | TP params/rank |"),
            "|---|---|---|---|---|---|---|"]
     for name, (d, H, L, tp) in MODELS.items():
         for kind, attn in variants(d, H).items():
@@ -222,7 +222,6 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
 
 
 def measure(world: int = 2) -> dict:
-    import torch
     import torch.multiprocessing as mp
 
     from mlra_kernels.benchmarks.common import env_metadata
@@ -231,7 +230,7 @@ def measure(world: int = 2) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "counts.json")
         mp.spawn(_worker, args=(world, os.path.join(tmp, "pg"), out), nprocs=world, join=True)
-        measured = json.load(open(out))
+        measured = json.loads(pathlib.Path(out).read_text())
     rows = {}
     for scheme, attention, g in CASES:
         key = f"{scheme} {attention} g={g}"
@@ -241,8 +240,8 @@ def measure(world: int = 2) -> dict:
 
 
 def counts_table(res: dict) -> str:
-    lines = ["| run (2 CPU ranks, float32) | CommDebugMode counts | model counts | measured payload B | model payload B |",
-             "|---|---|---|---|---|"]
+    lines = ["| run (2 CPU ranks, float32) | CommDebugMode counts | model counts | measured payload B | "
+             "model payload B |", "|---|---|---|---|---|"]
     for key, row in res["cases"].items():
         m, p = row["measured"], row["model"]
 

@@ -38,7 +38,7 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     mesh = init_device_mesh(device.type, (world // args.tp, args.tp), mesh_dim_names=("dp", "tp"))
@@ -58,7 +58,11 @@ def main() -> None:
 
     import mlra_kernels
     files = sorted(glob.glob(os.path.join(os.path.dirname(mlra_kernels.__file__), "**", "*.py"), recursive=True))
-    text = torch.frombuffer(bytearray(b"".join(open(f, "rb").read() for f in files)), dtype=torch.uint8).long()
+    blob = bytearray()
+    for f in files:
+        with open(f, "rb") as fh:
+            blob += fh.read()
+    text = torch.frombuffer(blob, dtype=torch.uint8).long()
 
     start, saved = 0, sorted(glob.glob(os.path.join(args.out, "step-*")), key=lambda p: int(p.rsplit("-", 1)[1]))
     if args.resume and saved:

@@ -1,20 +1,8 @@
 """Tensor parallelism for MLRA on torch's own engine (DeviceMesh, DTensor, ``parallelize_module``).
 
 Each rank of a 1-D tensor-parallel mesh holds whole latent groups of heads (``g = 1``: some heads of the
-one group) and runs the head-local MLRA ops on local tensors; the output projection is row-parallel, so
-a layer costs one all-reduce forward and one backward, as MHA's does. See ``docs/scaling.md``.
-
-Parameter layouts under TP (the parameter names stay; state dicts hold the unsharded tensors):
-
-- ``up``   ``[3, d, r]``      ``Shard(1)``: this rank's heads.
-- ``bias`` held as a view ``[3, d]``, ``Shard(1)``: this rank's heads of q, k and v.
-- ``down`` ``[3·g·r, d]`` ``Replicate()`` at ``g = 1``; for ``g > 1`` held as a view ``[3, g·r, d]``,
-  ``Shard(1)``: this rank's groups of each projection.
-
-A flat ``Shard(0)`` of ``bias`` or ``down`` would hand a rank q's rows but not its k and v rows, and
-``_StridedShard`` holds several disjoint row blocks per rank, which distributed checkpoints record as
-one; the ``[3, ·]`` views keep each rank's part one box of the view. The state-dict hooks give the flat
-unsharded tensors and take them back, so checkpoints keep their keys and shapes.
+one group) and runs the head-local MLRA ops on local tensors; the output projection is row-parallel.
+Parameter names stay, and state dicts hold the unsharded tensors. Layouts and costs: ``docs/scaling.md``.
 """
 
 from __future__ import annotations
@@ -30,7 +18,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, Ro
 from mlra_kernels.nn.projection import MLRAProjection
 from mlra_kernels.ops.mlra.step import OutputProjection
 
-__all__ = ["MLRAProjectionParallel", "MLRAttentionParallel", "tensor_parallel", "sum_grad"]
+__all__ = ["MLRAProjectionParallel", "MLRAttentionParallel", "sum_grad", "tensor_parallel"]
 
 
 def sum_grad(t: Tensor, mesh: DeviceMesh) -> Tensor:
@@ -82,20 +70,23 @@ def _check_mesh(mesh: DeviceMesh, name: str = "device_mesh") -> int:
     return mesh.size()
 
 
-def _check_degree(tp: int, num_heads: int, latent_groups: int, name: str) -> None:
+def _check_degree(tp: int, num_heads: int, latent_groups: int) -> None:
     if num_heads % tp:
-        raise ValueError(f"{name}: the tensor-parallel degree {tp} must divide num_heads={num_heads}")
+        raise ValueError(f"device_mesh: the tensor-parallel degree {tp} must divide the MLRAProjection's "
+                         f"num_heads={num_heads}")
     if latent_groups > 1 and latent_groups % tp:
-        raise ValueError(f"{name}: with latent_groups={latent_groups} > 1 the tensor-parallel degree {tp} must "
-                         f"divide latent_groups (each rank holds whole groups); use latent_groups=1, or a degree "
-                         f"dividing {latent_groups}")
+        raise ValueError(f"device_mesh: the tensor-parallel degree {tp} must divide the MLRAProjection's "
+                         f"latent_groups={latent_groups} (each rank holds whole groups); use latent_groups=1, or "
+                         f"a degree dividing {latent_groups}")
 
 
 class MLRAProjectionParallel(ParallelStyle):
     """Shard an :class:`~mlra_kernels.nn.MLRAProjection` by head over a 1-D tensor-parallel mesh.
 
     ``up`` and ``bias`` are sharded by head; ``down`` is replicated at ``g = 1`` and sharded by latent
-    group when the degree divides ``g``. ``MLRAProjection.op_factors()`` then gives this rank's local
+    group when the degree divides ``g`` (``bias`` and a grouped ``down`` as ``[3, ·]`` views, ``Shard(1)``,
+    so that each rank's rows of q, k and v are one block; state-dict hooks keep the flat unsharded
+    tensors). ``MLRAProjection.op_factors()`` then gives this rank's local
     factors with ``num_heads = H/tp`` and ``latent_groups = g/tp`` (``1`` at ``g = 1``), and the gradient
     of a replicated ``down`` is summed over the mesh. The module that calls the op must also sum its
     input's gradient over the mesh (:func:`sum_grad`); :class:`MLRAttentionParallel` does both.
@@ -110,7 +101,7 @@ class MLRAProjectionParallel(ParallelStyle):
             raise ValueError("this MLRAProjection is already tensor-parallel")
         tp = _check_mesh(device_mesh)
         H, g = module.num_heads, module.latent_groups
-        _check_degree(tp, H, g, "MLRAProjection")
+        _check_degree(tp, H, g)
         src = self.src_data_rank
 
         def put(name: str, view: tuple, placement) -> None:
@@ -177,7 +168,8 @@ class MLRAttentionParallel(ParallelStyle):
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         qkv = getattr(module, "qkv", None)
-        out = getattr(module, "out_proj", None) or getattr(module, "c_proj", None)
+        out = getattr(module, "out_proj", None)
+        out = getattr(module, "c_proj", None) if out is None else out
         if not isinstance(qkv, MLRAProjection) or not isinstance(out, nn.Linear):
             raise TypeError("MLRAttentionParallel applies to a module with an MLRAProjection `qkv` and an nn.Linear "
                             f"`out_proj` or `c_proj` (MLRAttention, GPT-2's MLRASelfAttention), got "

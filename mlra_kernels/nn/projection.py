@@ -66,6 +66,11 @@ class MLRAProjection(nn.Module):
             return self.down, self.up, self.bias, self.num_heads, self.latent_groups
         return self._tp.local_factors(self)
 
+    def _check_whole(self, what: str) -> None:
+        if self._tp is not None:
+            raise NotImplementedError(f"MLRAProjection.{what} needs the whole factors; under tensor parallelism each "
+                                      "rank holds some heads: call it before parallelizing, or on a gathered copy")
+
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, rank={self.rank}, "
                 f"latent_groups={self.latent_groups}, bias={self.bias is not None}")
@@ -75,6 +80,7 @@ class MLRAProjection(nn.Module):
         """Set the factors from a dense ``[3·d, d]`` Q/K/V weight (``nn.Linear`` layout) by truncated SVD,
         and the bias (zero when ``bias`` is None); returns and keeps ``svd_error`` (None on the meta device).
         """
+        self._check_whole("load_dense_")
         d = self.embed_dim
         if not isinstance(weight, Tensor) or tuple(weight.shape) != (3 * d, d):
             shape = list(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
@@ -106,4 +112,5 @@ class MLRAProjection(nn.Module):
 
     def dense_weight(self) -> Tensor:
         """The dense ``[3·d, d]`` Q/K/V weight the factors represent (``B_P·A_P`` per head)."""
+        self._check_whole("dense_weight")
         return layout.dense_from_factors(self.down, self.up, self.num_heads, self.latent_groups)

@@ -68,7 +68,8 @@ def _worker(rank, world, init_file, out_dir):
         set_state_dict(model2, opt2, model_state_dict=state["model"], optim_state_dict=state["optim"])
         resumed = [step(model2, opt2, idx) for idx in batches()[SAVE_AT:]]
         same = all(torch.equal(p.to_local(), q.to_local()) for p, q in zip(model.parameters(), model2.parameters()))
-        torch.save({"losses": losses, "resumed": resumed, "same_params": same}, pathlib.Path(out_dir) / f"rank{rank}.pt")
+        result = {"losses": losses, "resumed": resumed, "same_params": same}
+        torch.save(result, pathlib.Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 

@@ -152,6 +152,7 @@ def test_tensor_parallel_matches_one_process(tmp_path):
             assert torch.equal(res["tokens"], tokens)
             assert torch.equal(res["tokens32"], tokens32) and res["folded"] > 0
     for res in results:
-        assert res["attention_module"]["out"] < 1e-12 and res["attention_module"]["grads"] < 1e-12 and res["attention_module"]["refused"]
+        module = res["attention_module"]
+        assert module["out"] < 1e-12 and module["grads"] < 1e-12 and module["refused"]
         assert "tp_mesh" in res["errors"]["heads"] and "n_head=3" in res["errors"]["heads"]
         assert "tp_mesh" in res["errors"]["groups"] and "latent_groups=3" in res["errors"]["groups"]
