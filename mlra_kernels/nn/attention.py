@@ -424,48 +424,33 @@ class MLRAttention(nn.Module):
                 )
 
     def _shape_check(self, query, key, value, key_padding_mask, attn_mask) -> bool:
-        if query.dim() == 3:
-            if key.dim() != 3 or value.dim() != 3:
-                raise AssertionError(
-                    "For batched (3-D) `query`, expected `key` and `value` to be 3-D"
-                    f" but found {key.dim()}-D and {value.dim()}-D tensors respectively"
-                )
-            if key_padding_mask is not None and key_padding_mask.dim() != 2:
-                raise AssertionError(
-                    "For batched (3-D) `query`, expected `key_padding_mask` to be `None` or 2-D"
-                    f" but found {key_padding_mask.dim()}-D tensor instead"
-                )
-            if attn_mask is not None and attn_mask.dim() not in (2, 3):
-                raise AssertionError(
-                    "For batched (3-D) `query`, expected `attn_mask` to be `None`, 2-D or 3-D"
-                    f" but found {attn_mask.dim()}-D tensor instead"
-                )
-            return True
-        if query.dim() == 2:
-            if key.dim() != 2 or value.dim() != 2:
-                raise AssertionError(
-                    "For unbatched (2-D) `query`, expected `key` and `value` to be 2-D"
-                    f" but found {key.dim()}-D and {value.dim()}-D tensors respectively"
-                )
-            if key_padding_mask is not None and key_padding_mask.dim() != 1:
-                raise AssertionError(
-                    "For unbatched (2-D) `query`, expected `key_padding_mask` to be `None` or 1-D"
-                    f" but found {key_padding_mask.dim()}-D tensor instead"
-                )
-            if attn_mask is not None:
-                if attn_mask.dim() not in (2, 3):
-                    raise AssertionError(
-                        "For unbatched (2-D) `query`, expected `attn_mask` to be `None`, 2-D or 3-D"
-                        f" but found {attn_mask.dim()}-D tensor instead"
-                    )
-                if attn_mask.dim() == 3:
-                    expected = (self.num_heads, query.shape[0], key.shape[0])
-                    if attn_mask.shape != expected:
-                        raise AssertionError(f"Expected `attn_mask` shape to be {expected} but got {attn_mask.shape}")
-            return False
-        raise AssertionError(
-            f"query should be unbatched 2D or batched 3D tensor but received {query.dim()}-D query tensor"
-        )
+        """``nn.MultiheadAttention``'s input checks, with its messages; True for a batched (3-D) query."""
+        if query.dim() not in (2, 3):
+            raise AssertionError(
+                f"query should be unbatched 2D or batched 3D tensor but received {query.dim()}-D query tensor"
+            )
+        batched = query.dim() == 3
+        kind, n = ("batched (3-D)", 3) if batched else ("unbatched (2-D)", 2)
+        if key.dim() != n or value.dim() != n:
+            raise AssertionError(
+                f"For {kind} `query`, expected `key` and `value` to be {n}-D"
+                f" but found {key.dim()}-D and {value.dim()}-D tensors respectively"
+            )
+        if key_padding_mask is not None and key_padding_mask.dim() != n - 1:
+            raise AssertionError(
+                f"For {kind} `query`, expected `key_padding_mask` to be `None` or {n - 1}-D"
+                f" but found {key_padding_mask.dim()}-D tensor instead"
+            )
+        if attn_mask is not None and attn_mask.dim() not in (2, 3):
+            raise AssertionError(
+                f"For {kind} `query`, expected `attn_mask` to be `None`, 2-D or 3-D"
+                f" but found {attn_mask.dim()}-D tensor instead"
+            )
+        if not batched and attn_mask is not None and attn_mask.dim() == 3:
+            expected = (self.num_heads, query.shape[0], key.shape[0])
+            if attn_mask.shape != expected:
+                raise AssertionError(f"Expected `attn_mask` shape to be {expected} but got {attn_mask.shape}")
+        return batched
 
     def _mask_shape_check(self, B, T, S, key_padding_mask, attn_mask) -> None:
         if key_padding_mask is not None and tuple(key_padding_mask.shape) != (B, S):
