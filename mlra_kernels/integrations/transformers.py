@@ -51,6 +51,7 @@ What the converted attention supports:
 from __future__ import annotations
 
 import inspect
+from functools import partial
 from typing import Any, Optional
 
 import torch
@@ -58,8 +59,8 @@ from torch import Tensor, nn
 
 from mlra_kernels._mask_memo import memo_by_tensor
 from mlra_kernels._warnings import warn_once
-from mlra_kernels.nn.fold import foldable_output
-from mlra_kernels.nn.projection import MLRAProjection
+from mlra_kernels.nn.fold import ClearsStepMemo, foldable_output
+from mlra_kernels.nn.projection import MLRAProjection, move_flat_factors
 from mlra_kernels.ops.mlra import StepWeightsMemo, decode_step, kv_latents, mlra_attention, mlra_decode
 from mlra_kernels.ops.mlra.layout import check_config, default_rank
 
@@ -152,7 +153,7 @@ def _check_args(rank: Any, latent_groups: Any, init: Any, embed_dim: int, num_he
     return rank, latent_groups
 
 
-class MLRAGPT2Attention(modeling_gpt2.GPT2Attention):
+class MLRAGPT2Attention(ClearsStepMemo, modeling_gpt2.GPT2Attention):
     """GPT-2 self-attention with MLRA Q/K/V projections; the output projection ``c_proj`` is kept.
 
     A ``GPT2Attention`` subclass, so that transformers treats it as one (it records its attention
@@ -200,7 +201,7 @@ class MLRAGPT2Attention(modeling_gpt2.GPT2Attention):
             self.qkv.load_dense_(w.detach().t(), b.detach() if b is not None else None)
         self._step_memo = StepWeightsMemo()  # a decode step's pre-multiplied weights, c_proj included
         self.train(attn.training)
-        self._register_load_state_dict_pre_hook(_rename_flat_factors)
+        self._register_load_state_dict_pre_hook(partial(move_flat_factors, ("down", "up", "qkv_bias")))
 
     @property
     def svd_error(self) -> Optional[dict[str, float]]:
@@ -343,19 +344,6 @@ class MLRAGPT2Attention(modeling_gpt2.GPT2Attention):
                     f"latent_groups = H = {H}). A converted model keeps the {expected.format(batch, g, r)} in its "
                     "cache, not per-head "
                     f"keys and values, so it cannot read a dense model's cache: {fix}.")
-
-    def _apply(self, fn, *args, **kwargs):
-        if getattr(self, "_step_memo", None) is not None:  # not yet during __init__
-            self._step_memo.clear()
-        return super()._apply(fn, *args, **kwargs)
-
-
-def _rename_flat_factors(state_dict, prefix, *args) -> None:
-    """Load state dicts saved before the factors moved into ``qkv`` (``down``, ``up``, ``qkv_bias``)."""
-    for old, new in (("down", "qkv.down"), ("up", "qkv.up"), ("qkv_bias", "qkv.bias")):
-        if prefix + old in state_dict and prefix + new not in state_dict:
-            state_dict[prefix + new] = state_dict.pop(prefix + old)
-
 
 def _as_masked(mask: Optional[Tensor]) -> Optional[Tensor]:
     """A transformers attention mask (bool: True = attend; float: added) in the ops' convention

@@ -5,14 +5,15 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mlra_kernels.nn.fold import foldable_output
-from mlra_kernels.nn.projection import MLRAProjection
+from mlra_kernels.nn.fold import ClearsStepMemo, foldable_output
+from mlra_kernels.nn.projection import MLRAProjection, move_flat_factors
 from mlra_kernels.ops.mlra import LatentCache, StepWeightsMemo, decode_step, kv_latents, mlra_attention
 from mlra_kernels.ops.mlra.layout import check_config, positive_int
 
@@ -210,7 +211,7 @@ class MHASelfAttention(nn.Module):
         return y, cache
 
 
-class MLRASelfAttention(nn.Module):
+class MLRASelfAttention(ClearsStepMemo, nn.Module):
     """Causal Multi-head Low-Rank self-attention; the factors are an :class:`MLRAProjection` (``qkv``).
 
     Training and a prefill call the fused ``mlra_kernels.mlra_attention``. With a KV cache the cache
@@ -231,7 +232,7 @@ class MLRASelfAttention(nn.Module):
         self._scale = 1.0 / math.sqrt(cfg.n_embd // cfg.n_head)
         self.cache_layout = ("latents", cfg.latent_groups, cfg.rank)  # what its LayerCache holds
         self._step_memo = StepWeightsMemo()  # the decode step's pre-multiplied weights
-        self._register_load_state_dict_pre_hook(_rename_flat_factors)
+        self._register_load_state_dict_pre_hook(partial(move_flat_factors, ("down", "up", "qkv_bias")))
 
     def forward(self, x: Tensor, cache: Optional[LayerCache] = None, use_cache: bool = False):
         qkv = self.qkv
@@ -266,19 +267,6 @@ class MLRASelfAttention(nn.Module):
             cache.advance(t)  # the step wrote the latents and grew seqlens
             return (self.resid_dropout(y) if self.training else y), cache  # dropout is the identity in eval mode
         return self.resid_dropout(self.c_proj(y)), cache
-
-    def _apply(self, fn, *args, **kwargs):
-        if getattr(self, "_step_memo", None) is not None:  # not yet during __init__
-            self._step_memo.clear()
-        return super()._apply(fn, *args, **kwargs)
-
-
-def _rename_flat_factors(state_dict, prefix, *args) -> None:
-    """Load state dicts saved before the factors moved into ``qkv`` (``down``, ``up``, ``qkv_bias``)."""
-    for old, new in (("down", "qkv.down"), ("up", "qkv.up"), ("qkv_bias", "qkv.bias")):
-        if prefix + old in state_dict and prefix + new not in state_dict:
-            state_dict[prefix + new] = state_dict.pop(prefix + old)
-
 
 class MLP(nn.Module):
     def __init__(self, cfg: GPT2Config) -> None:

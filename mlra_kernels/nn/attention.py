@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from functools import partial
 from typing import Any, Optional
 
 import torch
@@ -11,7 +12,7 @@ from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from mlra_kernels._mask_memo import memo_by_tensor
 from mlra_kernels._warnings import warn_once
-from mlra_kernels.nn.projection import MLRAProjection
+from mlra_kernels.nn.projection import MLRAProjection, move_flat_factors
 from mlra_kernels.ops.mlra import masks, mlra_attention, mlra_attention_dense
 from mlra_kernels.ops.mlra.layout import default_rank, factorize
 
@@ -155,7 +156,8 @@ class MLRAttention(nn.Module):
         self.add_zero_attn = False
         self.out_proj = NonDynamicallyQuantizableLinear(embed_dim, embed_dim, bias=bias, **factory)
         self._reset_parameters()
-        self._register_load_state_dict_pre_hook(_rename_flat_factors)
+        self._register_load_state_dict_pre_hook(
+            partial(move_flat_factors, ("down_proj_weight", "up_proj_weight", "in_proj_bias")))
 
     # The factors live in ``qkv`` (an MLRAProjection); these names follow nn.MultiheadAttention's.
     @property
@@ -466,13 +468,6 @@ class MLRAttention(nn.Module):
                     f"The shape of the 3D attn_mask is {attn_mask.shape}, but should be "
                     f"{(B * self.num_heads, T, S)}."
                 )
-
-
-def _rename_flat_factors(state_dict, prefix, *args) -> None:
-    """Load state dicts saved before the factors moved into ``qkv`` (``down_proj_weight`` ... at the top)."""
-    for old, new in (("down_proj_weight", "qkv.down"), ("up_proj_weight", "qkv.up"), ("in_proj_bias", "qkv.bias")):
-        if prefix + old in state_dict and prefix + new not in state_dict:
-            state_dict[prefix + new] = state_dict.pop(prefix + old)
 
 
 def factorize_in_proj(

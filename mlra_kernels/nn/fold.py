@@ -56,3 +56,14 @@ def foldable_output(layer: nn.Module, layer_type: type, *, owner: str, training:
                   "more calls).")
         return None
     return OutputProjection(layer.weight, layer.bias, transposed)
+
+
+class ClearsStepMemo:
+    """Mixin for a layer that keeps its decode step weights in ``_step_memo``: ``.to()``, ``.half()`` and the
+    like clear them (the weights are a derived copy)."""
+
+    def _apply(self, fn, *args, **kwargs):
+        memo = getattr(self, "_step_memo", None)  # None during __init__
+        if memo is not None:
+            memo.clear()
+        return super()._apply(fn, *args, **kwargs)

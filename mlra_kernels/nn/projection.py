@@ -114,3 +114,11 @@ class MLRAProjection(nn.Module):
         """The dense ``[3·d, d]`` Q/K/V weight the factors represent (``B_P·A_P`` per head)."""
         self._check_whole("dense_weight")
         return layout.dense_from_factors(self.down, self.up, self.num_heads, self.latent_groups)
+
+
+def move_flat_factors(names: tuple[str, str, str], state_dict, prefix, *args) -> None:
+    """A ``load_state_dict`` pre-hook, bound to ``names`` with ``functools.partial``: factors saved flat on the
+    layer as ``names`` (down, up, bias; state dicts from before ``qkv`` held them) move into ``qkv``."""
+    for old, new in zip(names, ("qkv.down", "qkv.up", "qkv.bias")):
+        if prefix + old in state_dict and prefix + new not in state_dict:
+            state_dict[prefix + new] = state_dict.pop(prefix + old)

@@ -640,3 +640,16 @@ def test_a_decode_step_enters_the_ops_once_per_layer(case, monkeypatch):
         areas, calls = package_crossings(lambda: m.forward_cached(idx[:, 9:10], cache), "models")
     assert calls == 2 and areas == ["models", "ops", "models", "ops", "models"]
     assert cache[0].length == 10 and cache[0].seqlens.tolist() == [10, 10]
+
+
+def test_a_state_dict_with_the_factors_flat_on_the_layer_loads():
+    """State dicts from before ``qkv`` held the factors name them ``down``, ``up`` and ``qkv_bias``."""
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=32, block_size=16, n_layer=1, n_head=2, n_embd=16, attention="mlra", rank=4)
+    src, dst = GPT2(cfg), GPT2(cfg)
+    flat = {k.replace("qkv.down", "down").replace("qkv.up", "up").replace("qkv.bias", "qkv_bias"): v
+            for k, v in src.state_dict().items()}
+    assert any(k.endswith("attn.down") for k in flat)
+    dst.load_state_dict(flat)
+    for (name, a), b in zip(src.state_dict().items(), dst.state_dict().values()):
+        assert torch.equal(a, b), name

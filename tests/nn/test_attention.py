@@ -491,3 +491,15 @@ def test_in_proj_bias_can_be_assigned_like_on_nn_multihead_attention():
         with pytest.raises(exc, match=match):
             mlra.in_proj_bias = value
     assert mlra.in_proj_bias is new
+
+
+def test_a_state_dict_with_the_factors_flat_on_the_layer_loads():
+    """State dicts from before ``qkv`` held the factors name them on the layer itself."""
+    torch.manual_seed(0)
+    src, dst = MLRAttention(32, 4, rank=8), MLRAttention(32, 4, rank=8)
+    flat = {k.replace("qkv.down", "down_proj_weight").replace("qkv.up", "up_proj_weight")
+            .replace("qkv.bias", "in_proj_bias"): v for k, v in src.state_dict().items()}
+    assert "down_proj_weight" in flat and "qkv.down" not in flat
+    dst.load_state_dict(flat)
+    for (name, a), b in zip(src.state_dict().items(), dst.state_dict().values()):
+        assert torch.equal(a, b), name
