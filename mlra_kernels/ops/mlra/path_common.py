@@ -14,6 +14,11 @@ from torch import Tensor
 CPU_LATENT_MIN_WIDTH = 16
 
 
+# torch's fused CPU attention (flash-style, no T×T scores) and its backward.
+cpu_attention = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+cpu_attention_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
 def latent_width(r: int, device: torch.device) -> int:
     """The head width at which attention on the latents runs: ``r``, padded up to 16 on the CPU."""
     return max(r, CPU_LATENT_MIN_WIDTH) if device.type == "cpu" else r
@@ -116,3 +121,29 @@ def latent_is_narrow(rank: Optional[int], head_dim: Optional[int], device_type: 
     if rank is None or head_dim is None:
         return False
     return 2 * (max(rank, 16) if device_type == "cpu" else rank) <= head_dim
+
+
+def register_fused_cpu_autograd(fwd, bwd, saved) -> None:
+    """Autograd for a fused CPU path: ``fwd(x, down, up, bias, num_heads, latent_groups, causal, scale)``
+    returns ``o`` and what its backward reads; ``saved(inputs, outputs)`` picks the tensors to keep, and the
+    backward runs ``bwd(grad_o, *kept, num_heads, latent_groups, causal, scale) -> (dx, ddown, dup, dbias)``."""
+
+    def setup_context(ctx, inputs, output):
+        x, down, up, bias, *args = inputs
+        ctx.save_for_backward(*saved(inputs, output))
+        ctx.set_materialize_grads(False)  # only o gets a gradient: no zeros filled for the others
+        ctx.args, ctx.has_bias, ctx.o_shape = tuple(args), bias is not None, (*x.shape[:2], up.shape[1])
+
+    def backward(ctx, grad_o, *_):
+        kept = ctx.saved_tensors
+        if grad_o is None:
+            grad_o = kept[0].new_zeros(ctx.o_shape)
+        dx, ddown, dup, dbias = bwd(grad_o, *kept, *ctx.args)
+        return dx, ddown, dup, (dbias if ctx.has_bias else None), None, None, None, None
+
+    fwd.register_autograd(backward, setup_context=setup_context)
+
+
+def factor_grads_fake(x: Tensor, down: Tensor, up: Tensor):
+    """What a path's backward op returns, as fakes: ``(dx, ddown, dup, dbias [3·H·d_h])``."""
+    return torch.empty_like(x), torch.empty_like(down), torch.empty_like(up), x.new_empty((3 * up.shape[1],))

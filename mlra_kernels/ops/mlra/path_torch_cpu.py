@@ -10,10 +10,9 @@ import torch
 from torch import Tensor
 
 from mlra_kernels.ops.mlra import layout
-from mlra_kernels.ops.mlra.path_common import heads, merge
-
-_fused_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-_fused_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+from mlra_kernels.ops.mlra.path_common import (
+    cpu_attention, cpu_attention_backward, factor_grads_fake, heads, merge, register_fused_cpu_autograd,
+)
 
 
 @torch.library.custom_op("mlra::mlra_attention_torch_cpu_fwd", mutates_args=())
@@ -27,7 +26,7 @@ def mlra_attention_torch_cpu_fwd(
     c = layout.latents(x, down)
     qkv = layout.qkv_buffer(c, up, bias, latent_groups)
     q, k, v = layout.heads_of(qkv, B, T, num_heads, latent_groups)
-    o, lse = _fused_fwd(q, k, v, 0.0, causal, scale=scale)
+    o, lse = cpu_attention(q, k, v, 0.0, causal, scale=scale)
     return merge(o), lse.float().contiguous(), qkv, c
 
 
@@ -48,35 +47,20 @@ def mlra_attention_torch_cpu_bwd(
     B, T, _ = x.shape
     D = up.shape[1]
     q, k, v = layout.heads_of(qkv, B, T, num_heads, latent_groups)
-    grads = _fused_bwd(heads(grad_o.contiguous(), num_heads), q, k, v, heads(o.contiguous(), num_heads), lse, 0.0,
-                       causal, scale=scale)
+    do_h, o_h = heads(grad_o.contiguous(), num_heads), heads(o.contiguous(), num_heads)
+    grads = cpu_attention_backward(do_h, q, k, v, o_h, lse, 0.0, causal, scale=scale)
     dqkv = [t.transpose(1, 2).reshape(B * T, D) for t in grads]  # token-major: views, no copy
     return layout.factor_grads(dqkv, c, x, down, up, latent_groups)
 
 
 @mlra_attention_torch_cpu_bwd.register_fake
 def _(grad_o, x, down, up, o, lse, qkv, c, num_heads, latent_groups, causal, scale):
-    return torch.empty_like(x), torch.empty_like(down), torch.empty_like(up), x.new_empty((3 * up.shape[1],))
+    return factor_grads_fake(x, down, up)
 
 
-def _setup_context(ctx, inputs, output):
-    x, down, up, bias, num_heads, latent_groups, causal, scale = inputs
-    o, lse, qkv, c = output
-    ctx.save_for_backward(x, down, up, o, lse, qkv, c)
-    ctx.set_materialize_grads(False)  # lse, qkv and c get no gradient: no zeros filled for them
-    ctx.args = (num_heads, latent_groups, causal, scale)
-    ctx.has_bias = bias is not None
-
-
-def _backward(ctx, grad_o, grad_lse, grad_qkv, grad_c):
-    x, down, up, o, lse, qkv, c = ctx.saved_tensors
-    if grad_o is None:
-        grad_o = torch.zeros_like(o)
-    dx, ddown, dup, dbias = mlra_attention_torch_cpu_bwd(grad_o, x, down, up, o, lse, qkv, c, *ctx.args)
-    return dx, ddown, dup, (dbias if ctx.has_bias else None), None, None, None, None
-
-
-mlra_attention_torch_cpu_fwd.register_autograd(_backward, setup_context=_setup_context)
+# Kept for the backward: x, the weights, o, lse, q/k/v and the latents.
+register_fused_cpu_autograd(mlra_attention_torch_cpu_fwd, mlra_attention_torch_cpu_bwd,
+                            lambda inputs, out: (*inputs[:3], *out))
 
 
 def attention(x: Tensor, down: Tensor, up: Tensor, bias: Optional[Tensor], kpm: Optional[Tensor],

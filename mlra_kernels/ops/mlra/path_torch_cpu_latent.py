@@ -12,11 +12,9 @@ from torch import Tensor
 
 from mlra_kernels.ops.mlra import layout
 from mlra_kernels.ops.mlra.path_common import (
-    absorbed_qkv, absorbed_query, absorbed_weights, latent_heads, latent_width, lift, m_by_group, query_latents,
+    absorbed_qkv, absorbed_query, absorbed_weights, cpu_attention, cpu_attention_backward, factor_grads_fake,
+    latent_heads, latent_width, lift, m_by_group, query_latents, register_fused_cpu_autograd,
 )
-
-_fused_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-_fused_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
 @torch.library.custom_op("mlra::mlra_attention_torch_cpu_latent_fwd", mutates_args=())
@@ -29,7 +27,7 @@ def mlra_attention_torch_cpu_latent_fwd(
     r = up.shape[2]
     c = layout.latents(x, down)
     q_abs, k, v = absorbed_qkv(c, up, bias, num_heads, latent_groups, latent_width(r, x.device))
-    z, lse = _fused_fwd(q_abs, k, v, 0.0, causal, scale=scale)  # z: [B, H, T, width]
+    z, lse = cpu_attention(q_abs, k, v, 0.0, causal, scale=scale)  # z: [B, H, T, width]
     return lift(z, up, bias, r).contiguous(), lse.float().contiguous(), c, z.transpose(1, 2).contiguous()
 
 
@@ -59,7 +57,7 @@ def _grads(grad_o, c, x, down, up, bias, z, lse, num_heads, g, causal, scale):
         dz = dz_full.view(B, T, H, width).transpose(1, 2)
     else:
         dz = dz.transpose(0, 1).reshape(B, T, H, r).transpose(1, 2)
-    dq_abs, dk, dv = _fused_bwd(dz, q_abs, k, v, z, lse, 0.0, causal, scale=scale)
+    dq_abs, dk, dv = cpu_attention_backward(dz, q_abs, k, v, z, lse, 0.0, causal, scale=scale)
     # Token-major gradients ([B, T, H, width] in memory): these are views.
     dq_abs, dk, dv = (t.transpose(1, 2).reshape(N, H, width)[..., :r] for t in (dq_abs, dk, dv))
     z_h = z[..., :r].permute(1, 0, 2, 3).reshape(H, N, r)
@@ -101,27 +99,12 @@ def mlra_attention_torch_cpu_latent_bwd(
 
 @mlra_attention_torch_cpu_latent_bwd.register_fake
 def _(grad_o, x, down, up, bias, lse, c, z, num_heads, latent_groups, causal, scale):
-    return torch.empty_like(x), torch.empty_like(down), torch.empty_like(up), x.new_empty((3 * up.shape[1],))
+    return factor_grads_fake(x, down, up)
 
 
-def _setup_context(ctx, inputs, output):
-    x, down, up, bias, num_heads, latent_groups, causal, scale = inputs
-    _, lse, c, z = output
-    ctx.save_for_backward(x, down, up, bias, lse, c, z)
-    ctx.set_materialize_grads(False)  # lse, c and z get no gradient: no zeros filled for them
-    ctx.args = (num_heads, latent_groups, causal, scale)
-    ctx.has_bias = bias is not None
-
-
-def _backward(ctx, grad_o, grad_lse, grad_c, grad_z):
-    x, down, up, bias, lse, c, z = ctx.saved_tensors
-    if grad_o is None:
-        grad_o = x.new_zeros((*x.shape[:2], up.shape[1]))
-    dx, ddown, dup, dbias = mlra_attention_torch_cpu_latent_bwd(grad_o, x, down, up, bias, lse, c, z, *ctx.args)
-    return dx, ddown, dup, (dbias if ctx.has_bias else None), None, None, None, None
-
-
-mlra_attention_torch_cpu_latent_fwd.register_autograd(_backward, setup_context=_setup_context)
+# Kept for the backward: x, the weights, the bias, lse, the latents and Z (not o).
+register_fused_cpu_autograd(mlra_attention_torch_cpu_latent_fwd, mlra_attention_torch_cpu_latent_bwd,
+                            lambda inputs, out: (*inputs[:4], *out[1:]))
 
 
 def attention(x: Tensor, down: Tensor, up: Tensor, bias: Optional[Tensor], kpm: Optional[Tensor],
