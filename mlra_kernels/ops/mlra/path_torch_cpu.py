@@ -10,9 +10,7 @@ import torch
 from torch import Tensor
 
 from mlra_kernels.ops.mlra import layout
-from mlra_kernels.ops.mlra.path_common import (
-    cpu_attention, cpu_attention_backward, factor_grads_fake, heads, merge, register_fused_cpu_autograd,
-)
+from mlra_kernels.ops.mlra import path_common as common
 
 
 @torch.library.custom_op("mlra::mlra_attention_torch_cpu_fwd", mutates_args=())
@@ -26,8 +24,8 @@ def mlra_attention_torch_cpu_fwd(
     c = layout.latents(x, down)
     qkv = layout.qkv_buffer(c, up, bias, latent_groups)
     q, k, v = layout.heads_of(qkv, B, T, num_heads, latent_groups)
-    o, lse = cpu_attention(q, k, v, 0.0, causal, scale=scale)
-    return merge(o), lse.float().contiguous(), qkv, c
+    o, lse = common.cpu_attention(q, k, v, 0.0, causal, scale=scale)
+    return common.merge(o), lse.float().contiguous(), qkv, c
 
 
 @mlra_attention_torch_cpu_fwd.register_fake
@@ -47,19 +45,19 @@ def mlra_attention_torch_cpu_bwd(
     B, T, _ = x.shape
     D = up.shape[1]
     q, k, v = layout.heads_of(qkv, B, T, num_heads, latent_groups)
-    do_h, o_h = heads(grad_o.contiguous(), num_heads), heads(o.contiguous(), num_heads)
-    grads = cpu_attention_backward(do_h, q, k, v, o_h, lse, 0.0, causal, scale=scale)
+    do_h, o_h = common.heads(grad_o.contiguous(), num_heads), common.heads(o.contiguous(), num_heads)
+    grads = common.cpu_attention_backward(do_h, q, k, v, o_h, lse, 0.0, causal, scale=scale)
     dqkv = [t.transpose(1, 2).reshape(B * T, D) for t in grads]  # token-major: views, no copy
     return layout.factor_grads(dqkv, c, x, down, up, latent_groups)
 
 
 @mlra_attention_torch_cpu_bwd.register_fake
 def _(grad_o, x, down, up, o, lse, qkv, c, num_heads, latent_groups, causal, scale):
-    return factor_grads_fake(x, down, up)
+    return common.factor_grads_fake(x, down, up)
 
 
 # Kept for the backward: x, the weights, o, lse, q/k/v and the latents.
-register_fused_cpu_autograd(mlra_attention_torch_cpu_fwd, mlra_attention_torch_cpu_bwd,
+common.register_fused_cpu_autograd(mlra_attention_torch_cpu_fwd, mlra_attention_torch_cpu_bwd,
                             lambda inputs, out: (*inputs[:3], *out))
 
 

@@ -26,7 +26,7 @@ outputs zeros (``nn.MultiheadAttention`` gives NaN there).
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -132,25 +132,15 @@ def attention_reference(
 
 
 def mlra_attention_reference(
-    x: Tensor,
-    down: Tensor,
-    up: Tensor,
-    bias: Optional[Tensor] = None,
-    *,
-    num_heads: int,
-    latent_groups: int = 1,
-    causal: bool = True,
-    key_padding_mask: Optional[Tensor] = None,
-    attn_mask: Optional[Tensor] = None,
-    dropout_p: float = 0.0,
-    scale: Optional[float] = None,
-    dropout_mask: Optional[Tensor] = None,
+    x: Tensor, down: Tensor, up: Tensor, bias: Optional[Tensor] = None, *, num_heads: int, latent_groups: int = 1,
+    **attention: Any,
 ) -> Tensor:
-    """MLRA self-attention, ``[B, T, d]`` in, ``[B, T, H·d_h]`` out (head outputs concatenated, before W_O)."""
+    """MLRA self-attention, ``[B, T, d]`` in, ``[B, T, H·d_h]`` out (head outputs concatenated, before W_O):
+    :func:`mlra_qkv_reference`, then :func:`attention_reference` with the keyword arguments ``attention``
+    (``scale``, ``causal``, ``key_padding_mask``, ``attn_mask``, ``dropout_p``, ``dropout_mask``)."""
+    if "need_weights" in attention:
+        raise TypeError("mlra_attention_reference returns the output only; call attention_reference for the weights")
     B, T, _ = x.shape
     q, k, v = mlra_qkv_reference(x, down, up, bias, num_heads=num_heads, latent_groups=latent_groups)
-    o, _ = attention_reference(
-        q, k, v, scale=scale, causal=causal, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
-        dropout_p=dropout_p, dropout_mask=dropout_mask,
-    )
+    o, _ = attention_reference(q, k, v, **attention)
     return o.transpose(1, 2).reshape(B, T, -1)
