@@ -7,7 +7,7 @@ what each path runs and when, with the measurements behind the defaults. ``MLRA_
 ``with use_backend("<path>"):`` forces a path; a forced path that cannot run the call raises, saying why.
 
 A new path is one file ``path_<name>.py`` (its ops, their fakes and backward, its entry point), its row
-in :data:`PREFILL_OPS`, its name in ``config.PATHS`` and one more rule in :func:`choose`.
+in :data:`PREFILL_OPS` (which names the paths) and one more rule in :func:`choose`.
 """
 
 from __future__ import annotations
@@ -25,8 +25,6 @@ from mlra_kernels.ops.mlra import config
 from mlra_kernels.ops.mlra import path_sdpa, path_torch, path_torch_cpu, path_torch_cpu_latent, path_triton
 from mlra_kernels.ops.mlra.path_common import latent_is_narrow
 
-PATHS = config.PATHS
-
 # Each prefill path's entry point, ``(x, down, up, bias, kpm, attn_mask, num_heads, latent_groups, causal,
 # dropout_p, scale) -> o``; ``mlra_attention`` calls the chosen one. The interpreter is a mode of Triton,
 # not other kernels: both Triton paths run one op.
@@ -38,6 +36,7 @@ PREFILL_OPS: dict[str, Callable[..., Tensor]] = {
     "torch-cpu-latent": path_torch_cpu_latent.attention,
     "torch": path_torch.attention,
 }
+PATHS = tuple(PREFILL_OPS)  # the prefill path names, in the order docs/paths.md gives them
 
 # torch's fused CPU attention needs this many tokens to beat the T×T path (which is also the more exact:
 # at T = 1 the fused backward leaves fp32 noise in dq and dk, whose exact value is 0).
@@ -161,7 +160,7 @@ def choose(
 ) -> Choice:
     """The path for an ``mlra_attention`` call on ``x`` ``[B, T, d]`` with these modes; ``rank`` (r per
     group) and ``head_dim`` (d_h) let it take attention on the latents where that is less work."""
-    forced = _forced[-1] if _forced else config.backend()
+    forced = _forced[-1] if _forced else config.backend(PATHS)
     if forced == "auto":
         return _auto(x, key_padding_mask, dropout_p, attn_mask, rank, head_dim)
     why_not = _can_run(forced, x, key_padding_mask, dropout_p, attn_mask)
@@ -201,7 +200,7 @@ def choose_decode(
 ) -> Choice:
     """The path of an ``mlra_decode`` call on new tokens ``x`` ``[B, t, d]`` with these modes;
     ``needs_grad``: some input requires grad and grad mode is on."""
-    forced = _forced[-1] if _forced else config.backend()
+    forced = _forced[-1] if _forced else config.backend(PATHS)
     why_not = _decode_cannot_fuse(x, attn_mask, dropout_p, need_weights, needs_grad)
     if forced in ("triton", "triton-interpreter"):
         if why_not is None:

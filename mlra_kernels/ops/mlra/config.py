@@ -2,7 +2,8 @@
 call, not before the import, is enough); docs/paths.md lists them. Nothing in the package writes the
 environment.
 
-- ``MLRA_BACKEND``: ``auto`` (default) or one of :data:`PATHS`, forced for every call that can take it.
+- ``MLRA_BACKEND``: ``auto`` (default) or a path name (``backend.PATHS``), forced for every call that can
+  take it.
 - ``MLRA_FWD_VARIANT``: ``auto`` (default), ``rebuild`` or ``absorbed``: the Triton forward kernel.
 - ``MLRA_AUTOTUNE``: ``1`` (default) autotunes the Triton kernels; ``0`` takes the first config.
 - ``TRITON_INTERPRET``: Triton's own switch, which Triton reads when it is first imported; ``1`` then
@@ -15,8 +16,6 @@ from __future__ import annotations
 import importlib.util
 import os
 
-# The prefill paths (backend.py chooses among them, docs/paths.md describes them).
-PATHS = ("sdpa", "triton", "triton-interpreter", "torch-cpu", "torch-cpu-latent", "torch")
 FWD_VARIANTS = ("auto", "rebuild", "absorbed")
 
 # Set by tests: fill every kernel output with NaN before the kernels run, so an element never written shows.
@@ -30,9 +29,9 @@ def _choice(name: str, default: str, allowed: tuple[str, ...]) -> str:
     return value
 
 
-def backend() -> str:
-    """``MLRA_BACKEND``: ``"auto"`` or a path name."""
-    return _choice("MLRA_BACKEND", "auto", ("auto",) + PATHS)
+def backend(paths: tuple[str, ...]) -> str:
+    """``MLRA_BACKEND``: ``"auto"`` or one of ``paths`` (``backend.PATHS``, the path table's names)."""
+    return _choice("MLRA_BACKEND", "auto", ("auto",) + tuple(paths))
 
 
 def fwd_variant() -> str:
