@@ -4,48 +4,8 @@ Supports the transformers releases ``SUPPORTED_TRANSFORMERS`` (``>=5.0,<6``, the
 extra: ``pip install mlra-kernels[transformers]``); ``.ci/run`` tests the oldest and the newest. An older
 release is refused with what it lacks; a newer one warns once.
 
-What the converted attention supports:
-
-- the ``eager`` and ``sdpa`` attention implementations. A forward over a sequence with nothing cached
-  yet for the layer (training, evaluation, the prefill of ``generate()``; an empty ``DynamicCache`` or a
-  ``StaticCache`` not yet written count as nothing cached) calls the fused ``mlra_attention`` when the
-  attention mask is None or exactly causal, optionally with key padding (the 4-D masks that
-  ``create_causal_mask`` builds from a 2-D ``attention_mask``, boolean or additive, including the
-  ``[B, 1, T, S]`` prefill mask of a ``StaticCache``); padding goes in as ``key_padding_mask``. The
-  latents are still written to the cache. A padding query whose keys are all padding then outputs zeros,
-  where the dense path outputs an arbitrary average; real tokens are unaffected. Decode steps (tokens
-  already cached) and any other mask with a cache run ``decode_step``, one call per layer, which attends
-  the cached latents in the absorbed form (no per-head K or V is ever built). A one-token step's mask
-  (``[B | 1, 1, 1, S]``: causal, left padding, a ``StaticCache``'s unwritten slots) goes in as
-  ``key_padding_mask``, with ``cache_seqlens`` read on the device, which the decode kernels fuse (so the
-  unwritten slots are skipped); any other mask is applied as given (decode's torch path); a general mask
-  in a prefill warns once that the fused op is not used. On a decode kernel path in eager evaluation
-  mode a step runs on the layer's pre-multiplied step weights (``c_proj`` folded in where that reads
-  less, formed again at each prefill); a ``c_proj`` that is not a plain ``Conv1D`` (a PEFT/LoRA wrapper,
-  hooks, offloading) is called as a module instead, with a one-time warning (``mlra_kernels.nn.fold``);
-- the cache as a ``DynamicCache`` (the default of ``generate()``) or a ``StaticCache``
-  (``cache_implementation="static"``): each layer stores the latents ``c_K, c_V`` as ``[B, g, S, r]``
-  (``g`` "heads" of width ``r``) in the cache's key/value slots, so the cache holds ``2·g·r`` numbers
-  per token and layer instead of
-  ``2·d``; sequence length, cropping, beam reordering and ``torch.compile(fullgraph=True)`` of a decode
-  step on a ``StaticCache`` work unchanged. A cache the layer cannot read is refused with the layer, the
-  cache's shape and the latents' shape: one of another shape (a dense model's per-head K/V, a model
-  converted at another rank), and a dense model's cache whose K/V have the latents' very shape
-  (``rank = d_h``, ``latent_groups = H``), told apart by a mark the converted layers leave on the cache
-  layers they write;
-- ``output_attentions=True``: the layer then runs ``mlra_decode`` and returns its weights, with either
-  attention implementation, and transformers collects them, since the layer is a ``GPT2Attention``
-  subclass (a model converted after a forward that collected them keeps transformers' hooks: conversion
-  moves them to the new layers). With gradients on, the layer's output is computed from the returned
-  weights, so ``attentions[i].retain_grad()`` gets their gradient;
-- ``reorder_and_upcast_attn`` is ignored (the ops compute in the input dtype, with fp32 softmax on GPU);
-- gradient checkpointing, beam search, batched prompts with padding, and ``save_pretrained`` followed by
-  :func:`from_pretrained`;
-- self-attention only: the cross-attention of ``add_cross_attention`` models is left dense;
-- ``torch.compile``: a mask tensor cannot be inspected while tracing, so any layer that receives one
-  takes the dense attention, without a warning (a warning would break the graph). With ``eager``
-  attention GPT-2 always builds a 4-D mask. For the fused op under compile, use
-  ``attn_implementation="sdpa"`` and no padding: the layers then receive no mask.
+docs/huggingface.md says what the converted attention supports (attention implementations, caches, masks,
+``output_attentions``, compile, checkpointing) and what it leaves dense.
 """
 
 from __future__ import annotations
