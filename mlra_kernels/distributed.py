@@ -7,6 +7,7 @@ Parameter names stay, and state dicts hold the unsharded tensors. Layouts and co
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
@@ -32,21 +33,45 @@ def sum_grad(t: Tensor, mesh: DeviceMesh) -> Tensor:
 
 
 class _TPFactors:
-    """What ``MLRAProjection.op_factors`` needs under TP: the mesh and the local head and group counts."""
+    """What ``MLRAProjection.op_factors`` needs under TP: the mesh, the local head and group counts, and the
+    local views handed out without autograd (:meth:`_view`)."""
 
-    __slots__ = ("mesh", "num_heads", "latent_groups", "down_sharded")
+    __slots__ = ("mesh", "num_heads", "latent_groups", "down_sharded", "_views")
 
     def __init__(self, mesh: DeviceMesh, num_heads: int, latent_groups: int, down_sharded: bool) -> None:
         self.mesh, self.num_heads, self.latent_groups, self.down_sharded = mesh, num_heads, latent_groups, down_sharded
+        self._views: dict = {}
+
+    def __getstate__(self) -> tuple:
+        return self.mesh, self.num_heads, self.latent_groups, self.down_sharded  # the views hold weak references
+
+    def __setstate__(self, state: tuple) -> None:
+        self.__init__(*state)
+
+    def _view(self, name: str, p: DTensor, shape: Optional[tuple] = None) -> Tensor:
+        """``p``'s local tensor (viewed as ``shape``), the same view object while ``p`` and its local tensor keep
+        their identity, storage and versions: the decode step's memo matches its weights by identity, and
+        ``to_local()`` or a reshape makes a new view per call. For calls without autograd only."""
+        local = p._local_tensor
+        # An in-place op on the DTensor moves its own version counter, not its local tensor's.
+        stamp = (local.data_ptr(),) + tuple(None if t.is_inference() else t._version for t in (p, local))
+        held = self._views.get(name)
+        if held is not None and held[0]() is p and held[1]() is local and held[2] == stamp:
+            return held[3]
+        view = local.view(shape if shape is not None else local.shape)
+        self._views[name] = (weakref.ref(p), weakref.ref(local), stamp, view)
+        return view
 
     def local_factors(self, proj: MLRAProjection):
         down, up, bias = proj.down, proj.up, proj.bias
+        if not torch.is_grad_enabled() and not torch.compiler.is_compiling():  # decoding: views kept between calls
+            down = self._view("down", down, (-1, down.shape[-1]) if self.down_sharded else None)
+            bias = self._view("bias", bias, (-1,)) if bias is not None else None
+            return down, self._view("up", up), bias, self.num_heads, self.latent_groups
         if self.down_sharded:  # [3, g_loc·r, d] -> [3·g_loc·r, d]
             down = down.to_local().reshape(-1, down.shape[-1])
-        elif torch.is_grad_enabled():  # replicated: every rank's gradient is its heads' part
+        else:  # replicated: every rank's gradient is its heads' part
             down = sum_grad(down.to_local(), self.mesh)
-        else:
-            down = down.to_local()
         if bias is not None:  # [3, H_loc·d_h] -> [3·H_loc·d_h]
             bias = bias.to_local().reshape(-1)
         return down, up.to_local(), bias, self.num_heads, self.latent_groups
@@ -54,7 +79,9 @@ class _TPFactors:
     def output_columns(self, linear: nn.Linear) -> OutputProjection:
         """A row-parallel output projection's local ``W_O`` ``[d, H_loc·d_h]`` for ``decode_step`` to fold; the
         bias is left to :meth:`sum_output`, after the sum."""
-        return OutputProjection(linear.weight.to_local(), None)
+        w = linear.weight
+        keep = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        return OutputProjection(self._view("out", w) if keep else w.to_local(), None)
 
     def sum_output(self, y: Tensor, bias: Optional[Tensor]) -> Tensor:
         """The layer's output from this rank's part ``y`` ``[B, t, d]``: the sum over the mesh, plus the bias."""

@@ -78,7 +78,8 @@ def _worker(rank, world, init_file, out_dir):
             fresh.float().eval()
             tokens32 = fresh.generate(prompt, max_new_tokens=8, temperature=0)
             res[g] = dict(local=local, sd=sd, losses=losses, grads=grads, params=params, reloaded=reloaded,
-                          tokens=tokens, tokens32=tokens32, folded=fresh.h[0].attn._step_memo.formed)
+                          tokens=tokens, tokens32=tokens32, folded=fresh.h[0].attn._step_memo.formed,
+                          updated=_steps_across_an_update(fresh))
         res["attention_module"] = _mlra_attention_module(mesh["tp"], full)
         errors = {}
         for name, cfg in (("heads", dict(CFGS[1], n_head=3, n_embd=24)), ("groups", dict(CFGS[1], n_head=6,
@@ -91,6 +92,24 @@ def _worker(rank, world, init_file, out_dir):
         torch.save(res, pathlib.Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+@torch.no_grad()
+def _steps_across_an_update(model):
+    """Decode steps with in-place updates of the factors and of ``c_proj`` between some of them: the logits of
+    each step and how often layer 0 formed its step weights."""
+    idx = batches()[1][:, :10]
+    attn = model.h[0].attn
+    updates = {2: lambda: (attn.qkv.up.mul_(2), attn.qkv.bias.add_(0.1)),
+               4: lambda: (attn.qkv.down.add_(0.01), attn.c_proj.weight.mul_(0.5))}
+    _, cache = model.forward_cached(idx[:, :5], use_cache=True)
+    outs = []
+    for i in range(5):
+        if i in updates:
+            updates[i]()
+        logits, cache = model.forward_cached(idx[:, 5 + i:6 + i], cache)
+        outs.append(logits)
+    return outs, attn._step_memo.formed
 
 
 def _mlra_attention_module(mesh, full):
@@ -145,6 +164,10 @@ def test_tensor_parallel_matches_one_process(tmp_path):
         torch.manual_seed(0)
         model32 = GPT2(GPT2Config(**cfg)).eval()
         tokens32 = model32.generate(batches()[0][:, :5], max_new_tokens=8, temperature=0)
+        # One prefill: the step weights are formed once and then found in the memo at every step.
+        assert model32.h[0].attn._step_memo.formed == 1
+        (updated, updated_formed) = _steps_across_an_update(model32)
+        assert updated_formed == 1 + 1 + 2  # generate's prefill, the prefill of these steps, one per update
         for res in (r[g] for r in results):
             # Each rank holds half the heads (g = 1: the whole latent; g = 2: one group of two).
             assert res["local"] == {"down": (3 * (1 if g == 1 else g // 2) * 8, 32), "up": (3, 16, 8), "bias": (48,),
@@ -160,6 +183,12 @@ def test_tensor_parallel_matches_one_process(tmp_path):
                 torch.testing.assert_close(res["params"][n], params[n], rtol=1e-9, atol=1e-12, msg=n)
             assert torch.equal(res["tokens"], tokens)
             assert torch.equal(res["tokens32"], tokens32) and res["folded"] > 0
+            # Under TP too, the step weights are formed once per prefill and again after an in-place update.
+            assert res["folded"] == 1
+            outs, formed = res["updated"]
+            assert formed == updated_formed
+            for a, b in zip(outs, updated):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     for res in results:
         module = res["attention_module"]
         assert module["out"] < 1e-12 and module["grads"] < 1e-12 and module["refused"]
