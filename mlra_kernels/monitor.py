@@ -120,10 +120,9 @@ def is_log_rank() -> bool:
         import torch.distributed as dist
 
         return dist.get_rank() == 0
-    try:
-        return int(os.environ.get("RANK") or 0) == 0
-    except ValueError:
-        return True
+    from mlra_kernels.ops.mlra import config
+
+    return config.launcher_rank() == 0
 
 
 _MODES = ("x", "a", "w")
@@ -228,8 +227,10 @@ class TEVMonitor:
       replicas are identical), and nothing is communicated.
     - Only global rank 0 opens and writes ``path`` (without a process group, the process whose ``RANK``
       environment variable is unset or 0): the other ranks open, lock and truncate nothing, and keep
-      their records in memory (:attr:`records`, the same values on every rank). :attr:`writes_log` says
-      which.
+      their records in memory (:attr:`records`, the same values on every rank where they are merged).
+      :attr:`writes_log` says which. A process whose ``RANK`` is not 0 and that has no process group (nothing
+      merged: its tensor is its own) warns once that it writes nothing; ``rank_zero_only=False`` makes
+      every rank write its own ``path``.
 
     The log, written so that a record once returned is never lost or torn:
 
@@ -267,6 +268,8 @@ class TEVMonitor:
         process_group: for a plain tensor that is one vocab shard on each rank, the ProcessGroup to merge
             over (``rows`` then index each rank's shard); see :func:`mlra_kernels.tev`. Default None; must
             be None for a DTensor, whose mesh says where it lives.
+        rank_zero_only: only global rank 0 writes ``path`` (default). ``False``: every rank writes its own
+            ``path`` (give each rank its own), for example to log each rank's own tensor.
 
     Example::
 
@@ -288,6 +291,7 @@ class TEVMonitor:
         name: Optional[str] = None,
         mode: str = "x",
         process_group=None,
+        rank_zero_only: bool = True,
     ) -> None:
         from mlra_kernels.ops.tev.api import check_process_group, check_rows, check_weight
         from mlra_kernels.ops.tev.sharded import check as check_dtensor
@@ -298,6 +302,8 @@ class TEVMonitor:
             raise ValueError(f"every must be a positive int, got {every!r}")
         if not isinstance(unbiased, bool):
             raise TypeError(f"TEVMonitor: unbiased must be a bool, got {type(unbiased).__name__}")
+        if not isinstance(rank_zero_only, bool):
+            raise TypeError(f"TEVMonitor: rank_zero_only must be a bool, got {type(rank_zero_only).__name__}")
         if name is not None and not isinstance(name, str):
             raise TypeError(f"TEVMonitor: name must be a str or None, got {type(name).__name__}")
         if path is not None and not isinstance(path, (str, os.PathLike)):
@@ -330,7 +336,13 @@ class TEVMonitor:
             V = int(total.item())
         self._source = model_or_embedding
         self.process_group = process_group
-        self.writes_log = is_log_rank()
+        self.writes_log = is_log_rank() or not rank_zero_only
+        if path is not None and not self.writes_log and not distributed_initialized():
+            # No process group: this process measures its own tensor, which rank 0's log does not hold.
+            warn_once(f"tev-monitor-rank-log:{os.fspath(path)}",
+                      f"TEVMonitor: this process is not rank 0, so it does not write {os.fspath(path)}; its records "
+                      "(of this rank's own tensor) stay in monitor.records. Pass rank_zero_only=False, with a path "
+                      "per rank, to write one log per rank.")
         self.every = every
         self.rows = rows_t.to(weight.device) if rows_t is not None else None
         self.unbiased = unbiased
@@ -428,6 +440,14 @@ class TEVMonitor:
     def weight(self) -> Tensor:
         """The token embedding now: found again in the model (or ``nn.Embedding``) at each call."""
         return find_token_embedding(self._source)
+
+    @weight.setter
+    def weight(self, value: Union[nn.Module, Tensor]) -> None:
+        """Measure ``value`` from now on: a model, an ``nn.Embedding`` or a tensor, as the constructor takes."""
+        from mlra_kernels.ops.tev.api import check_weight
+
+        check_weight(find_token_embedding(value), value, who="TEVMonitor.weight")
+        self._source = value
 
     def _tev(self, weight: Tensor) -> tuple[float, float, int]:
         mean, std, bad, self._use_op = compute_tev(weight, self.rows, self.unbiased, self._use_op, self.process_group)

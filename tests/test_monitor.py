@@ -10,6 +10,8 @@ from torch import nn
 
 from mlra_kernels import TEVMonitor
 from mlra_kernels.models import GPT2, GPT2Config
+from mlra_kernels import tev
+from mlra_kernels._warnings import _WARNED
 from mlra_kernels.monitor import compute_tev, find_token_embedding, read_jsonl
 
 
@@ -279,14 +281,31 @@ def test_only_rank_zero_writes_the_log(tmp_path, monkeypatch):
     """Without a process group, the RANK that torchrun sets says which process writes: others open nothing."""
     log = tmp_path / "sub" / "run.jsonl"
     monkeypatch.setenv("RANK", "1")
-    mon = TEVMonitor(_emb(), every=1, path=log, mode="w")
+    _WARNED.clear()
+    with pytest.warns(UserWarning, match="not rank 0, so it does not write .*rank_zero_only=False"):
+        mon = TEVMonitor(_emb(), every=1, path=log, mode="w")
     assert mon.step(0) is not None and len(mon.records) == 1
     mon.close()
     assert not mon.writes_log and not log.parent.exists()
+    own = tmp_path / "rank1.jsonl"  # a log per rank, asked for
+    with TEVMonitor(_emb(), every=1, path=own, rank_zero_only=False) as mon:
+        mon.step(0)
+    assert mon.writes_log and len(read_jsonl(own)[1]) == 1
     monkeypatch.setenv("RANK", "0")
     with TEVMonitor(_emb(), every=1, path=log) as mon:
         mon.step(0)
     assert mon.writes_log and len(read_jsonl(log)[1]) == 1
+
+
+def test_the_measured_weight_can_be_assigned():
+    a, b = torch.nn.Embedding(50, 8), torch.nn.Embedding(60, 8)
+    with torch.no_grad():
+        b.weight.mul_(3.0)
+    mon = TEVMonitor(a, every=1)
+    mon.weight = b
+    assert mon.weight is b.weight and mon.step(0)["tev_mean"] == pytest.approx(tev(b.weight).mean)
+    with pytest.raises(TypeError):
+        mon.weight = "not an embedding"
 
 
 def test_process_group_is_checked_at_construction():

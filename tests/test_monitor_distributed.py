@@ -93,6 +93,7 @@ def _worker(rank, world, init_file, out_dir):
             "writes": {k: (m.writes_log, m._fd is None) for k, m in mons.items()},
             "pg": (tev(whole).mean, tev(whole).std), "replica": (tev(own).mean, tev(own).std),
         }, out / f"rank{rank}.pt")
+        dist.barrier()  # both ranks done before either tears its process group down
     finally:
         dist.destroy_process_group()
 

@@ -21,8 +21,7 @@ import torch
 from torch import Tensor
 
 from mlra_kernels._warnings import warn_once
-from mlra_kernels.ops.mlra import config
-from mlra_kernels.ops.mlra import path_sdpa, path_torch, path_torch_cpu, path_torch_cpu_latent, path_triton
+from mlra_kernels.ops.mlra import config, path_sdpa, path_torch, path_torch_cpu, path_torch_cpu_latent, path_triton
 from mlra_kernels.ops.mlra.path_common import latent_is_narrow
 
 # Each prefill path's entry point, ``(x, down, up, bias, kpm, attn_mask, num_heads, latent_groups, causal,
@@ -136,8 +135,6 @@ def _can_run(path: str, x: Tensor, key_padding_mask, dropout_p: float, attn_mask
         return "a general attn_mask runs only on the torch path"
     if path == "sdpa":
         return "key padding runs on the triton and torch paths" if key_padding_mask is not None else None
-    if attn_mask is not None:
-        return "a general attn_mask runs only on the torch path"
     if x.dtype == torch.float64:
         return "float64 runs only on the torch path"
     if path == "triton":

@@ -9,6 +9,7 @@ environment.
 - ``TRITON_INTERPRET``: Triton's own switch, which Triton reads when it is first imported; ``1`` then
   runs the Triton kernels on CPU tensors under the interpreter.
 - ``MLRA_CACHE_DIR`` (else ``$XDG_CACHE_HOME/mlra-kernels``): the experiments' token cache.
+- ``RANK``: torchrun's global rank; without a process group, rank 0 alone writes a TEV log.
 """
 
 from __future__ import annotations
@@ -55,6 +56,15 @@ def cache_dir() -> str:
         return os.environ["MLRA_CACHE_DIR"]
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "mlra-kernels")
+
+
+def launcher_rank() -> int:
+    """``$RANK``, the global rank torchrun gives a process (0 when unset or not a number): who writes a
+    log before a process group exists."""
+    try:
+        return int(os.environ.get("RANK") or 0)
+    except ValueError:
+        return 0
 
 
 # Both facts are fixed for the life of a process (Triton's mode once it is imported), and are kept as plain

@@ -11,9 +11,6 @@ from typing import Optional
 from torch import Tensor
 
 from mlra_kernels.ops.mlra import backend, dense, layout, masks
-# The decode step weights import these two from here.
-from mlra_kernels.ops.mlra.path_common import absorbed_weights as _absorbed_weights  # noqa: F401
-from mlra_kernels.ops.mlra.path_common import m_by_group as _m_by_group  # noqa: F401
 
 
 def mlra_attention(

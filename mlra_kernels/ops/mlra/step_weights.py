@@ -11,6 +11,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from mlra_kernels.ops.mlra.path_common import absorbed_weights, m_by_group
+
 
 def fold_rules(d: int, num_heads: int, latent_groups: int, rank: int,
                head_width: Optional[int] = None) -> tuple[bool, bool]:
@@ -68,9 +70,7 @@ def step_weights(
     bias_w = bias.to(work) if bias is not None else None
     w_o = out_weight.to(work)
     fold_q, fold_o = fold_rules(d, H, g, r, D)
-    from mlra_kernels.ops.mlra.prefill import _absorbed_weights, _m_by_group
-
-    m, beta = _absorbed_weights(up_w, bias_w, H)  # [H, r, r], [H, r]
+    m, beta = absorbed_weights(up_w, bias_w, H)  # [H, r, r], [H, r]
     m_g, beta_g, b_in = None, None, None
     if fold_q:
         d_q = down_w[:gr].view(g, 1, r, d).expand(g, hpg, r, d).reshape(H, r, d)  # each head's group rows
@@ -79,7 +79,7 @@ def step_weights(
             b_in = torch.cat([beta.reshape(H * r), beta.new_zeros(2 * gr)])
     else:
         q_rows = down_w[:gr]
-        m_g = _m_by_group(m, g).transpose(1, 2)
+        m_g = m_by_group(m, g).transpose(1, 2)
         beta_g = beta.reshape(g, hpg * r) if beta is not None else None
     w_in = torch.cat([q_rows, down_w[gr:]])
     b_v = bias_w[2 * D:] if bias_w is not None else None

@@ -38,6 +38,7 @@ def _worker(rank, world, init_file, out_dir, dtype):
             {"all": (s.mean, s.std, s.rows, s.nonfinite_rows), "unbiased": u.std, "subset": (r.mean, r.std, r.rows)},
             pathlib.Path(out_dir) / f"rank{rank}.pt",
         )
+        dist.barrier()  # both ranks done before either tears its process group down
     finally:
         dist.destroy_process_group()
 

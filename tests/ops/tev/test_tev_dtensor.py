@@ -112,6 +112,7 @@ def _worker(rank, world, init_file, out_dir):
         _case(res, "2d-float64-torch", tev_stats(dt64, kernel=False, unbiased=True),
               tev_reference(w.double(), unbiased=True))
         torch.save({"cases": res, "errors": errors}, pathlib.Path(out_dir) / f"rank{rank}.pt")
+        dist.barrier()  # both ranks done before either tears its process group down
     finally:
         dist.destroy_process_group()
 
