@@ -5,7 +5,8 @@
 
 Order as torchtitan's: tensor parallelism, activation checkpointing, torch.compile (per block), FSDP2.
 The text is the package's own source, as bytes. Checkpoints are torch.distributed.checkpoint (DCP)
-folders <out>/step-N; TEV is logged to <out>/tev.jsonl.
+folders <out>/step-N; TEV is logged to <out>/tev.jsonl. Without --resume, an --out that already holds
+either is refused: nothing of an earlier run is overwritten or left to be resumed by mistake.
 """
 
 import argparse
@@ -34,6 +35,12 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true", help="load the last checkpoint in --out first")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile (faster start on a CPU)")
     args = ap.parse_args()
+    # Before the process group forms, so that every rank stops here and none has written yet.
+    held = sorted(glob.glob(os.path.join(args.out, "step-*")))
+    held += [os.path.join(args.out, "tev.jsonl")] if os.path.exists(os.path.join(args.out, "tev.jsonl")) else []
+    if held and not args.resume:
+        ap.error(f"--out {args.out} already holds a run ({', '.join(os.path.basename(p) for p in held)}): pass "
+                 "--resume to continue it, or choose another --out")
 
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo")
@@ -72,7 +79,7 @@ def main() -> None:
         set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
         start = state["step"]
     # On every rank: the embedding is a DTensor sharded over "dp", merged exactly; rank 0 writes the log.
-    monitor = TEVMonitor(model, every=5, path=os.path.join(args.out, "tev.jsonl"), mode="a" if start else "w")
+    monitor = TEVMonitor(model, every=5, path=os.path.join(args.out, "tev.jsonl"), mode="a" if args.resume else "w")
 
     dp = mesh["dp"].get_local_rank()
     for step in range(start, args.steps):
