@@ -2,7 +2,8 @@
 
 Each rank of a 1-D tensor-parallel mesh holds whole latent groups of heads (``g = 1``: some heads of the
 one group) and runs the head-local MLRA ops on local tensors; the output projection is row-parallel.
-Parameter names stay, and state dicts hold the unsharded tensors. Layouts and costs: ``docs/scaling.md``.
+Parameter names stay, and state dicts hold the unsharded tensors (``state_dict()`` is then a collective: call it
+on every rank). Layouts and costs: ``docs/scaling.md``.
 """
 
 from __future__ import annotations
@@ -118,7 +119,8 @@ class MLRAProjectionParallel(ParallelStyle):
     of a replicated ``down`` is summed over the mesh. The module that calls the op must also sum its
     input's gradient over the mesh (:func:`sum_grad`); :class:`MLRAttentionParallel` does both.
     As torch's styles, it distributes the values of rank ``src_data_rank`` (``parallelize_module``'s
-    argument, default 0).
+    argument, default 0). ``state_dict()`` gathers the flat tensors with an all-gather over the mesh: every
+    rank of the mesh must call it (one rank alone waits for the others forever).
     """
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
@@ -152,7 +154,8 @@ class MLRAProjectionParallel(ParallelStyle):
 
 
 def _full_flat_state(names: list):
-    """State-dict hook: the ``[3, ·]`` view parameters as their unsharded flat tensors."""
+    """State-dict hook: the ``[3, ·]`` view parameters as their unsharded flat tensors (an all-gather over the
+    mesh, so ``state_dict()`` is a collective)."""
 
     def hook(module, state_dict, prefix, local_metadata) -> None:
         for name in names:
@@ -236,6 +239,11 @@ def tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
     and distributed checkpoints keep their keys and unsharded shapes. Compose in torchtitan's order:
     TP, then activation checkpointing, ``torch.compile`` and FSDP2 (``fully_shard`` on the data-parallel
     mesh). Every rank of ``tp_mesh`` must see the same inputs and build the model from the same seed.
+
+    ``model.state_dict()`` is then a collective (the grouped ``down`` and the bias are gathered over
+    ``tp_mesh``): call it on every rank, never under ``if rank == 0``. To write one file, call
+    ``get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))`` on
+    every rank and save it from rank 0; or save a DCP checkpoint (``dcp.save``, every rank).
 
     Args:
         model: an MLRA ``GPT2`` (``attention="mlra"``).

@@ -12,7 +12,6 @@ import torch.distributed as dist
 from tests.helpers import REPO
 
 
-
 def _comm_table():
     spec = importlib.util.spec_from_file_location("comm_table", REPO / "bench" / "comm_table.py")
     module = importlib.util.module_from_spec(spec)

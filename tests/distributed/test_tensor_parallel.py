@@ -42,7 +42,7 @@ def _worker(rank, world, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor import DTensor
 
@@ -63,6 +63,9 @@ def _worker(rank, world, init_file, out_dir):
             ck = os.path.join(out_dir, f"ck{g}")
             sd = {k: full(v).clone() for k, v in model.state_dict().items()}
             dcp.save(get_model_state_dict(model), checkpoint_id=ck)
+            # docs/scaling.md's one-file save: called on every rank, the whole tensors kept on rank 0 only.
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            whole = {k: v.clone() for k, v in get_model_state_dict(model, options=options).items()}
             losses, grads, params = train(model, full)
             # A fresh sharded model loads the checkpoint back.
             torch.manual_seed(7)
@@ -77,8 +80,8 @@ def _worker(rank, world, init_file, out_dir):
             # float32: the decode step folds this rank's columns of c_proj into its step weights.
             fresh.float().eval()
             tokens32 = fresh.generate(prompt, max_new_tokens=8, temperature=0)
-            res[g] = dict(local=local, sd=sd, losses=losses, grads=grads, params=params, reloaded=reloaded,
-                          tokens=tokens, tokens32=tokens32, folded=fresh.h[0].attn._step_memo.formed,
+            res[g] = dict(local=local, sd=sd, whole=whole, losses=losses, grads=grads, params=params,
+                          reloaded=reloaded, tokens=tokens, tokens32=tokens32, folded=fresh.h[0].attn._step_memo.formed,
                           updated=_steps_across_an_update(fresh))
         res["attention_module"] = _mlra_attention_module(mesh["tp"], full)
         errors = {}
@@ -168,6 +171,10 @@ def test_tensor_parallel_matches_one_process(tmp_path):
         assert model32.h[0].attn._step_memo.formed == 1
         (updated, updated_formed) = _steps_across_an_update(model32)
         assert updated_formed == 1 + 1 + 2  # generate's prefill, the prefill of these steps, one per update
+        assert results[1][g]["whole"] == {} and set(results[0][g]["whole"]) == set(sd)
+        for k, v in sd.items():
+            whole = results[0][g]["whole"][k]
+            assert type(whole) is torch.Tensor and torch.equal(whole, v), k
         for res in (r[g] for r in results):
             # Each rank holds half the heads (g = 1: the whole latent; g = 2: one group of two).
             assert res["local"] == {"down": (3 * (1 if g == 1 else g // 2) * 8, 32), "up": (3, 16, 8), "bias": (48,),
