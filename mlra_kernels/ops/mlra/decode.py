@@ -38,7 +38,9 @@ def _(q, k, v, kpm, lengths, t_new, causal, scale):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
-def _check_lengths(cache_seqlens: Optional[Tensor], B: int, t: int, S: int, device: torch.device) -> None:
+def _check_lengths(cache_seqlens: Optional[Tensor], B: int, t: int, S: Optional[int], device: torch.device) -> None:
+    """``cache_seqlens``: an integer ``[B]`` tensor on ``device``, each in ``[t, S]`` (read on the CPU only);
+    ``S`` None: all but the values (a callable cache's ``S``, known once it returns)."""
     if cache_seqlens is None:
         return
     if not isinstance(cache_seqlens, Tensor):
@@ -49,7 +51,7 @@ def _check_lengths(cache_seqlens: Optional[Tensor], B: int, t: int, S: int, devi
         raise ValueError(f"cache_seqlens must be [B] = [{B}], got {tuple(cache_seqlens.shape)}")
     if cache_seqlens.device != device:
         raise ValueError(f"cache_seqlens is on {cache_seqlens.device} but x is on {device}")
-    if device.type != "cpu" or B == 0 or torch.compiler.is_compiling():
+    if S is None or device.type != "cpu" or B == 0 or torch.compiler.is_compiling():
         return  # on a GPU the check would wait for the device: the kernel clamps instead (see mlra_decode)
     lengths = cache_seqlens.tolist()  # B numbers: cheaper than a reduction
     if min(lengths) < t or max(lengths) > S:
@@ -57,6 +59,23 @@ def _check_lengths(cache_seqlens: Optional[Tensor], B: int, t: int, S: int, devi
         bad = lengths[b]
         raise ValueError(f"cache_seqlens[{b}] = {bad} is outside [t, S] = [{t}, {S}]: each sequence's length counts "
                          "its cached positions, the t new tokens included, and cannot exceed the cache's S positions")
+
+
+def _check_masks(key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor], B: int, H: int, t: int,
+                 S: Optional[int], keys: str = "S") -> None:
+    """``key_padding_mask [B, S]`` and ``attn_mask [t, S]`` or ``[B | 1, 1 | H, t, S]``; ``keys`` names ``S`` in
+    the messages. ``S`` None: every size but the key positions' (a callable cache's, known once it returns)."""
+    if key_padding_mask is not None and not (
+        key_padding_mask.dim() == 2 and key_padding_mask.shape[0] == B and (S is None or key_padding_mask.shape[1] == S)
+    ):
+        raise ValueError(f"key_padding_mask must be [B, {keys}] = [{B}, {keys if S is None else S}], "
+                         f"got {tuple(key_padding_mask.shape)}")
+    if attn_mask is not None:
+        a = attn_mask.shape
+        if not ((len(a) == 2 or (len(a) == 4 and a[0] in (1, B) and a[1] in (1, H))) and a[-2] == t
+                and (S is None or a[-1] == S)):
+            raise ValueError(f"attn_mask must be [t, {keys}] or [B | 1, 1 | H, t, {keys}] with t={t}"
+                             f"{'' if S is None else f', {keys}={S}'}, got {tuple(a)}")
 
 
 def _grouped_caches(x: Tensor, cache_k: Tensor, cache_v: Tensor, B: int, g: int, r: int) -> tuple[Tensor, Tensor]:
@@ -172,15 +191,7 @@ def decode_on(
     S = k.shape[2]
     if v.shape[2] != S or S < t:
         raise ValueError(f"cache_k and cache_v must hold the same S >= t={t} positions, got {S} and {v.shape[2]}")
-    if key_padding_mask is not None and key_padding_mask.shape != (B, S):
-        raise ValueError(f"key_padding_mask must be [B, S] = [{B}, {S}], got {tuple(key_padding_mask.shape)}")
-    if attn_mask is not None and not (
-        attn_mask.shape == (t, S)
-        or (attn_mask.dim() == 4 and attn_mask.shape[0] in (1, B) and attn_mask.shape[1] in (1, H)
-            and attn_mask.shape[2:] == (t, S))
-    ):
-        raise ValueError(f"attn_mask must be [t, S] or [B | 1, 1 | H, t, S] with t={t}, S={S}, "
-                         f"got {tuple(attn_mask.shape)}")
+    _check_masks(key_padding_mask, attn_mask, B, H, t, S)
     _check_lengths(cache_seqlens, B, t, S, x.device)
     s = float(scale) if scale is not None else 1.0 / math.sqrt(dh)
     hpg = H // g

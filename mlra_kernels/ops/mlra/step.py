@@ -17,7 +17,7 @@ from torch import Tensor
 
 from mlra_kernels import _ext
 from mlra_kernels.ops.mlra import backend, layout
-from mlra_kernels.ops.mlra.decode import _grouped_caches, decode_on, latent_attention
+from mlra_kernels.ops.mlra.decode import _check_lengths, _check_masks, _grouped_caches, decode_on, latent_attention
 from mlra_kernels.ops.mlra.step_weights import StepWeights, StepWeightsMemo, step_weights
 
 
@@ -26,7 +26,7 @@ class LatentCache(NamedTuple):
     to positions ``[pos, pos + t)`` of every sequence and ``seqlens`` grows by ``t``."""
 
     k: Tensor  # [B, g, capacity, r]
-    v: Tensor  # [B, g, capacity, r]
+    v: Tensor  # [B, g, capacity, r], k's shape
     seqlens: Tensor  # int32 [B], on k's device: the positions filled, pos for every sequence
     pos: int  # the positions filled, on the host
 
@@ -81,7 +81,12 @@ def decode_step(
             ``down``, ``bias [3·H·d_h]``).
         cache: a :class:`LatentCache` (written in place; the caller counts the ``t`` positions on its
             host side), or a callable that writes the latents ``[B, g, t, r]`` into the caller's cache
-            and returns everything cached, ``[B, g, S, r]`` each.
+            and returns everything cached, ``[B, g, S, r]`` each. Every argument is checked before the
+            cache is written, so a refused call leaves a :class:`LatentCache` and its ``seqlens`` as they
+            were; a callable cache's ``S`` is known only once it returns, and what depends on it (the
+            masks' key positions, ``cache_seqlens``' values) is checked then. ``seqlens == pos`` is
+            checked on the CPU; on a GPU the check would wait for the device, so it is the caller's
+            contract there (as ``cache_seqlens`` is for :func:`mlra_decode`).
         num_heads, latent_groups: ``H`` and ``g`` of these factors.
         out_proj: applied to the head outputs ``[B, t, H·d_h]`` when the step does not fold them into
             ``W_O``; None: ``out_weights`` are applied (or, without them, the head outputs returned).
@@ -92,7 +97,8 @@ def decode_step(
             changed without a version counter moving); without one they are formed at every call.
         scale: score scale; default ``1/sqrt(d_h)``, ``d_h = up.shape[1] // num_heads``.
         causal, key_padding_mask, attn_mask, dropout_p, need_weights: as :func:`mlra_decode`; with a
-            :class:`LatentCache` the masks' key positions are its capacity.
+            :class:`LatentCache` the masks' key positions are its capacity (``key_padding_mask [B, capacity]``,
+            ``attn_mask [t, capacity]`` or ``[B | 1, 1 | H, t, capacity]``).
         cache_seqlens: ``[B]`` lengths of the sequences in the cache, the new tokens included, with a
             callable ``cache`` (a :class:`LatentCache` brings its own).
 
@@ -127,6 +133,10 @@ def decode_step(
     layout.check_scalars(num_heads, latent_groups, causal, dropout_p, scale)
     H, g = int(num_heads), int(latent_groups)
     layout.check_factors(*layout.autocast(x, down, up, bias), H, g)
+    if buffers:
+        _check_latent_cache(x, cache, g, up.shape[2], H, key_padding_mask, attn_mask)
+    else:
+        _check_before_update(x, H, key_padding_mask, attn_mask, cache_seqlens)
     c_k, c_v = layout.kv_latents(x, down, g, group_major=True)  # [B, g, t, r] each
     k, v, lengths = _write(cache, c_k, c_v, cache_seqlens, attend_all=path in backend.DECODE_KERNELS)
     if buffers and k.shape[2] < cache.k.shape[2]:  # the filled part: the masks' positions too
@@ -182,20 +192,86 @@ def _fused_step(path: str, x: Tensor, w: StepWeights, cache, *, scale: float, ca
     t = x.shape[1]
     if (path == "cpu-kernel" and isinstance(cache, LatentCache) and causal and key_padding_mask is None
             and x.dtype == torch.float32 and _ext.step_op_loads()):
-        # Writes the latents at [pos, pos + t) and grows seqlens by t, after checking every argument.
+        # Writes the latents at [pos, pos + t) and grows seqlens by t, after checking every argument itself.
         return torch.ops.mlra.latent_decode_step_cpu(
             x, w.w_in, w.b_in, w.m, w.beta, w.w_v, w.b_v, w.w_out, w.b_out, cache.k, cache.v, cache.seqlens,
             cache.pos, w.num_heads, scale)
     B, r = x.shape[0], w.rank
-    if isinstance(cache, LatentCache):  # checked as mlra_decode checks them, before anything is written
-        _grouped_caches(x, cache.k, cache.v, B, w.latent_groups, r)
+    if isinstance(cache, LatentCache):
+        _check_latent_cache(x, cache, w.latent_groups, r, w.num_heads, key_padding_mask, None)
+    else:
+        _check_before_update(x, w.num_heads, key_padding_mask, None, cache_seqlens)
     q_abs, c_k, c_v = step_latents(x, w)
     k, v, lengths = _write(cache, c_k, c_v, cache_seqlens, attend_all=True)
-    if not isinstance(cache, LatentCache):
-        _grouped_caches(x, k, v, B, w.latent_groups, r)
+    if not isinstance(cache, LatentCache):  # what the callable returned, as mlra_decode checks it
+        k, v = _grouped_caches(x, k, v, B, w.latent_groups, r)
+        _check_masks(key_padding_mask, None, B, w.num_heads, t, k.shape[2])
     z = latent_attention(path, q_abs, k, v, t=t, scale=scale, causal=causal, key_padding_mask=key_padding_mask,
                          cache_seqlens=lengths)
     return step_output(z, w, t)
+
+
+def _check_latent_cache(x: Tensor, cache: LatentCache, g: int, r: int, num_heads: int,
+                        key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor]) -> None:
+    """Everything a step on ``cache`` reads or writes, before anything is written: its buffers
+    ``[B, g, capacity, r]`` on ``x``'s device in its dtype (each cast as autocast casts them), the new
+    positions within the capacity, ``seqlens`` int32 ``[B]`` (equal to ``pos``: checked on the CPU only,
+    where reading it does not wait for a device), and the masks' key positions, the capacity. It runs at
+    every step of every layer: the common case is a few comparisons, the messages are formed only to raise."""
+    xs, device = x.shape, x.device
+    B, t = xs[0], xs[1]
+    k, v, seqlens, pos = cache
+    ks = k.shape if isinstance(k, Tensor) else None
+    if not (ks is not None and len(ks) == 4 and ks[0] == B and ks[1] == g and ks[3] == r
+            and isinstance(v, Tensor) and v.shape == ks):
+        for name, c in (("cache.k", k), ("cache.v", v)):
+            if not (isinstance(c, Tensor) and c.dim() == 4 and c.shape[0] == B and c.shape[1] == g
+                    and c.shape[3] == r):
+                raise ValueError(f"{name} must be [B, g, capacity, r] = [{B}, {g}, capacity, {r}], "
+                                 f"got {tuple(c.shape) if isinstance(c, Tensor) else type(c).__name__}")
+        raise ValueError(f"cache.v must have the shape of cache.k, {tuple(ks)}, got {tuple(v.shape)}")
+    if k.device != device or v.device != device:
+        name, c = ("cache.k", k) if k.device != device else ("cache.v", v)
+        raise ValueError(f"{name} is on {c.device} but x is on {device}")
+    if k.dtype != x.dtype or v.dtype != x.dtype:
+        for name, c in (("cache.k", k), ("cache.v", v)):
+            if _cast(x, c.dtype) != _cast(x, x.dtype):
+                raise TypeError(f"{name} is {c.dtype} but x is {x.dtype}; they must match (or use autocast)")
+    capacity = ks[2]
+    if pos < 0 or pos + t > capacity:
+        raise ValueError(f"the cache holds {capacity} positions; pos={pos} + t={t} new tokens do not fit")
+    if not isinstance(seqlens, Tensor) or seqlens.dtype != torch.int32:
+        got = seqlens.dtype if isinstance(seqlens, Tensor) else type(seqlens).__name__
+        raise TypeError(f"cache.seqlens must be an int32 Tensor [B], got {got}")
+    if seqlens.shape != (B,):
+        raise ValueError(f"cache.seqlens must be [B] = [{B}], got {tuple(seqlens.shape)}")
+    if seqlens.device != device:
+        raise ValueError(f"cache.seqlens is on {seqlens.device} but x is on {device}")
+    if x.is_cpu and not torch.compiler.is_compiling():
+        lengths = seqlens.tolist()  # B numbers
+        if lengths.count(pos) != B:
+            b = next(i for i, n in enumerate(lengths) if n != pos)
+            raise ValueError(f"seqlens[{b}] = {lengths[b]} differs from pos={pos}: the step writes the new tokens at "
+                             "positions [pos, pos + t) of every sequence, so every sequence must hold pos positions")
+    if key_padding_mask is not None or attn_mask is not None:
+        _check_masks(key_padding_mask, attn_mask, B, num_heads, t, capacity, keys="capacity")
+
+
+def _check_before_update(x: Tensor, num_heads: int, key_padding_mask: Optional[Tensor],
+                         attn_mask: Optional[Tensor], cache_seqlens: Optional[Tensor]) -> None:
+    """What a step with a callable cache can check before the callable writes: all but the key positions."""
+    B, t = x.shape[0], x.shape[1]
+    _check_masks(key_padding_mask, attn_mask, B, num_heads, t, None)
+    if cache_seqlens is not None:
+        _check_lengths(cache_seqlens, B, t, None, x.device)
+
+
+def _cast(x: Tensor, dtype: torch.dtype) -> torch.dtype:
+    """The dtype that :func:`~mlra_kernels.ops.mlra.layout.autocast` gives a tensor of ``dtype`` for ``x``."""
+    dev = x.device.type
+    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev) and dtype.is_floating_point and dtype != torch.float64:
+        return torch.get_autocast_dtype(dev)
+    return dtype
 
 
 def _write(cache, c_k: Tensor, c_v: Tensor, cache_seqlens: Optional[Tensor], *,
@@ -206,9 +282,7 @@ def _write(cache, c_k: Tensor, c_v: Tensor, cache_seqlens: Optional[Tensor], *,
     if not isinstance(cache, LatentCache):
         k, v = cache(c_k, c_v)
         return k, v, cache_seqlens
-    t, end = c_k.shape[2], cache.pos + c_k.shape[2]
-    if cache.pos < 0 or end > cache.k.shape[2]:
-        raise ValueError(f"the cache holds {cache.k.shape[2]} positions; {cache.pos} + {t} do not fit")
+    t, end = c_k.shape[2], cache.pos + c_k.shape[2]  # checked by _check_latent_cache
     cache.k.narrow(2, cache.pos, t).copy_(c_k)
     cache.v.narrow(2, cache.pos, t).copy_(c_v)
     cache.seqlens.add_(t)

@@ -3,6 +3,8 @@
 the C++ whole-step op ``mlra::latent_decode_step_cpu`` in float32 against float64, within 3x the error of
 the unfused float32 torch path (``mlra_decode`` then ``W_O``)."""
 
+from typing import Callable, NamedTuple
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -430,3 +432,211 @@ def test_decode_step_masks_cover_the_latent_caches_capacity():
         tol = 1e-12 if dtype == torch.float64 else 1e-5
         torch.testing.assert_close(out.double(), exact, rtol=tol, atol=tol)
         assert seqlens.tolist() == [S + 1, S + 1]
+
+
+# A refused decode_step leaves the cache as it was, on every path that can take the bad input: the C++ whole-step
+# op (float32, folded W_O, no key padding), the Python step on the step weights (float32, folded W_O, a build
+# without the whole-step op), op by op (float32 without out_weights: the C++ kernel) and the float64 torch path.
+STEP_PATHS = {"cpp-op": (torch.float32, True), "python-step": (torch.float32, True),
+              "op-by-op": (torch.float32, False), "torch-float64": (torch.float64, False)}
+# What each path calls on a valid step: the whole-step op calls neither.
+PATH_CALLS = {"cpp-op": [], "python-step": ["step_latents"], "op-by-op": ["decode_on"], "torch-float64": ["decode_on"]}
+CAP, POS = 12, 5
+
+
+def _path_spy(monkeypatch, path):
+    """Selects ``path`` and records which of ``decode_on`` and ``step_latents`` a step calls."""
+    from mlra_kernels.ops.mlra import step
+
+    if path == "cpp-op":
+        _step_op()
+    monkeypatch.setattr(_ext, "_STEP_OP", [False] if path == "python-step" else [])
+    calls = []
+    for name in ("decode_on", "step_latents"):
+        real = getattr(step, name)
+
+        def spy(*args, _real=real, _name=name, **kw):
+            calls.append(_name)
+            return _real(*args, **kw)
+
+        monkeypatch.setattr(step, name, spy)
+    return calls
+
+
+def _bad_step_case(path, seed=0):
+    """``(x [2, 1, 64], call)``: ``call(x, k, v, seqlens, pos, **kw)`` runs decode_step on ``path`` with a
+    ``LatentCache``; and valid buffers ``[2, 1, CAP, 16]`` with seqlens at ``POS``."""
+    dtype, fold = STEP_PATHS[path]
+    H, g, r = FOLDS["output"]
+    seq, down, up, b, w_o, b_o = (c.to(dtype) for c in layer_case(H, g, r, B=2, S=POS, seed=seed))
+
+    def call(x, k, v, seqlens, pos, **kw):
+        with torch.no_grad():
+            return decode_step(x, down, up, b, cache=LatentCache(k, v, seqlens, pos), num_heads=H, latent_groups=g,
+                               out_weights=OutputProjection(w_o, b_o) if fold else None,
+                               out_proj=None if fold else (lambda y: F.linear(y, w_o, b_o)), memo=StepWeightsMemo(),
+                               **kw)[0]
+
+    gen = torch.Generator().manual_seed(seed + 1)
+    k = torch.randn(2, g, CAP, r, generator=gen, dtype=dtype)
+    v = torch.randn(2, g, CAP, r, generator=gen, dtype=dtype)
+    return seq[:, -1:], call, k, v, torch.full((2,), POS, dtype=torch.int32)
+
+
+def _other_float(dtype):
+    return torch.float64 if dtype == torch.float32 else torch.float32
+
+
+class Bad(NamedTuple):
+    change: Callable  # (x, k, v, seqlens) -> (x, k, v, seqlens, pos, keyword arguments)
+    paths: list  # the paths that take it
+    error: type  # the Python paths' error and its message
+    message: str
+    cpp_message: str = ""  # the C++ whole-step op's message (a RuntimeError), where it takes it
+
+
+# The whole-step op takes neither key padding nor a callable cache, and a general attn_mask runs op by op.
+PYTHON_PATHS = ["python-step", "op-by-op", "torch-float64"]
+OP_BY_OP_PATHS = ["op-by-op", "torch-float64"]
+BAD_STEPS = {
+    "cache-of-other-groups": Bad(
+        lambda x, k, v, s: (x, torch.randn(2, 2, CAP, 16, dtype=x.dtype), torch.randn(2, 2, CAP, 16, dtype=x.dtype),
+                            s, POS, {}),
+        list(STEP_PATHS), ValueError,
+        r"cache.k must be \[B, g, capacity, r\] = \[2, 1, capacity, 16\], got \(2, 2, 12, 16\)",
+        r"w_in must be \[96, 64\] for H=4, g=2, r=16, got \[48, 64\]"),
+    "cache-of-another-batch": Bad(
+        lambda x, k, v, s: (x[:1], k, v, s, POS, {}), list(STEP_PATHS), ValueError,
+        r"cache.k must be \[B, g, capacity, r\] = \[1, 1, capacity, 16\], got \(2, 1, 12, 16\)",
+        r"k_cache must be \[B, g, capacity, r\] with the B=1 sequences of x, got \[2, 1, 12, 16\]"),
+    "v-of-another-capacity": Bad(
+        lambda x, k, v, s: (x, k, v[:, :, :10], s, POS, {}), list(STEP_PATHS), ValueError,
+        r"cache.v must have the shape of cache.k, \(2, 1, 12, 16\), got \(2, 1, 10, 16\)",
+        r"v_cache must have the shape of k_cache, \[2, 1, 12, 16\], got \[2, 1, 10, 16\]"),
+    "cache-of-another-dtype": Bad(
+        lambda x, k, v, s: (x, k.to(_other_float(x.dtype)), v.to(_other_float(x.dtype)), s, POS, {}),
+        list(STEP_PATHS), TypeError, r"cache.k is torch.float(32|64) but x is torch.float(32|64); they must match",
+        r"k_cache must be float32, got Double"),
+    "position-past-the-capacity": Bad(
+        lambda x, k, v, s: (x, k, v, s.fill_(CAP), CAP, {}), list(STEP_PATHS), ValueError,
+        r"the cache holds 12 positions; pos=12 \+ t=1 new tokens do not fit",
+        r"pos=12 with t=1 new tokens: positions \[12, 13\) do not fit a cache of 12 positions"),
+    "seqlens-that-differ-from-pos": Bad(
+        lambda x, k, v, s: (x, k, v, torch.tensor([POS, 3], dtype=torch.int32), POS, {}), list(STEP_PATHS),
+        ValueError, r"seqlens\[1\] = 3 differs from pos=5: the step writes the new tokens at positions \[pos, pos \+ t\)",
+        r"seqlens\[1\] = 3 differs from pos=5"),
+    "seqlens-past-pos": Bad(
+        lambda x, k, v, s: (x, k, v, s + 1, POS, {}), list(STEP_PATHS), ValueError,
+        r"seqlens\[0\] = 6 differs from pos=5", r"seqlens\[0\] = 6 differs from pos=5"),
+    "int64-seqlens": Bad(
+        lambda x, k, v, s: (x, k, v, s.long(), POS, {}), list(STEP_PATHS), TypeError,
+        r"cache.seqlens must be an int32 Tensor \[B\], got torch.int64",
+        r"seqlens must be a contiguous int32 CPU \[B\] = \[2\] tensor, got Long"),
+    "seqlens-of-another-batch": Bad(
+        lambda x, k, v, s: (x, k, v, s[:1], POS, {}), list(STEP_PATHS), ValueError,
+        r"cache.seqlens must be \[B\] = \[2\], got \(1,\)",
+        r"seqlens must be a contiguous int32 CPU \[B\] = \[2\] tensor, got Int \[1\]"),
+    "short-key-padding": Bad(
+        lambda x, k, v, s: (x, k, v, s, POS, {"key_padding_mask": torch.zeros(2, 6, dtype=torch.bool)}),
+        PYTHON_PATHS, ValueError, r"key_padding_mask must be \[B, capacity\] = \[2, 12\], got \(2, 6\)"),
+    "long-float-key-padding": Bad(
+        lambda x, k, v, s: (x, k, v, s, POS, {"key_padding_mask": torch.zeros(2, 20)}),
+        PYTHON_PATHS, ValueError, r"key_padding_mask must be \[B, capacity\] = \[2, 12\], got \(2, 20\)"),
+    "key-padding-of-another-batch": Bad(
+        lambda x, k, v, s: (x, k, v, s, POS, {"key_padding_mask": torch.zeros(1, CAP, dtype=torch.bool)}),
+        PYTHON_PATHS, ValueError, r"key_padding_mask must be \[B, capacity\] = \[2, 12\], got \(1, 12\)"),
+    "attn-mask-of-the-filled-length": Bad(
+        lambda x, k, v, s: (x, k, v, s, POS, {"attn_mask": torch.zeros(1, POS + 1, dtype=torch.bool)}),
+        OP_BY_OP_PATHS, ValueError,
+        r"attn_mask must be \[t, capacity\] or \[B \| 1, 1 \| H, t, capacity\] with t=1, capacity=12, got \(1, 6\)"),
+    "attn-mask-of-other-heads": Bad(
+        lambda x, k, v, s: (x, k, v, s, POS, {"attn_mask": torch.zeros(2, 3, 1, CAP, dtype=torch.bool)}),
+        OP_BY_OP_PATHS, ValueError, r"attn_mask must be \[t, capacity\] .* got \(2, 3, 1, 12\)"),
+}
+
+
+@pytest.mark.filterwarnings("ignore:mlra_decode runs the 'torch' path")  # a general attn_mask, on purpose
+@pytest.mark.parametrize("name, path", [pytest.param(name, path, id=f"{name}-{path}")
+                                        for name, bad in BAD_STEPS.items() for path in bad.paths])
+def test_a_refused_step_leaves_the_latent_cache_as_it_was(name, path, monkeypatch):
+    calls = _path_spy(monkeypatch, path)
+    x, call, k, v, seqlens = _bad_step_case(path)
+    before = [t.clone() for t in (k, v, seqlens)]
+    call(x, k, v, seqlens, POS)  # the valid step runs on this path and writes
+    assert calls == PATH_CALLS[path] and seqlens.tolist() == [POS + 1] * 2 and not torch.equal(k, before[0])
+    bad = BAD_STEPS[name]
+    x, k, v, seqlens, pos, kw = bad.change(x, *(t.clone() for t in before))
+    untouched = [t.clone() for t in (k, v, seqlens)]
+    error, message = (RuntimeError, "mlra::latent_decode_step_cpu: " + bad.cpp_message) if path == "cpp-op" else (
+        bad.error, bad.message)
+    with pytest.raises(error, match=message):
+        call(x, k, v, seqlens, pos, **kw)
+    for got, was in zip((k, v, seqlens), untouched):
+        assert torch.equal(got, was)
+
+
+def _callable_cache(dtype, calls):
+    """A callable cache holding ``POS`` positions: appends the new latents and returns them all (``[2, 1, S, 16]``)."""
+    gen = torch.Generator().manual_seed(3)
+    held = [torch.randn(2, 1, POS, 16, generator=gen, dtype=dtype) for _ in range(2)]
+
+    def update(c_k, c_v):
+        calls.append(c_k.shape[2])
+        held[:] = [torch.cat([held[0], c_k], 2), torch.cat([held[1], c_v], 2)]
+        return held[0], held[1]
+
+    return update
+
+
+# name: (the keyword arguments, the paths that take them, the error, its message); S = POS + 1 once written.
+BAD_CALLABLE_STEPS = {
+    "key-padding-of-another-batch": ({"key_padding_mask": torch.zeros(1, POS + 1, dtype=torch.bool)},
+                                     PYTHON_PATHS, ValueError,
+                                     r"key_padding_mask must be \[B, S\] = \[2, S\], got \(1, 6\)"),
+    "key-padding-of-3-dims": ({"key_padding_mask": torch.zeros(2, 1, POS + 1)},
+                              PYTHON_PATHS, ValueError,
+                              r"key_padding_mask must be \[B, S\] = \[2, S\], got \(2, 1, 6\)"),
+    "attn-mask-of-other-tokens": ({"attn_mask": torch.zeros(2, POS + 1, dtype=torch.bool)},
+                                  OP_BY_OP_PATHS, ValueError,
+                                  r"attn_mask must be \[t, S\] or \[B \| 1, 1 \| H, t, S\] with t=1, got \(2, 6\)"),
+    "float-lengths": ({"cache_seqlens": torch.full((2,), POS + 1.0)}, PYTHON_PATHS,
+                      TypeError, r"cache_seqlens must be an integer Tensor, got torch.float32"),
+    "lengths-of-another-batch": ({"cache_seqlens": torch.full((3,), POS + 1)},
+                                 PYTHON_PATHS, ValueError,
+                                 r"cache_seqlens must be \[B\] = \[2\], got \(3,\)"),
+}
+
+
+def _callable_step(path, calls, **kw):
+    dtype, fold = STEP_PATHS[path]
+    H, g, r = FOLDS["output"]
+    seq, down, up, b, w_o, b_o = (c.to(dtype) for c in layer_case(H, g, r, B=2, S=POS))
+    with torch.no_grad():
+        return decode_step(seq[:, -1:], down, up, b, cache=_callable_cache(dtype, calls), num_heads=H,
+                           latent_groups=g, out_weights=OutputProjection(w_o, b_o) if fold else None,
+                           out_proj=None if fold else (lambda y: F.linear(y, w_o, b_o)), memo=StepWeightsMemo(),
+                           **kw)[0]
+
+
+@pytest.mark.parametrize("name, path", [pytest.param(name, path, id=f"{name}-{path}")
+                                        for name, (_, paths, _, _) in BAD_CALLABLE_STEPS.items() for path in paths])
+def test_a_refused_step_does_not_call_a_callable_cache(name, path, monkeypatch):
+    """A callable cache's S is known once it returns; what does not depend on it is checked before it writes."""
+    spy = _path_spy(monkeypatch, path)
+    calls = []
+    _callable_step(path, calls)
+    assert calls == [1] and spy == PATH_CALLS[path]
+    kw, _, error, message = BAD_CALLABLE_STEPS[name]
+    calls.clear()
+    with pytest.raises(error, match=message):
+        _callable_step(path, calls, **kw)
+    assert calls == []
+
+
+@pytest.mark.parametrize("path", PYTHON_PATHS)
+def test_key_padding_must_cover_what_a_callable_cache_returns(path, monkeypatch):
+    _path_spy(monkeypatch, path)
+    calls = []
+    for n in (POS, POS + 2):
+        with pytest.raises(ValueError, match=rf"key_padding_mask must be \[B, S\] = \[2, 6\], got \(2, {n}\)"):
+            _callable_step(path, calls, key_padding_mask=torch.zeros(2, n, dtype=torch.bool))
