@@ -70,6 +70,7 @@ def _worker(rank, world, init_file, out_dir):
         same = all(torch.equal(p.to_local(), q.to_local()) for p, q in zip(model.parameters(), model2.parameters()))
         result = {"losses": losses, "resumed": resumed, "same_params": same}
         torch.save(result, pathlib.Path(out_dir) / f"rank{rank}.pt")
+        dist.barrier()  # every rank done before any tears its process group down
     finally:
         dist.destroy_process_group()
 

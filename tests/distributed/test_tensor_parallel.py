@@ -93,6 +93,7 @@ def _worker(rank, world, init_file, out_dir):
                 errors[name] = str(e)
         res["errors"] = errors
         torch.save(res, pathlib.Path(out_dir) / f"rank{rank}.pt")
+        dist.barrier()  # every rank done before any tears its process group down
     finally:
         dist.destroy_process_group()
 
