@@ -80,6 +80,35 @@ struct Problem {
   bool prefetch;
 };
 
+// The attention of M query rows at q (strides: batch, group, row) over the caches k, v ([B, g, S, r], read
+// in place, B, g, S and r taken from them); the caller adds key padding and lengths.
+Problem problem_over(const float* q, int64_t q_sb, int64_t q_sg, int64_t q_sm, int64_t M, const Tensor& k,
+                     const Tensor& v, int64_t t_new, bool causal, float scale) {
+  Problem p{};
+  p.q = q;
+  p.q_sb = q_sb;
+  p.q_sg = q_sg;
+  p.q_sm = q_sm;
+  p.k = k.const_data_ptr();
+  p.v = v.const_data_ptr();
+  p.B = k.size(0);
+  p.G = k.size(1);
+  p.S = k.size(2);
+  p.R = k.size(3);
+  p.M = M;
+  p.k_sb = k.stride(0);
+  p.k_sg = k.stride(1);
+  p.k_ss = k.stride(2);
+  p.v_sb = v.stride(0);
+  p.v_sg = v.stride(1);
+  p.v_ss = v.stride(2);
+  p.t_new = t_new;
+  p.causal = causal;
+  p.scale = scale;
+  p.prefetch = M >= 4;
+  return p;
+}
+
 // A sequence's length L, in [t_new, S] (the op checks lengths before any task runs).
 int64_t length_of(const Problem& p, int64_t b) {
   if (p.len32 != nullptr) return p.len32[b];
@@ -865,28 +894,8 @@ Tensor latent_decode_cpu(const Tensor& q, const Tensor& k, const Tensor& v, cons
   const float scale_f = checked_scale(scale, "mlra::latent_decode_cpu");
   // bfloat16 rows are few (B·g·M·r numbers): read as float32 once; the caches are read as they are.
   const Tensor qf = bf16 ? torch::stable::to(q, ScalarType::Float) : q;
-  Problem p{};
-  p.q = qf.const_data_ptr<float>();
-  p.k = k.const_data_ptr();
-  p.v = v.const_data_ptr();
-  p.B = B;
-  p.G = G;
-  p.M = M;
-  p.S = S;
-  p.R = R;
-  p.q_sb = qf.stride(0);
-  p.q_sg = qf.stride(1);
-  p.q_sm = qf.stride(2);
-  p.k_sb = k.stride(0);
-  p.k_sg = k.stride(1);
-  p.k_ss = k.stride(2);
-  p.v_sb = v.stride(0);
-  p.v_sg = v.stride(1);
-  p.v_ss = v.stride(2);
-  p.t_new = t_new;
-  p.causal = causal;
-  p.scale = scale_f;
-  p.prefetch = M >= 4;
+  Problem p = problem_over(qf.const_data_ptr<float>(), qf.stride(0), qf.stride(1), qf.stride(2), M, k, v, t_new,
+                           causal, scale_f);
   if (kpm.has_value()) {
     const Tensor& pad = *kpm;
     MLRA_CHECK(pad.is_cpu() && pad.scalar_type() == ScalarType::Float && pad.dim() == 2 && pad.size(0) == B &&
@@ -1089,29 +1098,9 @@ Tensor latent_decode_step_cpu(const Tensor& x, const Tensor& w_in, const std::op
   // The attention over the caches, as latent_decode_cpu(q, k_cache, v_cache, None, seqlens, t, true, scale) runs
   // it; its checks hold here (the step's are stricter).
   const int64_t M = hpg * t;
-  Problem p{};
-  p.q = q.data;
-  p.q_sb = q.strides[0];
-  p.q_sg = q.strides[1];
-  p.q_sm = q.strides[2];
-  p.k = k_cache.const_data_ptr();
-  p.v = v_cache.const_data_ptr();
-  p.B = B;
-  p.G = G;
-  p.M = M;
-  p.S = cap;
-  p.R = R;
-  p.k_sb = k_cache.stride(0);
-  p.k_sg = k_cache.stride(1);
-  p.k_ss = k_cache.stride(2);
-  p.v_sb = v_cache.stride(0);
-  p.v_sg = v_cache.stride(1);
-  p.v_ss = v_cache.stride(2);
+  Problem p = problem_over(q.data, q.strides[0], q.strides[1], q.strides[2], M, k_cache, v_cache, t, true,
+                           static_cast<float>(scale));
   p.len32 = lengths;
-  p.t_new = t;
-  p.causal = true;
-  p.scale = static_cast<float>(scale);
-  p.prefetch = M >= 4;
   const Span z = empty_span({B, G, M, R}, pool);
   attend(p, false, z.data);
   const Span z5 = view(z, {B, G, hpg, t, R});
