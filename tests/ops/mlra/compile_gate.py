@@ -12,17 +12,21 @@ recorder, and turns each recorded argument into its specialisation with the func
 launch binder calls (``native_specialize_impl``, the same in Triton 3.6 and 3.8).
 """
 
+import atexit
 import contextlib
 import io
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
 
 # A fresh cache: a kernel found in Triton's cache is not re-assembled, and ptxas' report is then missing.
+# It goes when the gate exits.
 os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="mlra-compile-gate-")
+atexit.register(shutil.rmtree, os.environ["TRITON_CACHE_DIR"], ignore_errors=True)
 os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
 for _name in ("TRITON_INTERPRET", "MLRA_AUTOTUNE", "MLRA_FWD_VARIANT"):
     os.environ.pop(_name, None)  # compiled kernels, the full config list, the launcher's own variant choice
