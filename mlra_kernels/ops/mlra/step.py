@@ -100,7 +100,8 @@ def decode_step(
             :class:`LatentCache` the masks' key positions are its capacity (``key_padding_mask [B, capacity]``,
             ``attn_mask [t, capacity]`` or ``[B | 1, 1 | H, t, capacity]``).
         cache_seqlens: ``[B]`` lengths of the sequences in the cache, the new tokens included, with a
-            callable ``cache`` (a :class:`LatentCache` brings its own).
+            callable ``cache`` only (a :class:`LatentCache` brings its own ``seqlens``; giving both is
+            an error).
 
     Example::
 
@@ -116,6 +117,9 @@ def decode_step(
     """
     layout.check_types(x, down, up, bias, key_padding_mask, attn_mask)
     buffers = isinstance(cache, LatentCache)
+    if buffers and cache_seqlens is not None:
+        raise ValueError("cache_seqlens is for a callable cache; a LatentCache counts its sequences in its own "
+                         "seqlens: pass cache_seqlens=None")
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or down.requires_grad or up.requires_grad or (bias is not None and bias.requires_grad)
         or (key_padding_mask is not None and key_padding_mask.requires_grad)

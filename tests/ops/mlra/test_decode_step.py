@@ -575,6 +575,18 @@ def test_a_refused_step_leaves_the_latent_cache_as_it_was(name, path, monkeypatc
         assert torch.equal(got, was)
 
 
+@pytest.mark.parametrize("path", list(STEP_PATHS))
+def test_cache_seqlens_beside_a_latent_cache_is_refused(path, monkeypatch):
+    """A LatentCache counts its sequences itself: lengths given beside it would be ignored, so they are refused."""
+    _path_spy(monkeypatch, path)
+    x, call, k, v, seqlens = _bad_step_case(path)
+    before = [t.clone() for t in (k, v, seqlens)]
+    with pytest.raises(ValueError, match="cache_seqlens is for a callable cache; a LatentCache counts its sequences"):
+        call(x, k, v, seqlens, POS, cache_seqlens=torch.full((2,), POS + 1, dtype=torch.int32))
+    for got, was in zip((k, v, seqlens), before):
+        assert torch.equal(got, was)
+
+
 def _callable_cache(dtype, calls):
     """A callable cache holding ``POS`` positions: appends the new latents and returns them all (``[2, 1, S, 16]``)."""
     gen = torch.Generator().manual_seed(3)
