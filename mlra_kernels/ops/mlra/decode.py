@@ -179,20 +179,24 @@ def decode_on(
     path: str, x: Tensor, down: Tensor, up: Tensor, bias: Optional[Tensor], *, cache_k: Tensor, cache_v: Tensor,
     num_heads: int, latent_groups: int, causal: bool, key_padding_mask: Optional[Tensor],
     attn_mask: Optional[Tensor], scale: Optional[float], dropout_p: float, need_weights: bool,
-    cache_seqlens: Optional[Tensor],
+    cache_seqlens: Optional[Tensor], caches_checked: bool = False,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """:func:`mlra_decode` on ``path`` (one of ``backend.DECODE_PATHS``, chosen by the caller), with the
-    factors already checked against ``x``; the caches, masks and lengths are checked here."""
+    factors already checked against ``x``; the caches, masks and lengths are checked here, unless
+    ``caches_checked``: the caller checked them all, and the caches are ``[B, g, S, r]``."""
     H, g = num_heads, latent_groups
     B, t, _ = x.shape
     r, D = up.shape[2], up.shape[1]  # D = H·d_h: d for a whole layer's heads
     dh = D // H
-    k, v = _grouped_caches(x, cache_k, cache_v, B, g, r)
-    S = k.shape[2]
-    if v.shape[2] != S or S < t:
-        raise ValueError(f"cache_k and cache_v must hold the same S >= t={t} positions, got {S} and {v.shape[2]}")
-    _check_masks(key_padding_mask, attn_mask, B, H, t, S)
-    _check_lengths(cache_seqlens, B, t, S, x.device)
+    if caches_checked:
+        k, v = cache_k, cache_v
+    else:
+        k, v = _grouped_caches(x, cache_k, cache_v, B, g, r)
+        S = k.shape[2]
+        if v.shape[2] != S or S < t:
+            raise ValueError(f"cache_k and cache_v must hold the same S >= t={t} positions, got {S} and {v.shape[2]}")
+        _check_masks(key_padding_mask, attn_mask, B, H, t, S)
+        _check_lengths(cache_seqlens, B, t, S, x.device)
     s = float(scale) if scale is not None else 1.0 / math.sqrt(dh)
     hpg = H // g
     up_q, b_q = layout.projection(up, bias, 0)

@@ -150,7 +150,8 @@ def decode_step(
     x_, down_, up_, bias_, k, v = layout.autocast(x, down, up, bias, k, v)
     y, weights = decode_on(path, x_, down_, up_, bias_, cache_k=k, cache_v=v, num_heads=H, latent_groups=g,
                            causal=causal, key_padding_mask=key_padding_mask, attn_mask=attn_mask, scale=scale,
-                           dropout_p=dropout_p, need_weights=need_weights, cache_seqlens=lengths)
+                           dropout_p=dropout_p, need_weights=need_weights, cache_seqlens=lengths,
+                           caches_checked=buffers)  # by _check_latent_cache; a callable's return is not yet
     if out_proj is not None:
         return out_proj(y), weights
     if out_weights is not None:
