@@ -14,7 +14,7 @@ from mlra_kernels._mask_memo import memo_by_tensor
 from mlra_kernels._warnings import warn_once
 from mlra_kernels.nn.projection import MLRAProjection, move_flat_factors
 from mlra_kernels.ops.mlra import masks, mlra_attention, mlra_attention_dense
-from mlra_kernels.ops.mlra.layout import default_rank, factorize
+from mlra_kernels.ops.mlra.layout import factorize
 
 # Why a call left the fused op, and how to get it back: one warning per reason and process, through
 # the package's `warn_once` (its keys are in `mlra_kernels._warnings._WARNED`).

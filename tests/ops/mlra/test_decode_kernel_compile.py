@@ -9,7 +9,6 @@ integer arguments divisible by 16 marked so, ``t = 1`` a constant), then runs th
 
 import textwrap
 
-import pytest
 
 from tests.helpers import run_compiler_subprocess
 

@@ -138,7 +138,7 @@ def test_step_op_writes_the_new_latents_in_place_and_counts_them():
 
 def test_step_op_rejects_what_it_cannot_do():
     op = _step_op()
-    H, g, r, d = 4, 4, 8, 64
+    H, g, r = 4, 4, 8
     seq, down, up, b, w_o, b_o = (c.float() for c in layer_case(H, g, r))
     w = step_weights(down, up, b, w_o, b_o, num_heads=H, latent_groups=g)
     buf = torch.zeros(2, g, 10, r)

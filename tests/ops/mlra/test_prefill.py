@@ -18,7 +18,7 @@ import mlra_kernels  # noqa: E402
 from mlra_kernels.ops.mlra import launcher  # noqa: E402
 from mlra_kernels._warnings import _WARNED  # noqa: E402
 from mlra_kernels.ops.mlra import config, kernel_path  # noqa: E402
-from mlra_kernels.ops.mlra.reference import mlra_attention_reference, mlra_qkv_reference  # noqa: E402
+from mlra_kernels.ops.mlra.reference import mlra_attention_reference  # noqa: E402
 
 from tests.helpers import DEVICE, DTYPES, assert_close_rel, key_padding, make_inputs, max_abs_score, run_case  # noqa: E402,E501
 
