@@ -11,6 +11,7 @@ so that rounding becomes a relative error of P that torch's softmax backward, wh
 ``assert_within_torch_error`` is the same rule for one output, without the recompute term.
 """
 
+import gc
 import math
 import os
 import pathlib
@@ -18,6 +19,7 @@ import subprocess
 import sys
 
 import torch
+import torch.distributed as dist
 
 from mlra_kernels.ops.mlra import mlra_decode, use_backend
 from mlra_kernels.ops.mlra.layout import kv_latents
@@ -229,3 +231,19 @@ def package_crossings(fn, caller: str, callee: str = "ops"):
     finally:
         sys.setprofile(None)
     return areas, calls[0]
+
+
+def gloo_worker(rank: int, body, world: int, init_file: str, *args) -> None:
+    """An ``mp.spawn`` worker: ``body(rank, world, *args)`` in a gloo process group (file init). The ranks
+    meet at a barrier once the body has returned, and everything it made is freed, reference cycles too,
+    before the group is destroyed: a module or mesh that held the group until interpreter exit would tear
+    gloo's threads down there, which aborts the process ("terminate called without an active exception")."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        body(rank, world, *args)
+        gc.collect()
+        dist.barrier()  # every rank done before any tears its process group down
+    finally:
+        gc.collect()
+        dist.destroy_process_group()
+        gc.collect()

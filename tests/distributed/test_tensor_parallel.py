@@ -11,6 +11,7 @@ import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 
 from mlra_kernels.models import GPT2, GPT2Config
+from tests.helpers import gloo_worker
 
 pytestmark = [pytest.mark.distributed, pytest.mark.skipif(not dist.is_available(), reason="torch.distributed missing")]
 
@@ -38,64 +39,59 @@ def train(model, local):
     return losses, grads, {n: local(p).detach().reshape(-1).clone() for n, p in model.named_parameters()}
 
 
-def _worker(rank, world, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.tensor import DTensor
+def _body(rank, world, out_dir):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
 
-        from mlra_kernels.distributed import tensor_parallel
+    from mlra_kernels.distributed import tensor_parallel
 
-        def full(t):
-            return t.full_tensor() if isinstance(t, DTensor) else t
+    def full(t):
+        return t.full_tensor() if isinstance(t, DTensor) else t
 
-        mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
-        res = {}
-        for g, cfg in CFGS.items():
-            torch.manual_seed(0)
-            model = tensor_parallel(GPT2(GPT2Config(**cfg)).double(), mesh["tp"])
-            attn = model.h[0].attn
-            down, up, bias, H, G = attn.qkv.op_factors()
-            local = {"down": tuple(down.shape), "up": tuple(up.shape), "bias": tuple(bias.shape), "H": H, "g": G}
-            # The checkpoint of the initial model holds the unsharded tensors under the usual keys.
-            ck = os.path.join(out_dir, f"ck{g}")
-            sd = {k: full(v).clone() for k, v in model.state_dict().items()}
-            dcp.save(get_model_state_dict(model), checkpoint_id=ck)
-            # docs/scaling.md's one-file save: called on every rank, the whole tensors kept on rank 0 only.
-            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            whole = {k: v.clone() for k, v in get_model_state_dict(model, options=options).items()}
-            losses, grads, params = train(model, full)
-            # A fresh sharded model loads the checkpoint back.
-            torch.manual_seed(7)
-            fresh = tensor_parallel(GPT2(GPT2Config(**cfg)).double(), mesh["tp"])
-            state = get_model_state_dict(fresh)
-            dcp.load(state, checkpoint_id=ck)
-            set_model_state_dict(fresh, state)
-            reloaded = {k: full(v).clone() for k, v in fresh.state_dict().items()}
-            model.eval()
-            prompt = batches()[0][:, :5]
-            tokens = model.generate(prompt, max_new_tokens=20, temperature=0)  # slides past block_size=24
-            # float32: the decode step folds this rank's columns of c_proj into its step weights.
-            fresh.float().eval()
-            tokens32 = fresh.generate(prompt, max_new_tokens=8, temperature=0)
-            res[g] = dict(local=local, sd=sd, whole=whole, losses=losses, grads=grads, params=params,
-                          reloaded=reloaded, tokens=tokens, tokens32=tokens32, folded=fresh.h[0].attn._step_memo.formed,
-                          updated=_steps_across_an_update(fresh))
-        res["attention_module"] = _mlra_attention_module(mesh["tp"], full)
-        errors = {}
-        for name, cfg in (("heads", dict(CFGS[1], n_head=3, n_embd=24)), ("groups", dict(CFGS[1], n_head=6,
-                                                                                          n_embd=36, latent_groups=3))):
-            try:
-                tensor_parallel(GPT2(GPT2Config(**cfg)), mesh["tp"])
-            except ValueError as e:
-                errors[name] = str(e)
-        res["errors"] = errors
-        torch.save(res, pathlib.Path(out_dir) / f"rank{rank}.pt")
-        dist.barrier()  # every rank done before any tears its process group down
-    finally:
-        dist.destroy_process_group()
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
+    res = {}
+    for g, cfg in CFGS.items():
+        torch.manual_seed(0)
+        model = tensor_parallel(GPT2(GPT2Config(**cfg)).double(), mesh["tp"])
+        attn = model.h[0].attn
+        down, up, bias, H, G = attn.qkv.op_factors()
+        local = {"down": tuple(down.shape), "up": tuple(up.shape), "bias": tuple(bias.shape), "H": H, "g": G}
+        # The checkpoint of the initial model holds the unsharded tensors under the usual keys.
+        ck = os.path.join(out_dir, f"ck{g}")
+        sd = {k: full(v).clone() for k, v in model.state_dict().items()}
+        dcp.save(get_model_state_dict(model), checkpoint_id=ck)
+        # docs/scaling.md's one-file save: called on every rank, the whole tensors kept on rank 0 only.
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        whole = {k: v.clone() for k, v in get_model_state_dict(model, options=options).items()}
+        losses, grads, params = train(model, full)
+        # A fresh sharded model loads the checkpoint back.
+        torch.manual_seed(7)
+        fresh = tensor_parallel(GPT2(GPT2Config(**cfg)).double(), mesh["tp"])
+        state = get_model_state_dict(fresh)
+        dcp.load(state, checkpoint_id=ck)
+        set_model_state_dict(fresh, state)
+        reloaded = {k: full(v).clone() for k, v in fresh.state_dict().items()}
+        model.eval()
+        prompt = batches()[0][:, :5]
+        tokens = model.generate(prompt, max_new_tokens=20, temperature=0)  # slides past block_size=24
+        # float32: the decode step folds this rank's columns of c_proj into its step weights.
+        fresh.float().eval()
+        tokens32 = fresh.generate(prompt, max_new_tokens=8, temperature=0)
+        res[g] = dict(local=local, sd=sd, whole=whole, losses=losses, grads=grads, params=params,
+                      reloaded=reloaded, tokens=tokens, tokens32=tokens32, folded=fresh.h[0].attn._step_memo.formed,
+                      updated=_steps_across_an_update(fresh))
+    res["attention_module"] = _mlra_attention_module(mesh["tp"], full)
+    errors = {}
+    for name, cfg in (("heads", dict(CFGS[1], n_head=3, n_embd=24)), ("groups", dict(CFGS[1], n_head=6,
+                                                                                      n_embd=36, latent_groups=3))):
+        try:
+            tensor_parallel(GPT2(GPT2Config(**cfg)), mesh["tp"])
+        except ValueError as e:
+            errors[name] = str(e)
+    res["errors"] = errors
+    torch.save(res, pathlib.Path(out_dir) / f"rank{rank}.pt")
 
 
 @torch.no_grad()
@@ -149,7 +145,7 @@ def _mlra_attention_module(mesh, full):
 
 def test_tensor_parallel_matches_one_process(tmp_path):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_worker, args=(2, str(tmp_path / "pg_init"), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(gloo_worker, args=(_body, 2, str(tmp_path / "pg_init"), str(tmp_path)), nprocs=2, join=True)
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     for g, cfg in CFGS.items():
         torch.manual_seed(0)

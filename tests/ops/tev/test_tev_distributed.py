@@ -9,6 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from mlra_kernels.ops.tev import tev
+from tests.helpers import gloo_worker
 
 pytestmark = [pytest.mark.distributed, pytest.mark.skipif(not dist.is_available(), reason="torch.distributed missing")]
 
@@ -22,25 +23,20 @@ def make_matrix(dtype):
     return w
 
 
-def _worker(rank, world, init_file, out_dir, dtype):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        w = make_matrix(dtype)
-        shard = torch.tensor_split(w, world)[rank]  # uneven shards
-        s = tev(shard, process_group=dist.group.WORLD)
-        u = tev(shard, unbiased=True, process_group=dist.group.WORLD)
-        # Rows subset: every third row of the whole matrix, expressed as local indices of each shard.
-        start = sum(t.shape[0] for t in torch.tensor_split(w, world)[:rank])
-        local = torch.arange(shard.shape[0])
-        sel = local[(local + start) % 3 == 0]
-        r = tev(shard, rows=sel, process_group=dist.group.WORLD)
-        torch.save(
-            {"all": (s.mean, s.std, s.rows, s.nonfinite_rows), "unbiased": u.std, "subset": (r.mean, r.std, r.rows)},
-            pathlib.Path(out_dir) / f"rank{rank}.pt",
-        )
-        dist.barrier()  # both ranks done before either tears its process group down
-    finally:
-        dist.destroy_process_group()
+def _body(rank, world, out_dir, dtype):
+    w = make_matrix(dtype)
+    shard = torch.tensor_split(w, world)[rank]  # uneven shards
+    s = tev(shard, process_group=dist.group.WORLD)
+    u = tev(shard, unbiased=True, process_group=dist.group.WORLD)
+    # Rows subset: every third row of the whole matrix, expressed as local indices of each shard.
+    start = sum(t.shape[0] for t in torch.tensor_split(w, world)[:rank])
+    local = torch.arange(shard.shape[0])
+    sel = local[(local + start) % 3 == 0]
+    r = tev(shard, rows=sel, process_group=dist.group.WORLD)
+    torch.save(
+        {"all": (s.mean, s.std, s.rows, s.nonfinite_rows), "unbiased": u.std, "subset": (r.mean, r.std, r.rows)},
+        pathlib.Path(out_dir) / f"rank{rank}.pt",
+    )
 
 
 @pytest.mark.parametrize(
@@ -48,7 +44,7 @@ def _worker(rank, world, init_file, out_dir, dtype):
 )
 def test_sharded_equals_whole(world, dtype, tmp_path):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_worker, args=(world, str(tmp_path / "pg_init"), str(tmp_path), dtype), nprocs=world, join=True)
+    mp.spawn(gloo_worker, args=(_body, world, str(tmp_path / "pg_init"), str(tmp_path), dtype), nprocs=world, join=True)
     w = make_matrix(dtype)
     whole = tev(w)
     whole_u = tev(w, unbiased=True)
