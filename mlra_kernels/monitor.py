@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import math
+import operator
 import os
 import time
 import warnings
@@ -192,6 +193,18 @@ def _json_line(obj: dict) -> bytes:
     except ValueError:  # NaN or inf somewhere
         text = json.dumps(_finite(obj), allow_nan=False)
     return (text + "\n").encode("utf-8")
+
+
+
+def _step_number(step: Any) -> int:
+    """``step`` as an int: a Python or NumPy integer, or a 0-d integer tensor; anything else
+    (a float would be truncated, a string fails oddly in ``%``) is refused."""
+    if not isinstance(step, bool):
+        try:
+            return operator.index(step)
+        except TypeError:
+            pass
+    raise TypeError(f"step must be an int (the training step), got {type(step).__name__} {step!r}")
 
 
 class TEVMonitor:
@@ -455,6 +468,7 @@ class TEVMonitor:
 
     def record(self, step: int, loss: Optional[Union[float, Tensor]] = None, **extra: Any) -> dict[str, Any]:
         """Measure and write a record now, whatever ``every`` says (on every rank, see the class notes)."""
+        step = _step_number(step)
         weight = self.weight
         if weight.is_cuda:
             torch.cuda.synchronize(weight.device)  # queued training work is not the monitor's cost
@@ -462,7 +476,7 @@ class TEVMonitor:
         mean, std, bad = self._tev(weight)
         cost = time.perf_counter() - t0
         self._cost_s += cost
-        rec: dict[str, Any] = {"step": int(step), "tev_mean": mean, "tev_std": std, "nonfinite_rows": bad}
+        rec: dict[str, Any] = {"step": step, "tev_mean": mean, "tev_std": std, "nonfinite_rows": bad}
         if loss is not None:
             value = _plain(loss) if _elements(loss) <= 1 and not isinstance(loss, (str, bytes)) else None
             if isinstance(value, (int, float)):
@@ -491,6 +505,7 @@ class TEVMonitor:
 
     def step(self, step: int, loss: Optional[Union[float, Tensor]] = None, **extra: Any) -> Optional[dict[str, Any]]:
         """Call once per training step; records (and returns the record) when ``step % every == 0``."""
+        step = _step_number(step)
         if step % self.every != 0:
             return None
         return self.record(step, loss, **extra)

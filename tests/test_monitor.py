@@ -311,3 +311,21 @@ def test_the_measured_weight_can_be_assigned():
 def test_process_group_is_checked_at_construction():
     with pytest.raises(TypeError, match="TEVMonitor: process_group must be a torch.distributed ProcessGroup"):
         TEVMonitor(_emb(), process_group="world")
+
+
+@pytest.mark.parametrize("step", ["a", None, 2.5, True, torch.tensor(2.5)],
+                         ids=["str", "none", "float", "bool", "float-tensor"])
+def test_a_step_that_is_not_an_int_is_refused(step):
+    mon = TEVMonitor(torch.randn(16, 8), every=2)
+    for call in (mon.step, mon.record):
+        with pytest.raises(TypeError, match=r"step must be an int \(the training step\), got "):
+            call(step)
+    assert mon.records == []
+
+
+def test_integer_steps_of_numpy_and_torch_are_taken():
+    np = pytest.importorskip("numpy")
+    mon = TEVMonitor(torch.randn(16, 8), every=2)
+    assert mon.step(np.int64(3)) is None
+    assert [mon.step(s)["step"] for s in (np.int64(4), torch.tensor(6), 8)] == [4, 6, 8]
+    assert all(type(r["step"]) is int for r in mon.records)
