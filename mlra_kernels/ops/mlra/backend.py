@@ -242,6 +242,12 @@ def warn_if_slow(choice: Choice, op: str = "mlra_attention") -> None:
 
 def _choice_of(op: str, x: Tensor, key_padding_mask, dropout_p, attn_mask, rank, head_dim, need_weights,
                requires_grad) -> Choice:
+    if not isinstance(x, Tensor) or x.dim() != 3:
+        got = f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"x must be the call's input [B, T, d], got {got}")
+    for name, value in (("rank", rank), ("head_dim", head_dim)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive int or None, got {value!r}")
     if op == "decode":
         needs_grad = (x.requires_grad if requires_grad is None else bool(requires_grad)) and torch.is_grad_enabled()
         return choose_decode(x, attn_mask=attn_mask, dropout_p=dropout_p, need_weights=need_weights,
@@ -274,4 +280,6 @@ def explain(
     """``"<path>: <reason>"`` for an ``mlra_attention`` (or, with ``op="decode"``, ``mlra_decode``) call on
     ``x`` with these modes."""
     c = _choice_of(op, x, key_padding_mask, dropout_p, attn_mask, rank, head_dim, need_weights, requires_grad)
+    if op == "attention" and c.path in ("torch-cpu", "sdpa") and (rank is None or head_dim is None):
+        return f"{c.path}: {c.reason} (rank and head_dim not given: attention on the latents was not considered)"
     return f"{c.path}: {c.reason}"

@@ -282,7 +282,7 @@ def factor_grads(
     return dx, ddown, dup, dbias.view(3 * width)
 
 
-def dense_from_factors(down: Tensor, up: Tensor, num_heads: int, latent_groups: int) -> Tensor:
+def dense_from_factors(down: Tensor, up: Tensor, num_heads: int, latent_groups: int = 1) -> Tensor:
     """The dense ``[3·H·d_h, d]`` Q/K/V weight (``nn.Linear`` layout) that the factors represent: ``[3·d, d]``
     for a whole layer's."""
     width, r, g, d = up.shape[1], up.shape[2], latent_groups, down.shape[1]

@@ -73,6 +73,28 @@ def test_cpu_path_skips_the_fused_attention_where_it_would_differ():
     assert "key padding" in explain(x, torch.zeros(1, 16)) and "dropout" in explain(x, None, 0.1)
 
 
+@pytest.mark.parametrize("kw, match", [
+    ({"x": torch.randn(16, 8)}, r"x must be the call's input \[B, T, d\], got shape \(16, 8\)"),
+    ({"x": [[1.0]]}, r"x must be the call's input \[B, T, d\], got list"),
+    ({"rank": 0}, r"rank must be a positive int or None, got 0"),
+    ({"rank": 16.0}, r"rank must be a positive int or None, got 16.0"),
+    ({"head_dim": True}, r"head_dim must be a positive int or None, got True"),
+    ({"head_dim": -4, "op": "decode"}, r"head_dim must be a positive int or None, got -4"),
+], ids=["2d-x", "list-x", "zero-rank", "float-rank", "bool-head-dim", "negative-head-dim-decode"])
+def test_kernel_path_and_explain_check_their_arguments(kw, match):
+    kw = {"x": torch.randn(1, 16, 8), **kw}
+    for fn in (kernel_path, explain):
+        with pytest.raises(ValueError, match=match):
+            fn(**kw)
+
+
+def test_explain_says_when_the_latent_form_was_not_considered():
+    x = torch.randn(1, 16, 64)
+    assert explain(x).endswith("(rank and head_dim not given: attention on the latents was not considered)")
+    assert explain(x, rank=16, head_dim=32).startswith("torch-cpu-latent: ")
+    assert "not given" not in explain(x, rank=64, head_dim=32) and "not given" not in explain(x[:, :15])
+
+
 def test_cpu_path_opcheck_and_compile():
     x, down, up, b, go = make_inputs(1, 20, 2, 1, 8, 16, device="cpu")
     x, down, up, b = (t.float() for t in (x, down, up, b))

@@ -146,6 +146,8 @@ def test_factorize_is_exact_at_full_rank_and_reports_the_error(g):
     down, up, errors = factorize(w, num_heads=H, rank=d, latent_groups=g)
     assert max(errors.values()) < 1e-12
     torch.testing.assert_close(dense_from_factors(down, up, H, g), w, rtol=1e-12, atol=1e-12)
+    if g == 1:  # keywords as factorize takes them, latent_groups=1 by default
+        torch.testing.assert_close(dense_from_factors(down, up, num_heads=H), w, rtol=1e-12, atol=1e-12)
     _, _, low = factorize(w, num_heads=H, rank=3, latent_groups=g)
     assert set(low) == {"q", "k", "v"} and all(0.1 < e < 1 for e in low.values())
     meta = factorize(w.to("meta"), num_heads=H, rank=4, latent_groups=g)
