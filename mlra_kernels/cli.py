@@ -87,6 +87,9 @@ def _safetensors_tensor(path: str, key: str) -> torch.Tensor:
         raise CLIError(f"cannot read tensor {key!r} from {path} (truncated or corrupt?): {_brief(err)}") from None
 
 
+_NOT_A_CHECKPOINT = "it is not a checkpoint torch wrote (neither torch.save's zip archive nor a pickle of tensors)"
+
+
 def _torch_state_dict(path: str) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -98,7 +101,7 @@ def _torch_state_dict(path: str) -> dict:
             reason = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:Check the documentation|$)", text)
             detail = reason.group(1) if reason else ""
             if not detail or detail.startswith("Unsupported operand"):  # the pickle opcode of some other file
-                detail = "it is not a checkpoint torch wrote (neither torch.save's zip archive nor a pickle of tensors)"
+                detail = _NOT_A_CHECKPOINT
             raise CLIError(f"cannot read {path} as a PyTorch state dict (torch.load weights_only=True): {detail}") from None
         what = f" ({found.group(1)})"
         raise CLIError(
@@ -109,9 +112,11 @@ def _torch_state_dict(path: str) -> dict:
     except OSError as err:
         raise CLIError(f"cannot read {path}: {err.strerror or one_line(err)}") from None
     except Exception as err:  # torch raises several types for files that are not checkpoints
-        raise CLIError(
-            f"cannot read {path} as a PyTorch state dict (torch.load weights_only=True): {_brief(err)}"
-        ) from None
+        detail = _brief(err)
+        if isinstance(err, (KeyError, IndexError, EOFError)) or len(detail) < 24:
+            # e.g. KeyError(101): the first byte of a text file read as a pickle opcode
+            detail = f"{_NOT_A_CHECKPOINT} ({type(err).__name__}: {detail})"
+        raise CLIError(f"cannot read {path} as a PyTorch state dict (torch.load weights_only=True): {detail}") from None
     for wrapper in ("state_dict", "model", "module"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]
@@ -270,7 +275,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run the benchmark modules shipped in ``mlra_kernels.benchmarks``, each in its own process."""
-    names = ["tev", "mlra", "decode"] if args.which == "all" else [args.which]
+    names = ["tev", "mlra", "decode"] if args.benchmark == "all" else [args.benchmark]
     rc = 0
     for name in names:
         cmd = [sys.executable, "-m", f"mlra_kernels.benchmarks.{name}", *args.extra]
@@ -349,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "only when --out / --out-dir names its folder: without it the benchmark stops before measuring "
                     "and says so. Each result records the clock's resolution and the calls per timing; timings "
                     "on the clock's floor are taken again over batches of calls, or refused.")
-    p.add_argument("which", nargs="?", choices=["all", "tev", "mlra", "decode"], default="all")
+    p.add_argument("benchmark", nargs="?", choices=["all", "tev", "mlra", "decode"], default="all")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="arguments passed to the benchmark scripts")
     p.set_defaults(func=cmd_bench)
 

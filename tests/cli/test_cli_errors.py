@@ -114,6 +114,10 @@ def test_tev_truncated_empty_and_non_finite_checkpoints(tmp_path, capsys):
     _fails(capsys, ["tev", str(tmp_path / "empty.bin")], str(tmp_path / "empty.bin"), "is empty (0 bytes)")
     torch.save({"wte.weight": torch.full((4, 3), float("nan"))}, tmp_path / "nan.pt")
     _fails(capsys, ["tev", str(tmp_path / "nan.pt"), "--json"], "every row of wte.weight (4 of 4)", "NaN or Inf")
+    (tmp_path / "notes.pt").write_text("hello\n")  # a text file: torch.load's own error is a bare KeyError(101)
+    line = _fails(capsys, ["tev", str(tmp_path / "notes.pt")], str(tmp_path / "notes.pt"),
+                  "it is not a checkpoint torch wrote")
+    assert "weights_only=True): 101" not in line
     (tmp_path / "folder.pt").mkdir()
     _fails(capsys, ["tev", str(tmp_path / "folder.pt")], str(tmp_path / "folder.pt"), "is a folder without")
     if os.path.exists(os.devnull) and not os.path.isfile(os.devnull):
