@@ -8,9 +8,10 @@
 #   ./dev.sh shell         print the line that activates the environment
 #
 # Environment: PYTHON (default python3), MLRA_VENV (default .venv), MLRA_TORCH (the pip requirement for
-# torch, default "torch>=2.11"), MLRA_PIP_EXTRA (more requirements installed with it, space-separated,
-# e.g. "triton==3.6.0 numpy<2.4"), TORCH_CUDA_ARCH_LIST (default: the visible GPU, else 9.0),
-# MLRA_SKIP_CUDA_BUILD=1, MAX_JOBS.
+# torch, default "torch>=2.11"), MLRA_TORCH_INDEX (the index torch comes from, e.g.
+# https://download.pytorch.org/whl/cpu for the CPU build), MLRA_PIP_EXTRA (more requirements installed
+# with it, space-separated, e.g. "triton==3.6.0 numpy<2.4"), TORCH_CUDA_ARCH_LIST (default: the visible
+# GPU, else 9.0), MLRA_SKIP_CUDA_BUILD=1, MAX_JOBS.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -41,6 +42,10 @@ ensure_env() {
         echo "==> installing torch and build tools into $VENV"
         "$VENV/bin/python" -m pip install --upgrade pip
         read -r -a extra_reqs <<< "${MLRA_PIP_EXTRA:-}"
+        if [ -n "${MLRA_TORCH_INDEX:-}" ]; then
+            # torch alone from that index (https://download.pytorch.org/whl/cpu: the CPU build), the rest from PyPI
+            "$VENV/bin/python" -m pip install --index-url "$MLRA_TORCH_INDEX" "${MLRA_TORCH:-torch>=2.11}"
+        fi
         "$VENV/bin/python" -m pip install "${MLRA_TORCH:-torch>=2.11}" ${extra_reqs[@]+"${extra_reqs[@]}"} \
             setuptools wheel ninja numpy
         echo "==> building mlra-kernels (TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$(default_arch_list)})"
@@ -78,7 +83,7 @@ case "$job" in
         echo "source $VENV/bin/activate"
         ;;
     *)
-        sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+        sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
         exit 2
         ;;
 esac
