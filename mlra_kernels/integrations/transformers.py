@@ -11,6 +11,7 @@ docs/huggingface.md says what the converted attention supports (attention implem
 from __future__ import annotations
 
 import inspect
+import os
 from functools import partial
 from typing import Any, Optional
 
@@ -606,6 +607,10 @@ def from_pretrained(path: Any, *args: Any, model_class: Optional[type] = None, *
         >>> model = from_pretrained("gpt2-mlra")
     """
     _check_transformers_version()
+    if isinstance(path, (str, os.PathLike)) and not os.path.isdir(path) and str(path).startswith(("/", ".", "~")):
+        # clearly a local path (a hub id is "name" or "org/name"): transformers would call it a bad repo id
+        raise FileNotFoundError(f"path: no folder {str(path)!r}; expected a folder written by save_pretrained "
+                                "(or a hub id such as 'org/name')")
     config = kwargs.pop("config", None) or transformers.AutoConfig.from_pretrained(path)
     if getattr(config, "mlra_rank", None) is None or getattr(config, "mlra_latent_groups", None) is None:
         raise ValueError(

@@ -668,6 +668,11 @@ def test_save_and_load_with_from_pretrained(tmp_path):
     _model("sdpa").save_pretrained(tmp_path / "dense")
     with pytest.raises(ValueError, match="not saved from a converted model"):
         from_pretrained(tmp_path / "dense")
+    # A mistyped local folder is named as one, not passed on to the hub as a bad repo id.
+    with pytest.raises(FileNotFoundError, match=r"path: no folder '.*/missing'; expected a folder written by"):
+        from_pretrained(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match=r"path: no folder './missing'"):
+        from_pretrained("./missing")
 
 
 @pytest.mark.parametrize("groups", [1, 2])
