@@ -43,8 +43,9 @@ ensure_env() {
         "$VENV/bin/python" -m pip install --upgrade pip
         read -r -a extra_reqs <<< "${MLRA_PIP_EXTRA:-}"
         if [ -n "${MLRA_TORCH_INDEX:-}" ]; then
-            # torch alone from that index (https://download.pytorch.org/whl/cpu: the CPU build), the rest from PyPI
-            "$VENV/bin/python" -m pip install --index-url "$MLRA_TORCH_INDEX" "${MLRA_TORCH:-torch>=2.11}"
+            # torch alone from that index (https://download.pytorch.org/whl/cpu: the CPU build); its
+            # dependencies and everything else come from PyPI in the install below
+            "$VENV/bin/python" -m pip install --no-deps --index-url "$MLRA_TORCH_INDEX" "${MLRA_TORCH:-torch>=2.11}"
         fi
         "$VENV/bin/python" -m pip install "${MLRA_TORCH:-torch>=2.11}" ${extra_reqs[@]+"${extra_reqs[@]}"} \
             setuptools wheel ninja numpy

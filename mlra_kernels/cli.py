@@ -102,7 +102,8 @@ def _torch_state_dict(path: str) -> dict:
             detail = reason.group(1) if reason else ""
             if not detail or detail.startswith("Unsupported operand"):  # the pickle opcode of some other file
                 detail = _NOT_A_CHECKPOINT
-            raise CLIError(f"cannot read {path} as a PyTorch state dict (torch.load weights_only=True): {detail}") from None
+            raise CLIError(f"cannot read {path} as a PyTorch state dict (torch.load weights_only=True): "
+                           f"{detail}") from None
         what = f" ({found.group(1)})"
         raise CLIError(
             f"refused to load {path}: it holds pickled Python objects{what}, not only tensors; mlra tev loads "
@@ -113,10 +114,13 @@ def _torch_state_dict(path: str) -> dict:
         raise CLIError(f"cannot read {path}: {err.strerror or one_line(err)}") from None
     except Exception as err:  # torch raises several types for files that are not checkpoints
         detail = _brief(err)
-        if isinstance(err, (KeyError, IndexError, EOFError)) or len(detail) < 24:
+        if isinstance(err, EOFError):
+            detail = "the file ends early (truncated?)"
+        elif isinstance(err, (KeyError, IndexError)):
             # e.g. KeyError(101): the first byte of a text file read as a pickle opcode
             detail = f"{_NOT_A_CHECKPOINT} ({type(err).__name__}: {detail})"
-        raise CLIError(f"cannot read {path} as a PyTorch state dict (torch.load weights_only=True): {detail}") from None
+        raise CLIError(f"cannot read {path} as a PyTorch state dict (torch.load weights_only=True): {detail}"
+                       ) from None
     for wrapper in ("state_dict", "model", "module"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]
@@ -247,8 +251,6 @@ def cmd_tev(args: argparse.Namespace) -> int:
     return 0
 
 
-
-
 def cmd_plot(args: argparse.Namespace) -> int:
     from mlra_kernels.plot import plot_path, plot_runs
 
@@ -312,8 +314,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     run(args)
     return 0
-
-
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -195,7 +195,6 @@ def _json_line(obj: dict) -> bytes:
     return (text + "\n").encode("utf-8")
 
 
-
 def _step_number(step: Any) -> int:
     """``step`` as an int: a Python or NumPy integer, or a 0-d integer tensor; anything else
     (a float would be truncated, a string fails oddly in ``%``) is refused."""

@@ -306,6 +306,7 @@ class MLRAGPT2Attention(ClearsStepMemo, modeling_gpt2.GPT2Attention):
                     "cache, not per-head "
                     f"keys and values, so it cannot read a dense model's cache: {fix}.")
 
+
 def _as_masked(mask: Optional[Tensor]) -> Optional[Tensor]:
     """A transformers attention mask (bool: True = attend; float: added) in the ops' convention
     (bool: True = masked; float: added); other objects pass through to the op's type check."""
@@ -607,7 +608,9 @@ def from_pretrained(path: Any, *args: Any, model_class: Optional[type] = None, *
         >>> model = from_pretrained("gpt2-mlra")
     """
     _check_transformers_version()
-    if isinstance(path, (str, os.PathLike)) and not os.path.isdir(path) and str(path).startswith(("/", ".", "~")):
+    if isinstance(path, (str, os.PathLike)):
+        path = os.path.expanduser(os.fspath(path))  # transformers does not expand "~"
+    if isinstance(path, str) and not os.path.isdir(path) and path.startswith(("/", ".")):
         # clearly a local path (a hub id is "name" or "org/name"): transformers would call it a bad repo id
         raise FileNotFoundError(f"path: no folder {str(path)!r}; expected a folder written by save_pretrained "
                                 "(or a hub id such as 'org/name')")

@@ -114,6 +114,10 @@ def test_tev_truncated_empty_and_non_finite_checkpoints(tmp_path, capsys):
     _fails(capsys, ["tev", str(tmp_path / "empty.bin")], str(tmp_path / "empty.bin"), "is empty (0 bytes)")
     torch.save({"wte.weight": torch.full((4, 3), float("nan"))}, tmp_path / "nan.pt")
     _fails(capsys, ["tev", str(tmp_path / "nan.pt"), "--json"], "every row of wte.weight (4 of 4)", "NaN or Inf")
+    torch.save({"wte.weight": torch.randn(50, 8)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    (tmp_path / "legacy_cut.pt").write_bytes((tmp_path / "legacy.pt").read_bytes()[:60])  # the old format, cut short
+    _fails(capsys, ["tev", str(tmp_path / "legacy_cut.pt")], str(tmp_path / "legacy_cut.pt"),
+           "the file ends early (truncated?)")
     (tmp_path / "notes.pt").write_text("hello\n")  # a text file: torch.load's own error is a bare KeyError(101)
     line = _fails(capsys, ["tev", str(tmp_path / "notes.pt")], str(tmp_path / "notes.pt"),
                   "it is not a checkpoint torch wrote")

@@ -675,6 +675,16 @@ def test_save_and_load_with_from_pretrained(tmp_path):
         from_pretrained("./missing")
 
 
+def test_from_pretrained_expands_the_home_folder(tmp_path, monkeypatch):
+    from mlra_kernels.integrations.transformers import from_pretrained
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    convert_gpt2(_model("sdpa", dtype=torch.float32), rank=8).save_pretrained(tmp_path / "saved")
+    assert isinstance(from_pretrained("~/saved").transformer.h[0].attn, MLRAGPT2Attention)
+    with pytest.raises(FileNotFoundError, match=f"path: no folder '{tmp_path}/missing'"):
+        from_pretrained("~/missing")
+
+
 @pytest.mark.parametrize("groups", [1, 2])
 def test_a_saved_converted_model_loads_in_plain_transformers_as_its_dense_equivalent(tmp_path, groups):
     """save_pretrained also writes each layer's dense c_attn (the factors' product): plain

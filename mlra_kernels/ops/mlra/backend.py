@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import operator
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
@@ -151,6 +152,9 @@ def _can_run(path: str, x: Tensor, key_padding_mask, dropout_p: float, attn_mask
     return f"unknown path {path!r}"
 
 
+_FORCED = "forced by MLRA_BACKEND / use_backend"
+
+
 def choose(
     x: Tensor, *, key_padding_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
     attn_mask: Optional[Tensor] = None, rank: Optional[int] = None, head_dim: Optional[int] = None,
@@ -164,7 +168,7 @@ def choose(
     if why_not is not None:
         raise RuntimeError(f"the MLRA backend {forced!r} was forced (MLRA_BACKEND / use_backend) but cannot run "
                            f"this call: {why_not}")
-    return Choice(forced, "forced by MLRA_BACKEND / use_backend")
+    return Choice(forced, _FORCED)
 
 
 DECODE_PATHS = ("triton", "triton-interpreter", "cpu-kernel", "torch")
@@ -240,14 +244,24 @@ def warn_if_slow(choice: Choice, op: str = "mlra_attention") -> None:
         warn_once(f"mlra-path:{op}:{choice.reason}", f"{op} runs the {choice.path!r} path: {choice.reason}.")
 
 
+def _positive_int(name: str, value) -> Optional[int]:
+    if value is None:
+        return None
+    if not isinstance(value, bool):
+        try:
+            if operator.index(value) >= 1:
+                return operator.index(value)
+        except TypeError:
+            pass
+    raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+
+
 def _choice_of(op: str, x: Tensor, key_padding_mask, dropout_p, attn_mask, rank, head_dim, need_weights,
                requires_grad) -> Choice:
     if not isinstance(x, Tensor) or x.dim() != 3:
         got = f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(f"x must be the call's input [B, T, d], got {got}")
-    for name, value in (("rank", rank), ("head_dim", head_dim)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+    rank, head_dim = _positive_int("rank", rank), _positive_int("head_dim", head_dim)
     if op == "decode":
         needs_grad = (x.requires_grad if requires_grad is None else bool(requires_grad)) and torch.is_grad_enabled()
         return choose_decode(x, attn_mask=attn_mask, dropout_p=dropout_p, need_weights=need_weights,
@@ -280,6 +294,7 @@ def explain(
     """``"<path>: <reason>"`` for an ``mlra_attention`` (or, with ``op="decode"``, ``mlra_decode``) call on
     ``x`` with these modes."""
     c = _choice_of(op, x, key_padding_mask, dropout_p, attn_mask, rank, head_dim, need_weights, requires_grad)
-    if op == "attention" and c.path in ("torch-cpu", "sdpa") and (rank is None or head_dim is None):
-        return f"{c.path}: {c.reason} (rank and head_dim not given: attention on the latents was not considered)"
+    if (op == "attention" and c.path in ("torch-cpu", "sdpa") and c.reason != _FORCED
+            and (rank is None or head_dim is None)):
+        return f"{c.path}: {c.reason} (rank or head_dim not given: attention on the latents was not considered)"
     return f"{c.path}: {c.reason}"

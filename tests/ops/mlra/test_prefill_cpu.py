@@ -90,9 +90,18 @@ def test_kernel_path_and_explain_check_their_arguments(kw, match):
 
 def test_explain_says_when_the_latent_form_was_not_considered():
     x = torch.randn(1, 16, 64)
-    assert explain(x).endswith("(rank and head_dim not given: attention on the latents was not considered)")
+    note = "(rank or head_dim not given: attention on the latents was not considered)"
+    assert explain(x).endswith(note) and explain(x, rank=16).endswith(note) and explain(x, head_dim=32).endswith(note)
     assert explain(x, rank=16, head_dim=32).startswith("torch-cpu-latent: ")
     assert "not given" not in explain(x, rank=64, head_dim=32) and "not given" not in explain(x[:, :15])
+    with mlra_kernels.ops.mlra.use_backend("torch-cpu"):  # a forced path considers nothing
+        assert explain(x) == "torch-cpu: forced by MLRA_BACKEND / use_backend"
+
+
+def test_kernel_path_takes_numpy_integers():
+    np = pytest.importorskip("numpy")
+    x = torch.randn(1, 16, 64)
+    assert kernel_path(x, rank=np.int64(16), head_dim=np.int32(32)) == "torch-cpu-latent"
 
 
 def test_cpu_path_opcheck_and_compile():
