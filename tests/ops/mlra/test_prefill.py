@@ -154,7 +154,7 @@ def test_dropout_matches_reference_with_kernel_mask(fwd_variant):
 
 def test_dropout_keep_statistics():
     B, H, T, p = 2, 3, 96, 0.25
-    _require_kernels(torch.empty(1, device=DEVICE))
+    _require_kernels(torch.empty(1, 1, 1, device=DEVICE))
     keep = launcher.dropout_keep_mask(B, H, T, p, 987654, DEVICE).float()
     n = keep.numel()
     rate = keep.mean().item()
@@ -207,7 +207,7 @@ def _op_args(dtype=torch.float32, dropout=0.0):
 @pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["plain", "dropout"])
 def test_opcheck(dropout):
     """The Triton paths' op (the interpreter is a mode of Triton: one op for both)."""
-    _require_kernels(torch.empty(1, device=DEVICE))
+    _require_kernels(torch.empty(1, 1, 1, device=DEVICE))
     torch.library.opcheck(torch.ops.mlra.mlra_attention_triton_fwd.default, _op_args(dropout=dropout))
 
 
