@@ -42,12 +42,13 @@ ensure_env() {
         echo "==> installing torch and build tools into $VENV"
         "$VENV/bin/python" -m pip install --upgrade pip
         read -r -a extra_reqs <<< "${MLRA_PIP_EXTRA:-}"
+        local torch_req=${MLRA_TORCH:-torch>=2.11}
         if [ -n "${MLRA_TORCH_INDEX:-}" ]; then
             # torch alone from that index (https://download.pytorch.org/whl/cpu: the CPU build); its
             # dependencies and everything else come from PyPI in the install below
-            "$VENV/bin/python" -m pip install --no-deps --index-url "$MLRA_TORCH_INDEX" "${MLRA_TORCH:-torch>=2.11}"
+            "$VENV/bin/python" -m pip install --no-deps --index-url "$MLRA_TORCH_INDEX" "$torch_req"
         fi
-        "$VENV/bin/python" -m pip install "${MLRA_TORCH:-torch>=2.11}" ${extra_reqs[@]+"${extra_reqs[@]}"} \
+        "$VENV/bin/python" -m pip install "$torch_req" ${extra_reqs[@]+"${extra_reqs[@]}"} \
             setuptools wheel ninja numpy
         echo "==> building mlra-kernels (TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$(default_arch_list)})"
         TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$(default_arch_list)} MAX_JOBS=${MAX_JOBS:-2} \

@@ -33,6 +33,11 @@ def sum_grad(t: Tensor, mesh: DeviceMesh) -> Tensor:
     return DTensor.from_local(t, mesh, (Replicate(),), run_check=False).to_local(grad_placements=(Partial(),))
 
 
+def _keeps_views() -> bool:
+    """Whether a call may take the kept local views: no autograd (a view has none) and not while tracing."""
+    return not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
 class _TPFactors:
     """What ``MLRAProjection.op_factors`` needs under TP: the mesh, the local head and group counts, and the
     local views handed out without autograd (:meth:`_view`)."""
@@ -65,7 +70,7 @@ class _TPFactors:
 
     def local_factors(self, proj: MLRAProjection):
         down, up, bias = proj.down, proj.up, proj.bias
-        if not torch.is_grad_enabled() and not torch.compiler.is_compiling():  # decoding: views kept between calls
+        if _keeps_views():  # decoding: views kept between calls
             down = self._view("down", down, (-1, down.shape[-1]) if self.down_sharded else None)
             bias = self._view("bias", bias, (-1,)) if bias is not None else None
             return down, self._view("up", up), bias, self.num_heads, self.latent_groups
@@ -81,8 +86,7 @@ class _TPFactors:
         """A row-parallel output projection's local ``W_O`` ``[d, H_loc·d_h]`` for ``decode_step`` to fold; the
         bias is left to :meth:`sum_output`, after the sum."""
         w = linear.weight
-        keep = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-        return OutputProjection(self._view("out", w) if keep else w.to_local(), None)
+        return OutputProjection(self._view("out", w) if _keeps_views() else w.to_local(), None)
 
     def sum_output(self, y: Tensor, bias: Optional[Tensor]) -> Tensor:
         """The layer's output from this rank's part ``y`` ``[B, t, d]``: the sum over the mesh, plus the bias."""

@@ -235,15 +235,14 @@ def package_crossings(fn, caller: str, callee: str = "ops"):
 
 def gloo_worker(rank: int, body, world: int, init_file: str, *args) -> None:
     """An ``mp.spawn`` worker: ``body(rank, world, *args)`` in a gloo process group (file init). Once the
-    body has returned, everything it made is freed, reference cycles too, and the ranks meet at a barrier
-    before the group is destroyed: a module or mesh that held the group until interpreter exit would tear
+    body has returned, the ranks meet at a barrier, and everything the body made is freed, reference
+    cycles too, before the group is destroyed: a module or mesh that held the group until interpreter exit would tear
     gloo's threads down there, which aborts the process ("terminate called without an active exception").
     A body that raised skips the barrier (the other ranks may never reach it), and its traceback keeps its
     objects alive: the test fails on the exception either way."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         body(rank, world, *args)
-        gc.collect()
         dist.barrier()  # every rank done before any tears its process group down
     finally:
         gc.collect()

@@ -612,7 +612,7 @@ def from_pretrained(path: Any, *args: Any, model_class: Optional[type] = None, *
         path = os.path.expanduser(os.fspath(path))  # transformers does not expand "~"
     if isinstance(path, str) and not os.path.isdir(path) and path.startswith(("/", ".")):
         # clearly a local path (a hub id is "name" or "org/name"): transformers would call it a bad repo id
-        raise FileNotFoundError(f"path: no folder {str(path)!r}; expected a folder written by save_pretrained "
+        raise FileNotFoundError(f"path: no folder {path!r}; expected a folder written by save_pretrained "
                                 "(or a hub id such as 'org/name')")
     config = kwargs.pop("config", None) or transformers.AutoConfig.from_pretrained(path)
     if getattr(config, "mlra_rank", None) is None or getattr(config, "mlra_latent_groups", None) is None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import operator
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
@@ -22,7 +21,8 @@ import torch
 from torch import Tensor
 
 from mlra_kernels._warnings import warn_once
-from mlra_kernels.ops.mlra import config, path_sdpa, path_torch, path_torch_cpu, path_torch_cpu_latent, path_triton
+from mlra_kernels.ops.mlra import config, layout
+from mlra_kernels.ops.mlra import path_sdpa, path_torch, path_torch_cpu, path_torch_cpu_latent, path_triton
 from mlra_kernels.ops.mlra.path_common import latent_is_narrow
 
 # Each prefill path's entry point, ``(x, down, up, bias, kpm, attn_mask, num_heads, latent_groups, causal,
@@ -244,24 +244,13 @@ def warn_if_slow(choice: Choice, op: str = "mlra_attention") -> None:
         warn_once(f"mlra-path:{op}:{choice.reason}", f"{op} runs the {choice.path!r} path: {choice.reason}.")
 
 
-def _positive_int(name: str, value) -> Optional[int]:
-    if value is None:
-        return None
-    if not isinstance(value, bool):
-        try:
-            if operator.index(value) >= 1:
-                return operator.index(value)
-        except TypeError:
-            pass
-    raise ValueError(f"{name} must be a positive int or None, got {value!r}")
-
-
 def _choice_of(op: str, x: Tensor, key_padding_mask, dropout_p, attn_mask, rank, head_dim, need_weights,
                requires_grad) -> Choice:
     if not isinstance(x, Tensor) or x.dim() != 3:
         got = f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(f"x must be the call's input [B, T, d], got {got}")
-    rank, head_dim = _positive_int("rank", rank), _positive_int("head_dim", head_dim)
+    rank = layout.positive_int("rank", rank) if rank is not None else None
+    head_dim = layout.positive_int("head_dim", head_dim) if head_dim is not None else None
     if op == "decode":
         needs_grad = (x.requires_grad if requires_grad is None else bool(requires_grad)) and torch.is_grad_enabled()
         return choose_decode(x, attn_mask=attn_mask, dropout_p=dropout_p, need_weights=need_weights,

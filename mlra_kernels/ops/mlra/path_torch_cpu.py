@@ -58,7 +58,7 @@ def _(grad_o, x, down, up, o, lse, qkv, c, num_heads, latent_groups, causal, sca
 
 # Kept for the backward: x, the weights, o, lse, q/k/v and the latents.
 common.register_fused_cpu_autograd(mlra_attention_torch_cpu_fwd, mlra_attention_torch_cpu_bwd,
-                            lambda inputs, out: (*inputs[:3], *out))
+                                   lambda inputs, out: (*inputs[:3], *out))
 
 
 def attention(x: Tensor, down: Tensor, up: Tensor, bias: Optional[Tensor], kpm: Optional[Tensor],

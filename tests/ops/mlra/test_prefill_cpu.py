@@ -73,18 +73,18 @@ def test_cpu_path_skips_the_fused_attention_where_it_would_differ():
     assert "key padding" in explain(x, torch.zeros(1, 16)) and "dropout" in explain(x, None, 0.1)
 
 
-@pytest.mark.parametrize("kw, match", [
-    ({"x": torch.randn(16, 8)}, r"x must be the call's input \[B, T, d\], got shape \(16, 8\)"),
-    ({"x": [[1.0]]}, r"x must be the call's input \[B, T, d\], got list"),
-    ({"rank": 0}, r"rank must be a positive int or None, got 0"),
-    ({"rank": 16.0}, r"rank must be a positive int or None, got 16.0"),
-    ({"head_dim": True}, r"head_dim must be a positive int or None, got True"),
-    ({"head_dim": -4, "op": "decode"}, r"head_dim must be a positive int or None, got -4"),
+@pytest.mark.parametrize("kw, error, match", [
+    ({"x": torch.randn(16, 8)}, ValueError, r"x must be the call's input \[B, T, d\], got shape \(16, 8\)"),
+    ({"x": [[1.0]]}, ValueError, r"x must be the call's input \[B, T, d\], got list"),
+    ({"rank": 0}, ValueError, r"rank must be a positive int, got 0"),
+    ({"rank": 16.0}, TypeError, r"rank must be a positive int, got 16.0 \(float\)"),
+    ({"head_dim": True}, TypeError, r"head_dim must be a positive int, got True \(bool\)"),
+    ({"head_dim": -4, "op": "decode"}, ValueError, r"head_dim must be a positive int, got -4"),
 ], ids=["2d-x", "list-x", "zero-rank", "float-rank", "bool-head-dim", "negative-head-dim-decode"])
-def test_kernel_path_and_explain_check_their_arguments(kw, match):
+def test_kernel_path_and_explain_check_their_arguments(kw, error, match):
     kw = {"x": torch.randn(1, 16, 8), **kw}
     for fn in (kernel_path, explain):
-        with pytest.raises(ValueError, match=match):
+        with pytest.raises(error, match=match):
             fn(**kw)
 
 
