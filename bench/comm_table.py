@@ -23,6 +23,7 @@ all-gather or a reduce-scatter):
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -193,32 +194,42 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
                 self.payload[k] = self.payload.get(k, 0) + n
             return super().__torch_dispatch__(func, types, args, kwargs)
 
+    def count_cases() -> dict:
+        mesh = init_device_mesh("cpu", (world,))
+        idx = torch.randint(0, TINY["vocab_size"], (B, T + 1), generator=torch.Generator().manual_seed(0))
+        result = {}
+        for scheme, attention, g in CASES:
+            torch.manual_seed(0)
+            model = GPT2(GPT2Config(**TINY, attention=attention, latent_groups=g))
+            if scheme == "tp":
+                run = tensor_parallel(model, mesh)
+            elif scheme == "fsdp":
+                for block in model.h:
+                    fully_shard(block, mesh=mesh)
+                run = fully_shard(model, mesh=mesh)
+            else:
+                run = DDP(model)
+            with CountBytes() as mode:
+                _, loss = run(idx[:, :-1], idx[:, 1:])
+                loss.backward()
+            counts: dict = {}
+            for op, c in mode.get_comm_counts().items():
+                counts[_kind(op)] = counts.get(_kind(op), 0) + c
+            result[f"{scheme} {attention} g={g}"] = {"counts": counts, "payload_bytes": mode.payload}
+        return result
+
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    mesh = init_device_mesh("cpu", (world,))
-    idx = torch.randint(0, TINY["vocab_size"], (B, T + 1), generator=torch.Generator().manual_seed(0))
-    result = {}
-    for scheme, attention, g in CASES:
-        torch.manual_seed(0)
-        model = GPT2(GPT2Config(**TINY, attention=attention, latent_groups=g))
-        if scheme == "tp":
-            run = tensor_parallel(model, mesh)
-        elif scheme == "fsdp":
-            for block in model.h:
-                fully_shard(block, mesh=mesh)
-            run = fully_shard(model, mesh=mesh)
-        else:
-            run = DDP(model)
-        with CountBytes() as mode:
-            _, loss = run(idx[:, :-1], idx[:, 1:])
-            loss.backward()
-        counts: dict = {}
-        for op, c in mode.get_comm_counts().items():
-            counts[_kind(op)] = counts.get(_kind(op), 0) + c
-        result[f"{scheme} {attention} g={g}"] = {"counts": counts, "payload_bytes": mode.payload}
-    if rank == 0:
-        with open(out, "w") as f:
-            json.dump(result, f)
-    dist.destroy_process_group()
+    try:
+        result = count_cases()  # its models, DDP and mesh, which hold the group, are gone when it returns
+        if rank == 0:
+            with open(out, "w") as f:
+                json.dump(result, f)
+        dist.barrier()  # every rank done before any tears its group down
+    finally:
+        # What still held the group in a reference cycle goes before the group: torn down at interpreter
+        # exit, gloo's threads abort the process (as tests/helpers.gloo_worker does for the tests).
+        gc.collect()
+        dist.destroy_process_group()
 
 
 def measure(world: int = 2) -> dict:
